@@ -1,0 +1,1 @@
+//! gRPC services: request validation, domain <-> proto mapping, errors as `Status`.

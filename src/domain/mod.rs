@@ -1,0 +1,1 @@
+//! Domain model: instances, specs, states and transitions, operations, naming rules.

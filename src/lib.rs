@@ -1,0 +1,13 @@
+//! instance-manager: a gRPC control plane that provisions and runs dedicated WordPress
+//! environments on AWS. Layers point inward: `domain` knows nothing of tonic or AWS;
+//! `store` persists domain state; `api` and `server` are the only places that know tonic.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod domain;
+pub mod proto;
+pub mod server;
+pub mod store;
+pub mod telemetry;

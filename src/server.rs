@@ -1,0 +1,1 @@
+//! Server wiring: services, health, reflection, graceful shutdown.

@@ -1,0 +1,1 @@
+//! State store: a trait with versioned conditional writes, DynamoDB and in-memory implementations.
