@@ -1,1 +1,335 @@
-//! Typed configuration: defaults, file, environment, flags.
+//! Typed configuration, layered: defaults, then a TOML file, then `IM_*` environment
+//! variables, then command-line flags (clap gives flags precedence over the environment).
+//! `--dump-config` prints the result with secrets redacted.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Args;
+use serde::{Deserialize, Serialize};
+
+use crate::cloud::Platform;
+use crate::domain::{Environment, ScaleBounds};
+
+/// One environment: its own AWS account and region, reached through STS AssumeRole, and
+/// the shared platform inside it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnvironmentConfig {
+    pub name: Environment,
+    /// The account the role belongs to; checked with GetCallerIdentity at start-up.
+    pub account_id: String,
+    pub region: String,
+    /// Role to assume; empty means the control plane's own credentials (same account).
+    #[serde(default)]
+    pub role_arn: String,
+    #[serde(default)]
+    pub external_id: Secret,
+    /// AWS endpoint override for this environment (an emulator); defaults to `aws_endpoint`.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    #[serde(default)]
+    pub platform: Platform,
+}
+
+/// A value that must never be printed: `Debug` and the redacted dump show `<redacted>`.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() {
+            "<unset>"
+        } else {
+            "<redacted>"
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+/// The whole configuration of a process.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// DynamoDB table holding all state.
+    pub table: String,
+    /// AWS endpoint override (an emulator such as moto); unset in production.
+    pub aws_endpoint: Option<String>,
+    /// AWS region of the control plane's own account (DynamoDB); unset: the SDK's default.
+    pub aws_region: Option<String>,
+    pub log_format: LogFormat,
+    /// `tracing` filter directives, e.g. `info` or `instance_manager=debug,info`.
+    pub log_filter: String,
+    /// Key that signs list page tokens. Replicas behind one load balancer must share it;
+    /// when empty a random key is made at start, and tokens do not survive a restart.
+    pub page_token_secret: Secret,
+    /// How long a `request_id` is remembered for idempotent replays.
+    pub idempotency_ttl_secs: u64,
+    /// How long open streams may take to drain after the first shutdown signal.
+    pub shutdown_grace_secs: u64,
+    /// Bounds on an instance's desired task count.
+    pub scale_bounds: ScaleBounds,
+    pub default_page_size: u32,
+    pub max_page_size: u32,
+    /// This replica's name (lease owner); defaults to host name and process id.
+    pub replica_id: String,
+    /// Prefix of the unified tag keys (`{prefix}:tenant-id`, …).
+    pub tag_prefix: String,
+    /// Value of the `{prefix}:project` tag.
+    pub project: String,
+    /// Operations one replica runs at once.
+    pub workers: u32,
+    /// How long a claimed operation stays leased without renewal.
+    pub lease_secs: u64,
+    /// How often idle workers look for runnable operations.
+    pub poll_interval_ms: u64,
+    pub environments: Vec<EnvironmentConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            table: "instance-manager".into(),
+            aws_endpoint: None,
+            aws_region: None,
+            log_format: LogFormat::Human,
+            log_filter: "info".into(),
+            page_token_secret: Secret::default(),
+            idempotency_ttl_secs: 24 * 60 * 60,
+            shutdown_grace_secs: 10,
+            scale_bounds: ScaleBounds::default(),
+            default_page_size: 50,
+            max_page_size: 1000,
+            replica_id: String::new(),
+            tag_prefix: "bbws".into(),
+            project: "bbws-wordpress".into(),
+            workers: 10,
+            lease_secs: 30,
+            poll_interval_ms: 500,
+            environments: Vec::new(),
+        }
+    }
+}
+
+/// Flags shared by every subcommand that needs configuration. Each one can also come from
+/// the `IM_*` environment variable named beside it.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ConfigArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "IM_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[arg(long, env = "IM_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    #[arg(long, env = "IM_TABLE")]
+    pub table: Option<String>,
+    #[arg(long, env = "IM_AWS_ENDPOINT")]
+    pub aws_endpoint: Option<String>,
+    #[arg(long, env = "IM_AWS_REGION")]
+    pub aws_region: Option<String>,
+    #[arg(long, env = "IM_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    #[arg(long, env = "IM_LOG")]
+    pub log_filter: Option<String>,
+    #[arg(long, env = "IM_PAGE_TOKEN_SECRET", hide_env_values = true)]
+    pub page_token_secret: Option<String>,
+    #[arg(long, env = "IM_IDEMPOTENCY_TTL_SECS")]
+    pub idempotency_ttl_secs: Option<u64>,
+    #[arg(long, env = "IM_SHUTDOWN_GRACE_SECS")]
+    pub shutdown_grace_secs: Option<u64>,
+    #[arg(long, env = "IM_SCALE_MIN")]
+    pub scale_min: Option<u32>,
+    #[arg(long, env = "IM_SCALE_MAX")]
+    pub scale_max: Option<u32>,
+    #[arg(long, env = "IM_REPLICA_ID")]
+    pub replica_id: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl ConfigArgs {
+    /// Defaults, then the file, then environment and flags.
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        let mut config = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|source| ConfigError::Parse {
+                    path: path.clone(),
+                    source: Box::new(source),
+                })?
+            }
+            None => Config::default(),
+        };
+        macro_rules! overlay {
+            ($($field:ident),*) => {$(
+                if let Some(value) = &self.$field {
+                    config.$field = value.clone().into();
+                }
+            )*};
+        }
+        overlay!(listen, table, log_format, log_filter, idempotency_ttl_secs);
+        overlay!(shutdown_grace_secs, replica_id);
+        if let Some(endpoint) = &self.aws_endpoint {
+            config.aws_endpoint = Some(endpoint.clone());
+        }
+        if let Some(region) = &self.aws_region {
+            config.aws_region = Some(region.clone());
+        }
+        if let Some(secret) = &self.page_token_secret {
+            config.page_token_secret = Secret::new(secret.clone());
+        }
+        if let Some(min) = self.scale_min {
+            config.scale_bounds.min = min;
+        }
+        if let Some(max) = self.scale_max {
+            config.scale_bounds.max = max;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+impl Config {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        if self.table.is_empty() {
+            return invalid("table must not be empty");
+        }
+        if self.scale_bounds.min == 0 || self.scale_bounds.min > self.scale_bounds.max {
+            return invalid("scale_bounds must satisfy 1 <= min <= max");
+        }
+        if self.default_page_size == 0 || self.default_page_size > self.max_page_size {
+            return invalid("page sizes must satisfy 1 <= default_page_size <= max_page_size");
+        }
+        if self.idempotency_ttl_secs == 0 {
+            return invalid("idempotency_ttl_secs must be positive");
+        }
+        if self.workers == 0 || self.lease_secs < 5 || self.poll_interval_ms == 0 {
+            return invalid("workers must be positive, lease_secs at least 5, poll_interval_ms positive");
+        }
+        for (i, env) in self.environments.iter().enumerate() {
+            if self.environments[..i].iter().any(|e| e.name == env.name) {
+                return Err(ConfigError::Invalid(format!("environment {} is listed twice", env.name)));
+            }
+            if env.account_id.len() != 12 || !env.account_id.chars().all(|c| c.is_ascii_digit()) {
+                return Err(ConfigError::Invalid(format!("environment {}: account_id must be 12 digits", env.name)));
+            }
+        }
+        Ok(())
+    }
+
+    /// The configuration as TOML with every secret replaced by `<redacted>`.
+    pub fn redacted_toml(&self) -> String {
+        let mut shown = self.clone();
+        if !shown.page_token_secret.is_empty() {
+            shown.page_token_secret = Secret::new("<redacted>");
+        }
+        for env in &mut shown.environments {
+            if !env.external_id.is_empty() {
+                env.external_id = Secret::new("<redacted>");
+            }
+        }
+        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}"))
+    }
+
+    /// The replica id, or `{hostname}-{pid}` when none is configured.
+    pub fn replica_id(&self) -> String {
+        if !self.replica_id.is_empty() {
+            return self.replica_id.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "replica".into());
+        format!("{host}-{}", std::process::id())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_apply_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("im.toml");
+        std::fs::write(
+            &path,
+            "table = \"from-file\"\nlisten = \"127.0.0.1:6000\"\npage_token_secret = \"s3cr3t\"\n[scale_bounds]\nmin = 1\nmax = 20\n",
+        )
+        .unwrap();
+        let args = ConfigArgs {
+            config: Some(path),
+            listen: Some("127.0.0.1:7000".parse().unwrap()),
+            ..ConfigArgs::default()
+        };
+        let config = args.load().unwrap();
+        assert_eq!(config.table, "from-file");
+        assert_eq!(config.listen.port(), 7000, "flags beat the file");
+        assert_eq!(config.scale_bounds, ScaleBounds { min: 1, max: 20 });
+        assert_eq!(config.log_filter, "info", "defaults fill the rest");
+        let dump = config.redacted_toml();
+        assert!(!dump.contains("s3cr3t"), "{dump}");
+        assert!(dump.contains("<redacted>"));
+        assert!(!format!("{config:?}").contains("s3cr3t"));
+    }
+
+    #[test]
+    fn bad_files_and_values_are_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("im.toml");
+        std::fs::write(&path, "tabel = \"typo\"\n").unwrap();
+        let args = ConfigArgs {
+            config: Some(path),
+            ..ConfigArgs::default()
+        };
+        assert!(matches!(args.load(), Err(ConfigError::Parse { .. })));
+        let args = ConfigArgs {
+            scale_min: Some(5),
+            scale_max: Some(3),
+            ..ConfigArgs::default()
+        };
+        assert!(matches!(args.load(), Err(ConfigError::Invalid(_))));
+    }
+}

@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod cloud;
 pub mod config;
 pub mod domain;
 pub mod proto;

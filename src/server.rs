@@ -1,1 +1,131 @@
-//! Server wiring: services, health, reflection, graceful shutdown.
+//! Server wiring: the API services, `grpc.health.v1`, reflection (v1 and v1alpha, since
+//! grpcurl 1.8 speaks only v1alpha), a span per RPC carrying a request id, and graceful
+//! shutdown.
+
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::api::Api;
+use crate::proto;
+use crate::proto::google_longrunning::operations_server::OperationsServer;
+use crate::proto::v1::instance_service_server::InstanceServiceServer;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot build reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("transport error: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Service names whose health is reported, besides the overall "" entry.
+const SERVICE_NAMES: [&str; 2] = [
+    "bbws.instance.v1.InstanceService",
+    "google.longrunning.Operations",
+];
+
+async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
+    reporter.set_service_status("", status).await;
+    for name in SERVICE_NAMES {
+        reporter.set_service_status(name, status).await;
+    }
+}
+
+/// Marks the server SERVING once the state store answers; until then health says
+/// NOT_SERVING, so a load balancer sends no traffic to a replica that cannot work.
+async fn become_ready(api: Api, reporter: HealthReporter, shutdown: CancellationToken) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match api.store.ping().await {
+            Ok(()) => {
+                if !shutdown.is_cancelled() {
+                    set_health(&reporter, ServingStatus::Serving).await;
+                    tracing::info!("ready: state store reachable");
+                }
+                return;
+            }
+            Err(error) => tracing::warn!(%error, "state store not ready"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+fn rpc_span(request: &http::Request<()>) -> tracing::Span {
+    let request_id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    tracing::info_span!("rpc", method = %request.uri().path(), %request_id)
+}
+
+/// Serves until `shutdown` is cancelled. Health turns NOT_SERVING at once; in-flight calls
+/// and open streams then get `grace` to finish before the server stops regardless.
+pub async fn serve(
+    api: Api,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    grace: Duration,
+) -> Result<(), ServeError> {
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    set_health(&reporter, ServingStatus::NotServing).await;
+
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(proto::GOOGLE_RPC_FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+
+    let local = listener.local_addr().ok();
+    tokio::spawn(tracing::Instrument::instrument(
+        become_ready(api.clone(), reporter.clone(), shutdown.clone()),
+        tracing::info_span!("readiness"),
+    ));
+
+    let stopping = {
+        let reporter = reporter.clone();
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.cancelled().await;
+            set_health(&reporter, ServingStatus::NotServing).await;
+            tracing::info!(
+                grace_secs = grace.as_secs_f64(),
+                "shutting down: draining calls and streams"
+            );
+        }
+    };
+    let server = Server::builder()
+        .trace_fn(rpc_span)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(InstanceServiceServer::new(api.clone()))
+        .add_service(OperationsServer::new(api))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopping);
+    tracing::info!(address = ?local, "serving gRPC");
+
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => result?,
+        () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!("grace period over: closing remaining calls and streams");
+        }
+    }
+    tracing::info!("server stopped");
+    Ok(())
+}

@@ -1,1 +1,75 @@
-//! gRPC services: request validation, domain <-> proto mapping, errors as `Status`.
+//! gRPC services: request validation, domain ↔ proto mapping, errors as `Status`. This and
+//! `server` are the only modules that know about tonic.
+
+pub mod convert;
+pub mod error;
+pub mod instances;
+pub mod operations;
+pub mod page_token;
+
+use std::sync::Arc;
+
+use crate::domain::ScaleBounds;
+use crate::store::StateStore;
+
+pub use error::{ApiError, ApiResult};
+pub use page_token::PageTokens;
+
+/// Settings the API layer needs from the configuration.
+#[derive(Debug, Clone)]
+pub struct ApiSettings {
+    pub scale_bounds: ScaleBounds,
+    pub idempotency_ttl_secs: u64,
+    pub default_page_size: u32,
+    pub max_page_size: u32,
+}
+
+/// Shared state of the gRPC services.
+#[derive(Clone)]
+pub struct Api {
+    pub store: Arc<dyn StateStore>,
+    pub settings: ApiSettings,
+    pub tokens: PageTokens,
+}
+
+impl Api {
+    pub fn new(store: Arc<dyn StateStore>, settings: ApiSettings, tokens: PageTokens) -> Self {
+        Self {
+            store,
+            settings,
+            tokens,
+        }
+    }
+
+    /// AIP-158 page size: negative is invalid, zero means the default, above the maximum
+    /// is lowered to it.
+    pub fn page_size(&self, requested: i32) -> ApiResult<usize> {
+        let size = match requested {
+            n if n < 0 => return Err(ApiError::invalid("page_size", "must not be negative")),
+            0 => self.settings.default_page_size,
+            n => u32::try_from(n)
+                .unwrap_or(u32::MAX)
+                .min(self.settings.max_page_size),
+        };
+        Ok(size as usize)
+    }
+
+    /// Decodes a page token for `query`, or `None` for the first page.
+    pub fn page_cursor<C: serde::de::DeserializeOwned>(
+        &self,
+        query: &str,
+        token: &str,
+    ) -> ApiResult<Option<C>> {
+        if token.is_empty() {
+            return Ok(None);
+        }
+        self.tokens.decode(query, token).map(Some).map_err(|e| {
+            let mut violations = crate::domain::Violations::new();
+            violations.add("page_token", e.to_string());
+            ApiError::InvalidWithReason {
+                reason: error::reason::INVALID_PAGE_TOKEN,
+                violations,
+            }
+        })
+    }
+}

@@ -1,1 +1,20 @@
 //! Domain model: instances, specs, states and transitions, operations, naming rules.
+//! Nothing here knows about tonic, protobuf or AWS: the API layer parses requests into
+//! these types, and the store and workflows work only with them.
+
+pub mod ids;
+pub mod instance;
+pub mod naming;
+pub mod operation;
+pub mod spec;
+pub mod state;
+pub mod time;
+pub mod violation;
+
+pub use ids::{InstanceId, InstanceName, OperationId, RequestId, TenantId};
+pub use instance::Instance;
+pub use operation::{Operation, OperationEvent, OperationStatus, Step, StepStatus, Verb};
+pub use spec::{Environment, InstanceSpec, ScaleBounds, Tier};
+pub use state::InstanceState;
+pub use time::Timestamp;
+pub use violation::{FieldViolation, Violations};

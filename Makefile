@@ -1,0 +1,28 @@
+# One-command entry points (see README). Everything runs through bash scripts
+# in scripts/ so that it works the same from a shell, make, and CI.
+.PHONY: dev test check bootstrap fmt clippy
+
+ifdef CI
+export CARGO_TERM_COLOR := never
+endif
+
+# Run the service locally: emulators (moto :4566, MariaDB :3306), bootstrap, serve :50051.
+dev:
+	bash scripts/dev.sh
+
+# Start the dev emulators and create the table, leaving moto running.
+bootstrap:
+	bash scripts/dev.sh bootstrap
+
+# Whole test suite (unit, integration, doc) against a fresh moto.
+test:
+	bash scripts/test.sh
+
+# Formatting and lints.
+check: fmt clippy
+
+fmt:
+	cargo fmt --check
+
+clippy:
+	cargo clippy --all-targets -- -D warnings

@@ -1,0 +1,63 @@
+# shellcheck shell=bash
+# Shared helpers for the scripts in this directory. Source it; do not run it.
+#   . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+# Repository root (the directory holding Cargo.toml), independent of $PWD.
+IM_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+IM_VENV="$IM_ROOT/.venv"
+IM_RUN="$IM_ROOT/.run"
+export IM_ROOT IM_VENV IM_RUN
+
+# Test credentials for moto (never real AWS).
+im_export_aws_test_env() {
+    export AWS_REGION="${AWS_REGION:-us-east-1}"
+    export AWS_DEFAULT_REGION="${AWS_DEFAULT_REGION:-$AWS_REGION}"
+    export AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-testing}"
+    export AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-testing}"
+    # Keep the SDK away from ~/.aws and the instance metadata service.
+    export AWS_EC2_METADATA_DISABLED=true
+}
+
+im_script_name() { basename "${0:-script}"; }
+
+# info: to stderr, only when IM_VERBOSE is set (scripts are quiet on success).
+info() { if [ -n "${IM_VERBOSE:-}" ]; then printf '%s: %s\n' "$(im_script_name)" "$*" >&2; fi; }
+# say: always shown (for the few lines a user must see).
+say() { printf '%s: %s\n' "$(im_script_name)" "$*" >&2; }
+warn() { printf '%s: warning: %s\n' "$(im_script_name)" "$*" >&2; }
+die() { printf '%s: error: %s\n' "$(im_script_name)" "$*" >&2; exit 1; }
+
+# Is a TCP port accepting connections? (bash /dev/tcp, no external tools)
+port_open() {
+    local host="$1" port="$2"
+    (exec 3<>"/dev/tcp/$host/$port") 2>/dev/null
+}
+
+# Print a currently free TCP port on 127.0.0.1.
+free_port() {
+    local py
+    for py in "$IM_VENV/bin/python" python3 python; do
+        if command -v "$py" >/dev/null 2>&1; then
+            "$py" -c 'import socket
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1])
+s.close()'
+            return
+        fi
+    done
+    die "no python found to pick a free port"
+}
+
+# Is the process with this pid alive?
+pid_alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; }
+
+# Show the last lines of a log file on stderr (for failure reports).
+show_log_tail() {
+    local file="$1" n="${2:-40}"
+    if [ -s "$file" ]; then
+        printf -- '----- last %s lines of %s -----\n' "$n" "$file" >&2
+        tail -n "$n" "$file" >&2
+        printf -- '-----\n' >&2
+    fi
+}

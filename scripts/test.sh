@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# `make test`: the whole test suite against local emulators.
+#
+# Ensures the venv (moto, grpcurl, grpcio), MariaDB on 127.0.0.1:3306 and buf
+# (if scripts/buf-lint.sh exists), starts ONE moto server on a free port for
+# all test binaries, then runs unit, integration and doc tests with
+# --no-fail-fast. Extra arguments go to both cargo test runs
+# (e.g. `scripts/test.sh -- some_test_name`). Exits with cargo's status.
+#
+# Tests receive:
+#   IM_TEST_AWS_ENDPOINT   http://127.0.0.1:PORT of the shared moto server
+#   IM_TEST_GRPCURL        $ROOT/.venv/bin/grpcurl
+#   IM_TEST_PYTHON         $ROOT/.venv/bin/python (grpcio, pymysql installed)
+#   IM_TEST_MYSQL_URL      mysql://root@127.0.0.1:3306/test
+#   AWS_REGION, AWS_DEFAULT_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
+#                          test values for moto (us-east-1, testing/testing)
+set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$IM_ROOT"
+
+if [ -n "${CI:-}" ]; then export CARGO_TERM_COLOR=never; fi
+
+command -v cargo >/dev/null 2>&1 || die "cargo not found; install Rust (https://rustup.rs) and re-run."
+
+bash scripts/ensure-venv.sh
+bash scripts/mariadb.sh ensure
+if [ -f scripts/buf-lint.sh ]; then
+    bash scripts/buf-lint.sh install
+fi
+
+# One moto for the whole run, on a free port, private to this invocation.
+export MOTO_NAME="moto-test-$$"
+unset MOTO_PORT
+stop_moto() { bash scripts/moto.sh stop || true; }
+trap stop_moto EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+IM_TEST_AWS_ENDPOINT="$(bash scripts/moto.sh start)"
+export IM_TEST_AWS_ENDPOINT
+export IM_TEST_GRPCURL="$IM_VENV/bin/grpcurl"
+export IM_TEST_PYTHON="$IM_VENV/bin/python"
+export IM_TEST_MYSQL_URL="${IM_TEST_MYSQL_URL:-mysql://root@127.0.0.1:3306/test}"
+im_export_aws_test_env
+info "moto at $IM_TEST_AWS_ENDPOINT"
+
+rc=0
+# Unit tests (lib, bin), integration tests, examples and benches built as tests.
+cargo test --all-targets --no-fail-fast "$@" || rc=$?
+# Doc tests (not part of --all-targets); only a library has them.
+if [ -f src/lib.rs ]; then
+    doc_rc=0
+    cargo test --doc --no-fail-fast "$@" || doc_rc=$?
+    if [ "$rc" -eq 0 ]; then rc="$doc_rc"; fi
+fi
+if [ "$rc" -ne 0 ]; then
+    say "cargo test failed (exit $rc)"
+fi
+exit "$rc"

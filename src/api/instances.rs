@@ -1,0 +1,487 @@
+//! `bbws.instance.v1.InstanceService`.
+
+use std::pin::Pin;
+
+use futures::Stream;
+use sha2::{Digest, Sha256};
+use tonic::{Request, Response, Status};
+
+use crate::domain::ids::parse_tenant_parent;
+use crate::domain::{
+    Instance, InstanceId, InstanceName, InstanceSpec, Operation, OperationId, RequestId, TenantId,
+    Timestamp, Verb, Violations,
+};
+use crate::proto::google_longrunning as lro;
+use crate::proto::v1;
+use crate::proto::v1::instance_service_server::InstanceService;
+use crate::store::{
+    Guard, InstanceCursor, InstanceQuery, RequestRecord, StoreError, Write, WriteKind,
+};
+
+use super::Api;
+use super::convert::{self, parse_enum};
+use super::error::{ApiError, ApiResult, reason};
+
+type RpcStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// A parsed, valid CreateInstance request.
+struct CreateInstance {
+    tenant: TenantId,
+    requested_id: Option<InstanceId>,
+    spec: InstanceSpec,
+    request_id: Option<RequestId>,
+}
+
+impl CreateInstance {
+    /// Identifies the request's payload, so a replayed `request_id` can be checked against
+    /// the original (AIP-155).
+    fn fingerprint(&self) -> String {
+        let canonical = serde_json::to_vec(&(&self.tenant, &self.requested_id, &self.spec))
+            .expect("domain types serialise");
+        hex::encode(Sha256::digest(canonical))
+    }
+}
+
+fn parse_request_id(raw: &str, violations: &mut Violations) -> Option<RequestId> {
+    if raw.is_empty() {
+        return None;
+    }
+    violations.check("request_id", RequestId::parse(raw))
+}
+
+fn parse_create(api: &Api, request: &v1::CreateInstanceRequest) -> ApiResult<CreateInstance> {
+    let mut violations = Violations::new();
+    let tenant = violations
+        .check("parent", parse_tenant_parent(&request.parent, false))
+        .flatten();
+    let requested_id = if request.instance_id.is_empty() {
+        None
+    } else {
+        violations.check("instance_id", InstanceId::parse(&request.instance_id))
+    };
+    let request_id = parse_request_id(&request.request_id, &mut violations);
+    let spec = match &request.instance {
+        None => {
+            violations.add("instance", "is required");
+            None
+        }
+        Some(instance) => {
+            let input = convert::spec_input(instance, "instance", &mut violations);
+            match InstanceSpec::parse(input, api.settings.scale_bounds) {
+                Ok(spec) => Some(spec),
+                Err(errors) => {
+                    violations.extend_prefixed("instance", errors);
+                    None
+                }
+            }
+        }
+    };
+    match (tenant, spec) {
+        (Some(tenant), Some(spec)) if violations.is_empty() => Ok(CreateInstance {
+            tenant,
+            requested_id,
+            spec,
+            request_id,
+        }),
+        _ => Err(ApiError::Invalid(violations)),
+    }
+}
+
+fn parse_instance_name(raw: &str) -> ApiResult<InstanceName> {
+    InstanceName::parse(raw).map_err(|e| ApiError::invalid("name", e.to_string()))
+}
+
+impl Api {
+    async fn replay(&self, record: &RequestRecord, fingerprint: &str) -> ApiResult<lro::Operation> {
+        if record.fingerprint != fingerprint {
+            let mut violations = Violations::new();
+            violations.add(
+                "request_id",
+                "was already used for a different request; use a new request_id",
+            );
+            return Err(ApiError::InvalidWithReason {
+                reason: reason::REQUEST_ID_REUSED,
+                violations,
+            });
+        }
+        let operation = self
+            .store
+            .get_operation(&record.operation)
+            .await?
+            .ok_or_else(|| {
+                ApiError::Internal(format!(
+                    "request {} names a missing operation",
+                    record.request_id
+                ))
+            })?;
+        self.render_operation(&operation).await
+    }
+
+    /// The operation as a client sees it; a completed one carries its target's current state.
+    pub async fn render_operation(&self, operation: &Operation) -> ApiResult<lro::Operation> {
+        let target = if operation.status.is_done() {
+            self.store.get_instance(&operation.target).await?
+        } else {
+            None
+        };
+        Ok(convert::operation_to_proto(operation, target.as_ref()))
+    }
+
+    fn tenant_environment_taken(guard: &Guard) -> ApiError {
+        let existing = InstanceName::new(guard.tenant.clone(), guard.instance.clone());
+        ApiError::AlreadyExists {
+            reason: reason::TENANT_ENVIRONMENT_TAKEN,
+            message: format!(
+                "tenant {} already has an instance in {}: {existing}",
+                guard.tenant, guard.environment
+            ),
+            metadata: vec![
+                ("tenant", guard.tenant.to_string()),
+                ("environment", guard.environment.to_string()),
+                ("instance", existing.to_string()),
+            ],
+        }
+    }
+
+    fn instance_exists(name: &InstanceName) -> ApiError {
+        ApiError::AlreadyExists {
+            reason: reason::INSTANCE_ALREADY_EXISTS,
+            message: format!("{name} already exists; choose another instance_id"),
+            metadata: vec![("instance", name.to_string())],
+        }
+    }
+
+    pub async fn create_instance(
+        &self,
+        request: v1::CreateInstanceRequest,
+    ) -> ApiResult<lro::Operation> {
+        let create = parse_create(self, &request)?;
+        let fingerprint = create.fingerprint();
+        let now = Timestamp::now();
+        if let Some(request_id) = &create.request_id
+            && let Some(record) = self.store.get_request(request_id, now).await?
+        {
+            return self.replay(&record, &fingerprint).await;
+        }
+        let environment = create.spec.environment;
+        if let Some(guard) = self.store.get_guard(&create.tenant, environment).await? {
+            return Err(Self::tenant_environment_taken(&guard));
+        }
+        let instance_id = create
+            .requested_id
+            .clone()
+            .unwrap_or_else(InstanceId::generate);
+        let name = InstanceName::new(create.tenant.clone(), instance_id.clone());
+        if self.store.get_instance(&name).await?.is_some() {
+            return Err(Self::instance_exists(&name));
+        }
+
+        let mut operation = Operation::new(
+            Verb::Create,
+            name.clone(),
+            Vec::new(),
+            create.request_id.clone(),
+            now,
+        );
+        let event = operation.next_event(now, None, "operation created");
+        let instance = Instance::new_pending(name.clone(), create.spec, operation.id.clone(), now);
+        let guard = Guard {
+            tenant: create.tenant.clone(),
+            environment,
+            instance: instance_id,
+        };
+        let mut writes = vec![
+            Write::CreateInstance(instance),
+            Write::ClaimGuard(guard),
+            Write::CreateOperation(operation.clone()),
+            Write::AppendEvent(event),
+        ];
+        if let Some(request_id) = &create.request_id {
+            let ttl_millis = i64::try_from(self.settings.idempotency_ttl_secs.saturating_mul(1000))
+                .unwrap_or(i64::MAX);
+            writes.push(Write::PutRequest(RequestRecord {
+                request_id: request_id.clone(),
+                fingerprint: fingerprint.clone(),
+                operation: operation.id.clone(),
+                created_at: now,
+                expires_at: now.plus_millis(ttl_millis),
+            }));
+        }
+        match self.store.commit(writes).await {
+            Ok(()) => {
+                tracing::info!(instance = %name, operation = %operation.id, environment = %environment, "instance creation accepted");
+                operation.version = 1;
+                Ok(convert::operation_to_proto(&operation, None))
+            }
+            // Lost a race: report what won, so the answer is the same as if we had been second.
+            Err(StoreError::Conflict {
+                kind: WriteKind::ClaimGuard,
+                ..
+            }) => match self.store.get_guard(&create.tenant, environment).await? {
+                Some(guard) => Err(Self::tenant_environment_taken(&guard)),
+                None => Err(StoreError::Contention.into()),
+            },
+            Err(StoreError::Conflict {
+                kind: WriteKind::CreateInstance,
+                ..
+            }) => Err(Self::instance_exists(&name)),
+            Err(StoreError::Conflict {
+                kind: WriteKind::PutRequest,
+                ..
+            }) => {
+                let request_id = create
+                    .request_id
+                    .as_ref()
+                    .expect("a request write implies an id");
+                match self.store.get_request(request_id, now).await? {
+                    Some(record) => self.replay(&record, &fingerprint).await,
+                    None => Err(StoreError::Contention.into()),
+                }
+            }
+            Err(other) => Err(other.into()),
+        }
+    }
+
+    pub async fn get_instance(&self, request: v1::GetInstanceRequest) -> ApiResult<v1::Instance> {
+        let name = parse_instance_name(&request.name)?;
+        let instance = self
+            .store
+            .get_instance(&name)
+            .await?
+            .ok_or_else(|| ApiError::instance_not_found(name.to_string()))?;
+        Ok(convert::instance_to_proto(&instance))
+    }
+
+    pub async fn list_instances(
+        &self,
+        request: v1::ListInstancesRequest,
+    ) -> ApiResult<v1::ListInstancesResponse> {
+        let mut violations = Violations::new();
+        let tenant = violations
+            .check("parent", parse_tenant_parent(&request.parent, true))
+            .flatten();
+        let environment = parse_enum(
+            request.environment,
+            "environment",
+            &mut violations,
+            convert::environment_from_proto,
+        );
+        let state = parse_enum(
+            request.state,
+            "state",
+            &mut violations,
+            convert::state_from_proto,
+        );
+        let page_size = match self.page_size(request.page_size) {
+            Ok(size) => size,
+            Err(ApiError::Invalid(more)) => {
+                violations.append(more);
+                0
+            }
+            Err(other) => return Err(other),
+        };
+        if !violations.is_empty() {
+            return Err(ApiError::Invalid(violations));
+        }
+        // The query a page token is bound to: the parent and every filter.
+        let query = format!(
+            "instances|{}|{}|{}",
+            request.parent,
+            environment.map(|e| e.as_str()).unwrap_or("*"),
+            state.map(|s| s.as_str()).unwrap_or("*")
+        );
+        let after: Option<InstanceCursor> = self.page_cursor(&query, &request.page_token)?;
+        let page = self
+            .store
+            .list_instances(&InstanceQuery {
+                tenant,
+                environment,
+                state,
+                after,
+                limit: page_size,
+            })
+            .await?;
+        Ok(v1::ListInstancesResponse {
+            instances: page.items.iter().map(convert::instance_to_proto).collect(),
+            next_page_token: page
+                .next
+                .map(|cursor| self.tokens.encode(&query, &cursor))
+                .unwrap_or_default(),
+        })
+    }
+
+    pub async fn get_operation_by_name(&self, name: &str) -> ApiResult<Operation> {
+        let id =
+            OperationId::from_name(name).map_err(|e| ApiError::invalid("name", e.to_string()))?;
+        self.store
+            .get_operation(&id)
+            .await?
+            .ok_or_else(|| ApiError::operation_not_found(name))
+    }
+}
+
+fn not_implemented<T>(rpc: &'static str) -> Result<T, Status> {
+    Err(ApiError::NotImplemented { rpc }.into())
+}
+
+#[tonic::async_trait]
+impl InstanceService for Api {
+    async fn create_instance(
+        &self,
+        request: Request<v1::CreateInstanceRequest>,
+    ) -> Result<Response<lro::Operation>, Status> {
+        Ok(Response::new(
+            Api::create_instance(self, request.into_inner()).await?,
+        ))
+    }
+
+    async fn get_instance(
+        &self,
+        request: Request<v1::GetInstanceRequest>,
+    ) -> Result<Response<v1::Instance>, Status> {
+        Ok(Response::new(
+            Api::get_instance(self, request.into_inner()).await?,
+        ))
+    }
+
+    async fn list_instances(
+        &self,
+        request: Request<v1::ListInstancesRequest>,
+    ) -> Result<Response<v1::ListInstancesResponse>, Status> {
+        Ok(Response::new(
+            Api::list_instances(self, request.into_inner()).await?,
+        ))
+    }
+
+    async fn update_instance(
+        &self,
+        _: Request<v1::UpdateInstanceRequest>,
+    ) -> Result<Response<lro::Operation>, Status> {
+        not_implemented("UpdateInstance")
+    }
+
+    async fn delete_instance(
+        &self,
+        _: Request<v1::DeleteInstanceRequest>,
+    ) -> Result<Response<lro::Operation>, Status> {
+        not_implemented("DeleteInstance")
+    }
+
+    async fn suspend_instance(
+        &self,
+        _: Request<v1::SuspendInstanceRequest>,
+    ) -> Result<Response<lro::Operation>, Status> {
+        not_implemented("SuspendInstance")
+    }
+
+    async fn resume_instance(
+        &self,
+        _: Request<v1::ResumeInstanceRequest>,
+    ) -> Result<Response<lro::Operation>, Status> {
+        not_implemented("ResumeInstance")
+    }
+
+    async fn restart_instance(
+        &self,
+        _: Request<v1::RestartInstanceRequest>,
+    ) -> Result<Response<lro::Operation>, Status> {
+        not_implemented("RestartInstance")
+    }
+
+    async fn scale_instance(
+        &self,
+        _: Request<v1::ScaleInstanceRequest>,
+    ) -> Result<Response<lro::Operation>, Status> {
+        not_implemented("ScaleInstance")
+    }
+
+    async fn check_instance_health(
+        &self,
+        _: Request<v1::CheckInstanceHealthRequest>,
+    ) -> Result<Response<v1::HealthReport>, Status> {
+        not_implemented("CheckInstanceHealth")
+    }
+
+    async fn get_resource_usage(
+        &self,
+        _: Request<v1::GetResourceUsageRequest>,
+    ) -> Result<Response<v1::ResourceUsage>, Status> {
+        not_implemented("GetResourceUsage")
+    }
+
+    async fn create_backup(
+        &self,
+        _: Request<v1::CreateBackupRequest>,
+    ) -> Result<Response<lro::Operation>, Status> {
+        not_implemented("CreateBackup")
+    }
+
+    async fn restore_instance(
+        &self,
+        _: Request<v1::RestoreInstanceRequest>,
+    ) -> Result<Response<lro::Operation>, Status> {
+        not_implemented("RestoreInstance")
+    }
+
+    async fn get_backup(
+        &self,
+        _: Request<v1::GetBackupRequest>,
+    ) -> Result<Response<v1::Backup>, Status> {
+        not_implemented("GetBackup")
+    }
+
+    async fn list_backups(
+        &self,
+        _: Request<v1::ListBackupsRequest>,
+    ) -> Result<Response<v1::ListBackupsResponse>, Status> {
+        not_implemented("ListBackups")
+    }
+
+    async fn delete_backup(
+        &self,
+        _: Request<v1::DeleteBackupRequest>,
+    ) -> Result<Response<()>, Status> {
+        not_implemented("DeleteBackup")
+    }
+
+    async fn query_logs(
+        &self,
+        _: Request<v1::QueryLogsRequest>,
+    ) -> Result<Response<v1::QueryLogsResponse>, Status> {
+        not_implemented("QueryLogs")
+    }
+
+    type TailLogsStream = RpcStream<v1::TailLogsResponse>;
+
+    async fn tail_logs(
+        &self,
+        _: Request<v1::TailLogsRequest>,
+    ) -> Result<Response<Self::TailLogsStream>, Status> {
+        not_implemented("TailLogs")
+    }
+
+    type WatchOperationStream = RpcStream<v1::OperationEvent>;
+
+    async fn watch_operation(
+        &self,
+        _: Request<v1::WatchOperationRequest>,
+    ) -> Result<Response<Self::WatchOperationStream>, Status> {
+        not_implemented("WatchOperation")
+    }
+
+    type WatchInstanceStream = RpcStream<v1::WatchInstanceResponse>;
+
+    async fn watch_instance(
+        &self,
+        _: Request<v1::WatchInstanceRequest>,
+    ) -> Result<Response<Self::WatchInstanceStream>, Status> {
+        not_implemented("WatchInstance")
+    }
+
+    async fn retry_operation(
+        &self,
+        _: Request<v1::RetryOperationRequest>,
+    ) -> Result<Response<lro::Operation>, Status> {
+        not_implemented("RetryOperation")
+    }
+}

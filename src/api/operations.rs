@@ -1,0 +1,190 @@
+//! `google.longrunning.Operations`, so generic tooling can follow our operations.
+
+use tonic::{Request, Response, Status};
+
+use crate::domain::{InstanceName, OperationStatus, Violations};
+use crate::proto::google_longrunning as lro;
+use crate::proto::google_longrunning::operations_server::Operations;
+use crate::store::{OperationCursor, OperationQuery};
+
+use super::Api;
+use super::error::{ApiError, ApiResult};
+
+/// The filters ListOperations understands: `target = "tenants/a/instances/b"`,
+/// `status = FAILED`, `done = true`, joined with `AND`.
+#[derive(Debug, Default, PartialEq)]
+struct OperationFilter {
+    target: Option<InstanceName>,
+    status: Option<OperationStatus>,
+    done: Option<bool>,
+}
+
+fn parse_filter(filter: &str) -> Result<OperationFilter, String> {
+    let mut parsed = OperationFilter::default();
+    if filter.trim().is_empty() {
+        return Ok(parsed);
+    }
+    for term in filter.split(" AND ") {
+        let (key, value) = term
+            .split_once('=')
+            .ok_or_else(|| format!("term {:?} is not of the form key = value", term.trim()))?;
+        let key = key.trim();
+        let value = value.trim();
+        let unquoted = value
+            .strip_prefix('"')
+            .and_then(|v| v.strip_suffix('"'))
+            .unwrap_or(value);
+        match key {
+            "target" => {
+                parsed.target =
+                    Some(InstanceName::parse(unquoted).map_err(|e| format!("target {e}"))?);
+            }
+            "status" => {
+                parsed.status = Some(OperationStatus::parse(unquoted).ok_or_else(|| {
+                    format!("status must be one of PENDING, IN_PROGRESS, COMPLETED, FAILED, STUCK, CANCELLED (got {unquoted:?})")
+                })?);
+            }
+            "done" => {
+                parsed.done = Some(match unquoted {
+                    "true" => true,
+                    "false" => false,
+                    other => return Err(format!("done must be true or false (got {other:?})")),
+                });
+            }
+            other => {
+                return Err(format!(
+                    "unknown filter field {other:?} (supported: target, status, done)"
+                ));
+            }
+        }
+    }
+    Ok(parsed)
+}
+
+impl Api {
+    async fn list_operations(
+        &self,
+        request: lro::ListOperationsRequest,
+    ) -> ApiResult<lro::ListOperationsResponse> {
+        let mut violations = Violations::new();
+        if !(request.name.is_empty() || request.name == "operations") {
+            violations.add("name", "must be empty or \"operations\"");
+        }
+        let filter = violations.check("filter", parse_filter(&request.filter));
+        let page_size = match self.page_size(request.page_size) {
+            Ok(size) => size,
+            Err(ApiError::Invalid(more)) => {
+                violations.append(more);
+                0
+            }
+            Err(other) => return Err(other),
+        };
+        let filter = match filter {
+            Some(filter) if violations.is_empty() => filter,
+            _ => return Err(ApiError::Invalid(violations)),
+        };
+        let query = format!("operations|{}", request.filter.trim());
+        let after: Option<OperationCursor> = self.page_cursor(&query, &request.page_token)?;
+        let page = self
+            .store
+            .list_operations(&OperationQuery {
+                target: filter.target,
+                status: filter.status,
+                done: filter.done,
+                after,
+                limit: page_size,
+            })
+            .await?;
+        let mut operations = Vec::with_capacity(page.items.len());
+        for operation in &page.items {
+            operations.push(self.render_operation(operation).await?);
+        }
+        Ok(lro::ListOperationsResponse {
+            operations,
+            next_page_token: page
+                .next
+                .map(|cursor| self.tokens.encode(&query, &cursor))
+                .unwrap_or_default(),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Operations for Api {
+    async fn list_operations(
+        &self,
+        request: Request<lro::ListOperationsRequest>,
+    ) -> Result<Response<lro::ListOperationsResponse>, Status> {
+        Ok(Response::new(
+            Api::list_operations(self, request.into_inner()).await?,
+        ))
+    }
+
+    async fn get_operation(
+        &self,
+        request: Request<lro::GetOperationRequest>,
+    ) -> Result<Response<lro::Operation>, Status> {
+        let operation = self.get_operation_by_name(&request.get_ref().name).await?;
+        Ok(Response::new(self.render_operation(&operation).await?))
+    }
+
+    async fn delete_operation(
+        &self,
+        _: Request<lro::DeleteOperationRequest>,
+    ) -> Result<Response<()>, Status> {
+        Err(ApiError::Unsupported {
+            rpc: "DeleteOperation",
+            why: "operations are the audit trail and are kept",
+        }
+        .into())
+    }
+
+    async fn cancel_operation(
+        &self,
+        _: Request<lro::CancelOperationRequest>,
+    ) -> Result<Response<()>, Status> {
+        Err(ApiError::NotImplemented {
+            rpc: "CancelOperation",
+        }
+        .into())
+    }
+
+    async fn wait_operation(
+        &self,
+        _: Request<lro::WaitOperationRequest>,
+    ) -> Result<Response<lro::Operation>, Status> {
+        Err(ApiError::NotImplemented {
+            rpc: "WaitOperation",
+        }
+        .into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters() {
+        assert_eq!(parse_filter("").unwrap(), OperationFilter::default());
+        let parsed = parse_filter(
+            "target = \"tenants/acme/instances/wp\" AND status = FAILED AND done=true",
+        )
+        .unwrap();
+        assert_eq!(
+            parsed.target.unwrap().to_string(),
+            "tenants/acme/instances/wp"
+        );
+        assert_eq!(parsed.status, Some(OperationStatus::Failed));
+        assert_eq!(parsed.done, Some(true));
+        for bad in [
+            "verb = create",
+            "status = DONE",
+            "done = maybe",
+            "target = x",
+            "status",
+        ] {
+            assert!(parse_filter(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,344 @@
+//! Cloud adapters: one narrow trait per capability, shaped by what the workflows need (not
+//! by the SDKs), with AWS and MySQL implementations; and the per-environment account
+//! resolution (STS AssumeRole).
+//!
+//! Every `ensure_*` is idempotent: it finds the resource by its deterministic name, tag or
+//! client token and adopts it, and creates it only when it is missing. Every `delete_*`
+//! succeeds when the resource is already gone. Together they make workflow steps safe to
+//! run again after a crash.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+
+use crate::config::Config;
+use crate::config::Secret;
+
+pub mod error;
+
+pub use error::{CloudError, CloudResult, ErrorKind};
+
+/// Resource tags as (key, value) pairs.
+pub type Tags = Vec<(String, String)>;
+
+/// An EFS access point for one tenant.
+#[derive(Debug, Clone)]
+pub struct AccessPointSpec {
+    pub file_system_id: String,
+    /// Deterministic client token (idempotency across retries and replicas).
+    pub client_token: String,
+    /// Root directory, e.g. `/tenant-acme`; created with `uid`/`gid` and `permissions`.
+    pub root_path: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub permissions: String,
+    pub tags: Tags,
+}
+
+#[async_trait]
+pub trait Files: Send + Sync {
+    /// Returns the access point id, creating the access point if none with this client
+    /// token (or these tenant tags on this file system) exists.
+    async fn ensure_access_point(&self, spec: &AccessPointSpec) -> CloudResult<String>;
+    async fn delete_access_point(&self, access_point_id: &str) -> CloudResult<()>;
+    /// Lifecycle state (`available`, …) or `None` if it does not exist.
+    async fn access_point_state(&self, access_point_id: &str) -> CloudResult<Option<String>>;
+    /// Ids of access points on `file_system_id` carrying every tag in `tags`.
+    async fn find_tagged(&self, file_system_id: &str, tags: &Tags) -> CloudResult<Vec<String>>;
+}
+
+#[derive(Clone)]
+pub struct SecretSpec {
+    pub name: String,
+    pub description: String,
+    /// The secret string to store if the secret does not exist yet.
+    pub value: Secret,
+    pub tags: Tags,
+}
+
+#[async_trait]
+pub trait Secrets: Send + Sync {
+    /// Returns (ARN, the value now stored). An existing secret is adopted with the value it
+    /// already holds, so a retried workflow keeps the password it generated first.
+    async fn ensure_secret(&self, spec: &SecretSpec) -> CloudResult<(String, Secret)>;
+    async fn read_secret(&self, name_or_arn: &str) -> CloudResult<Secret>;
+    /// Deletes at once, without a recovery window.
+    async fn delete_secret(&self, name_or_arn: &str) -> CloudResult<()>;
+    /// ARNs of secrets carrying every tag in `tags`.
+    async fn find_tagged(&self, tags: &Tags) -> CloudResult<Vec<String>>;
+}
+
+/// Administrative access to an environment's MySQL server (from its master secret).
+#[derive(Clone, Debug)]
+pub struct MasterCredentials {
+    pub host: String,
+    pub port: u16,
+    pub username: String,
+    pub password: Secret,
+}
+
+#[async_trait]
+pub trait Database: Send + Sync {
+    /// `CREATE DATABASE IF NOT EXISTS` (utf8mb4 / utf8mb4_unicode_ci), the user with
+    /// `password` (reset if it exists), and all privileges on that database only.
+    /// `database` and `user` come from validated ids (see `domain::naming`).
+    async fn ensure_database(
+        &self,
+        master: &MasterCredentials,
+        database: &str,
+        user: &str,
+        password: &Secret,
+    ) -> CloudResult<()>;
+    /// Drops the user and the database if they exist.
+    async fn drop_database(
+        &self,
+        master: &MasterCredentials,
+        database: &str,
+        user: &str,
+    ) -> CloudResult<()>;
+    /// A logical SQL dump of `database` (schema and data), uncompressed.
+    async fn dump_database(&self, master: &MasterCredentials, database: &str)
+    -> CloudResult<Vec<u8>>;
+    async fn database_exists(&self, master: &MasterCredentials, database: &str)
+    -> CloudResult<bool>;
+    async fn user_exists(&self, master: &MasterCredentials, user: &str) -> CloudResult<bool>;
+}
+
+#[derive(Debug, Clone)]
+pub struct TargetGroupSpec {
+    pub name: String,
+    pub vpc_id: String,
+    pub health_check_path: String,
+    pub matcher: String,
+    pub tags: Tags,
+}
+
+#[derive(Debug, Clone)]
+pub struct HostRuleSpec {
+    pub listener_arn: String,
+    pub host: String,
+    pub target_group_arn: String,
+    pub priority: u32,
+    pub tags: Tags,
+}
+
+#[async_trait]
+pub trait Routing: Send + Sync {
+    /// Returns the target group ARN (ip targets, HTTP 80), creating it if missing.
+    async fn ensure_target_group(&self, spec: &TargetGroupSpec) -> CloudResult<String>;
+    async fn delete_target_group(&self, arn: &str) -> CloudResult<()>;
+    /// Priorities of every rule on the listener (ours or not).
+    async fn rule_priorities(&self, listener_arn: &str) -> CloudResult<Vec<u32>>;
+    /// Returns the rule ARN: an existing rule forwarding `host` is adopted, else a rule is
+    /// created at `priority`. A priority taken on the listener is `ErrorKind::Conflict`.
+    async fn ensure_host_rule(&self, spec: &HostRuleSpec) -> CloudResult<String>;
+    async fn delete_rule(&self, rule_arn: &str) -> CloudResult<()>;
+    /// (target id, state) of every registered target.
+    async fn target_health(&self, target_group_arn: &str) -> CloudResult<Vec<(String, String)>>;
+    /// ARNs of target groups and rules carrying every tag in `tags`.
+    async fn find_tagged(&self, listener_arn: &str, tags: &Tags) -> CloudResult<Vec<String>>;
+}
+
+#[derive(Debug, Clone)]
+pub struct UserPoolSpec {
+    pub name: String,
+    pub domain_prefix: String,
+    pub callback_url: String,
+    pub tags: Tags,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserPool {
+    pub pool_id: String,
+    pub client_id: String,
+    pub domain: String,
+}
+
+#[async_trait]
+pub trait Identity: Send + Sync {
+    /// The pool (found by name), its app client, its domain and the groups Admin, Editor
+    /// and Viewer, each created if missing.
+    async fn ensure_user_pool(&self, spec: &UserPoolSpec) -> CloudResult<UserPool>;
+    /// Deletes the domain and the pool.
+    async fn delete_user_pool(&self, pool_id: &str) -> CloudResult<()>;
+    /// Ids of user pools carrying every tag in `tags`.
+    async fn find_tagged(&self, tags: &Tags) -> CloudResult<Vec<String>>;
+}
+
+#[derive(Debug, Clone)]
+pub struct TaskDefinitionSpec {
+    pub family: String,
+    pub cpu: u32,
+    pub memory_mib: u32,
+    /// Full image reference, `repository:tag`.
+    pub image: String,
+    pub file_system_id: String,
+    pub access_point_id: String,
+    /// Secret holding the tenant's database credentials (JSON keys username, password).
+    pub secret_arn: String,
+    pub db_host: String,
+    pub db_name: String,
+    pub log_group: String,
+    pub log_region: String,
+    pub log_stream_prefix: String,
+    pub execution_role_arn: String,
+    pub task_role_arn: String,
+    pub tags: Tags,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServiceSpec {
+    pub cluster: String,
+    pub name: String,
+    pub task_definition_arn: String,
+    pub desired_count: u32,
+    pub subnets: Vec<String>,
+    pub security_groups: Vec<String>,
+    pub target_group_arn: String,
+    pub tags: Tags,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceStatus {
+    pub status: String,
+    pub desired: u32,
+    pub running: u32,
+    pub pending: u32,
+    /// Rollout state of the primary deployment (`COMPLETED`, `IN_PROGRESS`, `FAILED`).
+    pub rollout_state: Option<String>,
+    pub deployments: u32,
+    pub task_definition: String,
+}
+
+/// A one-off task (the wp-content archiver).
+#[derive(Debug, Clone)]
+pub struct OneOffTaskSpec {
+    pub cluster: String,
+    pub family: String,
+    pub image: String,
+    pub command: Vec<String>,
+    pub environment: Vec<(String, String)>,
+    pub file_system_id: String,
+    pub access_point_id: String,
+    pub subnets: Vec<String>,
+    pub security_groups: Vec<String>,
+    pub execution_role_arn: String,
+    pub task_role_arn: String,
+    pub tags: Tags,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskStatus {
+    pub last_status: String,
+    pub exit_code: Option<i32>,
+}
+
+#[async_trait]
+pub trait Compute: Send + Sync {
+    /// Registers the task definition (container `wordpress`, port 80, EFS volume through the
+    /// access point with transit encryption and IAM auth, DB credentials from the secret,
+    /// health check `curl -f http://localhost/`); reuses the family's latest active revision
+    /// when it is identical. Returns its ARN.
+    async fn register_task_definition(&self, spec: &TaskDefinitionSpec) -> CloudResult<String>;
+    /// Deregisters every active revision of `family`.
+    async fn deregister_task_definitions(&self, family: &str) -> CloudResult<()>;
+    /// Returns the service ARN, creating the service (Fargate, awsvpc, no public IP, circuit
+    /// breaker with rollback, 50 %/200 %, propagateTags=SERVICE) if no active one exists.
+    async fn ensure_service(&self, spec: &ServiceSpec) -> CloudResult<String>;
+    async fn service_status(&self, cluster: &str, name: &str) -> CloudResult<Option<ServiceStatus>>;
+    async fn update_service(
+        &self,
+        cluster: &str,
+        name: &str,
+        desired_count: Option<u32>,
+        task_definition_arn: Option<&str>,
+        force_new_deployment: bool,
+    ) -> CloudResult<()>;
+    /// Scales to zero and deletes the service.
+    async fn delete_service(&self, cluster: &str, name: &str) -> CloudResult<()>;
+    /// Registers a task definition for the one-off task and runs it; returns the task ARN.
+    async fn run_task(&self, spec: &OneOffTaskSpec) -> CloudResult<String>;
+    async fn task_status(&self, cluster: &str, task_arn: &str) -> CloudResult<Option<TaskStatus>>;
+    /// ARNs of services (in `cluster`) and active task definitions carrying every tag.
+    async fn find_tagged(&self, cluster: &str, tags: &Tags) -> CloudResult<Vec<String>>;
+}
+
+#[async_trait]
+pub trait Objects: Send + Sync {
+    async fn put_object(&self, bucket: &str, key: &str, body: Vec<u8>, tags: &Tags)
+    -> CloudResult<()>;
+    /// Keys under `prefix`.
+    async fn list_objects(&self, bucket: &str, prefix: &str) -> CloudResult<Vec<String>>;
+}
+
+/// The shared infrastructure of one environment, inside which tenants get their resources.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Platform {
+    pub vpc_id: String,
+    pub cluster: String,
+    pub subnets: Vec<String>,
+    pub security_groups: Vec<String>,
+    pub file_system_id: String,
+    pub db_host: String,
+    pub db_port: u16,
+    /// Secret with the MySQL master credentials: JSON `username`, `password`, `host`, `port`.
+    pub master_secret_arn: String,
+    pub listener_arn: String,
+    /// Sites are served at `{tenant}.{domain}`.
+    pub domain: String,
+    pub log_group: String,
+    pub archive_bucket: String,
+    pub cognito_enabled: bool,
+    pub execution_role_arn: String,
+    pub task_role_arn: String,
+    /// Image of the one-off task that archives wp-content to S3.
+    pub archiver_image: String,
+    /// Healthy ALB targets required before an instance counts as ACTIVE; `None` means the
+    /// instance's desired count. (An emulator runs no tasks, so it registers no targets.)
+    pub min_healthy_targets: Option<u32>,
+}
+
+/// Every adapter of one environment, bound to credentials of that environment's account.
+#[derive(Clone)]
+pub struct CloudEnv {
+    pub environment: crate::domain::Environment,
+    pub account_id: String,
+    pub region: String,
+    pub platform: Platform,
+    pub files: Arc<dyn Files>,
+    pub secrets: Arc<dyn Secrets>,
+    pub database: Arc<dyn Database>,
+    pub routing: Arc<dyn Routing>,
+    pub identity: Arc<dyn Identity>,
+    pub compute: Arc<dyn Compute>,
+    pub objects: Arc<dyn Objects>,
+}
+
+/// The SDK configuration of the control plane's own account (DynamoDB).
+///
+/// With an endpoint override (an emulator) and no credentials in the environment, static
+/// test credentials are used, so the SDK never falls back to the instance metadata service.
+pub async fn control_plane_sdk_config(config: &Config) -> SdkConfig {
+    let mut loader = aws_config::defaults(BehaviorVersion::latest());
+    if let Some(region) = &config.aws_region {
+        loader = loader.region(Region::new(region.clone()));
+    }
+    if let Some(endpoint) = &config.aws_endpoint {
+        loader = loader.endpoint_url(endpoint);
+        if std::env::var_os("AWS_REGION").is_none() && config.aws_region.is_none() {
+            loader = loader.region(Region::new("us-east-1"));
+        }
+        if std::env::var_os("AWS_ACCESS_KEY_ID").is_none() {
+            loader = loader.credentials_provider(aws_credential_types::Credentials::new(
+                "testing",
+                "testing",
+                None,
+                None,
+                "emulator",
+            ));
+        }
+    }
+    loader.load().await
+}

@@ -1,0 +1,54 @@
+//! The instance record: a tenant's WordPress environment as the control plane knows it.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::ids::{InstanceName, OperationId};
+use super::spec::InstanceSpec;
+use super::state::InstanceState;
+use super::time::Timestamp;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Instance {
+    pub name: InstanceName,
+    pub spec: InstanceSpec,
+    pub state: InstanceState,
+    pub state_changed_at: Timestamp,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+    /// The operation now changing the instance, if any; at most one runs at a time.
+    pub current_operation: Option<OperationId>,
+    /// Cloud resources recorded by workflows: kind → id or ARN.
+    pub resources: BTreeMap<String, String>,
+    pub failure_reason: Option<String>,
+    /// Optimistic-concurrency version, bumped by the store on every write.
+    pub version: u64,
+}
+
+impl Instance {
+    pub fn new_pending(
+        name: InstanceName,
+        spec: InstanceSpec,
+        operation: OperationId,
+        now: Timestamp,
+    ) -> Self {
+        Self {
+            name,
+            spec,
+            state: InstanceState::PendingProvisioning,
+            state_changed_at: now,
+            created_at: now,
+            updated_at: now,
+            current_operation: Some(operation),
+            resources: BTreeMap::new(),
+            failure_reason: None,
+            version: 0,
+        }
+    }
+
+    /// The AIP-154 etag: changes whenever the stored record changes.
+    pub fn etag(&self) -> String {
+        format!("\"{}\"", self.version)
+    }
+}

@@ -1,0 +1,545 @@
+//! What a tenant asks for: the instance spec, its defaults and the rules that bound it.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use super::violation::Violations;
+
+/// The AWS environment (its own account and region) an instance lives in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Environment {
+    Dev,
+    Sit,
+    Prod,
+}
+
+impl Environment {
+    pub const ALL: [Environment; 3] = [Environment::Dev, Environment::Sit, Environment::Prod];
+
+    /// Lower-case short form used inside resource names (`dev`, `sit`, `prod`).
+    pub fn short(self) -> &'static str {
+        match self {
+            Environment::Dev => "dev",
+            Environment::Sit => "sit",
+            Environment::Prod => "prod",
+        }
+    }
+
+    /// Upper-case form used in tags, keys and configuration (`DEV`, `SIT`, `PROD`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Environment::Dev => "DEV",
+            Environment::Sit => "SIT",
+            Environment::Prod => "PROD",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|e| e.as_str().eq_ignore_ascii_case(value))
+    }
+}
+
+impl fmt::Display for Environment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A sizing tier: it only chooses the default CPU and memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Tier {
+    Basic,
+    #[default]
+    Standard,
+    Premium,
+}
+
+impl Tier {
+    /// Default (CPU units, memory MiB) for the tier.
+    pub fn default_size(self) -> (u32, u32) {
+        match self {
+            Tier::Basic => (256, 512),
+            Tier::Standard => (512, 1024),
+            Tier::Premium => (1024, 2048),
+        }
+    }
+}
+
+/// Bounds on the desired task count; configurable per deployment, 2–10 by default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScaleBounds {
+    pub min: u32,
+    pub max: u32,
+}
+
+impl Default for ScaleBounds {
+    fn default() -> Self {
+        Self { min: 2, max: 10 }
+    }
+}
+
+pub const DEFAULT_WORDPRESS_IMAGE: &str = "wordpress";
+pub const DEFAULT_WORDPRESS_VERSION: &str = "6.7-php8.3-apache";
+pub const MAX_LABELS: usize = 64;
+
+/// A validated instance spec. Every field holds a value that the naming rules and the
+/// cloud adapters can use as is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceSpec {
+    pub environment: Environment,
+    pub organization_name: String,
+    pub contact_email: String,
+    pub tier: Tier,
+    pub desired_count: u32,
+    pub cpu: u32,
+    pub memory_mib: u32,
+    pub wordpress_image: String,
+    pub wordpress_version: String,
+    pub labels: BTreeMap<String, String>,
+    pub opportunity_id: String,
+    pub cost_center: String,
+}
+
+/// Unvalidated input for a spec, as it arrives from a client. `None` environment means
+/// the client did not give one; zero numbers and empty strings mean "use the default".
+#[derive(Debug, Clone, Default)]
+pub struct SpecInput {
+    pub environment: Option<Environment>,
+    pub organization_name: String,
+    pub contact_email: String,
+    pub tier: Option<Tier>,
+    pub desired_count: i64,
+    pub cpu: i64,
+    pub memory_mib: i64,
+    pub wordpress_image: String,
+    pub wordpress_version: String,
+    pub labels: BTreeMap<String, String>,
+    pub opportunity_id: String,
+    pub cost_center: String,
+}
+
+impl InstanceSpec {
+    /// Validates `input`, applying defaults; every problem is reported with its field name.
+    pub fn parse(input: SpecInput, bounds: ScaleBounds) -> Result<Self, Violations> {
+        let mut violations = Violations::new();
+        if input.environment.is_none() {
+            violations.add("environment", "is required (DEV, SIT or PROD)");
+        }
+        violations.check(
+            "organization_name",
+            check_organization_name(&input.organization_name),
+        );
+        violations.check("contact_email", check_email(&input.contact_email));
+        let tier = input.tier.unwrap_or_default();
+        let desired_count = if input.desired_count == 0 {
+            bounds.min.max(2).min(bounds.max)
+        } else {
+            violations
+                .check(
+                    "desired_count",
+                    check_desired_count(input.desired_count, bounds),
+                )
+                .unwrap_or(0)
+        };
+        let (default_cpu, default_memory) = tier.default_size();
+        let cpu = if input.cpu == 0 {
+            i64::from(default_cpu)
+        } else {
+            input.cpu
+        };
+        let memory = if input.memory_mib == 0 {
+            i64::from(default_memory)
+        } else {
+            input.memory_mib
+        };
+        let size = violations.check("memory_mib", check_fargate_size(cpu, memory));
+        let wordpress_image = if input.wordpress_image.is_empty() {
+            DEFAULT_WORDPRESS_IMAGE.to_owned()
+        } else {
+            input.wordpress_image
+        };
+        violations.check("wordpress_image", check_image(&wordpress_image));
+        let wordpress_version = if input.wordpress_version.is_empty() {
+            DEFAULT_WORDPRESS_VERSION.to_owned()
+        } else {
+            input.wordpress_version
+        };
+        violations.check("wordpress_version", check_image_tag(&wordpress_version));
+        check_labels(&input.labels, &mut violations);
+        violations.check("opportunity_id", check_tag_value(&input.opportunity_id, 64));
+        violations.check("cost_center", check_tag_value(&input.cost_center, 64));
+
+        let (cpu, memory_mib) = size.unwrap_or((0, 0));
+        violations.into_result(()).map(|()| InstanceSpec {
+            environment: input.environment.unwrap_or(Environment::Dev),
+            organization_name: input.organization_name,
+            contact_email: input.contact_email,
+            tier,
+            desired_count,
+            cpu,
+            memory_mib,
+            wordpress_image,
+            wordpress_version,
+            labels: input.labels,
+            opportunity_id: input.opportunity_id,
+            cost_center: input.cost_center,
+        })
+    }
+}
+
+fn check_organization_name(value: &str) -> Result<(), String> {
+    let trimmed = value.trim();
+    if trimmed.is_empty() {
+        return Err("is required".into());
+    }
+    if value.chars().count() > 200 {
+        return Err("must be at most 200 characters".into());
+    }
+    if value.chars().any(char::is_control) {
+        return Err("must not contain control characters".into());
+    }
+    Ok(())
+}
+
+/// A deliberately conservative address check: ASCII, one `@`, a dot-atom local part and
+/// a domain of at least two DNS labels.
+pub fn check_email(value: &str) -> Result<(), String> {
+    const INVALID: &str = "must be a valid e-mail address such as ops@example.com";
+    if value.is_empty() {
+        return Err("is required".into());
+    }
+    if !value.is_ascii() || value.len() > 254 {
+        return Err(INVALID.into());
+    }
+    let Some((local, domain)) = value.split_once('@') else {
+        return Err(INVALID.into());
+    };
+    let local_ok = !local.is_empty()
+        && local.len() <= 64
+        && !local.starts_with('.')
+        && !local.ends_with('.')
+        && !local.contains("..")
+        && local
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "!#$%&'*+/=?^_`{|}~.-".contains(c));
+    let labels: Vec<&str> = domain.split('.').collect();
+    let domain_ok = labels.len() >= 2
+        && labels.iter().all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+        && labels
+            .last()
+            .is_some_and(|tld| tld.len() >= 2 && tld.chars().all(|c| c.is_ascii_alphabetic()));
+    if local_ok && domain_ok {
+        Ok(())
+    } else {
+        Err(INVALID.into())
+    }
+}
+
+pub fn check_desired_count(value: i64, bounds: ScaleBounds) -> Result<u32, String> {
+    if value < i64::from(bounds.min) || value > i64::from(bounds.max) {
+        return Err(format!(
+            "must be between {} and {} (got {value})",
+            bounds.min, bounds.max
+        ));
+    }
+    u32::try_from(value).map_err(|_| "is out of range".to_string())
+}
+
+/// The CPU/memory pairs Fargate accepts (Linux), as documented by ECS.
+pub fn fargate_memory_options(cpu: u32) -> Option<Vec<u32>> {
+    let range = |from: u32, to: u32, step: u32| (from..=to).step_by(step as usize).collect();
+    Some(match cpu {
+        256 => vec![512, 1024, 2048],
+        512 => range(1024, 4096, 1024),
+        1024 => range(2048, 8192, 1024),
+        2048 => range(4096, 16384, 1024),
+        4096 => range(8192, 30720, 1024),
+        8192 => range(16384, 61440, 4096),
+        16384 => range(32768, 122_880, 8192),
+        _ => return None,
+    })
+}
+
+pub fn check_fargate_size(cpu: i64, memory_mib: i64) -> Result<(u32, u32), String> {
+    let cpu_u = u32::try_from(cpu).ok();
+    let Some(options) = cpu_u.and_then(fargate_memory_options) else {
+        return Err(format!(
+            "cpu {cpu} is not a Fargate size (256, 512, 1024, 2048, 4096, 8192 or 16384)"
+        ));
+    };
+    match u32::try_from(memory_mib) {
+        Ok(memory) if options.contains(&memory) => Ok((cpu_u.unwrap_or_default(), memory)),
+        _ => Err(format!(
+            "memory {memory_mib} MiB is not allowed with cpu {cpu} on Fargate (allowed: {})",
+            options
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
+}
+
+/// A container image repository such as `wordpress` or `123.dkr.ecr.eu-west-1.amazonaws.com/wp`.
+pub fn check_image(value: &str) -> Result<(), String> {
+    let ok = !value.is_empty()
+        && value.len() <= 255
+        && value
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "./:_-".contains(c))
+        && value.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && value.ends_with(|c: char| c.is_ascii_alphanumeric())
+        && !value.contains("..")
+        && !value.contains("//");
+    if ok {
+        Ok(())
+    } else {
+        Err("must be a container image repository (lower-case letters, digits, '.', '/', ':', '_', '-')".into())
+    }
+}
+
+/// A container image tag: `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`.
+pub fn check_image_tag(value: &str) -> Result<(), String> {
+    let ok = !value.is_empty()
+        && value.len() <= 128
+        && value.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_')
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err("must be an image tag of at most 128 letters, digits, '_', '.' and '-'".into())
+    }
+}
+
+/// Free text that ends up in an AWS tag value: optional, bounded, tag-safe characters only.
+pub fn check_tag_value(value: &str, max: usize) -> Result<(), String> {
+    if value.len() > max {
+        return Err(format!("must be at most {max} characters"));
+    }
+    if !value
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "_.:/=+-@ ".contains(c))
+    {
+        return Err("must contain only letters, digits, spaces and _ . : / = + - @".into());
+    }
+    Ok(())
+}
+
+fn check_labels(labels: &BTreeMap<String, String>, violations: &mut Violations) {
+    if labels.len() > MAX_LABELS {
+        violations.add("labels", format!("must have at most {MAX_LABELS} entries"));
+    }
+    for (key, value) in labels {
+        let key_ok = !key.is_empty()
+            && key.len() <= 63
+            && key.starts_with(|c: char| c.is_ascii_lowercase())
+            && key
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+        if !key_ok {
+            violations.add(
+                format!("labels[{key:?}]"),
+                "label keys must be 1-63 lower-case letters, digits, '_' or '-', starting with a letter",
+            );
+        }
+        let value_ok = value.len() <= 63
+            && value
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+        if !value_ok {
+            violations.add(
+                format!("labels[{key:?}]"),
+                "label values must be at most 63 lower-case letters, digits, '_' or '-'",
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid_input() -> SpecInput {
+        SpecInput {
+            environment: Some(Environment::Dev),
+            organization_name: "Acme Corp".into(),
+            contact_email: "ops@acme.example".into(),
+            ..SpecInput::default()
+        }
+    }
+
+    fn fields(result: Result<InstanceSpec, Violations>) -> Vec<String> {
+        result
+            .expect_err("should be invalid")
+            .iter()
+            .map(|v| v.field.clone())
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_applied() {
+        let spec = InstanceSpec::parse(valid_input(), ScaleBounds::default()).unwrap();
+        assert_eq!(spec.desired_count, 2);
+        assert_eq!((spec.cpu, spec.memory_mib), (512, 1024));
+        assert_eq!(spec.tier, Tier::Standard);
+        assert_eq!(spec.wordpress_image, DEFAULT_WORDPRESS_IMAGE);
+        let premium = InstanceSpec::parse(
+            SpecInput {
+                tier: Some(Tier::Premium),
+                ..valid_input()
+            },
+            ScaleBounds::default(),
+        )
+        .unwrap();
+        assert_eq!((premium.cpu, premium.memory_mib), (1024, 2048));
+    }
+
+    #[test]
+    fn missing_environment_and_bad_email_are_both_reported() {
+        let input = SpecInput {
+            environment: None,
+            contact_email: "not-an-email".into(),
+            ..valid_input()
+        };
+        assert_eq!(
+            fields(InstanceSpec::parse(input, ScaleBounds::default())),
+            vec!["environment", "contact_email"]
+        );
+    }
+
+    #[test]
+    fn desired_count_respects_configured_bounds() {
+        for (count, ok) in [(1, false), (2, true), (10, true), (11, false), (-1, false)] {
+            let input = SpecInput {
+                desired_count: count,
+                ..valid_input()
+            };
+            assert_eq!(
+                InstanceSpec::parse(input, ScaleBounds::default()).is_ok(),
+                ok,
+                "count {count}"
+            );
+        }
+        let wide = ScaleBounds { min: 1, max: 50 };
+        let input = SpecInput {
+            desired_count: 40,
+            ..valid_input()
+        };
+        assert_eq!(InstanceSpec::parse(input, wide).unwrap().desired_count, 40);
+    }
+
+    #[test]
+    fn fargate_pairs() {
+        assert!(check_fargate_size(256, 512).is_ok());
+        assert!(check_fargate_size(512, 4096).is_ok());
+        assert!(check_fargate_size(16384, 122_880).is_ok());
+        assert!(check_fargate_size(256, 4096).is_err());
+        assert!(check_fargate_size(512, 1536).is_err());
+        assert!(check_fargate_size(300, 1024).is_err());
+        assert!(check_fargate_size(-512, 1024).is_err());
+        assert!(check_fargate_size(512, -1024).is_err());
+        let input = SpecInput {
+            cpu: 256,
+            memory_mib: 8192,
+            ..valid_input()
+        };
+        assert_eq!(
+            fields(InstanceSpec::parse(input, ScaleBounds::default())),
+            vec!["memory_mib"]
+        );
+    }
+
+    #[test]
+    fn emails() {
+        for ok in [
+            "a@b.co",
+            "first.last+tag@sub.example.org",
+            "x_y@example-1.com",
+        ] {
+            assert!(check_email(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "plain",
+            "@example.com",
+            "a@",
+            "a@b",
+            "a@@b.com",
+            "a b@c.com",
+            "a@b..com",
+            ".a@b.com",
+            "a@-b.com",
+            "ü@b.com",
+            "a@b.c0",
+        ] {
+            assert!(check_email(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn labels_images_and_tags() {
+        let mut labels = BTreeMap::new();
+        labels.insert("team".to_string(), "web".to_string());
+        labels.insert("Bad Key".to_string(), "x".to_string());
+        labels.insert("plan".to_string(), "Gold Plan".to_string());
+        let input = SpecInput {
+            labels,
+            wordpress_image: "Wordpress;rm".into(),
+            wordpress_version: "-bad".into(),
+            opportunity_id: "opp;1".into(),
+            ..valid_input()
+        };
+        let got = fields(InstanceSpec::parse(input, ScaleBounds::default()));
+        assert_eq!(
+            got,
+            vec![
+                "wordpress_image",
+                "wordpress_version",
+                "labels[\"Bad Key\"]",
+                "labels[\"plan\"]",
+                "opportunity_id"
+            ]
+        );
+        assert!(check_image("123456789012.dkr.ecr.eu-west-1.amazonaws.com/wp").is_ok());
+    }
+
+    #[test]
+    fn organisation_names() {
+        for (name, ok) in [
+            ("Acme", true),
+            ("Ünïcode GmbH", true),
+            ("", false),
+            ("   ", false),
+            ("a\nb", false),
+        ] {
+            let input = SpecInput {
+                organization_name: name.into(),
+                ..valid_input()
+            };
+            assert_eq!(
+                InstanceSpec::parse(input, ScaleBounds::default()).is_ok(),
+                ok,
+                "{name:?}"
+            );
+        }
+        let long = SpecInput {
+            organization_name: "x".repeat(201),
+            ..valid_input()
+        };
+        assert!(InstanceSpec::parse(long, ScaleBounds::default()).is_err());
+    }
+}
