@@ -26,15 +26,18 @@ bash scripts/mariadb.sh ensure
 
 export MOTO_NAME=moto-dev
 moto_port="${MOTO_PORT:-4566}"
-# Only stop moto at exit if this run started it.
+# Only stop moto at exit if this run started it (and, for `bootstrap`, only
+# if bootstrapping failed: on success it is left running on purpose).
 started_moto=1
 if bash scripts/moto.sh status; then started_moto=0; fi
+keep_moto=0
 server_pid=""
+# shellcheck disable=SC2317  # invoked by trap
 cleanup() {
     if [ -n "$server_pid" ] && pid_alive "$server_pid"; then
         kill -TERM "$server_pid" 2>/dev/null || true
     fi
-    if [ "$mode" = serve ] && [ "$started_moto" = 1 ]; then
+    if [ "$started_moto" = 1 ] && [ "$keep_moto" = 0 ]; then
         bash scripts/moto.sh stop || true
     fi
 }
@@ -57,6 +60,7 @@ bin="$IM_ROOT/target/debug/instance-manager"
     || die "'instance-manager bootstrap' failed (moto at $IM_AWS_ENDPOINT, table $IM_TABLE)"
 
 if [ "$mode" = bootstrap ]; then
+    keep_moto=1
     say "bootstrapped table '$IM_TABLE' in moto at $IM_AWS_ENDPOINT (left running)"
     exit 0
 fi

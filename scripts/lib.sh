@@ -8,13 +8,16 @@ IM_VENV="$IM_ROOT/.venv"
 IM_RUN="$IM_ROOT/.run"
 export IM_ROOT IM_VENV IM_RUN
 
-# Test credentials for moto (never real AWS).
+# Test region and credentials for moto. Always these values, whatever the
+# caller's shell has: the emulator scripts must never pick up real AWS
+# credentials or a profile.
 im_export_aws_test_env() {
-    export AWS_REGION="${AWS_REGION:-us-east-1}"
-    export AWS_DEFAULT_REGION="${AWS_DEFAULT_REGION:-$AWS_REGION}"
-    export AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-testing}"
-    export AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-testing}"
-    # Keep the SDK away from ~/.aws and the instance metadata service.
+    export AWS_REGION=us-east-1
+    export AWS_DEFAULT_REGION=us-east-1
+    export AWS_ACCESS_KEY_ID=testing
+    export AWS_SECRET_ACCESS_KEY=testing
+    unset AWS_SESSION_TOKEN AWS_PROFILE AWS_DEFAULT_PROFILE AWS_ROLE_ARN AWS_WEB_IDENTITY_TOKEN_FILE
+    # Keep the SDK away from the instance metadata service.
     export AWS_EC2_METADATA_DISABLED=true
 }
 

@@ -4,8 +4,9 @@
 # Ensures the venv (moto, grpcurl, grpcio), MariaDB on 127.0.0.1:3306 and buf
 # (if scripts/buf-lint.sh exists), starts ONE moto server on a free port for
 # all test binaries, then runs unit, integration and doc tests with
-# --no-fail-fast. Extra arguments go to both cargo test runs
-# (e.g. `scripts/test.sh -- some_test_name`). Exits with cargo's status.
+# --no-fail-fast. With arguments, runs just `cargo test --no-fail-fast ARGS`
+# instead (e.g. `scripts/test.sh --test harness_smoke`). Exits with cargo's
+# status.
 #
 # Tests receive:
 #   IM_TEST_AWS_ENDPOINT   http://127.0.0.1:PORT of the shared moto server
@@ -31,7 +32,13 @@ fi
 # One moto for the whole run, on a free port, private to this invocation.
 export MOTO_NAME="moto-test-$$"
 unset MOTO_PORT
-stop_moto() { bash scripts/moto.sh stop || true; }
+rc=1
+# shellcheck disable=SC2317  # invoked by trap
+stop_moto() {
+    bash scripts/moto.sh stop || true
+    # Keep moto's log only when something failed.
+    if [ "$rc" -eq 0 ]; then rm -f "$IM_RUN/$MOTO_NAME.log"; fi
+}
 trap stop_moto EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
@@ -44,13 +51,18 @@ im_export_aws_test_env
 info "moto at $IM_TEST_AWS_ENDPOINT"
 
 rc=0
-# Unit tests (lib, bin), integration tests, examples and benches built as tests.
-cargo test --all-targets --no-fail-fast "$@" || rc=$?
-# Doc tests (not part of --all-targets); only a library has them.
-if [ -f src/lib.rs ]; then
-    doc_rc=0
-    cargo test --doc --no-fail-fast "$@" || doc_rc=$?
-    if [ "$rc" -eq 0 ]; then rc="$doc_rc"; fi
+if [ $# -gt 0 ]; then
+    # A selection from the caller: one cargo test run with it.
+    cargo test --no-fail-fast "$@" || rc=$?
+else
+    # Unit tests (lib, bin), integration tests, examples and benches as tests.
+    cargo test --all-targets --no-fail-fast || rc=$?
+    # Doc tests (not part of --all-targets); only a library has them.
+    if [ -f src/lib.rs ]; then
+        doc_rc=0
+        cargo test --doc --no-fail-fast || doc_rc=$?
+        if [ "$rc" -eq 0 ]; then rc="$doc_rc"; fi
+    fi
 fi
 if [ "$rc" -ne 0 ]; then
     say "cargo test failed (exit $rc)"

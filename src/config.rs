@@ -108,6 +108,8 @@ pub struct Config {
     pub lease_secs: u64,
     /// How often idle workers look for runnable operations.
     pub poll_interval_ms: u64,
+    /// Deliberate faults for tests (`STEP=pause|error|error-after`); never set in production.
+    pub failpoints: Vec<String>,
     pub environments: Vec<EnvironmentConfig>,
 }
 
@@ -132,6 +134,7 @@ impl Default for Config {
             workers: 10,
             lease_secs: 30,
             poll_interval_ms: 500,
+            failpoints: Vec::new(),
             environments: Vec::new(),
         }
     }
@@ -168,6 +171,13 @@ pub struct ConfigArgs {
     pub scale_max: Option<u32>,
     #[arg(long, env = "IM_REPLICA_ID")]
     pub replica_id: Option<String>,
+    #[arg(long, env = "IM_WORKERS")]
+    pub workers: Option<u32>,
+    #[arg(long, env = "IM_LEASE_SECS")]
+    pub lease_secs: Option<u64>,
+    /// Deliberate faults for tests, comma separated (`STEP=pause|error|error-after`).
+    #[arg(long, env = "IM_FAILPOINTS", value_delimiter = ',')]
+    pub failpoints: Option<Vec<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -210,7 +220,13 @@ impl ConfigArgs {
             )*};
         }
         overlay!(listen, table, log_format, log_filter, idempotency_ttl_secs);
-        overlay!(shutdown_grace_secs, replica_id);
+        overlay!(
+            shutdown_grace_secs,
+            replica_id,
+            workers,
+            lease_secs,
+            failpoints
+        );
         if let Some(endpoint) = &self.aws_endpoint {
             config.aws_endpoint = Some(endpoint.clone());
         }
@@ -247,14 +263,22 @@ impl Config {
             return invalid("idempotency_ttl_secs must be positive");
         }
         if self.workers == 0 || self.lease_secs < 5 || self.poll_interval_ms == 0 {
-            return invalid("workers must be positive, lease_secs at least 5, poll_interval_ms positive");
+            return invalid(
+                "workers must be positive, lease_secs at least 5, poll_interval_ms positive",
+            );
         }
         for (i, env) in self.environments.iter().enumerate() {
             if self.environments[..i].iter().any(|e| e.name == env.name) {
-                return Err(ConfigError::Invalid(format!("environment {} is listed twice", env.name)));
+                return Err(ConfigError::Invalid(format!(
+                    "environment {} is listed twice",
+                    env.name
+                )));
             }
             if env.account_id.len() != 12 || !env.account_id.chars().all(|c| c.is_ascii_digit()) {
-                return Err(ConfigError::Invalid(format!("environment {}: account_id must be 12 digits", env.name)));
+                return Err(ConfigError::Invalid(format!(
+                    "environment {}: account_id must be 12 digits",
+                    env.name
+                )));
             }
         }
         Ok(())

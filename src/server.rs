@@ -11,13 +11,24 @@ use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use crate::api::Api;
+use std::sync::Arc;
+
+use tracing::Instrument;
+
+use crate::api::{Api, ApiSettings, PageTokens};
+use crate::cloud::{self, accounts::Accounts};
+use crate::config::Config;
 use crate::proto;
 use crate::proto::google_longrunning::operations_server::OperationsServer;
 use crate::proto::v1::instance_service_server::InstanceServiceServer;
+use crate::store::{DynamoStore, StateStore};
+use crate::workflow::failpoints::Failpoints;
+use crate::workflow::{Engine, EngineSettings, EventBus};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
+    #[error("invalid failpoints: {0}")]
+    Failpoints(String),
     #[error("cannot build reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("transport error: {0}")]
@@ -127,5 +138,76 @@ pub async fn serve(
         }
     }
     tracing::info!("server stopped");
+    Ok(())
+}
+
+/// Everything a replica runs, from its configuration: the state store, the environments'
+/// accounts (verified; a broken one is reported by name and not served), the workflow
+/// engine, and the gRPC server. Returns once `shutdown` is cancelled and both have stopped
+/// (the engine at most `shutdown_grace_secs` later).
+pub async fn run(
+    config: &Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    let grace = Duration::from_secs(config.shutdown_grace_secs);
+    let tokens = if config.page_token_secret.is_empty() {
+        tracing::warn!(
+            "no page_token_secret configured: page tokens are valid only in this process"
+        );
+        PageTokens::random()
+    } else {
+        PageTokens::new(config.page_token_secret.expose().as_bytes())
+    };
+    let control_plane = cloud::control_plane_sdk_config(config).await;
+    let store: Arc<dyn StateStore> = Arc::new(DynamoStore::new(
+        aws_sdk_dynamodb::Client::new(&control_plane),
+        config.table.clone(),
+    ));
+    let accounts = Arc::new(Accounts::with_control_plane(&control_plane, config).await);
+    for (environment, outcome) in accounts.verify().await {
+        if let Err(reason) = outcome {
+            tracing::error!(%environment, %reason, "environment not served");
+        }
+    }
+    let failpoints = Failpoints::parse(&config.failpoints).map_err(ServeError::Failpoints)?;
+    let bus = EventBus::new();
+    let settings = EngineSettings::from_config(config);
+    let engine = if failpoints.is_empty() {
+        Engine::new(store.clone(), accounts.clone(), settings, bus.clone())
+    } else {
+        tracing::warn!(failpoints = ?config.failpoints, "FAILPOINTS ARE SET: steps will fail or pause on purpose");
+        Engine::with_hook(
+            store.clone(),
+            accounts.clone(),
+            settings,
+            bus.clone(),
+            Arc::new(failpoints),
+        )
+    };
+    let mut api = Api::new(
+        store,
+        ApiSettings {
+            scale_bounds: config.scale_bounds,
+            idempotency_ttl_secs: config.idempotency_ttl_secs,
+            default_page_size: config.default_page_size,
+            max_page_size: config.max_page_size,
+        },
+        tokens,
+    )
+    .with_engine(bus, engine.waker())
+    .with_shutdown(shutdown.clone());
+    if !config.environments.is_empty() {
+        api = api.with_environments(accounts.served());
+    }
+    let engine_task = tokio::spawn(
+        engine
+            .run(shutdown.clone())
+            .instrument(tracing::info_span!("engine")),
+    );
+    serve(api, listener, shutdown, grace).await?;
+    if tokio::time::timeout(grace, engine_task).await.is_err() {
+        tracing::warn!("workflow engine did not stop within the grace period");
+    }
     Ok(())
 }

@@ -15,7 +15,8 @@ use instance_manager::domain::{
 };
 use instance_manager::store::{
     DynamoStore, Guard, InstanceCursor, InstanceQuery, MemoryStore, OperationCursor,
-    OperationQuery, RequestRecord, StateStore, StoreError, StoreResult, Write, WriteKind,
+    OperationQuery, PriorityClaim, RequestRecord, StateStore, StoreError, StoreResult, Write,
+    WriteKind,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -47,6 +48,7 @@ macro_rules! conformance_tests {
             sparse_filters_page_through_many_items,
             operation_listing_newest_first,
             runnable_operations,
+            listener_priorities_are_exclusive,
         );
     };
     (@expand $store:ident, $make:path, $($test:ident),* $(,)?) => {
@@ -316,6 +318,12 @@ async fn guards_are_exclusive(store: &dyn StateStore) {
         None
     );
 
+    // Claiming is not idempotent: even the identical claim conflicts.
+    assert_conflict(
+        store.commit(vec![Write::ClaimGuard(first.clone())]).await,
+        0,
+        WriteKind::ClaimGuard,
+    );
     let other = guard("acme", Environment::Dev, "other");
     assert_conflict(
         store.commit(vec![Write::ClaimGuard(other.clone())]).await,
@@ -480,6 +488,13 @@ async fn event_log(store: &dyn StateStore) {
             .is_empty()
     );
 
+    assert_conflict(
+        store
+            .commit(vec![Write::AppendEvent(event("ev-a", 5))])
+            .await,
+        0,
+        WriteKind::AppendEvent,
+    );
     let mut duplicate = event("ev-a", 5);
     duplicate.message = "rewritten".to_owned();
     assert_conflict(
@@ -522,6 +537,11 @@ async fn request_records_expire(store: &dyn StateStore) {
         None
     );
 
+    assert_conflict(
+        store.commit(vec![Write::PutRequest(first.clone())]).await,
+        0,
+        WriteKind::PutRequest,
+    );
     for created_at in [4_000, 5_000] {
         assert_conflict(
             store
@@ -896,9 +916,25 @@ async fn page_through_instances(store: &dyn StateStore, query: &InstanceQuery) -
     panic!("{query:?}: more than 100 pages");
 }
 
-async fn check_instance_listing(store: &dyn StateStore, all: &[Instance], query: InstanceQuery) {
+/// Pages through `query` with each limit in `limits` (0 stands for "exactly the number of
+/// matches") and compares with [`expected_instances`].
+async fn check_instance_listing(
+    store: &dyn StateStore,
+    all: &[Instance],
+    query: InstanceQuery,
+    limits: &[usize],
+) {
     let expected = expected_instances(all, &query);
-    let mut limits = vec![1, 3, expected.len().max(1)];
+    let mut limits: Vec<usize> = limits
+        .iter()
+        .map(|&limit| {
+            if limit == 0 {
+                expected.len().max(1)
+            } else {
+                limit
+            }
+        })
+        .collect();
     limits.dedup();
     for limit in limits {
         let query = InstanceQuery {
@@ -921,7 +957,7 @@ async fn check_instance_listing(store: &dyn StateStore, all: &[Instance], query:
 
 async fn instance_listing_pages_in_order(store: &dyn StateStore) {
     use Environment::{Dev, Prod, Sit};
-    use InstanceState::{Active, Deprovisioned, Failed, Suspended};
+    use InstanceState::{Active, Failed, Suspended};
     // Tenants acme < acme-2 < acme0 and ids wp < wp-1 < wp1 check that the stores order
     // by (tenant, instance) tuples, not by joined strings.
     let all = vec![
@@ -942,9 +978,10 @@ async fn instance_listing_pages_in_order(store: &dyn StateStore) {
     )
     .await;
 
-    let tenants = [None, Some("acme"), Some("acme-2"), Some("nobody")];
-    let environments = [None, Some(Dev), Some(Sit), Some(Prod)];
-    let states = [None, Some(Active), Some(Failed), Some(Deprovisioned)];
+    // Each filter absent or set; "nobody" matches nothing.
+    let tenants = [None, Some("acme"), Some("nobody")];
+    let environments = [None, Some(Dev), Some(Prod)];
+    let states = [None, Some(Active), Some(Failed)];
     for tenant_filter in tenants {
         for environment in environments {
             for state in states {
@@ -955,7 +992,7 @@ async fn instance_listing_pages_in_order(store: &dyn StateStore) {
                     after: None,
                     limit: 1,
                 };
-                check_instance_listing(store, &all, query).await;
+                check_instance_listing(store, &all, query, &[1, 3, 0]).await;
             }
         }
     }
@@ -979,7 +1016,7 @@ async fn instance_listing_pages_in_order(store: &dyn StateStore) {
                 limit: 1,
                 ..InstanceQuery::default()
             };
-            check_instance_listing(store, &all, query).await;
+            check_instance_listing(store, &all, query, &[1, 3]).await;
         }
     }
 }
@@ -1043,10 +1080,9 @@ async fn sparse_filters_page_through_many_items(store: &dyn StateStore) {
             state: Some(InstanceState::Failed),
             ..InstanceQuery::default()
         },
-        InstanceQuery::default(),
     ];
     for query in queries {
-        check_instance_listing(store, &all, query).await;
+        check_instance_listing(store, &all, query, &[1, 0]).await;
     }
 }
 
@@ -1140,7 +1176,7 @@ async fn operation_listing_newest_first(store: &dyn StateStore) {
     )
     .await;
 
-    for target in [None, Some(&wp), Some(&x), Some(&name("nobody", "wp"))] {
+    for target in [None, Some(&wp), Some(&name("nobody", "wp"))] {
         for status in [None, Some(Pending), Some(Completed)] {
             for done in [None, Some(true), Some(false)] {
                 let query = OperationQuery {
@@ -1240,5 +1276,115 @@ async fn runnable_operations(store: &dyn StateStore) {
     assert_eq!(
         runnable_ids(store, NOW, 10).await,
         ["r-a", "r-e", "r-h", "r-d"]
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Listener rule priorities
+
+const LISTENER: &str = "arn:aws:elasticloadbalancing:us-east-1:123456789012:listener/app/web/50dc6c495c0c9188/f2f7dc8efc522ab2";
+const OTHER_LISTENER: &str = "arn:aws:elasticloadbalancing:us-east-1:123456789012:listener/app/web/50dc6c495c0c9188/0000000000000000";
+
+fn claim(listener_arn: &str, priority: u32, owner: &str) -> PriorityClaim {
+    PriorityClaim {
+        listener_arn: listener_arn.to_owned(),
+        priority,
+        owner: name("acme", owner),
+    }
+}
+
+async fn priorities(store: &dyn StateStore, listener_arn: &str) -> Vec<(u32, String)> {
+    store
+        .listener_priorities(listener_arn)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.priority, c.owner.instance.to_string()))
+        .collect()
+}
+
+async fn listener_priorities_are_exclusive(store: &dyn StateStore) {
+    assert!(priorities(store, LISTENER).await.is_empty());
+    // 9 < 10 < 100 numerically, not as strings.
+    commit(
+        store,
+        vec![
+            Write::ClaimPriority(claim(LISTENER, 100, "c")),
+            Write::ClaimPriority(claim(LISTENER, 9, "a")),
+            Write::ClaimPriority(claim(OTHER_LISTENER, 10, "z")),
+        ],
+    )
+    .await;
+    commit(store, vec![Write::ClaimPriority(claim(LISTENER, 10, "b"))]).await;
+    let expected = vec![
+        (9, "a".to_owned()),
+        (10, "b".to_owned()),
+        (100, "c".to_owned()),
+    ];
+    assert_eq!(priorities(store, LISTENER).await, expected);
+    assert_eq!(
+        store.listener_priorities(OTHER_LISTENER).await.unwrap(),
+        vec![claim(OTHER_LISTENER, 10, "z")]
+    );
+
+    // Taken priorities cannot be claimed again, not even by their owner; a failed batch
+    // claims nothing.
+    assert_conflict(
+        store
+            .commit(vec![Write::ClaimPriority(claim(LISTENER, 10, "b"))])
+            .await,
+        0,
+        WriteKind::ClaimPriority,
+    );
+    assert_conflict(
+        store
+            .commit(vec![Write::ClaimPriority(claim(LISTENER, 10, "d"))])
+            .await,
+        0,
+        WriteKind::ClaimPriority,
+    );
+    assert_conflict(
+        store
+            .commit(vec![
+                Write::ClaimPriority(claim(LISTENER, 11, "d")),
+                Write::ClaimPriority(claim(LISTENER, 9, "d")),
+            ])
+            .await,
+        1,
+        WriteKind::ClaimPriority,
+    );
+    assert_conflict(
+        store
+            .commit(vec![Write::ReleasePriority(claim(LISTENER, 10, "a"))])
+            .await,
+        0,
+        WriteKind::ReleasePriority,
+    );
+    assert_conflict(
+        store
+            .commit(vec![Write::ReleasePriority(claim(LISTENER, 12, "a"))])
+            .await,
+        0,
+        WriteKind::ReleasePriority,
+    );
+    assert_eq!(priorities(store, LISTENER).await, expected);
+
+    commit(
+        store,
+        vec![Write::ReleasePriority(claim(LISTENER, 10, "b"))],
+    )
+    .await;
+    assert_eq!(
+        priorities(store, LISTENER).await,
+        vec![(9, "a".to_owned()), (100, "c".to_owned())]
+    );
+    commit(store, vec![Write::ClaimPriority(claim(LISTENER, 10, "d"))]).await;
+    assert_eq!(
+        priorities(store, LISTENER).await,
+        vec![
+            (9, "a".to_owned()),
+            (10, "d".to_owned()),
+            (100, "c".to_owned())
+        ]
     );
 }

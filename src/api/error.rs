@@ -26,6 +26,13 @@ pub mod reason {
     pub const STATE_STORE_UNAVAILABLE: &str = "STATE_STORE_UNAVAILABLE";
     pub const NOT_IMPLEMENTED: &str = "NOT_IMPLEMENTED";
     pub const NOT_SUPPORTED: &str = "NOT_SUPPORTED";
+    pub const ETAG_MISMATCH: &str = "ETAG_MISMATCH";
+    pub const INSTANCE_BUSY: &str = "INSTANCE_BUSY";
+    pub const WRONG_STATE: &str = "WRONG_STATE";
+    pub const ENVIRONMENT_UNAVAILABLE: &str = "ENVIRONMENT_UNAVAILABLE";
+    pub const OPERATION_DONE: &str = "OPERATION_DONE";
+    pub const NOT_RETRYABLE: &str = "NOT_RETRYABLE";
+    pub const NOT_CANCELLABLE: &str = "NOT_CANCELLABLE";
     pub const INTERNAL: &str = "INTERNAL";
 }
 
@@ -44,6 +51,12 @@ pub enum ApiError {
         resource: String,
     },
     AlreadyExists {
+        reason: &'static str,
+        message: String,
+        metadata: Vec<(&'static str, String)>,
+    },
+    /// The resource is not in a state that allows the request.
+    FailedPrecondition {
         reason: &'static str,
         message: String,
         metadata: Vec<(&'static str, String)>,
@@ -173,6 +186,11 @@ fn into_status(error: ApiError) -> Status {
                 message,
                 metadata,
             } => with_metadata(Code::AlreadyExists, message, reason, metadata),
+            ApiError::FailedPrecondition {
+                reason,
+                message,
+                metadata,
+            } => with_metadata(Code::FailedPrecondition, message, reason, metadata),
             ApiError::Aborted { reason, message } => {
                 with_metadata(Code::Aborted, message, reason, Vec::new())
             }

@@ -1,8 +1,5 @@
 //! `bbws.instance.v1.InstanceService`.
 
-use std::pin::Pin;
-
-use futures::Stream;
 use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 
@@ -21,8 +18,7 @@ use crate::store::{
 use super::Api;
 use super::convert::{self, parse_enum};
 use super::error::{ApiError, ApiResult, reason};
-
-type RpcStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+use super::streams::RpcStream;
 
 /// A parsed, valid CreateInstance request.
 struct CreateInstance {
@@ -92,7 +88,11 @@ fn parse_instance_name(raw: &str) -> ApiResult<InstanceName> {
 }
 
 impl Api {
-    async fn replay(&self, record: &RequestRecord, fingerprint: &str) -> ApiResult<lro::Operation> {
+    pub(crate) async fn replay(
+        &self,
+        record: &RequestRecord,
+        fingerprint: &str,
+    ) -> ApiResult<lro::Operation> {
         if record.fingerprint != fingerprint {
             let mut violations = Violations::new();
             violations.add(
@@ -127,7 +127,7 @@ impl Api {
         Ok(convert::operation_to_proto(operation, target.as_ref()))
     }
 
-    fn tenant_environment_taken(guard: &Guard) -> ApiError {
+    pub(crate) fn tenant_environment_taken(guard: &Guard) -> ApiError {
         let existing = InstanceName::new(guard.tenant.clone(), guard.instance.clone());
         ApiError::AlreadyExists {
             reason: reason::TENANT_ENVIRONMENT_TAKEN,
@@ -164,6 +164,7 @@ impl Api {
             return self.replay(&record, &fingerprint).await;
         }
         let environment = create.spec.environment;
+        self.check_environment(environment)?;
         if let Some(guard) = self.store.get_guard(&create.tenant, environment).await? {
             return Err(Self::tenant_environment_taken(&guard));
         }
@@ -209,6 +210,7 @@ impl Api {
         }
         match self.store.commit(writes).await {
             Ok(()) => {
+                self.wake.notify_one();
                 tracing::info!(instance = %name, operation = %operation.id, environment = %environment, "instance creation accepted");
                 operation.version = 1;
                 Ok(convert::operation_to_proto(&operation, None))
@@ -362,9 +364,11 @@ impl InstanceService for Api {
 
     async fn delete_instance(
         &self,
-        _: Request<v1::DeleteInstanceRequest>,
+        request: Request<v1::DeleteInstanceRequest>,
     ) -> Result<Response<lro::Operation>, Status> {
-        not_implemented("DeleteInstance")
+        Ok(Response::new(
+            Api::delete_instance(self, request.into_inner()).await?,
+        ))
     }
 
     async fn suspend_instance(
@@ -464,24 +468,30 @@ impl InstanceService for Api {
 
     async fn watch_operation(
         &self,
-        _: Request<v1::WatchOperationRequest>,
+        request: Request<v1::WatchOperationRequest>,
     ) -> Result<Response<Self::WatchOperationStream>, Status> {
-        not_implemented("WatchOperation")
+        Ok(Response::new(
+            Api::watch_operation(self, request.into_inner()).await?,
+        ))
     }
 
     type WatchInstanceStream = RpcStream<v1::WatchInstanceResponse>;
 
     async fn watch_instance(
         &self,
-        _: Request<v1::WatchInstanceRequest>,
+        request: Request<v1::WatchInstanceRequest>,
     ) -> Result<Response<Self::WatchInstanceStream>, Status> {
-        not_implemented("WatchInstance")
+        Ok(Response::new(
+            Api::watch_instance(self, request.into_inner()).await?,
+        ))
     }
 
     async fn retry_operation(
         &self,
-        _: Request<v1::RetryOperationRequest>,
+        request: Request<v1::RetryOperationRequest>,
     ) -> Result<Response<lro::Operation>, Status> {
-        not_implemented("RetryOperation")
+        Ok(Response::new(
+            Api::retry_operation(self, request.into_inner()).await?,
+        ))
     }
 }

@@ -4,13 +4,19 @@
 pub mod convert;
 pub mod error;
 pub mod instances;
+pub mod lifecycle;
 pub mod operations;
 pub mod page_token;
+pub mod streams;
 
 use std::sync::Arc;
 
-use crate::domain::ScaleBounds;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::{Environment, ScaleBounds};
 use crate::store::StateStore;
+use crate::workflow::EventBus;
 
 pub use error::{ApiError, ApiResult};
 pub use page_token::PageTokens;
@@ -30,6 +36,15 @@ pub struct Api {
     pub store: Arc<dyn StateStore>,
     pub settings: ApiSettings,
     pub tokens: PageTokens,
+    /// Local operation events (watchers also read the store, for other replicas' events).
+    pub bus: EventBus,
+    /// Wakes this replica's workflow engine when a new operation is written.
+    pub wake: Arc<Notify>,
+    /// Cancelled when the server shuts down: open streams end.
+    pub shutdown: CancellationToken,
+    /// Environments that can be served; `None` when no environment is configured (then
+    /// operations are accepted and wait until a replica with environments runs them).
+    pub environments: Option<Arc<Vec<Environment>>>,
 }
 
 impl Api {
@@ -38,7 +53,27 @@ impl Api {
             store,
             settings,
             tokens,
+            bus: EventBus::new(),
+            wake: Arc::new(Notify::new()),
+            shutdown: CancellationToken::new(),
+            environments: None,
         }
+    }
+
+    pub fn with_engine(mut self, bus: EventBus, wake: Arc<Notify>) -> Self {
+        self.bus = bus;
+        self.wake = wake;
+        self
+    }
+
+    pub fn with_shutdown(mut self, shutdown: CancellationToken) -> Self {
+        self.shutdown = shutdown;
+        self
+    }
+
+    pub fn with_environments(mut self, environments: Vec<Environment>) -> Self {
+        self.environments = Some(Arc::new(environments));
+        self
     }
 
     /// AIP-158 page size: negative is invalid, zero means the default, above the maximum

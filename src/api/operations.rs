@@ -141,22 +141,19 @@ impl Operations for Api {
 
     async fn cancel_operation(
         &self,
-        _: Request<lro::CancelOperationRequest>,
+        request: Request<lro::CancelOperationRequest>,
     ) -> Result<Response<()>, Status> {
-        Err(ApiError::NotImplemented {
-            rpc: "CancelOperation",
-        }
-        .into())
+        Api::cancel_operation(self, &request.get_ref().name).await?;
+        Ok(Response::new(()))
     }
 
     async fn wait_operation(
         &self,
-        _: Request<lro::WaitOperationRequest>,
+        request: Request<lro::WaitOperationRequest>,
     ) -> Result<Response<lro::Operation>, Status> {
-        Err(ApiError::NotImplemented {
-            rpc: "WaitOperation",
-        }
-        .into())
+        Ok(Response::new(
+            Api::wait_operation(self, request.into_inner()).await?,
+        ))
     }
 }
 

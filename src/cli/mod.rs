@@ -1,14 +1,11 @@
 //! Command line: `serve`, `bootstrap` (and, later, client subcommands).
 
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{Api, ApiSettings, PageTokens};
 use crate::cloud;
 use crate::config::{Config, ConfigArgs};
 use crate::store::DynamoStore;
@@ -34,10 +31,13 @@ enum Command {
         #[arg(long)]
         dump_config: bool,
     },
-    /// Create the DynamoDB table (idempotent).
+    /// Create the DynamoDB table (idempotent); with `--emulate-platform`, also each
+    /// environment's shared platform in the AWS emulator.
     Bootstrap {
         #[command(flatten)]
         config: ConfigArgs,
+        #[command(flatten)]
+        args: BootstrapArgs,
     },
 }
 
@@ -72,7 +72,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             serve(config).await
         }
-        Command::Bootstrap { config } => bootstrap(config.load()?).await,
+        Command::Bootstrap { config, args } => bootstrap(config.load()?, args).await,
     }
 }
 
@@ -81,8 +81,51 @@ async fn dynamo_store(config: &Config) -> DynamoStore {
     DynamoStore::new(aws_sdk_dynamodb::Client::new(&sdk), config.table.clone())
 }
 
-async fn bootstrap(config: Config) -> anyhow::Result<()> {
+/// Flags of `bootstrap` besides the configuration.
+#[derive(Debug, Clone, clap::Args)]
+struct BootstrapArgs {
+    /// Create each environment's shared platform (VPC, subnets, cluster, EFS, ALB with HTTPS
+    /// listener, RDS record, master secret, log group, bucket) in the AWS emulator, for
+    /// environments whose `platform` has no cluster yet. Refused without an emulator
+    /// endpoint: in a real account the platform comes from infrastructure code.
+    #[arg(long)]
+    emulate_platform: bool,
+    /// MySQL server that the emulated platform's master secret points at.
+    #[arg(long, env = "IM_MYSQL_HOST", default_value = "127.0.0.1")]
+    mysql_host: String,
+    #[arg(long, env = "IM_MYSQL_PORT", default_value_t = 3306)]
+    mysql_port: u16,
+    #[arg(long, env = "IM_MYSQL_USER", default_value = "root")]
+    mysql_user: String,
+    /// Prefer the environment variable: flags are visible to other local users.
+    #[arg(
+        long,
+        env = "IM_MYSQL_PASSWORD",
+        default_value = "",
+        hide_env_values = true,
+        hide_default_value = true
+    )]
+    mysql_password: String,
+    /// Write the resulting configuration (platforms included) to this TOML file, for
+    /// `serve --config`. It holds no secret the input configuration did not hold.
+    #[arg(long, value_name = "PATH")]
+    write_config: Option<std::path::PathBuf>,
+}
+
+async fn bootstrap(mut config: Config, args: BootstrapArgs) -> anyhow::Result<()> {
     crate::telemetry::init(config.log_format, &config.log_filter);
+    if args.emulate_platform {
+        // Before any side effect: never make stand-in infrastructure in a real account.
+        for env in pending_platforms(&config).map(|i| &config.environments[i]) {
+            if env.endpoint.is_none() && config.aws_endpoint.is_none() {
+                anyhow::bail!(
+                    "--emulate-platform creates stand-in infrastructure in an AWS emulator, and \
+                     environment {} has no emulator endpoint (set aws_endpoint or its endpoint)",
+                    env.name
+                );
+            }
+        }
+    }
     let store = dynamo_store(&config).await;
     let created = store
         .ensure_table()
@@ -93,6 +136,103 @@ async fn bootstrap(config: Config) -> anyhow::Result<()> {
     } else {
         tracing::info!(table = %config.table, "table already exists");
     }
+    if args.emulate_platform {
+        emulate_platforms(&mut config, &args).await?;
+    }
+    if let Some(path) = &args.write_config {
+        write_config(&config, path)?;
+        tracing::info!(path = %path.display(), "configuration written");
+    }
+    Ok(())
+}
+
+/// Creates the platform of every environment that has none yet, through that
+/// environment's own account, and records it in `config`.
+async fn emulate_platforms(config: &mut Config, args: &BootstrapArgs) -> anyhow::Result<()> {
+    let pending: Vec<usize> = pending_platforms(config).collect();
+    if pending.is_empty() {
+        tracing::info!("every environment has its platform");
+        return Ok(());
+    }
+    let master = cloud::MasterCredentials {
+        host: args.mysql_host.clone(),
+        port: args.mysql_port,
+        username: args.mysql_user.clone(),
+        password: crate::config::Secret::new(args.mysql_password.clone()),
+    };
+    // The master secret will point at this server: find out now if it cannot be reached.
+    use cloud::Database as _;
+    cloud::mysql::MySqlDatabase::new()
+        .database_exists(&master, "mysql")
+        .await
+        .with_context(|| {
+            format!(
+                "cannot use the MySQL server at {}:{} as {} (see --mysql-* flags)",
+                master.host, master.port, master.username
+            )
+        })?;
+    let accounts = cloud::accounts::Accounts::new(config).await;
+    for (environment, outcome) in accounts.verify().await {
+        if let Err(reason) = outcome {
+            if pending
+                .iter()
+                .any(|&i| config.environments[i].name == environment)
+            {
+                anyhow::bail!("{reason}");
+            }
+            tracing::warn!(%environment, %reason, "environment unavailable");
+        }
+    }
+    for i in pending {
+        let env = &mut config.environments[i];
+        let domain = if env.platform.domain.is_empty() {
+            format!("{}.sites.localhost", env.name.short())
+        } else {
+            env.platform.domain.clone()
+        };
+        let sdk = accounts.sdk_config(env.name)?;
+        let platform = cloud::platform::ensure_platform(&sdk, env.name, &master, &domain)
+            .await
+            .with_context(|| format!("cannot create the platform of environment {}", env.name))?;
+        tracing::info!(
+            environment = %env.name,
+            vpc = %platform.vpc_id,
+            cluster = %platform.cluster,
+            listener = %platform.listener_arn,
+            "platform ready"
+        );
+        env.platform = platform;
+    }
+    Ok(())
+}
+
+/// Indexes of the environments whose platform has not been created yet.
+fn pending_platforms(config: &Config) -> impl Iterator<Item = usize> + '_ {
+    (0..config.environments.len()).filter(|&i| config.environments[i].platform.cluster.is_empty())
+}
+
+/// Writes `config` as TOML, readable by its owner only (it may hold the input's secrets),
+/// replacing `path` atomically.
+fn write_config(config: &Config, path: &std::path::Path) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let text = toml::to_string_pretty(config).context("cannot render the configuration")?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let partial = path.with_extension("toml.partial");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&partial)
+        .with_context(|| format!("cannot write {}", partial.display()))?;
+    file.write_all(b"# written by `instance-manager bootstrap`; use with `serve --config`\n")
+        .and_then(|()| file.write_all(text.as_bytes()))
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("cannot write {}", partial.display()))?;
+    std::fs::rename(&partial, path).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
 
@@ -117,36 +257,11 @@ async fn watch_signals(shutdown: CancellationToken) {
 async fn serve(config: Config) -> anyhow::Result<()> {
     crate::telemetry::init(config.log_format, &config.log_filter);
     tracing::info!(config = %config.redacted_toml().replace('\n', "; "), "starting");
-    let tokens = if config.page_token_secret.is_empty() {
-        tracing::warn!(
-            "no page_token_secret configured: page tokens are valid only in this process"
-        );
-        PageTokens::random()
-    } else {
-        PageTokens::new(config.page_token_secret.expose().as_bytes())
-    };
-    let store = dynamo_store(&config).await;
-    let api = Api::new(
-        Arc::new(store),
-        ApiSettings {
-            scale_bounds: config.scale_bounds,
-            idempotency_ttl_secs: config.idempotency_ttl_secs,
-            default_page_size: config.default_page_size,
-            max_page_size: config.max_page_size,
-        },
-        tokens,
-    );
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let shutdown = CancellationToken::new();
     tokio::spawn(watch_signals(shutdown.clone()));
-    crate::server::serve(
-        api,
-        listener,
-        shutdown,
-        Duration::from_secs(config.shutdown_grace_secs),
-    )
-    .await?;
+    crate::server::run(&config, listener, shutdown).await?;
     Ok(())
 }

@@ -77,7 +77,19 @@ const THROTTLING: &[&str] = &[
     "RequestTimeoutException",
 ];
 
-const NOT_FOUND_SUFFIXES: &[&str] = &["NotFound", "NotFoundException", "NoSuchEntity", "NoSuchKey", "NoSuchBucket"];
+const NOT_FOUND_SUFFIXES: &[&str] = &[
+    "NotFound",
+    "NotFoundException",
+    "NoSuchEntity",
+    "NoSuchKey",
+    "NoSuchBucket",
+];
+
+/// Codes that mean "gone" without saying NotFound.
+const NOT_FOUND: &[&str] = &[
+    // ECS: the service was deleted (it is INACTIVE or DRAINING).
+    "ServiceNotActiveException",
+];
 
 const CONFLICT: &[&str] = &[
     "ResourceExistsException",
@@ -87,6 +99,10 @@ const CONFLICT: &[&str] = &[
     "PriorityInUse",
     "ResourceInUseException",
     "InvalidParameterException.AlreadyExists",
+    // ELBv2: a target group still used by a listener rule.
+    "ResourceInUse",
+    // Cognito: a group of that name exists in the pool.
+    "GroupExistsException",
 ];
 
 /// Classifies an SDK error for operation `what` (named in the message).
@@ -95,9 +111,10 @@ where
     E: ProvideErrorMetadata + std::error::Error + 'static,
 {
     match error {
-        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) => {
-            CloudError::new(ErrorKind::Retryable, format!("{what}: no response: {error}"))
-        }
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) => CloudError::new(
+            ErrorKind::Retryable,
+            format!("{what}: no response: {error}"),
+        ),
         SdkError::ResponseError(_) => {
             CloudError::new(ErrorKind::Retryable, format!("{what}: unreadable response"))
         }
@@ -109,9 +126,14 @@ where
             let server_error = service.raw().status().is_server_error();
             let kind = if THROTTLING.contains(&code) || server_error {
                 ErrorKind::Retryable
-            } else if NOT_FOUND_SUFFIXES.iter().any(|s| code.ends_with(s)) {
+            } else if NOT_FOUND.contains(&code)
+                || NOT_FOUND_SUFFIXES.iter().any(|s| code.ends_with(s))
+            {
                 ErrorKind::NotFound
-            } else if CONFLICT.contains(&code) || code.ends_with("AlreadyExists") || code.ends_with("AlreadyExistsException") {
+            } else if CONFLICT.contains(&code)
+                || code.ends_with("AlreadyExists")
+                || code.ends_with("AlreadyExistsException")
+            {
                 ErrorKind::Conflict
             } else {
                 ErrorKind::Fatal

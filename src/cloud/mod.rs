@@ -15,7 +15,11 @@ use aws_config::{BehaviorVersion, Region, SdkConfig};
 use crate::config::Config;
 use crate::config::Secret;
 
+pub mod accounts;
+pub mod aws;
 pub mod error;
+pub mod mysql;
+pub mod platform;
 
 pub use error::{CloudError, CloudResult, ErrorKind};
 
@@ -98,10 +102,16 @@ pub trait Database: Send + Sync {
         user: &str,
     ) -> CloudResult<()>;
     /// A logical SQL dump of `database` (schema and data), uncompressed.
-    async fn dump_database(&self, master: &MasterCredentials, database: &str)
-    -> CloudResult<Vec<u8>>;
-    async fn database_exists(&self, master: &MasterCredentials, database: &str)
-    -> CloudResult<bool>;
+    async fn dump_database(
+        &self,
+        master: &MasterCredentials,
+        database: &str,
+    ) -> CloudResult<Vec<u8>>;
+    async fn database_exists(
+        &self,
+        master: &MasterCredentials,
+        database: &str,
+    ) -> CloudResult<bool>;
     async fn user_exists(&self, master: &MasterCredentials, user: &str) -> CloudResult<bool>;
 }
 
@@ -246,7 +256,8 @@ pub trait Compute: Send + Sync {
     /// Returns the service ARN, creating the service (Fargate, awsvpc, no public IP, circuit
     /// breaker with rollback, 50 %/200 %, propagateTags=SERVICE) if no active one exists.
     async fn ensure_service(&self, spec: &ServiceSpec) -> CloudResult<String>;
-    async fn service_status(&self, cluster: &str, name: &str) -> CloudResult<Option<ServiceStatus>>;
+    async fn service_status(&self, cluster: &str, name: &str)
+    -> CloudResult<Option<ServiceStatus>>;
     async fn update_service(
         &self,
         cluster: &str,
@@ -266,8 +277,13 @@ pub trait Compute: Send + Sync {
 
 #[async_trait]
 pub trait Objects: Send + Sync {
-    async fn put_object(&self, bucket: &str, key: &str, body: Vec<u8>, tags: &Tags)
-    -> CloudResult<()>;
+    async fn put_object(
+        &self,
+        bucket: &str,
+        key: &str,
+        body: Vec<u8>,
+        tags: &Tags,
+    ) -> CloudResult<()>;
     /// Keys under `prefix`.
     async fn list_objects(&self, bucket: &str, prefix: &str) -> CloudResult<Vec<String>>;
 }
@@ -298,6 +314,9 @@ pub struct Platform {
     /// Healthy ALB targets required before an instance counts as ACTIVE; `None` means the
     /// instance's desired count. (An emulator runs no tasks, so it registers no targets.)
     pub min_healthy_targets: Option<u32>,
+    /// The environment is an emulator (moto): no container ever runs, so one-off tasks
+    /// report no exit code.
+    pub emulator: bool,
 }
 
 /// Every adapter of one environment, bound to credentials of that environment's account.
@@ -332,11 +351,7 @@ pub async fn control_plane_sdk_config(config: &Config) -> SdkConfig {
         }
         if std::env::var_os("AWS_ACCESS_KEY_ID").is_none() {
             loader = loader.credentials_provider(aws_credential_types::Credentials::new(
-                "testing",
-                "testing",
-                None,
-                None,
-                "emulator",
+                "testing", "testing", None, None, "emulator",
             ));
         }
     }

@@ -8,8 +8,8 @@ use std::sync::{Mutex, MutexGuard};
 use async_trait::async_trait;
 
 use super::{
-    Guard, InstanceCursor, InstanceQuery, OperationCursor, OperationQuery, Page, RequestRecord,
-    StateStore, StoreError, StoreResult, Write,
+    Guard, InstanceCursor, InstanceQuery, OperationCursor, OperationQuery, Page, PriorityClaim,
+    RequestRecord, StateStore, StoreError, StoreResult, Write,
 };
 use crate::domain::{
     Environment, Instance, InstanceName, Operation, OperationEvent, OperationId, OperationStatus,
@@ -26,6 +26,7 @@ struct State {
     operations: HashMap<OperationId, Operation>,
     events: BTreeMap<(OperationId, u64), OperationEvent>,
     requests: HashMap<RequestId, RequestRecord>,
+    priorities: BTreeMap<(String, u32), PriorityClaim>,
 }
 
 /// The identity of the stored item a write touches, to refuse two writes to one item.
@@ -36,6 +37,7 @@ enum ItemKey {
     Operation(OperationId),
     Event(OperationId, u64),
     Request(RequestId),
+    Priority(String, u32),
 }
 
 fn item_key(write: &Write) -> ItemKey {
@@ -51,6 +53,9 @@ fn item_key(write: &Write) -> ItemKey {
         }
         Write::AppendEvent(event) => ItemKey::Event(event.operation.clone(), event.seq),
         Write::PutRequest(record) => ItemKey::Request(record.request_id.clone()),
+        Write::ClaimPriority(claim) | Write::ReleasePriority(claim) => {
+            ItemKey::Priority(claim.listener_arn.clone(), claim.priority)
+        }
     }
 }
 
@@ -104,6 +109,13 @@ impl State {
                 .requests
                 .get(&record.request_id)
                 .is_none_or(|stored| !request_is_live(stored, record.created_at)),
+            Write::ClaimPriority(claim) => !self
+                .priorities
+                .contains_key(&(claim.listener_arn.clone(), claim.priority)),
+            Write::ReleasePriority(claim) => self
+                .priorities
+                .get(&(claim.listener_arn.clone(), claim.priority))
+                .is_some_and(|stored| stored.owner == claim.owner),
         }
     }
 
@@ -139,6 +151,14 @@ impl State {
             }
             Write::PutRequest(record) => {
                 self.requests.insert(record.request_id.clone(), record);
+            }
+            Write::ClaimPriority(claim) => {
+                self.priorities
+                    .insert((claim.listener_arn.clone(), claim.priority), claim);
+            }
+            Write::ReleasePriority(claim) => {
+                self.priorities
+                    .remove(&(claim.listener_arn, claim.priority));
             }
         }
     }
@@ -357,6 +377,15 @@ impl StateStore for MemoryStore {
         runnable
             .sort_by(|a, b| (lease_expiry_millis(a), &a.id).cmp(&(lease_expiry_millis(b), &b.id)));
         Ok(runnable.into_iter().take(limit).cloned().collect())
+    }
+
+    async fn listener_priorities(&self, listener_arn: &str) -> StoreResult<Vec<PriorityClaim>> {
+        let state = self.lock();
+        Ok(state
+            .priorities
+            .range((listener_arn.to_owned(), 0)..=(listener_arn.to_owned(), u32::MAX))
+            .map(|(_, claim)| claim.clone())
+            .collect())
     }
 
     async fn commit(&self, writes: Vec<Write>) -> StoreResult<()> {

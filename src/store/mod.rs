@@ -45,6 +45,15 @@ pub struct RequestRecord {
     pub expires_at: Timestamp,
 }
 
+/// A listener rule priority held by an instance. A conditional put makes allocation
+/// conflict-free across replicas (a listener holds at most 100 rules).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PriorityClaim {
+    pub listener_arn: String,
+    pub priority: u32,
+    pub owner: InstanceName,
+}
+
 /// One write of an atomic batch, with its precondition.
 #[derive(Debug, Clone)]
 pub enum Write {
@@ -65,6 +74,10 @@ pub enum Write {
     /// Precondition: no unexpired record with this request id exists at `created_at`
     /// (an expired one is overwritten).
     PutRequest(RequestRecord),
+    /// Precondition: nobody holds this (listener, priority).
+    ClaimPriority(PriorityClaim),
+    /// Precondition: the claim exists and has the same owner. Deletes it.
+    ReleasePriority(PriorityClaim),
 }
 
 impl Write {
@@ -78,6 +91,8 @@ impl Write {
             Write::UpdateOperation(_) => WriteKind::UpdateOperation,
             Write::AppendEvent(_) => WriteKind::AppendEvent,
             Write::PutRequest(_) => WriteKind::PutRequest,
+            Write::ClaimPriority(_) => WriteKind::ClaimPriority,
+            Write::ReleasePriority(_) => WriteKind::ReleasePriority,
         }
     }
 }
@@ -92,6 +107,8 @@ pub enum WriteKind {
     UpdateOperation,
     AppendEvent,
     PutRequest,
+    ClaimPriority,
+    ReleasePriority,
 }
 
 #[derive(Debug, Error)]
@@ -208,6 +225,9 @@ pub trait StateStore: Send + Sync + 'static {
         now: Timestamp,
         limit: usize,
     ) -> StoreResult<Vec<Operation>>;
+
+    /// Every priority claimed on `listener_arn`, by priority.
+    async fn listener_priorities(&self, listener_arn: &str) -> StoreResult<Vec<PriorityClaim>>;
 
     /// Applies `writes` atomically (see the module docs). At most 100 writes, and no two
     /// writes to the same item.

@@ -257,6 +257,16 @@ fn read_lossy(path: &Path) -> String {
 /// environments so that a developer's shell cannot change a test.
 const BIN_ENV_VARS: &[&str] = &["IM_AWS_ENDPOINT", "IM_TABLE", "IM_LISTEN"];
 
+/// AWS variables that could point a child at real AWS or another identity.
+const AWS_ENV_VARS_REMOVED: &[&str] = &[
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_ROLE_ARN",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_ENDPOINT_URL",
+];
+
 /// A running `instance-manager` process (or any command, via
 /// [`ServerProcess::spawn_command`]) with stdout/stderr captured to files.
 /// Killed (SIGKILL) on drop if still running. If the test is panicking, the
@@ -273,8 +283,9 @@ pub struct ServerProcess {
 
 impl ServerProcess {
     /// Spawn the binary with `args`. The child gets the AWS test env (region,
-    /// credentials), then `envs` on top; `IM_AWS_ENDPOINT`, `IM_TABLE` and
-    /// `IM_LISTEN` are cleared unless given in `envs`.
+    /// credentials; no profile, session token or AWS_ENDPOINT_URL), then
+    /// `envs` on top; `IM_AWS_ENDPOINT`, `IM_TABLE` and `IM_LISTEN` are
+    /// cleared unless given in `envs`.
     pub fn spawn<I, S>(args: I, envs: &[(&str, &str)]) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -282,7 +293,7 @@ impl ServerProcess {
     {
         let mut cmd = Command::new(bin_path());
         cmd.args(args);
-        for var in BIN_ENV_VARS {
+        for var in BIN_ENV_VARS.iter().chain(AWS_ENV_VARS_REMOVED) {
             cmd.env_remove(var);
         }
         for (k, v) in aws_test_env() {

@@ -8,6 +8,7 @@
 //! | operation | `OP#{id}` | `OP` | gsi1 `OPERATIONS` / `{created_at:015}#{id}`; gsi2 `RUNNABLE` / `{lease expiry:015}#{id}` while runnable |
 //! | event | `OP#{id}` | `EVENT#{seq:020}` | |
 //! | request | `REQ#{request_id}` | `REQ` | TTL `expires_at` |
+//! | listener priority | `LISTENER#{arn}` | `PRIORITY#{n:010}` | |
 //!
 //! Ids are lower-case letters, digits and `-` (request ids also `_ . :`), all of which sort
 //! above `#`, so `{tenant}#{instance}` sorts like the tuple (tenant, instance). Numbers are
@@ -25,7 +26,7 @@ use crate::domain::{
     Environment, Instance, InstanceName, Operation, OperationEvent, OperationId, RequestId,
     TenantId, Timestamp,
 };
-use crate::store::{Guard, RequestRecord, StoreError, StoreResult, Write};
+use crate::store::{Guard, PriorityClaim, RequestRecord, StoreError, StoreResult, Write};
 
 pub(super) type Item = HashMap<String, AttributeValue>;
 
@@ -47,6 +48,7 @@ const VERSION: &str = "version";
 pub(super) const INSTANCE_SK_PREFIX: &str = "INSTANCE#";
 /// Sorts above every `INSTANCE#{id}` key (ids use only `[a-z0-9-]`), bounding a range.
 pub(super) const INSTANCE_SK_END: &str = "INSTANCE#~";
+pub(super) const PRIORITY_SK_PREFIX: &str = "PRIORITY#";
 pub(super) const OPERATIONS_PARTITION: &str = "OPERATIONS";
 pub(super) const RUNNABLE_PARTITION: &str = "RUNNABLE";
 
@@ -112,6 +114,18 @@ pub(super) fn event_pk(operation: &OperationId) -> String {
 
 pub(super) fn request_key(request_id: &RequestId) -> Item {
     key(format!("REQ#{request_id}"), "REQ".to_owned())
+}
+
+pub(super) fn listener_pk(listener_arn: &str) -> String {
+    format!("LISTENER#{listener_arn}")
+}
+
+/// Zero-padded so that a listener's claims come back in priority order.
+fn priority_key(listener_arn: &str, priority: u32) -> Item {
+    key(
+        listener_pk(listener_arn),
+        format!("{PRIORITY_SK_PREFIX}{priority:010}"),
+    )
 }
 
 fn key(pk: String, sk: String) -> Item {
@@ -238,6 +252,15 @@ fn request_item(record: &RequestRecord) -> StoreResult<Item> {
     Ok(item)
 }
 
+fn priority_item(claim: &PriorityClaim) -> StoreResult<Item> {
+    let mut item = priority_key(&claim.listener_arn, claim.priority);
+    item.extend([
+        ("owner".to_owned(), s(claim.owner.to_string())),
+        (BODY.to_owned(), body(claim)?),
+    ]);
+    Ok(item)
+}
+
 /// A condition expression with exactly the names and values it uses (DynamoDB and moto
 /// reject unused ones).
 #[derive(Debug, Default)]
@@ -358,6 +381,15 @@ pub(super) fn plan(write: &Write) -> StoreResult<PlannedWrite> {
                 values: HashMap::from([(":now".to_owned(), n(record.created_at.millis()))]),
             },
         ),
+        Write::ClaimPriority(claim) => put(priority_item(claim)?, Condition::not_exists()),
+        Write::ReleasePriority(claim) => PlannedWrite {
+            action: Action::Delete(priority_key(&claim.listener_arn, claim.priority)),
+            condition: Condition {
+                expression: "#owner = :owner".to_owned(),
+                names: HashMap::from([("#owner".to_owned(), "owner".to_owned())]),
+                values: HashMap::from([(":owner".to_owned(), s(claim.owner.to_string()))]),
+            },
+        },
     })
 }
 

@@ -9,8 +9,13 @@
 //! latest data.
 //!
 //! Writes: a batch of one is a conditional `PutItem`/`DeleteItem`; a larger batch is one
-//! `TransactWriteItems` (which the SDK retries with the same client request token, so a
-//! retried transaction is not applied twice).
+//! `TransactWriteItems`, which the SDK retries with the same client request token, so a
+//! retried transaction is applied once and answers as the first attempt did. A single
+//! write has no such token: if its first attempt was applied but the answer was lost
+//! (timeout, dropped connection), the SDK's retry fails its own condition and reports
+//! `Conflict`. That is rare and callers already answer `Conflict` by re-reading, where
+//! they find their own write. (Sending single writes as one-item transactions would
+//! close the gap at twice the write cost.)
 
 mod errors;
 mod items;
@@ -21,17 +26,14 @@ use std::collections::{HashMap, HashSet};
 use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
-use aws_sdk_dynamodb::types::{
-    AttributeValue, Delete, Put, ReturnValuesOnConditionCheckFailure, TableStatus,
-    TransactWriteItem,
-};
+use aws_sdk_dynamodb::types::{AttributeValue, Delete, Put, TableStatus, TransactWriteItem};
 use serde::de::DeserializeOwned;
 
 use self::errors::{cancellation_error, classify};
 use self::items::{Action, Condition, Item, PlannedWrite};
 use super::{
-    Guard, InstanceCursor, InstanceQuery, OperationCursor, OperationQuery, Page, RequestRecord,
-    StateStore, StoreError, StoreResult, Write,
+    Guard, InstanceCursor, InstanceQuery, OperationCursor, OperationQuery, Page, PriorityClaim,
+    RequestRecord, StateStore, StoreError, StoreResult, Write,
 };
 use crate::domain::{
     Environment, Instance, InstanceName, Operation, OperationEvent, OperationId, RequestId,
@@ -183,41 +185,21 @@ impl DynamoStore {
             expression, names, ..
         } = planned.condition;
         match planned.action {
-            Action::Put(item) => {
-                let result = self
-                    .client
-                    .put_item()
-                    .table_name(&self.table)
-                    .set_item(Some(item.clone()))
-                    .condition_expression(expression)
-                    .set_expression_attribute_names(Some(names))
-                    .set_expression_attribute_values(values)
-                    .return_values_on_condition_check_failure(
-                        ReturnValuesOnConditionCheckFailure::AllOld,
-                    )
-                    .send()
-                    .await;
-                match result {
-                    Ok(_) => Ok(()),
-                    Err(error) => match error.as_service_error() {
-                        Some(service) if service.is_conditional_check_failed_exception() => {
-                            // The SDK retries a request whose answer was lost; if the first
-                            // attempt was applied, the retry finds exactly our item. That is
-                            // success, not a conflict.
-                            let stored = match &service {
-                                aws_sdk_dynamodb::operation::put_item::PutItemError::ConditionalCheckFailedException(failed) => failed.item(),
-                                _ => None,
-                            };
-                            if stored == Some(&item) {
-                                Ok(())
-                            } else {
-                                Err(conflict)
-                            }
-                        }
-                        _ => Err(classify("put item", &error)),
-                    },
-                }
-            }
+            Action::Put(item) => self
+                .client
+                .put_item()
+                .table_name(&self.table)
+                .set_item(Some(item))
+                .condition_expression(expression)
+                .set_expression_attribute_names(Some(names))
+                .set_expression_attribute_values(values)
+                .send()
+                .await
+                .map(drop)
+                .map_err(|error| match error.as_service_error() {
+                    Some(service) if service.is_conditional_check_failed_exception() => conflict,
+                    _ => classify("put item", &error),
+                }),
             Action::Delete(key) => self
                 .client
                 .delete_item()
@@ -493,9 +475,21 @@ impl StateStore for DynamoStore {
         spec.name("#pk", items::GSI2PK)
             .name("#sk", items::GSI2SK)
             .value(":pk", items::s(items::RUNNABLE_PARTITION))
-            .value(":now", items::s(items::millis_key(now.plus_millis(1))));
+            .value(":now", items::s(items::millis_key(now)));
         let mut found = Vec::new();
         self.query_into(&spec, limit, &mut found).await?;
+        decode_all(&found)
+    }
+
+    async fn listener_priorities(&self, listener_arn: &str) -> StoreResult<Vec<PriorityClaim>> {
+        let mut spec = QuerySpec::new(None, true);
+        spec.key_condition = "#pk = :pk AND begins_with(#sk, :prefix)".to_owned();
+        spec.name("#pk", items::PK)
+            .name("#sk", items::SK)
+            .value(":pk", items::s(items::listener_pk(listener_arn)))
+            .value(":prefix", items::s(items::PRIORITY_SK_PREFIX));
+        let mut found = Vec::new();
+        self.query_into(&spec, usize::MAX, &mut found).await?;
         decode_all(&found)
     }
 

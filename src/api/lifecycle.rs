@@ -1,0 +1,405 @@
+//! Lifecycle RPCs that start, cancel or retry operations: DeleteInstance, CancelOperation,
+//! RetryOperation. Each writes the operation and the instance change in one transaction and
+//! returns at once; a workflow engine (in any replica) does the work.
+
+use sha2::{Digest, Sha256};
+
+use crate::domain::operation::StepStatus;
+use crate::domain::{
+    Environment, Instance, InstanceName, InstanceState, Operation, OperationStatus, RequestId,
+    Timestamp, Verb, Violations,
+};
+use crate::proto::google_longrunning as lro;
+use crate::proto::v1;
+use crate::store::{Guard, RequestRecord, StoreError, Write, WriteKind};
+
+use super::error::{ApiError, ApiResult, reason};
+use super::{Api, convert};
+
+fn fingerprint(parts: &impl serde::Serialize) -> String {
+    hex::encode(Sha256::digest(
+        serde_json::to_vec(parts).expect("serialisable"),
+    ))
+}
+
+fn busy(instance: &Instance) -> ApiError {
+    let operation = instance
+        .current_operation
+        .as_ref()
+        .map(|id| id.name())
+        .unwrap_or_default();
+    ApiError::Aborted {
+        reason: reason::INSTANCE_BUSY,
+        message: format!(
+            "{} is busy with {operation}; wait for it to finish",
+            instance.name
+        ),
+    }
+}
+
+fn wrong_state(instance: &Instance, wanted: &str) -> ApiError {
+    ApiError::FailedPrecondition {
+        reason: reason::WRONG_STATE,
+        message: format!("{} is {}; {wanted}", instance.name, instance.state),
+        metadata: vec![("state", instance.state.to_string())],
+    }
+}
+
+impl Api {
+    /// The operation a replayed `request_id` made, or an error if it was made for another
+    /// request; `None` when the id is new.
+    pub(crate) async fn replayed(
+        &self,
+        request_id: Option<&RequestId>,
+        fingerprint: &str,
+    ) -> ApiResult<Option<lro::Operation>> {
+        let Some(request_id) = request_id else {
+            return Ok(None);
+        };
+        match self.store.get_request(request_id, Timestamp::now()).await? {
+            Some(record) => self.replay(&record, fingerprint).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    pub(crate) fn request_write(
+        &self,
+        request_id: Option<&RequestId>,
+        fingerprint: &str,
+        operation: &Operation,
+        now: Timestamp,
+    ) -> Option<Write> {
+        let ttl = i64::try_from(self.settings.idempotency_ttl_secs.saturating_mul(1000))
+            .unwrap_or(i64::MAX);
+        request_id.map(|id| {
+            Write::PutRequest(RequestRecord {
+                request_id: id.clone(),
+                fingerprint: fingerprint.to_owned(),
+                operation: operation.id.clone(),
+                created_at: now,
+                expires_at: now.plus_millis(ttl),
+            })
+        })
+    }
+
+    /// Refuses environments this deployment cannot reach.
+    pub(crate) fn check_environment(&self, environment: Environment) -> ApiResult<()> {
+        match &self.environments {
+            Some(served) if !served.contains(&environment) => Err(ApiError::FailedPrecondition {
+                reason: reason::ENVIRONMENT_UNAVAILABLE,
+                message: format!("environment {environment} is not configured or not reachable"),
+                metadata: vec![("environment", environment.to_string())],
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    async fn is_busy(&self, instance: &Instance) -> ApiResult<bool> {
+        let Some(id) = &instance.current_operation else {
+            return Ok(false);
+        };
+        Ok(match self.store.get_operation(id).await? {
+            Some(operation) => !operation.status.is_done(),
+            None => false,
+        })
+    }
+
+    async fn commit_new_operation(
+        &self,
+        writes: Vec<Write>,
+        request_id: Option<&RequestId>,
+        fingerprint: &str,
+        mut operation: Operation,
+    ) -> ApiResult<lro::Operation> {
+        match self.store.commit(writes).await {
+            Ok(()) => {
+                operation.version = 1;
+                self.wake.notify_one();
+                tracing::info!(operation = %operation.id, verb = %operation.verb, target = %operation.target, "operation accepted");
+                Ok(convert::operation_to_proto(&operation, None))
+            }
+            Err(StoreError::Conflict {
+                kind: WriteKind::PutRequest,
+                ..
+            }) => match self.replayed(request_id, fingerprint).await? {
+                Some(operation) => Ok(operation),
+                None => Err(StoreError::Contention.into()),
+            },
+            Err(other) => Err(other.into()),
+        }
+    }
+
+    pub async fn delete_instance(
+        &self,
+        request: v1::DeleteInstanceRequest,
+    ) -> ApiResult<lro::Operation> {
+        let mut violations = Violations::new();
+        let name = violations.check("name", InstanceName::parse(&request.name));
+        let request_id = if request.request_id.is_empty() {
+            None
+        } else {
+            violations.check("request_id", RequestId::parse(&request.request_id))
+        };
+        let Some(name) = name.filter(|_| violations.is_empty()) else {
+            return Err(ApiError::Invalid(violations));
+        };
+        let fingerprint = fingerprint(&("delete", &name, request.skip_archive));
+        if let Some(operation) = self.replayed(request_id.as_ref(), &fingerprint).await? {
+            return Ok(operation);
+        }
+        let mut instance = self
+            .store
+            .get_instance(&name)
+            .await?
+            .ok_or_else(|| ApiError::instance_not_found(name.to_string()))?;
+        if !request.etag.is_empty() && request.etag != instance.etag() {
+            return Err(ApiError::Aborted {
+                reason: reason::ETAG_MISMATCH,
+                message: format!(
+                    "etag {} does not match the current {}",
+                    request.etag,
+                    instance.etag()
+                ),
+            });
+        }
+        if self.is_busy(&instance).await? {
+            return Err(busy(&instance));
+        }
+        if !instance
+            .state
+            .can_transition_to(InstanceState::PendingDeprovisioning)
+        {
+            return Err(wrong_state(
+                &instance,
+                "only ACTIVE, SUSPENDED or FAILED instances can be deleted",
+            ));
+        }
+        self.check_environment(instance.spec.environment)?;
+        let now = Timestamp::now();
+        let mut operation = Operation::new(
+            Verb::Delete,
+            name.clone(),
+            Vec::new(),
+            request_id.clone(),
+            now,
+        );
+        operation.params = serde_json::json!({
+            "skip_archive": request.skip_archive,
+            "from_state": instance.state,
+        });
+        let event = operation.next_event(
+            now,
+            None,
+            if request.skip_archive {
+                "deprovisioning requested without archive"
+            } else {
+                "deprovisioning requested"
+            },
+        );
+        instance.state = InstanceState::PendingDeprovisioning;
+        instance.state_changed_at = now;
+        instance.updated_at = now;
+        instance.current_operation = Some(operation.id.clone());
+        let mut writes = vec![
+            Write::UpdateInstance(instance),
+            Write::CreateOperation(operation.clone()),
+            Write::AppendEvent(event),
+        ];
+        writes.extend(self.request_write(request_id.as_ref(), &fingerprint, &operation, now));
+        self.commit_new_operation(writes, request_id.as_ref(), &fingerprint, operation)
+            .await
+    }
+
+    pub async fn retry_operation(
+        &self,
+        request: v1::RetryOperationRequest,
+    ) -> ApiResult<lro::Operation> {
+        let mut operation = self.get_operation_by_name(&request.name).await?;
+        if !matches!(
+            operation.status,
+            OperationStatus::Failed | OperationStatus::Stuck
+        ) {
+            return Err(ApiError::FailedPrecondition {
+                reason: reason::NOT_RETRYABLE,
+                message: format!(
+                    "{} is {}; only FAILED or STUCK operations can be retried",
+                    operation.id.name(),
+                    operation.status
+                ),
+                metadata: vec![("status", operation.status.to_string())],
+            });
+        }
+        if !matches!(operation.verb, Verb::Create | Verb::Delete) {
+            return Err(ApiError::NotImplemented {
+                rpc: "RetryOperation for this verb",
+            });
+        }
+        let mut instance = self
+            .store
+            .get_instance(&operation.target)
+            .await?
+            .ok_or_else(|| ApiError::Internal(format!("{} has no target", operation.id)))?;
+        if instance.current_operation.as_ref() != Some(&operation.id)
+            && self.is_busy(&instance).await?
+        {
+            return Err(busy(&instance));
+        }
+        if instance.state == InstanceState::Deprovisioned {
+            return Err(wrong_state(
+                &instance,
+                "a deprovisioned instance cannot be changed",
+            ));
+        }
+        let environment = instance.spec.environment;
+        self.check_environment(environment)?;
+        let now = Timestamp::now();
+        let mut writes = Vec::new();
+        if operation.verb == Verb::Create {
+            // A clean rollback gave the (tenant, environment) slot back: take it again.
+            match self
+                .store
+                .get_guard(&instance.name.tenant, instance.spec.environment)
+                .await?
+            {
+                Some(guard) if guard.instance == instance.name.instance => {}
+                Some(guard) => return Err(Self::tenant_environment_taken(&guard)),
+                None => writes.push(Write::ClaimGuard(Guard {
+                    tenant: instance.name.tenant.clone(),
+                    environment: instance.spec.environment,
+                    instance: instance.name.instance.clone(),
+                })),
+            }
+        }
+        operation.status = OperationStatus::Pending;
+        operation.error = None;
+        operation.ended_at = None;
+        operation.cancel_requested = false;
+        operation.lease = None;
+        operation.updated_at = now;
+        for step in &mut operation.steps {
+            if !matches!(step.status, StepStatus::Succeeded | StepStatus::Skipped) {
+                step.status = StepStatus::Pending;
+                step.error = None;
+            }
+        }
+        let event = operation.next_event(
+            now,
+            None,
+            "retry requested: resuming from the recorded steps",
+        );
+        instance.current_operation = Some(operation.id.clone());
+        instance.updated_at = now;
+        writes.push(Write::UpdateOperation(operation.clone()));
+        writes.push(Write::AppendEvent(event));
+        writes.push(Write::UpdateInstance(instance));
+        match self.store.commit(writes).await {
+            Ok(()) => {}
+            Err(StoreError::Conflict {
+                kind: WriteKind::ClaimGuard,
+                ..
+            }) => {
+                return match self
+                    .store
+                    .get_guard(&operation.target.tenant, environment)
+                    .await?
+                {
+                    Some(guard) => Err(Self::tenant_environment_taken(&guard)),
+                    None => Err(StoreError::Contention.into()),
+                };
+            }
+            Err(other) => return Err(other.into()),
+        }
+        operation.version += 1;
+        self.wake.notify_one();
+        tracing::info!(operation = %operation.id, "operation retry accepted");
+        Ok(convert::operation_to_proto(&operation, None))
+    }
+
+    pub async fn cancel_operation(&self, name: &str) -> ApiResult<()> {
+        for _ in 0..5 {
+            let mut operation = self.get_operation_by_name(name).await?;
+            let now = Timestamp::now();
+            let writes = match operation.status {
+                status if status.is_done() => {
+                    return Err(ApiError::FailedPrecondition {
+                        reason: reason::OPERATION_DONE,
+                        message: format!("{name} is already {status}"),
+                        metadata: vec![("status", status.to_string())],
+                    });
+                }
+                OperationStatus::InProgress if operation.verb == Verb::Delete => {
+                    return Err(ApiError::FailedPrecondition {
+                        reason: reason::NOT_CANCELLABLE,
+                        message: "a running deprovisioning cannot be cancelled: removed resources cannot come back; let it finish or retry it".into(),
+                        metadata: Vec::new(),
+                    });
+                }
+                OperationStatus::InProgress => {
+                    if operation.cancel_requested {
+                        return Ok(());
+                    }
+                    // The worker holding the lease sees this at its next step boundary.
+                    operation.cancel_requested = true;
+                    operation.updated_at = now;
+                    let event = operation.next_event(now, None, "cancellation requested");
+                    vec![
+                        Write::UpdateOperation(operation.clone()),
+                        Write::AppendEvent(event),
+                    ]
+                }
+                _ => self.cancel_pending(&mut operation, now).await?,
+            };
+            match self.store.commit(writes).await {
+                Ok(()) => {
+                    tracing::info!(operation = %operation.id, "cancellation accepted");
+                    return Ok(());
+                }
+                // The worker renewed its lease or moved on: look again.
+                Err(StoreError::Conflict { .. } | StoreError::Contention) => continue,
+                Err(other) => return Err(other.into()),
+            }
+        }
+        Err(StoreError::Contention.into())
+    }
+
+    /// Nothing ran yet: end the operation now and put the instance back.
+    async fn cancel_pending(
+        &self,
+        operation: &mut Operation,
+        now: Timestamp,
+    ) -> ApiResult<Vec<Write>> {
+        let mut instance = self
+            .store
+            .get_instance(&operation.target)
+            .await?
+            .ok_or_else(|| ApiError::Internal(format!("{} has no target", operation.id)))?;
+        operation.status = OperationStatus::Cancelled;
+        operation.ended_at = Some(now);
+        operation.updated_at = now;
+        let event = operation.next_event(now, None, "cancelled before it started");
+        let mut writes = vec![
+            Write::UpdateOperation(operation.clone()),
+            Write::AppendEvent(event),
+        ];
+        instance.current_operation = None;
+        instance.updated_at = now;
+        instance.state_changed_at = now;
+        match operation.verb {
+            Verb::Create => {
+                instance.state = InstanceState::Failed;
+                instance.failure_reason = Some("creation cancelled before it started".into());
+                writes.push(Write::ReleaseGuard(Guard {
+                    tenant: instance.name.tenant.clone(),
+                    environment: instance.spec.environment,
+                    instance: instance.name.instance.clone(),
+                }));
+            }
+            _ => {
+                instance.state = serde_json::from_value(operation.params["from_state"].clone())
+                    .unwrap_or(InstanceState::Active);
+            }
+        }
+        writes.push(Write::UpdateInstance(instance));
+        Ok(writes)
+    }
+}

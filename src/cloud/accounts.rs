@@ -1,0 +1,304 @@
+//! Account resolution: one set of AWS credentials per environment, obtained by STS
+//! AssumeRole of the environment's role from the control plane's own credentials, and the
+//! adapters ([`CloudEnv`]) built on them.
+//!
+//! Credentials are resolved lazily by the SDK on first use and cached by one identity cache
+//! per environment, which refreshes them shortly before they expire; nothing here holds
+//! credentials itself.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+use aws_config::identity::IdentityCache;
+use aws_config::sts::AssumeRoleProvider;
+use aws_config::{Region, SdkConfig};
+use aws_credential_types::provider::SharedCredentialsProvider;
+
+use super::aws::{AwsCompute, AwsFiles, AwsIdentity, AwsObjects, AwsRouting, AwsSecrets};
+use super::mysql::MySqlDatabase;
+use super::{CloudEnv, CloudError, CloudResult, Database, error::classify};
+use crate::config::{Config, EnvironmentConfig};
+use crate::domain::Environment;
+
+/// STS limit on `RoleSessionName`.
+const MAX_SESSION_NAME: usize = 64;
+
+/// A role session name: characters outside STS's `[\w+=,.@-]` become `-`, cut to 64.
+pub fn session_name(raw: &str) -> String {
+    let mut name: String = raw
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "_+=,.@-".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(MAX_SESSION_NAME)
+        .collect();
+    // STS wants at least two characters.
+    while name.len() < 2 {
+        name.push('-');
+    }
+    name
+}
+
+/// One configured environment.
+struct Account {
+    config: EnvironmentConfig,
+    /// The control plane's credentials with this environment's region and endpoint: what
+    /// AssumeRole is called with.
+    base: SdkConfig,
+    /// `base` with the environment's (assumed-role) credentials.
+    sdk: SdkConfig,
+    cloud: CloudEnv,
+    /// `Err(reason)` once verification failed.
+    status: RwLock<Result<(), String>>,
+}
+
+/// Every configured environment, reachable through its own account.
+pub struct Accounts {
+    replica: String,
+    accounts: BTreeMap<Environment, Account>,
+    database: Arc<MySqlDatabase>,
+}
+
+impl Accounts {
+    /// From the configuration, with the control plane's credentials from
+    /// [`control_plane_sdk_config`](super::control_plane_sdk_config).
+    pub async fn new(config: &Config) -> Self {
+        let control_plane = super::control_plane_sdk_config(config).await;
+        Self::with_control_plane(&control_plane, config).await
+    }
+
+    /// From the configuration, with the given control-plane SDK configuration (whose
+    /// credentials are the ones that assume each environment's role).
+    pub async fn with_control_plane(control_plane: &SdkConfig, config: &Config) -> Self {
+        let replica = config.replica_id();
+        let database = Arc::new(MySqlDatabase::new());
+        let mut accounts = BTreeMap::new();
+        for env in &config.environments {
+            let base = base_sdk_config(control_plane, env, config.aws_endpoint.as_deref());
+            let sdk = assumed_sdk_config(
+                &base,
+                env,
+                &session_name(&format!("instance-manager-{replica}")),
+            )
+            .await;
+            let cloud = cloud_env(env, &sdk, database.clone());
+            accounts.insert(
+                env.name,
+                Account {
+                    config: env.clone(),
+                    base,
+                    sdk,
+                    cloud,
+                    status: RwLock::new(Ok(())),
+                },
+            );
+        }
+        Self {
+            replica,
+            accounts,
+            database,
+        }
+    }
+
+    /// Checks, for every environment at once, that its credentials belong to its configured
+    /// `account_id` (GetCallerIdentity). An environment that fails is marked unavailable
+    /// (its reason names it); the others keep being served. A later call can restore it.
+    /// Until the first call every configured environment counts as available.
+    pub async fn verify(&self) -> Vec<(Environment, Result<(), String>)> {
+        let checks = self.accounts.iter().map(|(&name, account)| async move {
+            let outcome = check_identity(name, account).await;
+            match &outcome {
+                Ok(()) => tracing::info!(environment = %name, account = %account.config.account_id, "environment verified"),
+                Err(reason) => tracing::error!(environment = %name, %reason, "environment unavailable"),
+            }
+            *account
+                .status
+                .write()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()) = outcome.clone();
+            (name, outcome)
+        });
+        futures::future::join_all(checks).await
+    }
+
+    /// Environments configured and not found broken by [`verify`](Self::verify).
+    pub fn served(&self) -> Vec<Environment> {
+        self.accounts
+            .iter()
+            .filter(|(_, account)| account.available().is_ok())
+            .map(|(&name, _)| name)
+            .collect()
+    }
+
+    /// The adapters of `environment`, on credentials of its account (shared and cached).
+    pub async fn env(&self, environment: Environment) -> CloudResult<CloudEnv> {
+        Ok(self.account(environment)?.cloud.clone())
+    }
+
+    /// The SDK configuration behind [`env`](Self::env): for what the adapters do not cover
+    /// (bootstrap, diagnostics).
+    pub fn sdk_config(&self, environment: Environment) -> CloudResult<SdkConfig> {
+        Ok(self.account(environment)?.sdk.clone())
+    }
+
+    /// The adapters of `environment` on a role session of their own, named after the
+    /// operation (`im-op-{id}`), so the environment's CloudTrail ties every call to the
+    /// operation. Not cached: the session lives as long as the returned value. With no role
+    /// configured (same account) there is no session to name, and this is [`env`](Self::env).
+    pub async fn for_operation(
+        &self,
+        environment: Environment,
+        operation_id: &str,
+    ) -> CloudResult<CloudEnv> {
+        let account = self.account(environment)?;
+        if account.config.role_arn.is_empty() {
+            return Ok(account.cloud.clone());
+        }
+        let sdk = self.operation_sdk_config(environment, operation_id).await?;
+        Ok(cloud_env(&account.config, &sdk, self.database.clone()))
+    }
+
+    /// The SDK configuration behind [`for_operation`](Self::for_operation).
+    pub async fn operation_sdk_config(
+        &self,
+        environment: Environment,
+        operation_id: &str,
+    ) -> CloudResult<SdkConfig> {
+        let account = self.account(environment)?;
+        if account.config.role_arn.is_empty() {
+            return Ok(account.sdk.clone());
+        }
+        Ok(assumed_sdk_config(
+            &account.base,
+            &account.config,
+            &session_name(&format!("im-op-{operation_id}")),
+        )
+        .await)
+    }
+
+    /// This replica's name, as used in role session names.
+    pub fn replica(&self) -> &str {
+        &self.replica
+    }
+
+    fn account(&self, environment: Environment) -> CloudResult<&Account> {
+        let Some(account) = self.accounts.get(&environment) else {
+            return Err(CloudError::fatal(format!(
+                "environment {environment} is not configured"
+            )));
+        };
+        account.available().map_err(|reason| {
+            CloudError::fatal(format!(
+                "environment {environment} is not available: {reason}"
+            ))
+        })?;
+        Ok(account)
+    }
+}
+
+impl Account {
+    fn available(&self) -> Result<(), String> {
+        self.status
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+}
+
+async fn check_identity(name: Environment, account: &Account) -> Result<(), String> {
+    let sts = aws_sdk_sts::Client::new(&account.sdk);
+    let identity = sts.get_caller_identity().send().await.map_err(|error| {
+        let error = classify("sts:GetCallerIdentity", &error);
+        let role = &account.config.role_arn;
+        format!("environment {name}: cannot use role {role:?}: {error}")
+    })?;
+    let actual = identity.account().unwrap_or_default();
+    if actual != account.config.account_id {
+        return Err(format!(
+            "environment {name}: credentials belong to account {actual}, configured account_id is {}",
+            account.config.account_id
+        ));
+    }
+    Ok(())
+}
+
+/// The control plane's credentials with the environment's region and endpoint (its own,
+/// else the global `aws_endpoint`).
+fn base_sdk_config(
+    control_plane: &SdkConfig,
+    env: &EnvironmentConfig,
+    default_endpoint: Option<&str>,
+) -> SdkConfig {
+    let mut builder = control_plane
+        .to_builder()
+        .region(Region::new(env.region.clone()));
+    builder.set_endpoint_url(
+        env.endpoint
+            .clone()
+            .or_else(|| default_endpoint.map(str::to_owned)),
+    );
+    builder.build()
+}
+
+/// `base` with credentials of the environment's role (or `base` itself when no role is
+/// configured). Its own identity cache refreshes the session before it expires.
+async fn assumed_sdk_config(
+    base: &SdkConfig,
+    env: &EnvironmentConfig,
+    session_name: &str,
+) -> SdkConfig {
+    if env.role_arn.is_empty() {
+        return base.clone();
+    }
+    let mut provider = AssumeRoleProvider::builder(env.role_arn.clone())
+        .session_name(session_name)
+        .region(Region::new(env.region.clone()))
+        .configure(base);
+    if !env.external_id.is_empty() {
+        provider = provider.external_id(env.external_id.expose());
+    }
+    let provider = provider.build().await;
+    base.to_builder()
+        .credentials_provider(SharedCredentialsProvider::new(provider))
+        // One cache for every client built from this configuration; without it each
+        // client would assume the role on its own.
+        .identity_cache(IdentityCache::lazy().build())
+        .build()
+}
+
+fn cloud_env(env: &EnvironmentConfig, sdk: &SdkConfig, database: Arc<MySqlDatabase>) -> CloudEnv {
+    CloudEnv {
+        environment: env.name,
+        account_id: env.account_id.clone(),
+        region: env.region.clone(),
+        platform: env.platform.clone(),
+        files: Arc::new(AwsFiles::new(sdk)),
+        secrets: Arc::new(AwsSecrets::new(sdk)),
+        database: database as Arc<dyn Database>,
+        routing: Arc::new(AwsRouting::new(sdk)),
+        identity: Arc::new(AwsIdentity::new(sdk)),
+        compute: Arc::new(AwsCompute::new(sdk)),
+        objects: Arc::new(AwsObjects::new(sdk)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_names_fit_sts_rules() {
+        assert_eq!(session_name("im-op-abc"), "im-op-abc");
+        assert_eq!(
+            session_name("instance-manager-host:42/x"),
+            "instance-manager-host-42-x"
+        );
+        let long = session_name(&format!("im-op-{}", "a".repeat(100)));
+        assert_eq!(long.len(), 64);
+        assert!(long.starts_with("im-op-aaa"));
+        assert_eq!(session_name("x"), "x-");
+    }
+}

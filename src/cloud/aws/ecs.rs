@@ -1,0 +1,704 @@
+//! Tenant task definitions, services and one-off tasks on an environment's ECS cluster.
+
+use async_trait::async_trait;
+use aws_config::SdkConfig;
+use aws_sdk_ecs::Client;
+use aws_sdk_ecs::error::BuildError;
+use aws_sdk_ecs::types::{
+    AssignPublicIp, AwsVpcConfiguration, Compatibility, ContainerDefinition,
+    DeploymentCircuitBreaker, DeploymentConfiguration, EfsAuthorizationConfig,
+    EfsAuthorizationConfigIam, EfsTransitEncryption, EfsVolumeConfiguration, HealthCheck,
+    KeyValuePair, LaunchType, LoadBalancer, LogConfiguration, LogDriver, MountPoint,
+    NetworkConfiguration, NetworkMode, PortMapping, PropagateTags, Service, ServiceField, Tag,
+    TaskDefinitionStatus, TransportProtocol, Volume,
+};
+use futures::{StreamExt, TryStreamExt};
+use sha2::{Digest, Sha256};
+
+use super::{gone_is_ok, has_all_tags};
+use crate::cloud::error::classify;
+use crate::cloud::{
+    CloudError, CloudResult, Compute, ErrorKind, OneOffTaskSpec, ServiceSpec, ServiceStatus, Tags,
+    TaskDefinitionSpec, TaskStatus,
+};
+
+/// The WordPress container, the one the target group sends traffic to.
+pub const CONTAINER_NAME: &str = "wordpress";
+/// Where wp-content (the tenant's EFS access point) is mounted, in the WordPress container
+/// and in one-off tasks alike.
+pub const WP_CONTENT_PATH: &str = "/var/www/html/wp-content";
+/// Docker label carrying a hash of everything a task definition was registered from, so an
+/// identical request reuses the family's latest revision instead of piling up new ones.
+pub const FINGERPRINT_LABEL: &str = "instance-manager.fingerprint";
+
+const VOLUME_NAME: &str = "wp-content";
+const ONE_OFF_CONTAINER: &str = "task";
+/// Enough for tar + upload of wp-content; the smallest Fargate size with 1 GiB.
+const ONE_OFF_CPU: u32 = 512;
+const ONE_OFF_MEMORY_MIB: u32 = 1024;
+/// DescribeServices accepts at most 10 services per call.
+const DESCRIBE_SERVICES_BATCH: usize = 10;
+/// Concurrent ListTagsForResource calls while looking for tagged task definitions.
+const TAG_LOOKUPS_IN_FLIGHT: usize = 8;
+
+pub struct AwsCompute {
+    client: Client,
+}
+
+/// Everything RegisterTaskDefinition needs, for the WordPress and the one-off definitions.
+struct Registration {
+    family: String,
+    cpu: u32,
+    memory_mib: u32,
+    container: ContainerDefinition,
+    volume: Volume,
+    execution_role_arn: String,
+    task_role_arn: String,
+    tags: Tags,
+    fingerprint: String,
+}
+
+fn invalid(what: &str) -> impl Fn(BuildError) -> CloudError + '_ {
+    move |error| CloudError::fatal(format!("{what}: {error}"))
+}
+
+/// A short hash of `parts`, unambiguous however the parts are split.
+fn fingerprint<I: IntoIterator<Item = S>, S: AsRef<str>>(parts: I) -> String {
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update((part.as_ref().len() as u64).to_be_bytes());
+        hasher.update(part.as_ref().as_bytes());
+    }
+    hex::encode(hasher.finalize())[..32].to_owned()
+}
+
+fn to_tags(tags: &Tags) -> Vec<Tag> {
+    tags.iter()
+        .map(|(k, v)| Tag::builder().key(k).value(v).build())
+        .collect()
+}
+
+fn env(name: &str, value: &str) -> KeyValuePair {
+    KeyValuePair::builder().name(name).value(value).build()
+}
+
+/// (family, revision) of a task definition ARN `…:task-definition/{family}:{revision}`.
+fn family_and_revision(arn: &str) -> Option<(&str, u32)> {
+    let (_, name) = arn.rsplit_once('/')?;
+    let (family, revision) = name.rsplit_once(':')?;
+    Some((family, revision.parse().ok()?))
+}
+
+fn efs_volume(file_system_id: &str, access_point_id: &str) -> CloudResult<Volume> {
+    let authorization = EfsAuthorizationConfig::builder()
+        .access_point_id(access_point_id)
+        .iam(EfsAuthorizationConfigIam::Enabled)
+        .build();
+    let efs = EfsVolumeConfiguration::builder()
+        .file_system_id(file_system_id)
+        .transit_encryption(EfsTransitEncryption::Enabled)
+        .authorization_config(authorization)
+        .build()
+        .map_err(invalid("ecs:RegisterTaskDefinition"))?;
+    Ok(Volume::builder()
+        .name(VOLUME_NAME)
+        .efs_volume_configuration(efs)
+        .build())
+}
+
+fn wp_content_mount() -> MountPoint {
+    MountPoint::builder()
+        .source_volume(VOLUME_NAME)
+        .container_path(WP_CONTENT_PATH)
+        .read_only(false)
+        .build()
+}
+
+fn wordpress_registration(spec: &TaskDefinitionSpec) -> CloudResult<Registration> {
+    let what = "ecs:RegisterTaskDefinition";
+    let secret = |name: &str, key: &str| {
+        aws_sdk_ecs::types::Secret::builder()
+            .name(name)
+            .value_from(format!("{}:{key}::", spec.secret_arn))
+            .build()
+            .map_err(invalid(what))
+    };
+    let logs = LogConfiguration::builder()
+        .log_driver(LogDriver::Awslogs)
+        .options("awslogs-group", &spec.log_group)
+        .options("awslogs-region", &spec.log_region)
+        .options("awslogs-stream-prefix", &spec.log_stream_prefix)
+        .build()
+        .map_err(invalid(what))?;
+    let health = HealthCheck::builder()
+        .command("CMD-SHELL")
+        .command("curl -f http://localhost/ || exit 1")
+        .build()
+        .map_err(invalid(what))?;
+    let fingerprint = fingerprint([
+        "wordpress/1",
+        &spec.family,
+        &spec.cpu.to_string(),
+        &spec.memory_mib.to_string(),
+        &spec.image,
+        &spec.file_system_id,
+        &spec.access_point_id,
+        &spec.secret_arn,
+        &spec.db_host,
+        &spec.db_name,
+        &spec.log_group,
+        &spec.log_region,
+        &spec.log_stream_prefix,
+        &spec.execution_role_arn,
+        &spec.task_role_arn,
+    ]);
+    let container = ContainerDefinition::builder()
+        .name(CONTAINER_NAME)
+        .image(&spec.image)
+        .essential(true)
+        // Fargate needs only the task-level size; the container limit equal to it changes
+        // nothing there, and emulators refuse to run tasks without one.
+        .memory(i32::try_from(spec.memory_mib).unwrap_or(i32::MAX))
+        .port_mappings(
+            PortMapping::builder()
+                .container_port(80)
+                .protocol(TransportProtocol::Tcp)
+                .build(),
+        )
+        .environment(env("WORDPRESS_DB_HOST", &spec.db_host))
+        .environment(env("WORDPRESS_DB_NAME", &spec.db_name))
+        .secrets(secret("WORDPRESS_DB_USER", "username")?)
+        .secrets(secret("WORDPRESS_DB_PASSWORD", "password")?)
+        .mount_points(wp_content_mount())
+        .log_configuration(logs)
+        .health_check(health)
+        .docker_labels(FINGERPRINT_LABEL, &fingerprint)
+        .build();
+    Ok(Registration {
+        family: spec.family.clone(),
+        cpu: spec.cpu,
+        memory_mib: spec.memory_mib,
+        container,
+        volume: efs_volume(&spec.file_system_id, &spec.access_point_id)?,
+        execution_role_arn: spec.execution_role_arn.clone(),
+        task_role_arn: spec.task_role_arn.clone(),
+        tags: spec.tags.clone(),
+        fingerprint,
+    })
+}
+
+fn one_off_registration(spec: &OneOffTaskSpec) -> CloudResult<Registration> {
+    let mut parts = vec![
+        "one-off/1".to_owned(),
+        spec.family.clone(),
+        spec.image.clone(),
+        spec.file_system_id.clone(),
+        spec.access_point_id.clone(),
+        spec.execution_role_arn.clone(),
+        spec.task_role_arn.clone(),
+        spec.command.len().to_string(),
+    ];
+    parts.extend(spec.command.iter().cloned());
+    parts.extend(
+        spec.environment
+            .iter()
+            .flat_map(|(k, v)| [k.clone(), v.clone()]),
+    );
+    let fingerprint = fingerprint(&parts);
+    let environment = spec.environment.iter().map(|(k, v)| env(k, v)).collect();
+    let container = ContainerDefinition::builder()
+        .name(ONE_OFF_CONTAINER)
+        .image(&spec.image)
+        .essential(true)
+        .memory(ONE_OFF_MEMORY_MIB as i32)
+        .set_command(Some(spec.command.clone()))
+        .set_environment(Some(environment))
+        .mount_points(wp_content_mount())
+        .docker_labels(FINGERPRINT_LABEL, &fingerprint)
+        .build();
+    Ok(Registration {
+        family: spec.family.clone(),
+        cpu: ONE_OFF_CPU,
+        memory_mib: ONE_OFF_MEMORY_MIB,
+        container,
+        volume: efs_volume(&spec.file_system_id, &spec.access_point_id)?,
+        execution_role_arn: spec.execution_role_arn.clone(),
+        task_role_arn: spec.task_role_arn.clone(),
+        tags: spec.tags.clone(),
+        fingerprint,
+    })
+}
+
+/// Empty role ARNs mean "no role" (an emulator, or a task that needs no AWS access).
+fn role(arn: &str) -> Option<String> {
+    (!arn.is_empty()).then(|| arn.to_owned())
+}
+
+fn network(subnets: &[String], security_groups: &[String]) -> CloudResult<NetworkConfiguration> {
+    let vpc = AwsVpcConfiguration::builder()
+        .set_subnets(Some(subnets.to_vec()))
+        .set_security_groups(Some(security_groups.to_vec()))
+        .assign_public_ip(AssignPublicIp::Disabled)
+        .build()
+        .map_err(invalid("ecs:awsvpcConfiguration"))?;
+    Ok(NetworkConfiguration::builder()
+        .awsvpc_configuration(vpc)
+        .build())
+}
+
+fn to_status(service: &Service) -> ServiceStatus {
+    let count = |n: i32| u32::try_from(n).unwrap_or(0);
+    let primary = service
+        .deployments()
+        .iter()
+        .find(|deployment| deployment.status() == Some("PRIMARY"));
+    ServiceStatus {
+        status: service.status().unwrap_or_default().to_owned(),
+        desired: count(service.desired_count()),
+        running: count(service.running_count()),
+        pending: count(service.pending_count()),
+        rollout_state: primary
+            .and_then(|deployment| deployment.rollout_state())
+            .map(|state| state.as_str().to_owned()),
+        deployments: u32::try_from(service.deployments().len()).unwrap_or(u32::MAX),
+        task_definition: service.task_definition().unwrap_or_default().to_owned(),
+    }
+}
+
+/// ECS remembers client tokens: a token reused for a *different* request is refused, and a
+/// service re-created after a deletion must not be answered with the deleted one. So the
+/// token covers the whole request and the creation time of the service it replaces.
+fn service_client_token(spec: &ServiceSpec, replaced: Option<&Service>) -> String {
+    let replaced_at = replaced
+        .and_then(Service::created_at)
+        .map(|at| at.as_nanos().to_string())
+        .unwrap_or_default();
+    let mut parts = vec![
+        spec.cluster.clone(),
+        spec.name.clone(),
+        spec.task_definition_arn.clone(),
+        spec.desired_count.to_string(),
+        spec.target_group_arn.clone(),
+        replaced_at,
+    ];
+    parts.extend(spec.subnets.iter().cloned());
+    parts.push(String::new());
+    parts.extend(spec.security_groups.iter().cloned());
+    fingerprint(parts)
+}
+
+impl AwsCompute {
+    pub fn new(sdk: &SdkConfig) -> Self {
+        Self::from_client(Client::new(sdk))
+    }
+
+    /// From a client configured by the caller (e.g. with interceptors, in tests).
+    pub fn from_client(client: Client) -> Self {
+        Self { client }
+    }
+
+    /// ARNs of the family's ACTIVE revisions, oldest first.
+    async fn active_revisions(&self, family: &str) -> CloudResult<Vec<String>> {
+        let arns: Vec<String> = self
+            .client
+            .list_task_definitions()
+            .family_prefix(family)
+            .status(TaskDefinitionStatus::Active)
+            .into_paginator()
+            .items()
+            .send()
+            .try_collect()
+            .await
+            .map_err(|e| classify("ecs:ListTaskDefinitions", &e))?;
+        // `familyPrefix` is an exact family in AWS; checked here anyway, and sorted here
+        // because not every implementation honours `sort`.
+        let mut revisions: Vec<(u32, String)> = arns
+            .into_iter()
+            .filter_map(|arn| match family_and_revision(&arn) {
+                Some((f, revision)) if f == family => Some((revision, arn)),
+                _ => None,
+            })
+            .collect();
+        revisions.sort();
+        Ok(revisions.into_iter().map(|(_, arn)| arn).collect())
+    }
+
+    /// The latest ACTIVE revision of the family if it was registered from the same inputs.
+    async fn reusable_revision(&self, registration: &Registration) -> CloudResult<Option<String>> {
+        let Some(latest) = self.active_revisions(&registration.family).await?.pop() else {
+            return Ok(None);
+        };
+        let described = self
+            .client
+            .describe_task_definition()
+            .task_definition(&latest)
+            .send()
+            .await
+            .map_err(|e| classify("ecs:DescribeTaskDefinition", &e))?;
+        let same = described.task_definition().is_some_and(|definition| {
+            definition.container_definitions().iter().any(|container| {
+                container
+                    .docker_labels()
+                    .and_then(|labels| labels.get(FINGERPRINT_LABEL))
+                    == Some(&registration.fingerprint)
+            })
+        });
+        Ok(same.then_some(latest))
+    }
+
+    async fn register(&self, registration: Registration) -> CloudResult<String> {
+        if let Some(arn) = self.reusable_revision(&registration).await? {
+            return Ok(arn);
+        }
+        let registered = self
+            .client
+            .register_task_definition()
+            .family(&registration.family)
+            .requires_compatibilities(Compatibility::Fargate)
+            .network_mode(NetworkMode::Awsvpc)
+            .cpu(registration.cpu.to_string())
+            .memory(registration.memory_mib.to_string())
+            .container_definitions(registration.container)
+            .volumes(registration.volume)
+            .set_execution_role_arn(role(&registration.execution_role_arn))
+            .set_task_role_arn(role(&registration.task_role_arn))
+            .set_tags(Some(to_tags(&registration.tags)))
+            .send()
+            .await
+            .map_err(|e| classify("ecs:RegisterTaskDefinition", &e))?;
+        registered
+            .task_definition()
+            .and_then(|definition| definition.task_definition_arn())
+            .map(str::to_owned)
+            .ok_or_else(|| CloudError::fatal("ecs:RegisterTaskDefinition: no ARN in the answer"))
+    }
+
+    /// The service as ECS describes it (any status), `None` if ECS never heard of it.
+    async fn describe_service(&self, cluster: &str, name: &str) -> CloudResult<Option<Service>> {
+        let answer = self
+            .client
+            .describe_services()
+            .cluster(cluster)
+            .services(name)
+            .send()
+            .await
+            .map_err(|e| classify("ecs:DescribeServices", &e))?;
+        Ok(answer.services().first().cloned())
+    }
+
+    async fn create_service(
+        &self,
+        spec: &ServiceSpec,
+        replaced: Option<&Service>,
+    ) -> CloudResult<String> {
+        let desired = i32::try_from(spec.desired_count)
+            .map_err(|_| CloudError::fatal("ecs:CreateService: desired count out of range"))?;
+        let load_balancer = LoadBalancer::builder()
+            .target_group_arn(&spec.target_group_arn)
+            .container_name(CONTAINER_NAME)
+            .container_port(80)
+            .build();
+        let deployment = DeploymentConfiguration::builder()
+            .deployment_circuit_breaker(
+                DeploymentCircuitBreaker::builder()
+                    .enable(true)
+                    .rollback(true)
+                    .build(),
+            )
+            .minimum_healthy_percent(50)
+            .maximum_percent(200)
+            .build();
+        let created = self
+            .client
+            .create_service()
+            .cluster(&spec.cluster)
+            .service_name(&spec.name)
+            .task_definition(&spec.task_definition_arn)
+            .desired_count(desired)
+            .launch_type(LaunchType::Fargate)
+            .network_configuration(network(&spec.subnets, &spec.security_groups)?)
+            .load_balancers(load_balancer)
+            .deployment_configuration(deployment)
+            .propagate_tags(PropagateTags::Service)
+            .enable_ecs_managed_tags(true)
+            .set_tags(Some(to_tags(&spec.tags)))
+            .client_token(service_client_token(spec, replaced))
+            .send()
+            .await
+            .map_err(|e| classify("ecs:CreateService", &e))?;
+        created
+            .service()
+            .and_then(Service::service_arn)
+            .map(str::to_owned)
+            .ok_or_else(|| CloudError::fatal("ecs:CreateService: no service in the answer"))
+    }
+
+    /// ARNs of the cluster's live (not INACTIVE) services carrying every tag.
+    async fn tagged_services(&self, cluster: &str, tags: &Tags) -> CloudResult<Vec<String>> {
+        let arns: Vec<String> = self
+            .client
+            .list_services()
+            .cluster(cluster)
+            .into_paginator()
+            .items()
+            .send()
+            .try_collect()
+            .await
+            .map_err(|e| classify("ecs:ListServices", &e))?;
+        let mut matching = Vec::new();
+        // DescribeServices rather than ListTagsForResource per service: one call per ten
+        // services, and it shows the status (deleted services may still be listed).
+        for batch in arns.chunks(DESCRIBE_SERVICES_BATCH) {
+            let answer = self
+                .client
+                .describe_services()
+                .cluster(cluster)
+                .set_services(Some(batch.to_vec()))
+                .include(ServiceField::Tags)
+                .send()
+                .await
+                .map_err(|e| classify("ecs:DescribeServices", &e))?;
+            for service in answer.services() {
+                let pairs = service
+                    .tags()
+                    .iter()
+                    .filter_map(|t| Some((t.key()?, t.value()?)));
+                if service.status() != Some("INACTIVE") && has_all_tags(pairs, tags) {
+                    matching.extend(service.service_arn().map(str::to_owned));
+                }
+            }
+        }
+        Ok(matching)
+    }
+
+    async fn carries_tags(&self, arn: String, tags: &Tags) -> CloudResult<Option<String>> {
+        let answer = self
+            .client
+            .list_tags_for_resource()
+            .resource_arn(&arn)
+            .send()
+            .await
+            .map_err(|e| classify("ecs:ListTagsForResource", &e))?;
+        let pairs = answer
+            .tags()
+            .iter()
+            .filter_map(|t| Some((t.key()?, t.value()?)));
+        Ok(has_all_tags(pairs, tags).then_some(arn))
+    }
+
+    async fn tagged_task_definitions(&self, tags: &Tags) -> CloudResult<Vec<String>> {
+        let arns: Vec<String> = self
+            .client
+            .list_task_definitions()
+            .status(TaskDefinitionStatus::Active)
+            .into_paginator()
+            .items()
+            .send()
+            .try_collect()
+            .await
+            .map_err(|e| classify("ecs:ListTaskDefinitions", &e))?;
+        let found: Vec<Option<String>> = futures::stream::iter(arns)
+            .map(|arn| self.carries_tags(arn, tags))
+            .buffered(TAG_LOOKUPS_IN_FLIGHT)
+            .try_collect()
+            .await?;
+        Ok(found.into_iter().flatten().collect())
+    }
+}
+
+#[async_trait]
+impl Compute for AwsCompute {
+    async fn register_task_definition(&self, spec: &TaskDefinitionSpec) -> CloudResult<String> {
+        self.register(wordpress_registration(spec)?).await
+    }
+
+    async fn deregister_task_definitions(&self, family: &str) -> CloudResult<()> {
+        for arn in self.active_revisions(family).await? {
+            let result = self
+                .client
+                .deregister_task_definition()
+                .task_definition(&arn)
+                .send()
+                .await
+                .map(drop)
+                .map_err(|e| classify("ecs:DeregisterTaskDefinition", &e));
+            gone_is_ok(result)?;
+        }
+        Ok(())
+    }
+
+    async fn ensure_service(&self, spec: &ServiceSpec) -> CloudResult<String> {
+        let existing = self.describe_service(&spec.cluster, &spec.name).await?;
+        if let Some(service) = &existing {
+            match service.status() {
+                Some("ACTIVE") => {
+                    return service.service_arn().map(str::to_owned).ok_or_else(|| {
+                        CloudError::fatal("ecs:DescribeServices: service without ARN")
+                    });
+                }
+                // A service of this name is still being deleted; its name frees up soon.
+                Some("DRAINING") => {
+                    return Err(CloudError::new(
+                        ErrorKind::Retryable,
+                        format!("ecs:CreateService: service {} is still draining", spec.name),
+                    ));
+                }
+                _ => {}
+            }
+        }
+        match self.create_service(spec, existing.as_ref()).await {
+            Ok(arn) => Ok(arn),
+            // Lost a race with another replica creating the same service: adopt theirs.
+            Err(error) => match self.describe_service(&spec.cluster, &spec.name).await? {
+                Some(service) if service.status() == Some("ACTIVE") => {
+                    service.service_arn().map(str::to_owned).ok_or(error)
+                }
+                _ => Err(error),
+            },
+        }
+    }
+
+    async fn service_status(
+        &self,
+        cluster: &str,
+        name: &str,
+    ) -> CloudResult<Option<ServiceStatus>> {
+        // A deleted service lingers as INACTIVE for a while; for us it is gone.
+        match self.describe_service(cluster, name).await {
+            Ok(Some(service)) if service.status() != Some("INACTIVE") => {
+                Ok(Some(to_status(&service)))
+            }
+            Ok(_) => Ok(None),
+            Err(error) if error.is_not_found() => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
+    async fn update_service(
+        &self,
+        cluster: &str,
+        name: &str,
+        desired_count: Option<u32>,
+        task_definition_arn: Option<&str>,
+        force_new_deployment: bool,
+    ) -> CloudResult<()> {
+        let desired = desired_count
+            .map(i32::try_from)
+            .transpose()
+            .map_err(|_| CloudError::fatal("ecs:UpdateService: desired count out of range"))?;
+        self.client
+            .update_service()
+            .cluster(cluster)
+            .service(name)
+            .set_desired_count(desired)
+            .set_task_definition(task_definition_arn.map(str::to_owned))
+            .force_new_deployment(force_new_deployment)
+            .send()
+            .await
+            .map(drop)
+            .map_err(|e| classify("ecs:UpdateService", &e))
+    }
+
+    async fn delete_service(&self, cluster: &str, name: &str) -> CloudResult<()> {
+        // Scaling to zero first lets ECS drain the tasks from the target group in order;
+        // `force` then deletes even if the scale-in has not finished.
+        gone_is_ok(
+            self.update_service(cluster, name, Some(0), None, false)
+                .await,
+        )?;
+        let result = self
+            .client
+            .delete_service()
+            .cluster(cluster)
+            .service(name)
+            .force(true)
+            .send()
+            .await
+            .map(drop)
+            .map_err(|e| classify("ecs:DeleteService", &e));
+        gone_is_ok(result)
+    }
+
+    async fn run_task(&self, spec: &OneOffTaskSpec) -> CloudResult<String> {
+        let task_definition = self.register(one_off_registration(spec)?).await?;
+        let answer = self
+            .client
+            .run_task()
+            .cluster(&spec.cluster)
+            .task_definition(&task_definition)
+            .launch_type(LaunchType::Fargate)
+            .count(1)
+            .network_configuration(network(&spec.subnets, &spec.security_groups)?)
+            .propagate_tags(aws_sdk_ecs::types::PropagateTags::TaskDefinition)
+            .set_tags(Some(to_tags(&spec.tags)))
+            .started_by("instance-manager")
+            .send()
+            .await
+            .map_err(|e| classify("ecs:RunTask", &e))?;
+        if let Some(arn) = answer.tasks().first().and_then(|task| task.task_arn()) {
+            return Ok(arn.to_owned());
+        }
+        let reasons: Vec<&str> = answer
+            .failures()
+            .iter()
+            .filter_map(|f| f.reason())
+            .collect();
+        // `RESOURCE:*` failures mean no capacity right now, worth another try.
+        let kind = if reasons.iter().any(|reason| reason.starts_with("RESOURCE")) {
+            ErrorKind::Retryable
+        } else {
+            ErrorKind::Fatal
+        };
+        Err(CloudError::new(
+            kind,
+            format!("ecs:RunTask: no task started: {}", reasons.join(", ")),
+        ))
+    }
+
+    async fn task_status(&self, cluster: &str, task_arn: &str) -> CloudResult<Option<TaskStatus>> {
+        let answer = self
+            .client
+            .describe_tasks()
+            .cluster(cluster)
+            .tasks(task_arn)
+            .send()
+            .await
+            .map_err(|e| classify("ecs:DescribeTasks", &e));
+        let answer = match answer {
+            Ok(answer) => answer,
+            Err(error) if error.is_not_found() => return Ok(None),
+            Err(error) => return Err(error),
+        };
+        Ok(answer.tasks().first().map(|task| TaskStatus {
+            last_status: task.last_status().unwrap_or_default().to_owned(),
+            exit_code: task
+                .containers()
+                .iter()
+                .find_map(|container| container.exit_code()),
+        }))
+    }
+
+    async fn find_tagged(&self, cluster: &str, tags: &Tags) -> CloudResult<Vec<String>> {
+        let mut found = self.tagged_services(cluster, tags).await?;
+        found.extend(self.tagged_task_definitions(tags).await?);
+        Ok(found)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_definition_arns_split_into_family_and_revision() {
+        let arn = "arn:aws:ecs:us-east-1:123456789012:task-definition/bbws-dev-acme:12";
+        assert_eq!(family_and_revision(arn), Some(("bbws-dev-acme", 12)));
+        assert_eq!(family_and_revision("nonsense"), None);
+    }
+
+    #[test]
+    fn fingerprints_do_not_depend_on_where_parts_are_split() {
+        assert_ne!(fingerprint(["ab", "c"]), fingerprint(["a", "bc"]));
+        assert_eq!(fingerprint(["ab", "c"]), fingerprint(["ab", "c"]));
+    }
+}

@@ -1,0 +1,293 @@
+//! Tenant target groups and host-header rules on an environment's shared ALB listener.
+
+use async_trait::async_trait;
+use aws_config::SdkConfig;
+use aws_sdk_elasticloadbalancingv2::Client;
+use aws_sdk_elasticloadbalancingv2::types::{
+    Action, ActionTypeEnum, HostHeaderConditionConfig, Matcher, ProtocolEnum, Rule, RuleCondition,
+    Tag, TargetGroup, TargetTypeEnum,
+};
+
+use super::{gone_is_ok, has_all_tags};
+use crate::cloud::error::classify;
+use crate::cloud::{
+    CloudError, CloudResult, ErrorKind, HostRuleSpec, Routing, Tags, TargetGroupSpec,
+};
+
+/// DescribeTags accepts at most 20 resource ARNs per call.
+const DESCRIBE_TAGS_BATCH: usize = 20;
+
+pub struct AwsRouting {
+    client: Client,
+}
+
+impl AwsRouting {
+    pub fn new(sdk: &SdkConfig) -> Self {
+        Self {
+            client: Client::new(sdk),
+        }
+    }
+
+    async fn target_group_by_name(&self, name: &str) -> CloudResult<Option<String>> {
+        let answer = self
+            .client
+            .describe_target_groups()
+            .names(name)
+            .send()
+            .await;
+        match answer.map_err(|e| classify("elbv2:DescribeTargetGroups", &e)) {
+            Ok(out) => Ok(out
+                .target_groups()
+                .first()
+                .and_then(TargetGroup::target_group_arn)
+                .map(str::to_owned)),
+            Err(error) if error.is_not_found() => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
+    async fn create_target_group(&self, spec: &TargetGroupSpec) -> CloudResult<String> {
+        let created = self
+            .client
+            .create_target_group()
+            .name(&spec.name)
+            .protocol(ProtocolEnum::Http)
+            .port(80)
+            .vpc_id(&spec.vpc_id)
+            .target_type(TargetTypeEnum::Ip)
+            .health_check_protocol(ProtocolEnum::Http)
+            .health_check_path(&spec.health_check_path)
+            .matcher(Matcher::builder().http_code(&spec.matcher).build())
+            .set_tags(Some(to_tags(&spec.tags)))
+            .send()
+            .await
+            .map_err(|e| classify("elbv2:CreateTargetGroup", &e))?;
+        created
+            .target_groups()
+            .first()
+            .and_then(TargetGroup::target_group_arn)
+            .map(str::to_owned)
+            .ok_or_else(|| {
+                CloudError::fatal("elbv2:CreateTargetGroup: no target group in the answer")
+            })
+    }
+
+    async fn rules(&self, listener_arn: &str) -> CloudResult<Vec<Rule>> {
+        self.client
+            .describe_rules()
+            .listener_arn(listener_arn)
+            .into_paginator()
+            .items()
+            .send()
+            .try_collect()
+            .await
+            .map_err(|e| classify("elbv2:DescribeRules", &e))
+    }
+
+    async fn create_rule(&self, spec: &HostRuleSpec) -> CloudResult<String> {
+        let priority = i32::try_from(spec.priority).map_err(|_| {
+            CloudError::fatal(format!(
+                "elbv2:CreateRule: priority {} is out of range",
+                spec.priority
+            ))
+        })?;
+        let condition = RuleCondition::builder()
+            .field("host-header")
+            .host_header_config(
+                HostHeaderConditionConfig::builder()
+                    .values(&spec.host)
+                    .build(),
+            )
+            .build();
+        let forward = Action::builder()
+            .r#type(ActionTypeEnum::Forward)
+            .target_group_arn(&spec.target_group_arn)
+            .build();
+        let created = self
+            .client
+            .create_rule()
+            .listener_arn(&spec.listener_arn)
+            .priority(priority)
+            .conditions(condition)
+            .actions(forward)
+            .set_tags(Some(to_tags(&spec.tags)))
+            .send()
+            .await
+            .map_err(|e| classify("elbv2:CreateRule", &e))?;
+        created
+            .rules()
+            .first()
+            .and_then(Rule::rule_arn)
+            .map(str::to_owned)
+            .ok_or_else(|| CloudError::fatal("elbv2:CreateRule: no rule in the answer"))
+    }
+
+    /// The ARNs among `arns` whose resources carry every tag in `tags`.
+    async fn filter_tagged(&self, arns: Vec<String>, tags: &Tags) -> CloudResult<Vec<String>> {
+        let mut matching = Vec::new();
+        for batch in arns.chunks(DESCRIBE_TAGS_BATCH) {
+            let answer = self
+                .client
+                .describe_tags()
+                .set_resource_arns(Some(batch.to_vec()))
+                .send()
+                .await
+                .map_err(|e| classify("elbv2:DescribeTags", &e))?;
+            for description in answer.tag_descriptions() {
+                let pairs = description
+                    .tags()
+                    .iter()
+                    .filter_map(|t| Some((t.key()?, t.value()?)));
+                if has_all_tags(pairs, tags)
+                    && let Some(arn) = description.resource_arn()
+                {
+                    matching.push(arn.to_owned());
+                }
+            }
+        }
+        Ok(matching)
+    }
+}
+
+fn to_tags(tags: &Tags) -> Vec<Tag> {
+    tags.iter()
+        .map(|(k, v)| Tag::builder().key(k).value(v).build())
+        .collect()
+}
+
+/// Is this rule's only condition "host is `host`" (host names are case-insensitive)?
+fn routes_host(rule: &Rule, host: &str) -> bool {
+    let [condition] = rule.conditions() else {
+        return false;
+    };
+    let values = match condition.host_header_config() {
+        Some(config) => config.values(),
+        None => condition.values(),
+    };
+    condition.field() == Some("host-header")
+        && matches!(values, [only] if only.eq_ignore_ascii_case(host))
+}
+
+fn forwards_to(rule: &Rule, target_group_arn: &str) -> bool {
+    rule.actions().iter().any(|action| {
+        action.target_group_arn() == Some(target_group_arn)
+            || action.forward_config().is_some_and(|forward| {
+                forward
+                    .target_groups()
+                    .iter()
+                    .any(|tuple| tuple.target_group_arn() == Some(target_group_arn))
+            })
+    })
+}
+
+#[async_trait]
+impl Routing for AwsRouting {
+    async fn ensure_target_group(&self, spec: &TargetGroupSpec) -> CloudResult<String> {
+        if let Some(arn) = self.target_group_by_name(&spec.name).await? {
+            return Ok(arn);
+        }
+        match self.create_target_group(spec).await {
+            // DuplicateTargetGroupName: created concurrently by another replica.
+            Err(error) if error.kind == ErrorKind::Conflict => {
+                self.target_group_by_name(&spec.name).await?.ok_or(error)
+            }
+            other => other,
+        }
+    }
+
+    async fn delete_target_group(&self, arn: &str) -> CloudResult<()> {
+        let result = self
+            .client
+            .delete_target_group()
+            .target_group_arn(arn)
+            .send()
+            .await
+            .map(drop)
+            .map_err(|e| classify("elbv2:DeleteTargetGroup", &e));
+        gone_is_ok(result)
+    }
+
+    async fn rule_priorities(&self, listener_arn: &str) -> CloudResult<Vec<u32>> {
+        // The default rule's priority is the word `default`; it holds no number.
+        Ok(self
+            .rules(listener_arn)
+            .await?
+            .iter()
+            .filter(|rule| rule.is_default() != Some(true))
+            .filter_map(|rule| rule.priority()?.parse().ok())
+            .collect())
+    }
+
+    async fn ensure_host_rule(&self, spec: &HostRuleSpec) -> CloudResult<String> {
+        let rules = self.rules(&spec.listener_arn).await?;
+        if let Some(rule) = rules.iter().find(|rule| routes_host(rule, &spec.host)) {
+            let arn = rule.rule_arn().unwrap_or_default();
+            if forwards_to(rule, &spec.target_group_arn) {
+                return Ok(arn.to_owned());
+            }
+            // Someone else routes this host: a second rule would be shadowed or shadow it,
+            // and taking theirs over could break a site. An operator has to decide.
+            return Err(CloudError::fatal(format!(
+                "elbv2:CreateRule: host {} is already routed elsewhere by rule {arn}",
+                spec.host
+            )));
+        }
+        self.create_rule(spec).await
+    }
+
+    async fn delete_rule(&self, rule_arn: &str) -> CloudResult<()> {
+        let result = self
+            .client
+            .delete_rule()
+            .rule_arn(rule_arn)
+            .send()
+            .await
+            .map(drop)
+            .map_err(|e| classify("elbv2:DeleteRule", &e));
+        gone_is_ok(result)
+    }
+
+    async fn target_health(&self, target_group_arn: &str) -> CloudResult<Vec<(String, String)>> {
+        let answer = self
+            .client
+            .describe_target_health()
+            .target_group_arn(target_group_arn)
+            .send()
+            .await
+            .map_err(|e| classify("elbv2:DescribeTargetHealth", &e))?;
+        Ok(answer
+            .target_health_descriptions()
+            .iter()
+            .filter_map(|description| {
+                let id = description.target()?.id()?;
+                let state = description.target_health()?.state()?;
+                Some((id.to_owned(), state.as_str().to_owned()))
+            })
+            .collect())
+    }
+
+    async fn find_tagged(&self, listener_arn: &str, tags: &Tags) -> CloudResult<Vec<String>> {
+        let target_groups: Vec<TargetGroup> = self
+            .client
+            .describe_target_groups()
+            .into_paginator()
+            .items()
+            .send()
+            .try_collect()
+            .await
+            .map_err(|e| classify("elbv2:DescribeTargetGroups", &e))?;
+        let rules = self.rules(listener_arn).await?;
+        let arns = target_groups
+            .iter()
+            .filter_map(|tg| tg.target_group_arn())
+            .chain(
+                rules
+                    .iter()
+                    .filter(|rule| rule.is_default() != Some(true))
+                    .filter_map(|rule| rule.rule_arn()),
+            )
+            .map(str::to_owned)
+            .collect();
+        self.filter_tagged(arns, tags).await
+    }
+}

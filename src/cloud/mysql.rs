@@ -1,0 +1,660 @@
+//! [`Database`] over a real MySQL/MariaDB connection, with the environment's master
+//! credentials: tenant databases and users, and a logical dump written by us (no `mysqldump`
+//! binary needed in the control plane's image).
+//!
+//! One short-lived connection per call: these calls are rare (a few per workflow), and a
+//! connection of our own lets us set session variables (sql_mode, time zone, a consistent
+//! snapshot) without leaking them into a pool.
+//!
+//! Passwords: MySQL and MariaDB accept no placeholder in `IDENTIFIED BY` (the server answers
+//! a syntax error to `IDENTIFIED BY ?`), so the password is inlined as a string literal,
+//! escaped for the session's actual `sql_mode`. It is never logged, and every error message
+//! built while it is in play has it redacted.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use mysql_async::consts::ColumnType;
+use mysql_async::prelude::Queryable;
+use mysql_async::{Conn, OptsBuilder, Value};
+
+use super::{CloudError, CloudResult, Database, ErrorKind, MasterCredentials};
+use crate::config::Secret;
+
+/// Connecting to RDS in another region can take a few seconds; longer means it is down.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// Each INSERT of the dump carries rows up to about this many bytes, well under the
+/// default `max_allowed_packet` (64 MiB on MySQL 8, 16 MiB on MariaDB 10.11).
+const INSERT_BATCH_BYTES: usize = 512 * 1024;
+/// MySQL's identifier limit (database names); MySQL 8 limits user names to 32 and will
+/// refuse longer ones itself.
+const MAX_IDENTIFIER_LEN: usize = 64;
+
+/// The MySQL implementation of [`Database`]. It holds nothing: the master credentials come
+/// with every call (they live in the environment's secret and may be rotated).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MySqlDatabase;
+
+impl MySqlDatabase {
+    pub fn new() -> Self {
+        Self
+    }
+}
+
+/// Refuses anything but `[a-z0-9_]` (names come from validated ids; this is defence in
+/// depth) and returns the backtick-quoted identifier.
+pub fn quote_identifier(kind: &str, name: &str) -> CloudResult<String> {
+    let valid = !name.is_empty()
+        && name.len() <= MAX_IDENTIFIER_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if !valid {
+        return Err(CloudError::fatal(format!(
+            "invalid mysql {kind} name {name:?}: only [a-z0-9_], 1 to {MAX_IDENTIFIER_LEN} characters"
+        )));
+    }
+    Ok(format!("`{name}`"))
+}
+
+/// Quotes a name we did not choose (a table or column found in a tenant's database).
+fn quote_any_identifier(name: &str) -> String {
+    format!("`{}`", name.replace('`', "``"))
+}
+
+/// A single-quoted string literal of `bytes` (which must hold no NUL when
+/// `no_backslash_escapes`), as `mysql_real_escape_string` would write it.
+fn string_literal(out: &mut Vec<u8>, bytes: &[u8], no_backslash_escapes: bool) {
+    out.push(b'\'');
+    for &b in bytes {
+        if no_backslash_escapes {
+            if b == b'\'' {
+                out.extend_from_slice(b"''");
+            } else {
+                out.push(b);
+            }
+            continue;
+        }
+        match b {
+            0 => out.extend_from_slice(b"\\0"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\'' => out.extend_from_slice(b"\\'"),
+            b'"' => out.extend_from_slice(b"\\\""),
+            0x1a => out.extend_from_slice(b"\\Z"),
+            _ => out.push(b),
+        }
+    }
+    out.push(b'\'');
+}
+
+/// Replaces every occurrence of the secrets in `text` (also in escaped form, as a server
+/// may quote a statement back) with `<redacted>`.
+fn redact(text: &str, secrets: &[&str]) -> String {
+    let mut text = text.to_owned();
+    for secret in secrets.iter().filter(|s| !s.is_empty()) {
+        for form in [
+            secret.to_string(),
+            escaped_text(secret, false),
+            escaped_text(secret, true),
+        ] {
+            if !form.is_empty() {
+                text = text.replace(&form, "<redacted>");
+            }
+        }
+    }
+    text
+}
+
+fn escaped_text(value: &str, no_backslash_escapes: bool) -> String {
+    let mut out = Vec::new();
+    string_literal(&mut out, value.as_bytes(), no_backslash_escapes);
+    let quoted = String::from_utf8_lossy(&out).into_owned();
+    quoted[1..quoted.len() - 1].to_owned()
+}
+
+/// Server error codes worth retrying: the server is busy, shutting down or lost us.
+const RETRYABLE_SERVER_CODES: &[u16] = &[
+    1040, // ER_CON_COUNT_ERROR: too many connections
+    1053, // ER_SERVER_SHUTDOWN
+    1158, 1159, 1160, 1161, // network read/write errors and timeouts
+    1205, // ER_LOCK_WAIT_TIMEOUT
+    1213, // ER_LOCK_DEADLOCK
+    1317, // ER_QUERY_INTERRUPTED
+    1927, // ER_CONNECTION_KILLED (MariaDB)
+    2006, 2013, // server gone away, lost connection
+];
+
+/// Classifies a MySQL failure of `what`; `secrets` are redacted from the message.
+fn classify_mysql(what: &str, error: &mysql_async::Error, secrets: &[&str]) -> CloudError {
+    use mysql_async::{DriverError, Error};
+    let (kind, detail) = match error {
+        Error::Io(io) => (ErrorKind::Retryable, format!("connection failed: {io}")),
+        Error::Driver(DriverError::ConnectionClosed | DriverError::PoolDisconnected) => {
+            (ErrorKind::Retryable, error.to_string())
+        }
+        Error::Server(server) => {
+            let kind = if RETRYABLE_SERVER_CODES.contains(&server.code) {
+                ErrorKind::Retryable
+            } else {
+                ErrorKind::Fatal
+            };
+            (
+                kind,
+                format!(
+                    "error {} ({}): {}",
+                    server.code, server.state, server.message
+                ),
+            )
+        }
+        Error::Driver(_) | Error::Other(_) | Error::Url(_) => (ErrorKind::Fatal, error.to_string()),
+    };
+    CloudError::new(kind, redact(&format!("{what}: {detail}"), secrets))
+}
+
+/// The master connection of one call; `secrets` are what its errors must never show.
+struct Session<'a> {
+    conn: Conn,
+    secrets: Vec<&'a str>,
+}
+
+impl<'a> Session<'a> {
+    async fn open(master: &'a MasterCredentials) -> CloudResult<Session<'a>> {
+        let opts = OptsBuilder::default()
+            .ip_or_hostname(master.host.clone())
+            .tcp_port(master.port)
+            .user(Some(master.username.clone()))
+            .pass(Some(master.password.expose().to_owned()))
+            // Without this a loopback host makes the driver switch to the Unix socket, where
+            // the server may authenticate differently than over TCP.
+            .prefer_socket(false)
+            .init(vec!["SET NAMES utf8mb4"]);
+        let secrets = vec![master.password.expose()];
+        let endpoint = format!("{}:{}", master.host, master.port);
+        let conn = match tokio::time::timeout(CONNECT_TIMEOUT, Conn::new(opts)).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(error)) => {
+                return Err(classify_mysql(
+                    &format!("mysql connect to {endpoint} as {}", master.username),
+                    &error,
+                    &secrets,
+                ));
+            }
+            Err(_) => {
+                return Err(CloudError::new(
+                    ErrorKind::Retryable,
+                    format!("mysql connect to {endpoint}: timed out after {CONNECT_TIMEOUT:?}"),
+                ));
+            }
+        };
+        Ok(Session { conn, secrets })
+    }
+
+    fn fail(&self, what: &str, error: &mysql_async::Error) -> CloudError {
+        classify_mysql(what, error, &self.secrets)
+    }
+
+    /// Runs one statement; `what` names it in errors (never the statement itself, which may
+    /// hold a password).
+    async fn run(&mut self, what: &str, statement: &str) -> CloudResult<()> {
+        match self.conn.query_drop(statement).await {
+            Ok(()) => Ok(()),
+            Err(error) => Err(self.fail(what, &error)),
+        }
+    }
+
+    async fn count(&mut self, what: &str, query: &str, params: Vec<Value>) -> CloudResult<u64> {
+        match self.conn.exec_first::<u64, _, _>(query, params).await {
+            Ok(count) => Ok(count.unwrap_or(0)),
+            Err(error) => Err(self.fail(what, &error)),
+        }
+    }
+
+    async fn no_backslash_escapes(&mut self) -> CloudResult<bool> {
+        match self
+            .conn
+            .query_first::<String, _>("SELECT @@SESSION.sql_mode")
+            .await
+        {
+            Ok(mode) => Ok(mode
+                .unwrap_or_default()
+                .to_ascii_uppercase()
+                .contains("NO_BACKSLASH_ESCAPES")),
+            Err(error) => Err(self.fail("read sql_mode", &error)),
+        }
+    }
+
+    async fn close(self) {
+        // The work is done; a failed goodbye changes nothing.
+        let _ = self.conn.disconnect().await;
+    }
+}
+
+#[async_trait]
+impl Database for MySqlDatabase {
+    async fn ensure_database(
+        &self,
+        master: &MasterCredentials,
+        database: &str,
+        user: &str,
+        password: &Secret,
+    ) -> CloudResult<()> {
+        let db = quote_identifier("database", database)?;
+        let account = format!("{}@'%'", quote_identifier("user", user)?);
+        if password.is_empty() || password.expose().contains('\0') {
+            return Err(CloudError::fatal(format!(
+                "refusing an empty password or one with a NUL character for mysql user {user}"
+            )));
+        }
+        let mut session = Session::open(master).await?;
+        session.secrets.push(password.expose());
+        let result = async {
+            session
+                .run(
+                    &format!("create database {database}"),
+                    &format!(
+                        "CREATE DATABASE IF NOT EXISTS {db} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"
+                    ),
+                )
+                .await?;
+            let mut literal = Vec::new();
+            string_literal(
+                &mut literal,
+                password.expose().as_bytes(),
+                session.no_backslash_escapes().await?,
+            );
+            // Valid UTF-8 in, only ASCII escapes added: still valid UTF-8.
+            let literal = String::from_utf8_lossy(&literal).into_owned();
+            session
+                .run(
+                    &format!("create user {user}"),
+                    &format!("CREATE USER IF NOT EXISTS {account} IDENTIFIED BY {literal}"),
+                )
+                .await?;
+            // The user may exist from an earlier attempt with another password: this call
+            // decides the password.
+            session
+                .run(
+                    &format!("set password of user {user}"),
+                    &format!("ALTER USER {account} IDENTIFIED BY {literal}"),
+                )
+                .await?;
+            session
+                .run(
+                    &format!("grant {user} on {database}"),
+                    &format!("GRANT ALL PRIVILEGES ON {db}.* TO {account}"),
+                )
+                .await
+        }
+        .await;
+        session.close().await;
+        result
+    }
+
+    async fn drop_database(
+        &self,
+        master: &MasterCredentials,
+        database: &str,
+        user: &str,
+    ) -> CloudResult<()> {
+        let db = quote_identifier("database", database)?;
+        let account = format!("{}@'%'", quote_identifier("user", user)?);
+        let mut session = Session::open(master).await?;
+        let result = async {
+            session
+                .run(
+                    &format!("drop user {user}"),
+                    &format!("DROP USER IF EXISTS {account}"),
+                )
+                .await?;
+            session
+                .run(
+                    &format!("drop database {database}"),
+                    &format!("DROP DATABASE IF EXISTS {db}"),
+                )
+                .await
+        }
+        .await;
+        session.close().await;
+        result
+    }
+
+    async fn dump_database(
+        &self,
+        master: &MasterCredentials,
+        database: &str,
+    ) -> CloudResult<Vec<u8>> {
+        let db = quote_identifier("database", database)?;
+        let mut session = Session::open(master).await?;
+        let result = dump(&mut session, database, &db).await;
+        session.close().await;
+        result
+    }
+
+    async fn database_exists(
+        &self,
+        master: &MasterCredentials,
+        database: &str,
+    ) -> CloudResult<bool> {
+        quote_identifier("database", database)?;
+        let mut session = Session::open(master).await?;
+        let result = session
+            .count(
+                &format!("look up database {database}"),
+                "SELECT COUNT(*) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = ?",
+                vec![database.into()],
+            )
+            .await;
+        session.close().await;
+        Ok(result? > 0)
+    }
+
+    /// Whether `user@'%'` (the account `ensure_database` makes) exists.
+    async fn user_exists(&self, master: &MasterCredentials, user: &str) -> CloudResult<bool> {
+        quote_identifier("user", user)?;
+        let mut session = Session::open(master).await?;
+        let result = session
+            .count(
+                &format!("look up user {user}"),
+                "SELECT COUNT(*) FROM mysql.user WHERE User = ? AND Host = '%'",
+                vec![user.into()],
+            )
+            .await;
+        session.close().await;
+        Ok(result? > 0)
+    }
+}
+
+/// Header of every dump: the restoring session gets the settings the dump was written for
+/// (like mysqldump's): utf8mb4, UTC for TIMESTAMP values, backslash escapes on (by
+/// resetting sql_mode), explicit zeros kept in AUTO_INCREMENT columns, and no foreign-key
+/// or unique checks while tables are refilled in name order. The trailer restores them.
+const DUMP_HEADER: &str = "SET NAMES utf8mb4;
+SET @OLD_TIME_ZONE = @@TIME_ZONE, TIME_ZONE = '+00:00';
+SET @OLD_SQL_MODE = @@SQL_MODE, SQL_MODE = 'NO_AUTO_VALUE_ON_ZERO';
+SET @OLD_FOREIGN_KEY_CHECKS = @@FOREIGN_KEY_CHECKS, FOREIGN_KEY_CHECKS = 0;
+SET @OLD_UNIQUE_CHECKS = @@UNIQUE_CHECKS, UNIQUE_CHECKS = 0;
+";
+
+const DUMP_TRAILER: &str = "SET UNIQUE_CHECKS = @OLD_UNIQUE_CHECKS;
+SET FOREIGN_KEY_CHECKS = @OLD_FOREIGN_KEY_CHECKS;
+SET SQL_MODE = @OLD_SQL_MODE;
+SET TIME_ZONE = @OLD_TIME_ZONE;
+";
+
+/// Base tables (schema and rows) of `database`, in a consistent snapshot. Views, triggers
+/// and routines are not dumped: WordPress uses none.
+async fn dump(session: &mut Session<'_>, database: &str, db: &str) -> CloudResult<Vec<u8>> {
+    if session
+        .count(
+            &format!("look up database {database}"),
+            "SELECT COUNT(*) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = ?",
+            vec![database.into()],
+        )
+        .await?
+        == 0
+    {
+        return Err(CloudError::new(
+            ErrorKind::NotFound,
+            format!("dump {database}: no such database"),
+        ));
+    }
+    // Same values as the header tells the restoring session to use.
+    session
+        .run("prepare dump session", "SET SESSION TIME_ZONE = '+00:00'")
+        .await?;
+    session
+        .run(
+            "prepare dump session",
+            "SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ",
+        )
+        .await?;
+    session
+        .run(
+            "start snapshot",
+            "START TRANSACTION WITH CONSISTENT SNAPSHOT",
+        )
+        .await?;
+    let tables: Vec<String> = session
+        .conn
+        .exec(
+            "SELECT TABLE_NAME FROM information_schema.TABLES \
+             WHERE TABLE_SCHEMA = ? AND TABLE_TYPE = 'BASE TABLE' ORDER BY TABLE_NAME",
+            (database,),
+        )
+        .await
+        .map_err(|e| session.fail(&format!("list tables of {database}"), &e))?;
+
+    let mut out = Vec::new();
+    let _ = writeln!(
+        Text(&mut out),
+        "-- instance-manager logical dump of database {database}\n-- restore into any database: it names none"
+    );
+    out.extend_from_slice(DUMP_HEADER.as_bytes());
+    for table in &tables {
+        dump_table(session, database, db, table, &mut out).await?;
+    }
+    out.extend_from_slice(DUMP_TRAILER.as_bytes());
+    session.run("end snapshot", "COMMIT").await?;
+    Ok(out)
+}
+
+async fn dump_table(
+    session: &mut Session<'_>,
+    database: &str,
+    db: &str,
+    table: &str,
+    out: &mut Vec<u8>,
+) -> CloudResult<()> {
+    let quoted_table = quote_any_identifier(table);
+    let create: Option<(String, String)> = session
+        .conn
+        .query_first(format!("SHOW CREATE TABLE {db}.{quoted_table}"))
+        .await
+        .map_err(|e| session.fail(&format!("show create table {database}.{table}"), &e))?;
+    let Some((_, create)) = create else {
+        return Err(CloudError::fatal(format!(
+            "show create table {database}.{table}: no answer"
+        )));
+    };
+    let _ = write!(
+        Text(out),
+        "\n-- table {quoted_table}\nDROP TABLE IF EXISTS {quoted_table};\n{create};\n"
+    );
+
+    // Generated columns cannot be given values; every other column is listed explicitly
+    // (which also covers invisible columns that `SELECT *` would miss).
+    let columns: Vec<String> = session
+        .conn
+        .exec(
+            "SELECT COLUMN_NAME FROM information_schema.COLUMNS \
+             WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? AND COALESCE(GENERATION_EXPRESSION, '') = '' \
+             ORDER BY ORDINAL_POSITION",
+            (database, table),
+        )
+        .await
+        .map_err(|e| session.fail(&format!("list columns of {database}.{table}"), &e))?;
+    if columns.is_empty() {
+        return Ok(());
+    }
+    let column_list = columns
+        .iter()
+        .map(|c| quote_any_identifier(c))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let insert_prefix = format!("INSERT INTO {quoted_table} ({column_list}) VALUES\n");
+
+    let what = format!("read rows of {database}.{table}");
+    let secrets = session.secrets.clone();
+    let mut result = session
+        .conn
+        .query_iter(format!("SELECT {column_list} FROM {db}.{quoted_table}"))
+        .await
+        .map_err(|e| classify_mysql(&what, &e, &secrets))?;
+    let kinds: Vec<ValueKind> = result.columns_ref().iter().map(ValueKind::of).collect();
+    let mut batch: Vec<u8> = Vec::new();
+    loop {
+        let row = match result.next().await {
+            Ok(Some(row)) => row,
+            Ok(None) => break,
+            Err(error) => return Err(classify_mysql(&what, &error, &secrets)),
+        };
+        batch.extend_from_slice(if batch.is_empty() { b"(" } else { b",\n(" });
+        for (i, value) in row.unwrap().into_iter().enumerate() {
+            if i > 0 {
+                batch.push(b',');
+            }
+            render_value(
+                &mut batch,
+                &value,
+                kinds.get(i).copied().unwrap_or(ValueKind::Text),
+            );
+        }
+        batch.push(b')');
+        if batch.len() >= INSERT_BATCH_BYTES {
+            flush_insert(out, &insert_prefix, &mut batch);
+        }
+    }
+    flush_insert(out, &insert_prefix, &mut batch);
+    Ok(())
+}
+
+fn flush_insert(out: &mut Vec<u8>, prefix: &str, batch: &mut Vec<u8>) {
+    if batch.is_empty() {
+        return;
+    }
+    out.extend_from_slice(prefix.as_bytes());
+    out.append(batch);
+    out.extend_from_slice(b";\n");
+}
+
+/// How a column's values are written back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ValueKind {
+    /// Numbers: written bare when they look like a number.
+    Number,
+    /// Bytes that are no text in any character set (BLOB, BINARY, BIT, geometry): hex.
+    Binary,
+    /// Everything else (text, dates, JSON, ENUM, …): a string in the connection's utf8mb4.
+    Text,
+}
+
+/// The `binary` pseudo character set.
+const BINARY_CHARSET: u16 = 63;
+
+impl ValueKind {
+    fn of(column: &mysql_async::Column) -> Self {
+        use ColumnType::*;
+        match column.column_type() {
+            MYSQL_TYPE_DECIMAL
+            | MYSQL_TYPE_NEWDECIMAL
+            | MYSQL_TYPE_TINY
+            | MYSQL_TYPE_SHORT
+            | MYSQL_TYPE_LONG
+            | MYSQL_TYPE_FLOAT
+            | MYSQL_TYPE_DOUBLE
+            | MYSQL_TYPE_LONGLONG
+            | MYSQL_TYPE_INT24
+            | MYSQL_TYPE_YEAR => ValueKind::Number,
+            MYSQL_TYPE_BIT | MYSQL_TYPE_GEOMETRY => ValueKind::Binary,
+            MYSQL_TYPE_STRING
+            | MYSQL_TYPE_VAR_STRING
+            | MYSQL_TYPE_VARCHAR
+            | MYSQL_TYPE_BLOB
+            | MYSQL_TYPE_TINY_BLOB
+            | MYSQL_TYPE_MEDIUM_BLOB
+            | MYSQL_TYPE_LONG_BLOB
+                if column.character_set() == BINARY_CHARSET =>
+            {
+                ValueKind::Binary
+            }
+            _ => ValueKind::Text,
+        }
+    }
+}
+
+fn render_value(out: &mut Vec<u8>, value: &Value, kind: ValueKind) {
+    let bytes: Vec<u8> = match value {
+        Value::NULL => {
+            out.extend_from_slice(b"NULL");
+            return;
+        }
+        Value::Bytes(bytes) => bytes.clone(),
+        // The text protocol sends bytes only; other variants are rendered as text.
+        other => other.as_sql(true).trim_matches('\'').as_bytes().to_vec(),
+    };
+    match kind {
+        ValueKind::Number
+            if !bytes.is_empty()
+                && bytes.iter().all(|b| {
+                    b.is_ascii_digit() || matches!(b, b'-' | b'+' | b'.' | b'e' | b'E')
+                }) =>
+        {
+            out.extend_from_slice(&bytes);
+        }
+        ValueKind::Binary => {
+            out.extend_from_slice(b"X'");
+            out.extend_from_slice(hex::encode_upper(&bytes).as_bytes());
+            out.push(b'\'');
+        }
+        _ => string_literal(out, &bytes, false),
+    }
+}
+
+/// `fmt::Write` into a byte buffer.
+struct Text<'a>(&'a mut Vec<u8>);
+
+impl std::fmt::Write for Text<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.0.extend_from_slice(s.as_bytes());
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers_outside_the_safe_set_are_refused() {
+        assert_eq!(
+            quote_identifier("database", "tenant_acme_db").unwrap(),
+            "`tenant_acme_db`"
+        );
+        for bad in ["", "a`b", "a;b", "a'b", "A", "a-b", "a b", &"x".repeat(65)] {
+            let error = quote_identifier("database", bad).unwrap_err();
+            assert_eq!(error.kind, ErrorKind::Fatal, "{bad}");
+        }
+    }
+
+    #[test]
+    fn literals_escape_for_either_sql_mode() {
+        let mut out = Vec::new();
+        string_literal(&mut out, b"a'b\\c\0\n", false);
+        assert_eq!(out, b"'a\\'b\\\\c\\0\\n'");
+        let mut out = Vec::new();
+        string_literal(&mut out, b"a'b\\c", true);
+        assert_eq!(out, b"'a''b\\c'");
+    }
+
+    #[test]
+    fn redaction_covers_escaped_forms() {
+        let text = redact("near 'p\\'w' and p'w and p''w", &["p'w"]);
+        assert!(!text.contains("p'w") && !text.contains("p\\'w"), "{text}");
+    }
+
+    #[test]
+    fn values_render_by_kind() {
+        let mut out = Vec::new();
+        render_value(&mut out, &Value::Bytes(b"42".to_vec()), ValueKind::Number);
+        out.push(b' ');
+        render_value(&mut out, &Value::Bytes(vec![0, 255]), ValueKind::Binary);
+        out.push(b' ');
+        render_value(&mut out, &Value::Bytes(b"it's".to_vec()), ValueKind::Text);
+        out.push(b' ');
+        render_value(&mut out, &Value::NULL, ValueKind::Text);
+        assert_eq!(String::from_utf8(out).unwrap(), "42 X'00FF' 'it\\'s' NULL");
+    }
+}

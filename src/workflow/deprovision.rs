@@ -1,0 +1,276 @@
+//! Deprovisioning: archive first (database dump and wp-content to the environment's
+//! archive bucket), then remove every resource in reverse order of creation, then prove by
+//! a tag scan that nothing of the tenant is left.
+
+use std::io::Write as _;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::cloud::{CloudEnv, OneOffTaskSpec};
+use crate::domain::{Instance, InstanceState, Operation, Verb};
+
+use super::provision::{
+    self, ACCESS_POINT, DATABASE, LISTENER_RULE, SECRET, SERVICE, TARGET_GROUP, TASK_DEFINITION,
+    USER_POOL, master_credentials,
+};
+use super::{StepCtx, StepError, StepResult, Workflow, WorkflowStates};
+
+pub const ARCHIVE_DATABASE: &str = "archive_database";
+pub const START_CONTENT_ARCHIVE: &str = "start_content_archive";
+pub const AWAIT_CONTENT_ARCHIVE: &str = "await_content_archive";
+pub const VERIFY: &str = "verify";
+
+pub struct Deprovision;
+
+/// Where a deprovisioning's archive goes: `archives/{env}/{tenant}/{instance}/{operation}/`.
+pub fn archive_prefix(ctx: &StepCtx) -> String {
+    format!(
+        "archives/{}/{}/{}/{}/",
+        ctx.instance.spec.environment.short(),
+        ctx.instance.name.tenant,
+        ctx.instance.name.instance,
+        ctx.operation.id
+    )
+}
+
+fn skip_archive(operation: &Operation) -> bool {
+    operation.params["skip_archive"].as_bool().unwrap_or(false)
+}
+
+#[async_trait]
+impl Workflow for Deprovision {
+    fn verb(&self) -> Verb {
+        Verb::Delete
+    }
+
+    fn plan(
+        &self,
+        operation: &Operation,
+        _: &Instance,
+        cloud: &CloudEnv,
+    ) -> Vec<Vec<&'static str>> {
+        let mut stages = Vec::new();
+        if !skip_archive(operation) {
+            stages.push(vec![ARCHIVE_DATABASE, START_CONTENT_ARCHIVE]);
+            stages.push(vec![AWAIT_CONTENT_ARCHIVE]);
+        }
+        stages.push(vec![SERVICE]);
+        let mut third = vec![LISTENER_RULE, TASK_DEFINITION];
+        if cloud.platform.cognito_enabled {
+            third.push(USER_POOL);
+        }
+        stages.push(third);
+        stages.push(vec![TARGET_GROUP, DATABASE, SECRET, ACCESS_POINT]);
+        stages.push(vec![VERIFY]);
+        stages
+    }
+
+    async fn run(&self, ctx: &StepCtx, step: &str) -> StepResult<Option<String>> {
+        match step {
+            ARCHIVE_DATABASE => archive_database(ctx).await.map(Some),
+            START_CONTENT_ARCHIVE => start_content_archive(ctx).await.map(Some),
+            AWAIT_CONTENT_ARCHIVE => await_content_archive(ctx).await.map(Some),
+            VERIFY => verify(ctx).await.map(|()| None),
+            // The instance recorded what provisioning made; names and tags find the rest.
+            other => {
+                let recorded = ctx.instance.resources.get(other).map(String::as_str);
+                provision::remove(ctx, other, recorded).await.map(|()| None)
+            }
+        }
+    }
+
+    async fn undo(&self, _: &StepCtx, _: &str, _: Option<&str>) -> StepResult<()> {
+        // Removal cannot be undone; a failed deprovisioning is retried instead.
+        Ok(())
+    }
+
+    fn rolls_back(&self) -> bool {
+        false
+    }
+
+    fn states(&self) -> WorkflowStates {
+        WorkflowStates {
+            running: InstanceState::Deprovisioning,
+            success: InstanceState::Deprovisioned,
+            failure: InstanceState::Failed,
+        }
+    }
+
+    fn deadline(&self) -> Duration {
+        Duration::from_secs(20 * 60)
+    }
+}
+
+async fn archive_database(ctx: &StepCtx) -> StepResult<String> {
+    let master = master_credentials(ctx).await?;
+    let database = &ctx.cloud.database;
+    let key = format!("{}database.sql.gz", archive_prefix(ctx));
+    let dump = if database
+        .database_exists(&master, &ctx.names.database)
+        .await?
+    {
+        database.dump_database(&master, &ctx.names.database).await?
+    } else {
+        b"-- the tenant database did not exist at deprovisioning\n".to_vec()
+    };
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder
+        .write_all(&dump)
+        .and_then(|()| encoder.try_finish())
+        .map_err(|e| StepError::Fatal(format!("cannot compress the dump: {e}")))?;
+    let body = encoder
+        .finish()
+        .map_err(|e| StepError::Fatal(format!("cannot compress the dump: {e}")))?;
+    let bucket = &ctx.cloud.platform.archive_bucket;
+    ctx.cloud
+        .objects
+        .put_object(bucket, &key, body, &ctx.tags("archive"))
+        .await?;
+    Ok(format!("s3://{bucket}/{key}"))
+}
+
+fn archiver_family(ctx: &StepCtx) -> String {
+    format!("{}-archiver", ctx.names.stack)
+}
+
+/// Starts the one-off task that tars wp-content (through the tenant's access point) into the
+/// archive bucket; the next stage waits for it.
+async fn start_content_archive(ctx: &StepCtx) -> StepResult<String> {
+    let platform = &ctx.cloud.platform;
+    let access_point = match ctx.instance.resources.get(ACCESS_POINT) {
+        Some(id) => id.clone(),
+        None => ctx
+            .cloud
+            .files
+            .find_tagged(&platform.file_system_id, &ctx.component_tags("efs"))
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| StepError::Fatal("no access point to archive".into()))?,
+    };
+    let key = format!("{}wp-content.tar.gz", archive_prefix(ctx));
+    let spec = OneOffTaskSpec {
+        cluster: platform.cluster.clone(),
+        family: archiver_family(ctx),
+        image: platform.archiver_image.clone(),
+        command: vec![
+            "sh".into(),
+            "-c".into(),
+            "tar czf /tmp/wp-content.tar.gz -C /mnt/wp-content . && aws s3 cp /tmp/wp-content.tar.gz \"s3://$ARCHIVE_BUCKET/$ARCHIVE_KEY\"".into(),
+        ],
+        environment: vec![
+            ("ARCHIVE_BUCKET".into(), platform.archive_bucket.clone()),
+            ("ARCHIVE_KEY".into(), key),
+        ],
+        file_system_id: platform.file_system_id.clone(),
+        access_point_id: access_point,
+        subnets: platform.subnets.clone(),
+        security_groups: platform.security_groups.clone(),
+        execution_role_arn: platform.execution_role_arn.clone(),
+        task_role_arn: platform.task_role_arn.clone(),
+        tags: ctx.tags("archiver"),
+    };
+    Ok(ctx.cloud.compute.run_task(&spec).await?)
+}
+
+async fn await_content_archive(ctx: &StepCtx) -> StepResult<String> {
+    let platform = &ctx.cloud.platform;
+    let task = ctx.require_output(START_CONTENT_ARCHIVE)?;
+    let status = ctx
+        .cloud
+        .compute
+        .task_status(&platform.cluster, task)
+        .await?
+        .ok_or_else(|| StepError::Fatal(format!("archiver task {task} is gone")))?;
+    if status.last_status != "STOPPED" {
+        return Err(StepError::NotYet(format!(
+            "archiver is {}",
+            status.last_status
+        )));
+    }
+    match status.exit_code {
+        Some(0) => {}
+        // An emulator runs no containers, so no exit code is ever reported there.
+        None if platform.emulator => {}
+        other => {
+            return Err(StepError::Fatal(format!(
+                "archiver task stopped with exit code {other:?}"
+            )));
+        }
+    }
+    // The one-off task definition is ours too: leave nothing tagged behind.
+    ctx.cloud
+        .compute
+        .deregister_task_definitions(&archiver_family(ctx))
+        .await?;
+    let manifest = serde_json::json!({
+        "instance": ctx.instance.name.to_string(),
+        "operation": ctx.operation.id.to_string(),
+        "database": ctx.output(ARCHIVE_DATABASE),
+        "content": format!("s3://{}/{}wp-content.tar.gz", platform.archive_bucket, archive_prefix(ctx)),
+        "archiver_task": task,
+        "retention_days": 90,
+    });
+    let key = format!("{}manifest.json", archive_prefix(ctx));
+    ctx.cloud
+        .objects
+        .put_object(
+            &platform.archive_bucket,
+            &key,
+            manifest.to_string().into_bytes(),
+            &ctx.tags("archive"),
+        )
+        .await?;
+    Ok(format!("s3://{}/{key}", platform.archive_bucket))
+}
+
+/// Nothing tagged for the tenant may remain, and neither the database nor its user.
+async fn verify(ctx: &StepCtx) -> StepResult<()> {
+    let cloud = &ctx.cloud;
+    let platform = &cloud.platform;
+    let tags = ctx.tenant_tags();
+    let mut left = Vec::new();
+    left.extend(
+        cloud
+            .files
+            .find_tagged(&platform.file_system_id, &tags)
+            .await?,
+    );
+    left.extend(cloud.secrets.find_tagged(&tags).await?);
+    left.extend(
+        cloud
+            .routing
+            .find_tagged(&platform.listener_arn, &tags)
+            .await?,
+    );
+    left.extend(cloud.compute.find_tagged(&platform.cluster, &tags).await?);
+    if platform.cognito_enabled {
+        left.extend(cloud.identity.find_tagged(&tags).await?);
+    }
+    let master = master_credentials(ctx).await?;
+    if cloud
+        .database
+        .database_exists(&master, &ctx.names.database)
+        .await?
+    {
+        left.push(format!("database {}", ctx.names.database));
+    }
+    if cloud
+        .database
+        .user_exists(&master, &ctx.names.database_user)
+        .await?
+    {
+        left.push(format!("database user {}", ctx.names.database_user));
+    }
+    if left.is_empty() {
+        Ok(())
+    } else {
+        // Some deletions settle a moment later (ECS services drain); retry with backoff
+        // before declaring orphans.
+        Err(StepError::Transient(format!(
+            "resources remain: {}",
+            left.join(", ")
+        )))
+    }
+}

@@ -1,0 +1,94 @@
+//! Deliberate faults, for crash and failure tests of the real binary (configured with
+//! `failpoints = ["service=pause"]` or `IM_FAILPOINTS=service=pause`; empty by default and
+//! announced loudly at start-up when set).
+//!
+//! - `STEP=pause`: the step blocks before its action until the process is killed;
+//! - `STEP=error`: the step fails (fatally) before its action;
+//! - `STEP=error-after`: the step fails after its action took effect.
+
+use async_trait::async_trait;
+
+use crate::domain::Operation;
+
+use super::{StepError, StepHook, StepResult};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Pause,
+    Error,
+    ErrorAfter,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Failpoints(Vec<(String, Action)>);
+
+impl Failpoints {
+    pub fn parse(specs: &[String]) -> Result<Self, String> {
+        let mut points = Vec::new();
+        for spec in specs {
+            let (step, action) = spec
+                .split_once('=')
+                .ok_or_else(|| format!("failpoint {spec:?} is not STEP=ACTION"))?;
+            let action = match action {
+                "pause" => Action::Pause,
+                "error" => Action::Error,
+                "error-after" => Action::ErrorAfter,
+                other => {
+                    return Err(format!(
+                        "failpoint action {other:?} is not pause, error or error-after"
+                    ));
+                }
+            };
+            points.push((step.to_owned(), action));
+        }
+        Ok(Self(points))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn action(&self, step: &str) -> Option<Action> {
+        self.0.iter().find(|(s, _)| s == step).map(|(_, a)| *a)
+    }
+}
+
+#[async_trait]
+impl StepHook for Failpoints {
+    async fn before(&self, _: &Operation, step: &str) -> StepResult<()> {
+        match self.action(step) {
+            Some(Action::Pause) => {
+                tracing::warn!(step, "failpoint: pausing until the process is killed");
+                std::future::pending::<()>().await;
+                Ok(())
+            }
+            Some(Action::Error) => Err(StepError::Fatal(format!("failpoint: {step} fails"))),
+            _ => Ok(()),
+        }
+    }
+
+    async fn after(&self, _: &Operation, step: &str) -> StepResult<()> {
+        match self.action(step) {
+            Some(Action::ErrorAfter) => Err(StepError::Fatal(format!(
+                "failpoint: {step} fails after its action"
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_rejects() {
+        let points =
+            Failpoints::parse(&["service=pause".into(), "secret=error-after".into()]).unwrap();
+        assert_eq!(points.action("service"), Some(Action::Pause));
+        assert_eq!(points.action("secret"), Some(Action::ErrorAfter));
+        assert_eq!(points.action("database"), None);
+        assert!(Failpoints::parse(&["service".into()]).is_err());
+        assert!(Failpoints::parse(&["service=explode".into()]).is_err());
+    }
+}

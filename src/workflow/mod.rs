@@ -1,0 +1,205 @@
+//! Durable workflows. Every mutating request is an operation in the store; workers in every
+//! replica claim runnable operations with a conditional write (a lease), run their steps,
+//! record each step's outcome before starting the next, and undo what they did when a step
+//! fails for good. A replica that dies stops renewing its lease, and another replica resumes
+//! the operation from its recorded steps — so every step is idempotent (`ensure`).
+
+pub mod deprovision;
+pub mod engine;
+pub mod events;
+pub mod failpoints;
+pub mod provision;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::cloud::{CloudEnv, CloudError, ErrorKind, Tags};
+use crate::domain::naming::{ResourceNames, TagContext};
+use crate::domain::{Instance, InstanceState, Operation, Verb};
+use crate::store::StateStore;
+
+pub use engine::{Engine, EngineSettings};
+pub use events::EventBus;
+
+/// Why a step did not succeed this time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepError {
+    /// Worth retrying with backoff (throttling, timeouts, 5xx).
+    Transient(String),
+    /// Waiting for something to converge (a rollout, a task): poll again, bounded only by the
+    /// operation's deadline.
+    NotYet(String),
+    /// Retrying will not help.
+    Fatal(String),
+}
+
+impl StepError {
+    pub fn message(&self) -> &str {
+        match self {
+            StepError::Transient(m) | StepError::NotYet(m) | StepError::Fatal(m) => m,
+        }
+    }
+}
+
+impl From<CloudError> for StepError {
+    fn from(error: CloudError) -> Self {
+        match error.kind {
+            ErrorKind::Retryable => StepError::Transient(error.message),
+            _ => StepError::Fatal(error.message),
+        }
+    }
+}
+
+impl From<crate::store::StoreError> for StepError {
+    fn from(error: crate::store::StoreError) -> Self {
+        match error {
+            crate::store::StoreError::Unavailable(m) => StepError::Transient(m),
+            crate::store::StoreError::Contention => StepError::Transient("store contention".into()),
+            other => StepError::Fatal(other.to_string()),
+        }
+    }
+}
+
+pub type StepResult<T> = Result<T, StepError>;
+
+/// Tag settings shared by every workflow.
+#[derive(Debug, Clone)]
+pub struct TagSettings {
+    pub prefix: String,
+    pub project: String,
+}
+
+/// What a step can see: the operation as recorded so far (with earlier steps' outputs), the
+/// instance, and the environment's adapters.
+pub struct StepCtx {
+    pub operation: Operation,
+    pub instance: Instance,
+    pub cloud: CloudEnv,
+    pub store: std::sync::Arc<dyn StateStore>,
+    pub names: ResourceNames,
+    pub tag_settings: TagSettings,
+}
+
+impl StepCtx {
+    /// The recorded output (resource id) of an earlier step.
+    pub fn output(&self, step: &str) -> Option<&str> {
+        self.operation
+            .steps
+            .iter()
+            .find(|s| s.name == step)
+            .and_then(|s| s.resource_id.as_deref())
+    }
+
+    pub fn require_output(&self, step: &str) -> StepResult<&str> {
+        self.output(step)
+            .ok_or_else(|| StepError::Fatal(format!("step {step} recorded no resource")))
+    }
+
+    fn tag_context(&self) -> TagContext<'_> {
+        let spec = &self.instance.spec;
+        TagContext {
+            prefix: &self.tag_settings.prefix,
+            tenant: &self.instance.name.tenant,
+            environment: spec.environment,
+            project: &self.tag_settings.project,
+            cost_center: &spec.cost_center,
+            opportunity: &spec.opportunity_id,
+        }
+    }
+
+    /// The unified tags of one component.
+    pub fn tags(&self, component: &str) -> Tags {
+        self.tag_context().tags(component)
+    }
+
+    /// Tags that identify every resource of this tenant in this environment (for scans).
+    pub fn tenant_tags(&self) -> Tags {
+        let all = self.tag_context().tags("");
+        all.into_iter()
+            .filter(|(key, _)| {
+                key.ends_with(crate::domain::naming::tag_keys::TENANT_ID)
+                    || key.ends_with(crate::domain::naming::tag_keys::ENVIRONMENT)
+                    || key.ends_with(crate::domain::naming::tag_keys::MANAGED_BY)
+            })
+            .collect()
+    }
+
+    /// Tags that identify one component of this tenant.
+    pub fn component_tags(&self, component: &str) -> Tags {
+        let mut tags = self.tenant_tags();
+        tags.push((
+            format!(
+                "{}:{}",
+                self.tag_settings.prefix,
+                crate::domain::naming::tag_keys::COMPONENT
+            ),
+            component.to_owned(),
+        ));
+        tags
+    }
+}
+
+/// Instance states a workflow moves through.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkflowStates {
+    /// Set when a worker claims the operation.
+    pub running: InstanceState,
+    /// Set when the operation completes.
+    pub success: InstanceState,
+    /// Set when the operation fails (after a clean rollback, when the workflow rolls back).
+    pub failure: InstanceState,
+}
+
+/// One kind of operation: its steps, grouped in stages (the steps of a stage run in
+/// parallel; stages run in order), and how to do and undo each step.
+#[async_trait]
+pub trait Workflow: Send + Sync {
+    fn verb(&self) -> Verb;
+
+    /// The stages for this operation, decided when it is first claimed.
+    fn plan(
+        &self,
+        operation: &Operation,
+        instance: &Instance,
+        cloud: &CloudEnv,
+    ) -> Vec<Vec<&'static str>>;
+
+    /// Does the step and returns the id of what it made, if anything. Must be idempotent.
+    async fn run(&self, ctx: &StepCtx, step: &str) -> StepResult<Option<String>>;
+
+    /// Undoes the step; `resource` is what `run` returned, if it got that far. Must succeed
+    /// when there is nothing left to undo.
+    async fn undo(&self, ctx: &StepCtx, step: &str, resource: Option<&str>) -> StepResult<()>;
+
+    /// Whether a failed step leads to undoing the earlier ones.
+    fn rolls_back(&self) -> bool;
+
+    fn states(&self) -> WorkflowStates;
+
+    /// How long an attempt may run before it is declared STUCK.
+    fn deadline(&self) -> Duration;
+}
+
+/// The workflow that runs operations of `verb`.
+pub fn workflow_for(verb: Verb) -> Option<std::sync::Arc<dyn Workflow>> {
+    match verb {
+        Verb::Create => Some(std::sync::Arc::new(provision::Provision)),
+        Verb::Delete => Some(std::sync::Arc::new(deprovision::Deprovision)),
+        _ => None,
+    }
+}
+
+/// Test hook around every step execution (failure injection).
+#[async_trait]
+pub trait StepHook: Send + Sync {
+    /// Called before the step's action; an error fails the attempt as the action would.
+    async fn before(&self, _operation: &Operation, _step: &str) -> StepResult<()> {
+        Ok(())
+    }
+    /// Called after the step's action succeeded; an error fails the attempt even though the
+    /// action's effects exist (the undo must still remove them).
+    async fn after(&self, _operation: &Operation, _step: &str) -> StepResult<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,544 @@
+//! Provisioning: every per-tenant resource of DESIGN.md §1, independent ones in parallel,
+//! then the ECS service, then waiting until it is steady and its targets are healthy.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rand::distr::{Alphanumeric, SampleString};
+
+use crate::cloud::{
+    AccessPointSpec, CloudEnv, HostRuleSpec, MasterCredentials, SecretSpec, ServiceSpec,
+    ServiceStatus, TargetGroupSpec, TaskDefinitionSpec, UserPoolSpec,
+};
+use crate::config::Secret;
+use crate::domain::naming::ResourceNames;
+use crate::domain::{Instance, InstanceState, Operation, Verb};
+use crate::store::{PriorityClaim, StoreError, Write};
+
+use super::{StepCtx, StepError, StepResult, Workflow, WorkflowStates};
+
+pub const ACCESS_POINT: &str = "access_point";
+pub const SECRET: &str = "secret";
+pub const TARGET_GROUP: &str = "target_group";
+pub const USER_POOL: &str = "user_pool";
+pub const DATABASE: &str = "database";
+pub const LISTENER_RULE: &str = "listener_rule";
+pub const TASK_DEFINITION: &str = "task_definition";
+pub const SERVICE: &str = "service";
+pub const WAIT_STEADY: &str = "wait_steady";
+
+/// www-data in the official WordPress image.
+const WWW_DATA: u32 = 33;
+const HIGHEST_PRIORITY: u32 = 50_000;
+
+pub struct Provision;
+
+#[async_trait]
+impl Workflow for Provision {
+    fn verb(&self) -> Verb {
+        Verb::Create
+    }
+
+    fn plan(&self, _: &Operation, _: &Instance, cloud: &CloudEnv) -> Vec<Vec<&'static str>> {
+        let mut independent = vec![ACCESS_POINT, SECRET, TARGET_GROUP];
+        if cloud.platform.cognito_enabled {
+            independent.push(USER_POOL);
+        }
+        vec![
+            independent,
+            vec![DATABASE, LISTENER_RULE, TASK_DEFINITION],
+            vec![SERVICE],
+            vec![WAIT_STEADY],
+        ]
+    }
+
+    async fn run(&self, ctx: &StepCtx, step: &str) -> StepResult<Option<String>> {
+        match step {
+            ACCESS_POINT => ensure_access_point(ctx).await.map(Some),
+            SECRET => ensure_secret(ctx).await.map(Some),
+            TARGET_GROUP => ensure_target_group(ctx).await.map(Some),
+            USER_POOL => ensure_user_pool(ctx).await.map(Some),
+            DATABASE => ensure_database(ctx).await.map(Some),
+            LISTENER_RULE => ensure_listener_rule(ctx).await.map(Some),
+            TASK_DEFINITION => register_task_definition(ctx).await.map(Some),
+            SERVICE => ensure_service(ctx).await.map(Some),
+            WAIT_STEADY => wait_steady(ctx).await.map(|()| None),
+            other => Err(StepError::Fatal(format!("unknown step {other}"))),
+        }
+    }
+
+    async fn undo(&self, ctx: &StepCtx, step: &str, resource: Option<&str>) -> StepResult<()> {
+        remove(ctx, step, resource).await
+    }
+
+    fn rolls_back(&self) -> bool {
+        true
+    }
+
+    fn states(&self) -> WorkflowStates {
+        WorkflowStates {
+            running: InstanceState::Provisioning,
+            success: InstanceState::Active,
+            failure: InstanceState::Failed,
+        }
+    }
+
+    fn deadline(&self) -> Duration {
+        Duration::from_secs(30 * 60)
+    }
+}
+
+/// Removes what one step made; shared by the provisioning undo and deprovisioning. Works
+/// from the recorded id when there is one, otherwise from names and tags, and succeeds
+/// when nothing is left.
+pub async fn remove(ctx: &StepCtx, step: &str, resource: Option<&str>) -> StepResult<()> {
+    let cloud = &ctx.cloud;
+    let platform = &cloud.platform;
+    match step {
+        ACCESS_POINT => {
+            let mut ids: Vec<String> = resource.map(str::to_owned).into_iter().collect();
+            ids.extend(
+                cloud
+                    .files
+                    .find_tagged(&platform.file_system_id, &ctx.component_tags("efs"))
+                    .await?,
+            );
+            for id in dedup(ids) {
+                cloud.files.delete_access_point(&id).await?;
+            }
+        }
+        SECRET => cloud.secrets.delete_secret(&ctx.names.secret).await?,
+        TARGET_GROUP => {
+            let mut arns: Vec<String> = resource.map(str::to_owned).into_iter().collect();
+            arns.extend(
+                cloud
+                    .routing
+                    .find_tagged(&platform.listener_arn, &ctx.component_tags("target-group"))
+                    .await?,
+            );
+            for arn in dedup(arns) {
+                cloud.routing.delete_target_group(&arn).await?;
+            }
+        }
+        USER_POOL => {
+            let mut ids: Vec<String> = resource
+                .and_then(|r| serde_json::from_str::<serde_json::Value>(r).ok())
+                .and_then(|v| v["pool_id"].as_str().map(str::to_owned))
+                .into_iter()
+                .collect();
+            ids.extend(
+                cloud
+                    .identity
+                    .find_tagged(&ctx.component_tags("cognito"))
+                    .await?,
+            );
+            for id in dedup(ids) {
+                cloud.identity.delete_user_pool(&id).await?;
+            }
+        }
+        DATABASE => {
+            let master = master_credentials(ctx).await?;
+            cloud
+                .database
+                .drop_database(&master, &ctx.names.database, &ctx.names.database_user)
+                .await?;
+        }
+        LISTENER_RULE => {
+            let mut arns: Vec<String> = resource.map(str::to_owned).into_iter().collect();
+            arns.extend(
+                cloud
+                    .routing
+                    .find_tagged(&platform.listener_arn, &ctx.component_tags("listener-rule"))
+                    .await?,
+            );
+            for arn in dedup(arns) {
+                cloud.routing.delete_rule(&arn).await?;
+            }
+            release_priority(ctx).await?;
+        }
+        TASK_DEFINITION => {
+            cloud
+                .compute
+                .deregister_task_definitions(&ctx.names.stack)
+                .await?
+        }
+        SERVICE => {
+            cloud
+                .compute
+                .delete_service(&platform.cluster, &ctx.names.stack)
+                .await?
+        }
+        WAIT_STEADY => {}
+        other => return Err(StepError::Fatal(format!("unknown step {other}"))),
+    }
+    Ok(())
+}
+
+fn dedup(mut items: Vec<String>) -> Vec<String> {
+    items.sort();
+    items.dedup();
+    items
+}
+
+async fn ensure_access_point(ctx: &StepCtx) -> StepResult<String> {
+    let spec = AccessPointSpec {
+        file_system_id: ctx.cloud.platform.file_system_id.clone(),
+        client_token: ctx.names.access_point_token.clone(),
+        root_path: ctx.names.access_point_root.clone(),
+        uid: WWW_DATA,
+        gid: WWW_DATA,
+        permissions: "755".into(),
+        tags: ctx.tags("efs"),
+    };
+    Ok(ctx.cloud.files.ensure_access_point(&spec).await?)
+}
+
+/// The tenant's database credentials. The password comes from the OS CSPRNG (through
+/// `rand`'s thread RNG) and is only ever stored in Secrets Manager.
+async fn ensure_secret(ctx: &StepCtx) -> StepResult<String> {
+    let platform = &ctx.cloud.platform;
+    let password = Alphanumeric.sample_string(&mut rand::rng(), 32);
+    let value = serde_json::json!({
+        "engine": "mysql",
+        "host": platform.db_host,
+        "port": platform.db_port,
+        "dbname": ctx.names.database,
+        "username": ctx.names.database_user,
+        "password": password,
+    });
+    let spec = SecretSpec {
+        name: ctx.names.secret.clone(),
+        description: format!("database credentials of {}", ctx.instance.name),
+        value: Secret::new(value.to_string()),
+        tags: ctx.tags("secret"),
+    };
+    let (arn, _) = ctx.cloud.secrets.ensure_secret(&spec).await?;
+    Ok(arn)
+}
+
+async fn ensure_target_group(ctx: &StepCtx) -> StepResult<String> {
+    let spec = TargetGroupSpec {
+        name: ctx.names.target_group.clone(),
+        vpc_id: ctx.cloud.platform.vpc_id.clone(),
+        health_check_path: "/".into(),
+        matcher: "200,301,302".into(),
+        tags: ctx.tags("target-group"),
+    };
+    Ok(ctx.cloud.routing.ensure_target_group(&spec).await?)
+}
+
+async fn ensure_user_pool(ctx: &StepCtx) -> StepResult<String> {
+    let host = ResourceNames::host(&ctx.instance.name.tenant, &ctx.cloud.platform.domain);
+    let spec = UserPoolSpec {
+        name: ctx.names.user_pool.clone(),
+        domain_prefix: ctx.names.cognito_domain.clone(),
+        callback_url: format!("https://{host}/wp-login.php"),
+        tags: ctx.tags("cognito"),
+    };
+    let pool = ctx.cloud.identity.ensure_user_pool(&spec).await?;
+    Ok(serde_json::json!({
+        "pool_id": pool.pool_id,
+        "client_id": pool.client_id,
+        "domain": pool.domain,
+    })
+    .to_string())
+}
+
+fn json_secret(what: &str, secret: &Secret) -> StepResult<serde_json::Value> {
+    serde_json::from_str(secret.expose())
+        .map_err(|_| StepError::Fatal(format!("{what} is not a JSON secret")))
+}
+
+/// The environment's MySQL master credentials, from its master secret.
+pub async fn master_credentials(ctx: &StepCtx) -> StepResult<MasterCredentials> {
+    let platform = &ctx.cloud.platform;
+    let secret = ctx
+        .cloud
+        .secrets
+        .read_secret(&platform.master_secret_arn)
+        .await?;
+    let value = json_secret("the master secret", &secret)?;
+    let field = |name: &str| {
+        value[name]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| StepError::Fatal(format!("the master secret has no {name}")))
+    };
+    let port = value["port"]
+        .as_u64()
+        .or_else(|| value["port"].as_str().and_then(|p| p.parse().ok()))
+        .and_then(|p| u16::try_from(p).ok())
+        .unwrap_or(platform.db_port);
+    Ok(MasterCredentials {
+        host: value["host"]
+            .as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|| platform.db_host.clone()),
+        port,
+        username: field("username")?,
+        password: Secret::new(field("password")?),
+    })
+}
+
+async fn ensure_database(ctx: &StepCtx) -> StepResult<String> {
+    let master = master_credentials(ctx).await?;
+    let tenant = ctx
+        .cloud
+        .secrets
+        .read_secret(ctx.require_output(SECRET)?)
+        .await?;
+    let password = json_secret("the tenant secret", &tenant)?["password"]
+        .as_str()
+        .map(|p| Secret::new(p.to_owned()))
+        .ok_or_else(|| StepError::Fatal("the tenant secret has no password".into()))?;
+    ctx.cloud
+        .database
+        .ensure_database(
+            &master,
+            &ctx.names.database,
+            &ctx.names.database_user,
+            &password,
+        )
+        .await?;
+    Ok(ctx.names.database.clone())
+}
+
+/// Claims a listener priority in the store (a conditional put, so two replicas can never
+/// take the same one), skipping every priority already used on the listener.
+async fn claim_priority(ctx: &StepCtx) -> StepResult<u32> {
+    let listener = &ctx.cloud.platform.listener_arn;
+    for _ in 0..20 {
+        let claims = ctx.store.listener_priorities(listener).await?;
+        if let Some(mine) = claims.iter().find(|c| c.owner == ctx.instance.name) {
+            return Ok(mine.priority);
+        }
+        let mut used: Vec<u32> = claims.iter().map(|c| c.priority).collect();
+        used.extend(ctx.cloud.routing.rule_priorities(listener).await?);
+        let Some(free) = (1..=HIGHEST_PRIORITY).find(|p| !used.contains(p)) else {
+            return Err(StepError::Fatal(
+                "the listener has no free rule priority".into(),
+            ));
+        };
+        let claim = PriorityClaim {
+            listener_arn: listener.clone(),
+            priority: free,
+            owner: ctx.instance.name.clone(),
+        };
+        match ctx.store.commit(vec![Write::ClaimPriority(claim)]).await {
+            Ok(()) => return Ok(free),
+            Err(StoreError::Conflict { .. } | StoreError::Contention) => continue,
+            Err(other) => return Err(other.into()),
+        }
+    }
+    Err(StepError::Transient(
+        "listener priorities are contended".into(),
+    ))
+}
+
+async fn release_priority(ctx: &StepCtx) -> StepResult<()> {
+    let listener = &ctx.cloud.platform.listener_arn;
+    let claims = ctx.store.listener_priorities(listener).await?;
+    for claim in claims.into_iter().filter(|c| c.owner == ctx.instance.name) {
+        match ctx.store.commit(vec![Write::ReleasePriority(claim)]).await {
+            Ok(()) | Err(StoreError::Conflict { .. }) => {}
+            Err(other) => return Err(other.into()),
+        }
+    }
+    Ok(())
+}
+
+async fn ensure_listener_rule(ctx: &StepCtx) -> StepResult<String> {
+    let priority = claim_priority(ctx).await?;
+    let spec = HostRuleSpec {
+        listener_arn: ctx.cloud.platform.listener_arn.clone(),
+        host: ResourceNames::host(&ctx.instance.name.tenant, &ctx.cloud.platform.domain),
+        target_group_arn: ctx.require_output(TARGET_GROUP)?.to_owned(),
+        priority,
+        tags: ctx.tags("listener-rule"),
+    };
+    match ctx.cloud.routing.ensure_host_rule(&spec).await {
+        Ok(arn) => Ok(arn),
+        // Someone outside the control plane took the priority: give ours back and retry;
+        // the next claim skips every priority the listener already uses.
+        Err(error) if error.kind == crate::cloud::ErrorKind::Conflict => {
+            release_priority(ctx).await?;
+            Err(StepError::Transient(error.message))
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
+async fn register_task_definition(ctx: &StepCtx) -> StepResult<String> {
+    let platform = &ctx.cloud.platform;
+    let spec = &ctx.instance.spec;
+    let definition = TaskDefinitionSpec {
+        family: ctx.names.stack.clone(),
+        cpu: spec.cpu,
+        memory_mib: spec.memory_mib,
+        image: format!("{}:{}", spec.wordpress_image, spec.wordpress_version),
+        file_system_id: platform.file_system_id.clone(),
+        access_point_id: ctx.require_output(ACCESS_POINT)?.to_owned(),
+        secret_arn: ctx.require_output(SECRET)?.to_owned(),
+        db_host: format!("{}:{}", platform.db_host, platform.db_port),
+        db_name: ctx.names.database.clone(),
+        log_group: platform.log_group.clone(),
+        log_region: ctx.cloud.region.clone(),
+        log_stream_prefix: ctx.names.log_stream_prefix.clone(),
+        execution_role_arn: platform.execution_role_arn.clone(),
+        task_role_arn: platform.task_role_arn.clone(),
+        tags: ctx.tags("task-definition"),
+    };
+    Ok(ctx
+        .cloud
+        .compute
+        .register_task_definition(&definition)
+        .await?)
+}
+
+async fn ensure_service(ctx: &StepCtx) -> StepResult<String> {
+    let platform = &ctx.cloud.platform;
+    let spec = ServiceSpec {
+        cluster: platform.cluster.clone(),
+        name: ctx.names.stack.clone(),
+        task_definition_arn: ctx.require_output(TASK_DEFINITION)?.to_owned(),
+        desired_count: ctx.instance.spec.desired_count,
+        subnets: platform.subnets.clone(),
+        security_groups: platform.security_groups.clone(),
+        target_group_arn: ctx.require_output(TARGET_GROUP)?.to_owned(),
+        tags: ctx.tags("service"),
+    };
+    Ok(ctx.cloud.compute.ensure_service(&spec).await?)
+}
+
+/// Steady: every desired task running, one completed deployment, and enough healthy targets.
+async fn wait_steady(ctx: &StepCtx) -> StepResult<()> {
+    let platform = &ctx.cloud.platform;
+    let Some(status) = ctx
+        .cloud
+        .compute
+        .service_status(&platform.cluster, &ctx.names.stack)
+        .await?
+    else {
+        return Err(StepError::Fatal("the ECS service disappeared".into()));
+    };
+    let targets = ctx
+        .cloud
+        .routing
+        .target_health(ctx.require_output(TARGET_GROUP)?)
+        .await?;
+    let healthy = targets
+        .iter()
+        .filter(|(_, state)| state == "healthy")
+        .count() as u32;
+    let required = platform.min_healthy_targets.unwrap_or(status.desired);
+    steadiness(&status, healthy, required, platform.emulator)
+}
+
+/// The decision of `wait_steady`, apart from the calls that observe the service.
+///
+/// An emulator starts no containers, so it never reports running tasks or a finished
+/// rollout (moto keeps the deployment IN_PROGRESS with every task pending): there the
+/// service counts as steady once it is ACTIVE with a single deployment.
+pub fn steadiness(
+    status: &ServiceStatus,
+    healthy: u32,
+    required: u32,
+    emulator: bool,
+) -> StepResult<()> {
+    if status.rollout_state.as_deref() == Some("FAILED") {
+        return Err(StepError::Fatal(
+            "the deployment failed and ECS rolled it back".into(),
+        ));
+    }
+    if status.status != "ACTIVE" {
+        return Err(StepError::NotYet(format!("service is {}", status.status)));
+    }
+    let rollout_done = emulator
+        || status
+            .rollout_state
+            .as_deref()
+            .is_none_or(|s| s == "COMPLETED");
+    let tasks_ready = emulator || status.running >= status.desired;
+    if !tasks_ready || status.deployments > 1 || !rollout_done {
+        return Err(StepError::NotYet(format!(
+            "{}/{} tasks running, {} deployments, rollout {:?}{}",
+            status.running,
+            status.desired,
+            status.deployments,
+            status.rollout_state,
+            if emulator { " (emulator)" } else { "" }
+        )));
+    }
+    if healthy < required {
+        return Err(StepError::NotYet(format!(
+            "{healthy}/{required} healthy targets"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(running: u32, deployments: u32, rollout: Option<&str>) -> ServiceStatus {
+        ServiceStatus {
+            status: "ACTIVE".into(),
+            desired: 2,
+            running,
+            pending: 0,
+            rollout_state: rollout.map(str::to_owned),
+            deployments,
+            task_definition: "td".into(),
+        }
+    }
+
+    fn not_yet(result: StepResult<()>) -> bool {
+        matches!(result, Err(StepError::NotYet(_)))
+    }
+
+    #[test]
+    fn steady_needs_tasks_one_deployment_and_healthy_targets() {
+        assert_eq!(
+            steadiness(&status(2, 1, Some("COMPLETED")), 2, 2, false),
+            Ok(())
+        );
+        assert!(not_yet(steadiness(
+            &status(1, 1, Some("COMPLETED")),
+            2,
+            2,
+            false
+        )));
+        assert!(not_yet(steadiness(
+            &status(2, 2, Some("COMPLETED")),
+            2,
+            2,
+            false
+        )));
+        assert!(not_yet(steadiness(
+            &status(2, 1, Some("IN_PROGRESS")),
+            2,
+            2,
+            false
+        )));
+        assert!(not_yet(steadiness(
+            &status(2, 1, Some("COMPLETED")),
+            1,
+            2,
+            false
+        )));
+        assert!(matches!(
+            steadiness(&status(2, 1, Some("FAILED")), 2, 2, false),
+            Err(StepError::Fatal(_))
+        ));
+        let mut draining = status(2, 1, None);
+        draining.status = "DRAINING".into();
+        assert!(not_yet(steadiness(&draining, 2, 2, false)));
+        // An emulator runs no tasks: counts are not observable there, the rest still is.
+        assert_eq!(
+            steadiness(&status(0, 1, Some("IN_PROGRESS")), 0, 0, true),
+            Ok(())
+        );
+        assert!(not_yet(steadiness(&status(0, 2, None), 0, 0, true)));
+    }
+}

@@ -1,0 +1,406 @@
+//! `MySqlDatabase` against the real MariaDB (`common::mysql_url()`).
+//!
+//! Every test uses its own database and user names, so tests run in parallel and leave
+//! nothing behind when they pass.
+
+mod common;
+
+use instance_manager::cloud::mysql::MySqlDatabase;
+use instance_manager::cloud::{Database, ErrorKind, MasterCredentials};
+use instance_manager::config::Secret;
+use mysql_async::prelude::Queryable;
+use mysql_async::{Conn, Opts, OptsBuilder};
+
+fn master() -> MasterCredentials {
+    let opts = Opts::from_url(&common::mysql_url()).expect("IM_TEST_MYSQL_URL is a mysql:// url");
+    MasterCredentials {
+        host: opts.ip_or_hostname().to_owned(),
+        port: opts.tcp_port(),
+        username: opts.user().unwrap_or("root").to_owned(),
+        password: Secret::new(opts.pass().unwrap_or_default()),
+    }
+}
+
+/// Fresh names: `(database, user)`.
+fn names(label: &str) -> (String, String) {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    (
+        format!("it_{label}_{}_db", &id[..10]),
+        format!("it_{label}_{}", &id[..10]),
+    )
+}
+
+async fn connect(
+    master: &MasterCredentials,
+    user: &str,
+    password: &str,
+    db: Option<&str>,
+) -> mysql_async::Result<Conn> {
+    let opts = OptsBuilder::default()
+        .ip_or_hostname(master.host.clone())
+        .tcp_port(master.port)
+        .user(Some(user))
+        .pass(Some(password))
+        .db_name(db)
+        .prefer_socket(false);
+    Conn::new(opts).await
+}
+
+async fn as_master(master: &MasterCredentials) -> Conn {
+    connect(master, &master.username, master.password.expose(), None)
+        .await
+        .expect("master login")
+}
+
+/// Drops the test's leftovers even when an assertion failed halfway.
+async fn cleanup(master: &MasterCredentials, database: &str, user: &str) {
+    let _ = MySqlDatabase::new()
+        .drop_database(master, database, user)
+        .await;
+}
+
+#[tokio::test]
+async fn tenant_database_and_user_lifecycle() {
+    let master = master();
+    let mysql = MySqlDatabase::new();
+    let (database, user) = names("life");
+    let (other_database, other_user) = names("other");
+    let password = Secret::new("first-Pa55'word\\with;odd\"chars");
+
+    // Twice: the second call adopts everything.
+    mysql
+        .ensure_database(&master, &database, &user, &password)
+        .await
+        .unwrap();
+    mysql
+        .ensure_database(&master, &database, &user, &password)
+        .await
+        .unwrap();
+    mysql
+        .ensure_database(
+            &master,
+            &other_database,
+            &other_user,
+            &Secret::new("other-password-1"),
+        )
+        .await
+        .unwrap();
+    assert!(mysql.database_exists(&master, &database).await.unwrap());
+    assert!(mysql.user_exists(&master, &user).await.unwrap());
+
+    let mut admin = as_master(&master).await;
+    let charset: Option<(String, String)> = admin
+        .exec_first(
+            "SELECT DEFAULT_CHARACTER_SET_NAME, DEFAULT_COLLATION_NAME FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = ?",
+            (&database,),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        charset,
+        Some(("utf8mb4".into(), "utf8mb4_unicode_ci".into()))
+    );
+
+    // The tenant logs in with its password and owns its database...
+    let mut tenant = connect(&master, &user, password.expose(), Some(&database))
+        .await
+        .unwrap();
+    tenant
+        .query_drop("CREATE TABLE wp_options (option_id INT PRIMARY KEY, option_value TEXT)")
+        .await
+        .unwrap();
+    tenant
+        .query_drop("INSERT INTO wp_options VALUES (1, 'x')")
+        .await
+        .unwrap();
+    // ...and nothing else.
+    let denied = tenant
+        .query_drop(format!("CREATE TABLE `{other_database}`.intruder (id INT)"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&denied, mysql_async::Error::Server(e) if e.code == 1142 || e.code == 1044),
+        "{denied}"
+    );
+    assert!(
+        connect(&master, &user, password.expose(), Some(&other_database))
+            .await
+            .is_err()
+    );
+    drop(tenant);
+
+    // A reset password replaces the old one.
+    let reset = Secret::new("second-password-2");
+    mysql
+        .ensure_database(&master, &database, &user, &reset)
+        .await
+        .unwrap();
+    assert!(
+        connect(&master, &user, password.expose(), None)
+            .await
+            .is_err(),
+        "old password still works"
+    );
+    let mut tenant = connect(&master, &user, reset.expose(), Some(&database))
+        .await
+        .unwrap();
+    let kept: Option<String> = tenant
+        .query_first("SELECT option_value FROM wp_options")
+        .await
+        .unwrap();
+    assert_eq!(kept.as_deref(), Some("x"), "ensuring again keeps the data");
+    drop(tenant);
+
+    // Drop removes both, and dropping again is fine.
+    mysql
+        .drop_database(&master, &database, &user)
+        .await
+        .unwrap();
+    mysql
+        .drop_database(&master, &database, &user)
+        .await
+        .unwrap();
+    assert!(!mysql.database_exists(&master, &database).await.unwrap());
+    assert!(!mysql.user_exists(&master, &user).await.unwrap());
+    assert!(connect(&master, &user, reset.expose(), None).await.is_err());
+    cleanup(&master, &other_database, &other_user).await;
+    let _ = admin.disconnect().await;
+}
+
+#[tokio::test]
+async fn dump_restores_into_a_fresh_database() {
+    let master = master();
+    let mysql = MySqlDatabase::new();
+    let (database, user) = names("dump");
+    let (restored, restored_user) = names("restore");
+    mysql
+        .ensure_database(&master, &database, &user, &Secret::new("dump-password-1"))
+        .await
+        .unwrap();
+
+    let mut admin = as_master(&master).await;
+    admin.query_drop(format!("USE `{database}`")).await.unwrap();
+    admin
+        .query_drop(
+            "CREATE TABLE wp_posts (
+                id BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,
+                title VARCHAR(200) NOT NULL,
+                body LONGTEXT,
+                price DECIMAL(10,2),
+                ratio DOUBLE,
+                raw BLOB,
+                flags BIT(8),
+                created DATETIME,
+                seen TIMESTAMP NULL,
+                title_len INT AS (CHAR_LENGTH(title)) VIRTUAL
+            ) DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci",
+        )
+        .await
+        .unwrap();
+    admin
+        .query_drop("CREATE TABLE wp_empty (id INT PRIMARY KEY)")
+        .await
+        .unwrap();
+    // A zero id is kept only when asked for: the dump must keep it too.
+    admin
+        .query_drop("SET SESSION sql_mode = CONCAT(@@sql_mode, ',NO_AUTO_VALUE_ON_ZERO')")
+        .await
+        .unwrap();
+    let tricky = "it's a \"quote\", a back\\slash, a newline\n, a tab\t, unicode ✓ 🎉 and ; DROP TABLE x; --";
+    let blob: Vec<u8> = (0..=255).collect();
+    admin
+        .exec_drop(
+            "INSERT INTO wp_posts (id, title, body, price, ratio, raw, flags, created, seen) VALUES (?, ?, ?, ?, ?, ?, b'10100101', ?, ?)",
+            (0u64, "zero id", tricky, "12.50", 0.1f64, blob.clone(), "2024-02-29 23:59:59", "2024-01-01 00:00:00"),
+        )
+        .await
+        .unwrap();
+    admin
+        .query_drop("INSERT INTO wp_posts (title, body) VALUES ('second', NULL)")
+        .await
+        .unwrap();
+    // Enough rows to need several INSERT statements.
+    let bulk: Vec<String> = (0..600)
+        .map(|i| format!("('bulk {i}', REPEAT('y', 2000))"))
+        .collect();
+    admin
+        .query_drop(format!(
+            "INSERT INTO wp_posts (title, body) VALUES {}",
+            bulk.join(",")
+        ))
+        .await
+        .unwrap();
+
+    let dump = mysql.dump_database(&master, &database).await.unwrap();
+    let text = String::from_utf8(dump).expect("the dump is UTF-8");
+    assert!(
+        text.contains("CREATE TABLE `wp_posts`"),
+        "{}",
+        &text[..text.len().min(2000)]
+    );
+    assert!(text.contains("CREATE TABLE `wp_empty`"));
+    assert!(text.contains("INSERT INTO `wp_posts`"));
+    assert!(
+        text.matches("INSERT INTO `wp_posts`").count() > 1,
+        "rows are batched"
+    );
+    assert!(
+        !text.contains(&format!("`{database}`")) && !text.contains("USE "),
+        "the dump refers to no database"
+    );
+
+    // Restore into a fresh database and compare every row.
+    mysql
+        .ensure_database(
+            &master,
+            &restored,
+            &restored_user,
+            &Secret::new("restore-password-1"),
+        )
+        .await
+        .unwrap();
+    let mut restore = as_master(&master).await;
+    restore
+        .query_drop(format!("USE `{restored}`"))
+        .await
+        .unwrap();
+    // The server's strict default mode must not be what the dump relies on.
+    restore
+        .query_drop("SET SESSION sql_mode = 'NO_BACKSLASH_ESCAPES,STRICT_ALL_TABLES'")
+        .await
+        .unwrap();
+    restore.query_drop(&text).await.expect("the dump restores");
+    let mode: Option<String> = restore
+        .query_first("SELECT @@SESSION.sql_mode")
+        .await
+        .unwrap();
+    let mut mode: Vec<String> = mode.unwrap().split(',').map(str::to_owned).collect();
+    mode.sort();
+    assert_eq!(
+        mode,
+        ["NO_BACKSLASH_ESCAPES", "STRICT_ALL_TABLES"],
+        "the dump restores the session"
+    );
+
+    let checksum = |db: &str| {
+        format!(
+            "SELECT COUNT(*), SUM(CRC32(CONCAT_WS('|', id, title, body, price, ratio, HEX(raw), flags + 0, created, seen, title_len))) FROM `{db}`.wp_posts"
+        )
+    };
+    let original: Option<(u64, u64)> = admin.query_first(checksum(&database)).await.unwrap();
+    let copy: Option<(u64, u64)> = admin.query_first(checksum(&restored)).await.unwrap();
+    assert_eq!(original, copy);
+    assert_eq!(original.unwrap().0, 602);
+    let row: Option<(String, Vec<u8>, String)> = admin
+        .query_first(format!(
+            "SELECT body, raw, CAST(seen AS CHAR) FROM `{restored}`.wp_posts WHERE id = 0"
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        row,
+        Some((tricky.to_owned(), blob, "2024-01-01 00:00:00".to_owned()))
+    );
+
+    cleanup(&master, &database, &user).await;
+    cleanup(&master, &restored, &restored_user).await;
+    let missing = mysql.dump_database(&master, &database).await.unwrap_err();
+    assert_eq!(missing.kind, ErrorKind::NotFound, "{missing}");
+}
+
+#[tokio::test]
+async fn unsafe_identifiers_are_refused_before_any_sql() {
+    let master = master();
+    let mysql = MySqlDatabase::new();
+    let password = Secret::new("irrelevant-1");
+    for bad in [
+        "a`b",
+        "x'; DROP DATABASE mysql; --",
+        "a;b",
+        "Upper",
+        "a-b",
+        "",
+    ] {
+        let error = mysql
+            .ensure_database(&master, bad, "ok_user", &password)
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind, ErrorKind::Fatal, "{bad}: {error}");
+        let error = mysql
+            .ensure_database(&master, "ok_db", bad, &password)
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind, ErrorKind::Fatal, "{bad}: {error}");
+        assert!(mysql.drop_database(&master, bad, "ok_user").await.is_err());
+        assert!(mysql.dump_database(&master, bad).await.is_err());
+        assert!(mysql.database_exists(&master, bad).await.is_err());
+        assert!(mysql.user_exists(&master, bad).await.is_err());
+    }
+    assert!(!mysql.database_exists(&master, "ok_db").await.unwrap());
+}
+
+#[tokio::test]
+async fn errors_never_show_a_password() {
+    let master = master();
+    let mysql = MySqlDatabase::new();
+
+    // Wrong master password: access denied is not worth retrying.
+    let wrong = MasterCredentials {
+        password: Secret::new("wrong-master-S3CRET"),
+        username: format!("nobody_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
+        ..master.clone()
+    };
+    let error = mysql.database_exists(&wrong, "some_db").await.unwrap_err();
+    assert_eq!(error.kind, ErrorKind::Fatal, "{error}");
+    assert!(!error.message.contains("wrong-master-S3CRET"), "{error}");
+
+    // Nothing listening: worth retrying.
+    let down = MasterCredentials {
+        port: common::free_port(),
+        password: Secret::new("down-S3CRET"),
+        ..master.clone()
+    };
+    let error = mysql.database_exists(&down, "some_db").await.unwrap_err();
+    assert_eq!(error.kind, ErrorKind::Retryable, "{error}");
+    assert!(!error.message.contains("down-S3CRET"), "{error}");
+
+    // A master that may create the database but not users: the failure comes while the
+    // tenant password is in play.
+    let (database, user) = names("pw");
+    let limited = format!("it_lim_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let mut admin = as_master(&master).await;
+    admin
+        .query_drop(format!(
+            "CREATE USER `{limited}`@'%' IDENTIFIED BY 'limited-S3CRET'"
+        ))
+        .await
+        .unwrap();
+    admin
+        .query_drop(format!(
+            "GRANT CREATE, DROP ON `{database}`.* TO `{limited}`@'%'"
+        ))
+        .await
+        .unwrap();
+    let limited_master = MasterCredentials {
+        username: limited.clone(),
+        password: Secret::new("limited-S3CRET"),
+        ..master.clone()
+    };
+    let password = Secret::new("tenant-S3CRET-value");
+    let error = mysql
+        .ensure_database(&limited_master, &database, &user, &password)
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind, ErrorKind::Fatal, "{error}");
+    assert!(error.message.contains(&user), "names what failed: {error}");
+    for secret in ["tenant-S3CRET-value", "limited-S3CRET"] {
+        assert!(!error.message.contains(secret), "{error}");
+        assert!(!format!("{error:?}").contains(secret), "{error:?}");
+    }
+    admin
+        .query_drop(format!("DROP USER `{limited}`@'%'"))
+        .await
+        .unwrap();
+    cleanup(&master, &database, &user).await;
+    let _ = admin.disconnect().await;
+}
