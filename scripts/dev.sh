@@ -56,7 +56,13 @@ cargo build
 bin="$IM_ROOT/target/debug/instance-manager"
 [ -x "$bin" ] || die "$bin was not built"
 
-"$bin" bootstrap --aws-endpoint "$IM_AWS_ENDPOINT" --table "$IM_TABLE" \
+# The table, then both environments' platforms (config/dev.toml) in the emulator, written
+# out completed for `serve`.
+dev_config="$IM_ROOT/.run/dev-config.toml"
+mkdir -p "$IM_ROOT/.run"
+"$bin" bootstrap --config "$IM_ROOT/config/dev.toml" --aws-endpoint "$IM_AWS_ENDPOINT" --table "$IM_TABLE" \
+    --emulate-platform --mysql-host 127.0.0.1 --mysql-port 3306 --mysql-user root \
+    --write-config "$dev_config" \
     || die "'instance-manager bootstrap' failed (moto at $IM_AWS_ENDPOINT, table $IM_TABLE)"
 
 if [ "$mode" = bootstrap ]; then
@@ -70,7 +76,7 @@ fi
 # now, skip draining").
 run_detached=()
 if command -v setsid >/dev/null 2>&1; then run_detached=(setsid); fi
-"${run_detached[@]}" "$bin" serve --listen "$IM_LISTEN" --aws-endpoint "$IM_AWS_ENDPOINT" --table "$IM_TABLE" &
+"${run_detached[@]}" "$bin" serve --config "$dev_config" --listen "$IM_LISTEN" --aws-endpoint "$IM_AWS_ENDPOINT" --table "$IM_TABLE" &
 server_pid=$!
 # On Ctrl-C / TERM: pass the signal on, then wait for the server below.
 trap 'kill -INT "$server_pid" 2>/dev/null || true' INT

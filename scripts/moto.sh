@@ -94,7 +94,9 @@ start_on() {
     info "starting moto server on $HOST:$port"
     # No job control here, so the background child ignores SIGINT: it is
     # stopped explicitly by 'stop' (callers trap EXIT).
-    "$IM_VENV/bin/moto_server" -H "$HOST" -p "$port" </dev/null >"$LOG" 2>&1 &
+    # moto_serial.py: moto answering one request at a time, so its DynamoDB transactions
+    # are atomic under concurrency, as real DynamoDB's are (see that file).
+    "$IM_VENV/bin/python" "$IM_ROOT/scripts/moto_serial.py" -H "$HOST" -p "$port" </dev/null >"$LOG" 2>&1 &
     pid=$!
     printf '%s\n' "$pid" >"$PIDF"
     printf '%s\n' "$port" >"$PORTF"

@@ -688,7 +688,7 @@ async fn rpcs_of_later_issues_are_unimplemented_with_error_info() {
     let mut server = start().await;
     let status = server
         .instances
-        .delete_instance(v1::DeleteInstanceRequest {
+        .restart_instance(v1::RestartInstanceRequest {
             name: "tenants/acme/instances/wp".into(),
             ..Default::default()
         })

@@ -276,6 +276,9 @@ impl Api {
         operation.cancel_requested = false;
         operation.lease = None;
         operation.updated_at = now;
+        if let Some(params) = operation.params.as_object_mut() {
+            params.remove("rolling_back");
+        }
         for step in &mut operation.steps {
             if !matches!(step.status, StepStatus::Succeeded | StepStatus::Skipped) {
                 step.status = StepStatus::Pending;

@@ -152,15 +152,15 @@ impl Api {
                             return;
                         }
                     };
-                    if current.state != last.state {
-                        if sender
+                    if current.state != last.state
+                        && sender
                             .send(Ok(response(&current, Some(last.state))))
                             .await
                             .is_err()
-                        {
-                            return;
-                        }
+                    {
+                        return;
                     }
+
                     last = current;
                 }
             },

@@ -936,7 +936,7 @@ impl Engine {
 }
 
 /// How a run ends when it does not complete.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 enum Ending {
     StepFailed { step: String, detail: String },
     Cancelled,

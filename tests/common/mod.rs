@@ -117,11 +117,14 @@ pub fn aws_endpoint() -> String {
 /// `sh` that waits for EOF on a pipe whose write end only this process holds.
 /// Prefer [`aws_endpoint`], which shares one server.
 pub fn start_private_moto() -> String {
-    let moto = venv_bin("moto_server");
+    // scripts/moto_serial.py: moto answering one request at a time, so that its DynamoDB
+    // transactions are atomic under concurrency as real DynamoDB's are.
+    let moto = venv_bin("python");
     assert!(moto.is_file(), "{} not found: {VENV_HINT}", moto.display());
+    let serial = manifest_dir().join("scripts").join("moto_serial.py");
     let port = free_port();
     let log = target_tmpdir().join(format!("moto-{port}.log"));
-    let script = r#""$0" -H 127.0.0.1 -p "$1" >"$2" 2>&1 </dev/null &
+    let script = r#""$0" "$3" -H 127.0.0.1 -p "$1" >"$2" 2>&1 </dev/null &
 pid=$!
 read _ignored || :
 kill "$pid" 2>/dev/null
@@ -132,6 +135,7 @@ wait "$pid" 2>/dev/null"#;
         .arg(&moto)
         .arg(port.to_string())
         .arg(&log)
+        .arg(&serial)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -60,7 +60,7 @@ pub async fn config_with_platforms(environments: &[Environment]) -> Config {
         aws_endpoint: Some(endpoint.clone()),
         table: common::unique_name("wf"),
         replica_id: format!("test-{}", &uuid::Uuid::new_v4().simple().to_string()[..6]),
-        lease_secs: 5,
+        lease_secs: 15,
         poll_interval_ms: 50,
         environments: environments
             .iter()
