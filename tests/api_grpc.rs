@@ -23,6 +23,7 @@ use tonic_types::StatusExt;
 struct TestServer {
     instances: InstanceServiceClient<Channel>,
     operations: OperationsClient<Channel>,
+    channel: Channel,
     shutdown: CancellationToken,
 }
 
@@ -39,6 +40,10 @@ async fn start() -> TestServer {
         common::unique_name("api"),
     );
     store.ensure_table().await.expect("create table");
+    start_with(store).await
+}
+
+async fn start_with(store: DynamoStore) -> TestServer {
     let settings = ApiSettings {
         scale_bounds: ScaleBounds::default(),
         idempotency_ttl_secs: 3600,
@@ -63,7 +68,8 @@ async fn start() -> TestServer {
         .expect("connect");
     TestServer {
         instances: InstanceServiceClient::new(channel.clone()),
-        operations: OperationsClient::new(channel),
+        operations: OperationsClient::new(channel.clone()),
+        channel,
         shutdown,
     }
 }
@@ -708,5 +714,71 @@ async fn rpcs_of_later_issues_are_unimplemented_with_error_info() {
     assert_eq!(
         (status.code(), reason(&status).as_str()),
         (Code::Unimplemented, "NOT_SUPPORTED")
+    );
+}
+
+#[tokio::test]
+async fn reflection_v1_lists_every_service() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let server = start().await;
+    let mut client = ServerReflectionClient::new(server.channel.clone());
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.message().await.unwrap().expect("a response");
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected reflection response: {response:?}");
+    };
+    let names: BTreeSet<String> = list.service.into_iter().map(|s| s.name).collect();
+    for service in [
+        "bbws.instance.v1.InstanceService",
+        "google.longrunning.Operations",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+    ] {
+        assert!(names.contains(service), "{service} missing from {names:?}");
+    }
+}
+
+#[tokio::test]
+async fn health_is_not_serving_until_the_state_store_answers() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+
+    // The table does not exist yet: the store cannot answer.
+    let table = common::unique_name("late");
+    let sdk = common::test_sdk_config().await;
+    let store = DynamoStore::new(aws_sdk_dynamodb::Client::new(&sdk), table.clone());
+    let server = start_with(store).await;
+    let mut health = HealthClient::new(server.channel.clone());
+    let check = HealthCheckRequest {
+        service: String::new(),
+    };
+    let status = health.check(check.clone()).await.unwrap().into_inner();
+    assert_eq!(status.status(), ServingStatus::NotServing);
+    let mut watch = health.watch(check).await.unwrap().into_inner();
+    assert_eq!(
+        watch.message().await.unwrap().unwrap().status(),
+        ServingStatus::NotServing
+    );
+    DynamoStore::new(aws_sdk_dynamodb::Client::new(&sdk), table)
+        .ensure_table()
+        .await
+        .unwrap();
+    // The readiness loop keeps trying; the watch reports the change.
+    assert_eq!(
+        watch.message().await.unwrap().unwrap().status(),
+        ServingStatus::Serving
     );
 }

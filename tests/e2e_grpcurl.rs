@@ -19,14 +19,16 @@ struct Output {
 }
 
 impl Grpcurl {
-    /// `grpcurl -plaintext [-d body] ADDRESS ARGS...`
+    /// `grpcurl -plaintext [-d body] [-H header] ADDRESS ARGS...`
     fn run_with(&self, body: Option<&str>, args: &[&str]) -> Output {
         let mut command = Command::new(common::grpcurl_path());
         command.arg("-plaintext");
         if let Some(body) = body {
             command.args(["-d", body]);
         }
-        command.arg(&self.addr).args(args);
+        // A leading `-H header` is a flag, so it goes before the address.
+        let (flags, rest) = args.split_at(if args.first() == Some(&"-H") { 2 } else { 0 });
+        command.args(flags).arg(&self.addr).args(rest);
         let output = command.output().expect("run grpcurl");
         Output {
             ok: output.status.success(),

@@ -13,11 +13,11 @@ use instance_manager::domain::Environment;
 use instance_manager::proto::v1;
 use platform::{Client, inventory, metadata, provisioned};
 
-/// Writes `config` for server processes: short leases, and no fixed replica id (each
+/// Writes `config` for server processes with `lease_secs`, and no fixed replica id (each
 /// process then names itself after its host and pid).
-fn write_config(config: &Config, dir: &std::path::Path) -> std::path::PathBuf {
+fn write_config(config: &Config, dir: &std::path::Path, lease_secs: u64) -> std::path::PathBuf {
     let mut config = config.clone();
-    config.lease_secs = 5;
+    config.lease_secs = lease_secs;
     config.replica_id = String::new();
     let path = dir.join("instance-manager.toml");
     std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
@@ -28,10 +28,12 @@ fn serve(config_path: &std::path::Path, failpoints: &str) -> (ServerProcess, Str
     let addr = common::free_addr();
     let listen = addr.to_string();
     let config = config_path.to_str().unwrap();
-    let mut server = ServerProcess::spawn(
-        ["serve", "--config", config, "--listen", &listen],
-        &[("IM_FAILPOINTS", failpoints)],
-    );
+    let envs: &[(&str, &str)] = if failpoints.is_empty() {
+        &[]
+    } else {
+        &[("IM_FAILPOINTS", failpoints)]
+    };
+    let mut server = ServerProcess::spawn(["serve", "--config", config, "--listen", &listen], envs);
     server.wait_ready(addr);
     (server, listen)
 }
@@ -47,7 +49,8 @@ fn started_events(events: &[v1::OperationEvent]) -> usize {
 async fn a_killed_replica_s_operation_is_resumed_without_duplicates() {
     let config = platform::config_with_platforms(&[Environment::Sit]).await;
     let dir = tempfile::tempdir().unwrap();
-    let path = write_config(&config, dir.path());
+    // A short lease: the next replica takes over soon after the kill.
+    let path = write_config(&config, dir.path(), 5);
     let (mut first, addr) = serve(&path, "service=pause");
     let mut client = Client::connect(&addr).await;
     let tenant = platform::tenant("crash");
@@ -99,7 +102,9 @@ async fn a_killed_replica_s_operation_is_resumed_without_duplicates() {
 async fn two_replicas_run_twenty_creates_exactly_once() {
     let config = platform::config_with_platforms(&[Environment::Sit]).await;
     let dir = tempfile::tempdir().unwrap();
-    let path = write_config(&config, dir.path());
+    // The default lease: renewals keep up even while the emulator is busy with 20
+    // provisionings, so no operation changes hands.
+    let path = write_config(&config, dir.path(), 30);
     let (_a, addr_a) = serve(&path, "");
     let (_b, addr_b) = serve(&path, "");
     let clients = [
@@ -164,7 +169,7 @@ async fn two_replicas_run_twenty_creates_exactly_once() {
 async fn grpcurl_watches_a_provisioning_step_by_step() {
     let config = platform::config_with_platforms(&[Environment::Dev]).await;
     let dir = tempfile::tempdir().unwrap();
-    let path = write_config(&config, dir.path());
+    let path = write_config(&config, dir.path(), 30);
     let (_server, addr) = serve(&path, "");
     let tenant = platform::tenant("watch");
     let body = format!(

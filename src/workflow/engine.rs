@@ -401,6 +401,16 @@ impl Engine {
                         .get_operation(&state.operation.id)
                         .await
                         .map_err(|_| Interrupt::LeaseLost)?;
+                    // "Failed" may mean "happened, but the answer was lost" (the SDK retried
+                    // a write that had landed, and the retry's condition failed).
+                    next.version += 1;
+                    if stored.as_ref() == Some(&next) {
+                        state.operation = next;
+                        if let Some(event) = event {
+                            self.bus.publish(event);
+                        }
+                        return Ok(());
+                    }
                     if !self.adopt(&mut state.operation, stored) {
                         return Err(Interrupt::LeaseLost);
                     }
@@ -538,13 +548,14 @@ impl Engine {
             return Err(Interrupt::Shutdown);
         }
         // Cancellation is requested through the store (any replica may receive it): refresh.
-        let id = run.state.lock().await.operation.id.clone();
+        // The state stays locked while reading, so a lease renewal cannot slip in between
+        // and make our copy look stale.
+        let mut state = run.state.lock().await;
         let stored = self
             .store
-            .get_operation(&id)
+            .get_operation(&state.operation.id)
             .await
             .map_err(|_| Interrupt::LeaseLost)?;
-        let mut state = run.state.lock().await;
         match stored {
             Some(op) if op.version == state.operation.version => Ok(()),
             other => {
@@ -575,23 +586,19 @@ impl Engine {
         name: &str,
         lost: &CancellationToken,
     ) -> Result<(), StepOutcome> {
-        self.persist(
+        self.record_step(
             run,
-            Some((
-                Some((name, StepStatus::Running)),
-                format!("{name}: started"),
-            )),
-            |op| {
-                if let Some(step) = op.steps.iter_mut().find(|s| s.name == name) {
-                    step.status = StepStatus::Running;
-                    step.started_at = Some(Timestamp::now());
-                    step.error = None;
-                    step.attempts += 1;
-                }
+            name,
+            StepStatus::Running,
+            format!("{name}: started"),
+            |step| {
+                step.status = StepStatus::Running;
+                step.started_at = Some(Timestamp::now());
+                step.error = None;
+                step.attempts += 1;
             },
         )
-        .await
-        .map_err(StepOutcome::Interrupted)?;
+        .await?;
         let mut transient_failures = 0;
         loop {
             if lost.is_cancelled() {
@@ -611,21 +618,14 @@ impl Engine {
                         None => format!("{name}: done"),
                     };
                     return self
-                        .persist(
-                            run,
-                            Some((Some((name, StepStatus::Succeeded)), text)),
-                            |op| {
-                                if let Some(step) = op.steps.iter_mut().find(|s| s.name == name) {
-                                    step.status = StepStatus::Succeeded;
-                                    step.ended_at = Some(Timestamp::now());
-                                    if resource.is_some() {
-                                        step.resource_id = resource.clone();
-                                    }
-                                }
-                            },
-                        )
-                        .await
-                        .map_err(StepOutcome::Interrupted);
+                        .record_step(run, name, StepStatus::Succeeded, text, |step| {
+                            step.status = StepStatus::Succeeded;
+                            step.ended_at = Some(Timestamp::now());
+                            if resource.is_some() {
+                                step.resource_id = resource.clone();
+                            }
+                        })
+                        .await;
                 }
                 Err(StepError::NotYet(detail)) => {
                     tracing::debug!(step = name, %detail, "waiting");
@@ -641,20 +641,11 @@ impl Engine {
                         transient_failures,
                     );
                     tracing::warn!(step = name, %detail, attempt = transient_failures, delay_ms = delay.as_millis() as u64, "transient failure; retrying");
-                    self.persist(
-                        run,
-                        Some((
-                            Some((name, StepStatus::Running)),
-                            format!("{name}: retrying after: {detail}"),
-                        )),
-                        |op| {
-                            if let Some(step) = op.steps.iter_mut().find(|s| s.name == name) {
-                                step.attempts += 1;
-                            }
-                        },
-                    )
-                    .await
-                    .map_err(StepOutcome::Interrupted)?;
+                    let text = format!("{name}: retrying after: {detail}");
+                    self.record_step(run, name, StepStatus::Running, text, |step| {
+                        step.attempts += 1;
+                    })
+                    .await?;
                     tokio::time::sleep(delay).await;
                 }
                 Err(StepError::Transient(detail) | StepError::Fatal(detail)) => {
@@ -703,20 +694,29 @@ impl Engine {
         name: &str,
         detail: &str,
     ) -> Result<(), StepOutcome> {
-        self.persist(
-            run,
-            Some((
-                Some((name, StepStatus::Failed)),
-                format!("{name}: failed: {detail}"),
-            )),
-            |op| {
-                if let Some(step) = op.steps.iter_mut().find(|s| s.name == name) {
-                    step.status = StepStatus::Failed;
-                    step.error = Some(detail.to_owned());
-                    step.ended_at = Some(Timestamp::now());
-                }
-            },
-        )
+        let text = format!("{name}: failed: {detail}");
+        self.record_step(run, name, StepStatus::Failed, text, |step| {
+            step.status = StepStatus::Failed;
+            step.error = Some(detail.to_owned());
+            step.ended_at = Some(Timestamp::now());
+        })
+        .await
+    }
+
+    /// Records a change of one step, with an event saying `text`.
+    async fn record_step(
+        &self,
+        run: &Run,
+        name: &str,
+        status: StepStatus,
+        text: String,
+        edit: impl Fn(&mut Step),
+    ) -> Result<(), StepOutcome> {
+        self.persist(run, Some((Some((name, status)), text)), |op| {
+            if let Some(step) = op.steps.iter_mut().find(|s| s.name == name) {
+                edit(step);
+            }
+        })
         .await
         .map_err(StepOutcome::Interrupted)
     }
@@ -923,7 +923,15 @@ impl Engine {
                 instance: instance.name.instance.clone(),
             }));
         }
-        self.commit_with_retry(writes).await?;
+        if let Err(interrupt) = self.commit_with_retry(writes).await {
+            // As in `persist`: the transaction may have landed with its answer lost.
+            let mut landed = operation.clone();
+            landed.version += 1;
+            let stored = self.store.get_operation(&operation.id).await.ok().flatten();
+            if stored != Some(landed) {
+                return Err(interrupt);
+            }
+        }
         operation.version += 1;
         instance.version += 1;
         tracing::info!(status = %status, instance_state = %instance.state, "operation finished");

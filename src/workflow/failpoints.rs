@@ -25,7 +25,8 @@ pub struct Failpoints(Vec<(String, Action)>);
 impl Failpoints {
     pub fn parse(specs: &[String]) -> Result<Self, String> {
         let mut points = Vec::new();
-        for spec in specs {
+        // An empty entry (e.g. `IM_FAILPOINTS=`) means none.
+        for spec in specs.iter().filter(|s| !s.trim().is_empty()) {
             let (step, action) = spec
                 .split_once('=')
                 .ok_or_else(|| format!("failpoint {spec:?} is not STEP=ACTION"))?;
@@ -89,6 +90,7 @@ mod tests {
         assert_eq!(points.action("secret"), Some(Action::ErrorAfter));
         assert_eq!(points.action("database"), None);
         assert!(Failpoints::parse(&["service".into()]).is_err());
+        assert!(Failpoints::parse(&[String::new()]).unwrap().is_empty());
         assert!(Failpoints::parse(&["service=explode".into()]).is_err());
     }
 }
