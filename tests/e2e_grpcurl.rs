@@ -252,3 +252,35 @@ fn dump_config_redacts_secrets() {
     assert!(out.stdout.contains("<redacted>"), "{}", out.stdout);
     assert!(!out.stdout.contains("hunter2") && !out.stderr.contains("hunter2"));
 }
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let endpoint = common::aws_endpoint();
+    let table = common::unique_name("json");
+    let out = ServerProcess::run(
+        [
+            "bootstrap",
+            "--aws-endpoint",
+            endpoint.as_str(),
+            "--table",
+            table.as_str(),
+            "--log-format",
+            "json",
+        ],
+        &[],
+        Duration::from_secs(60),
+    );
+    out.assert_success();
+    let lines: Vec<serde_json::Value> = out
+        .stderr
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["message"] == "table created" && l["table"] == table.as_str()),
+        "{}",
+        out.stderr
+    );
+}

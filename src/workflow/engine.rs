@@ -992,3 +992,28 @@ pub async fn events_since(
 ) -> Result<Vec<OperationEvent>, StoreError> {
     store.read_events(operation, from_seq, 500).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_its_cap_with_jitter() {
+        let base = Duration::from_millis(100);
+        let cap = Duration::from_secs(2);
+        for attempt in 0..30 {
+            let ceiling = (base * 2u32.pow(attempt.min(20))).min(cap);
+            for _ in 0..50 {
+                let delay = backoff(base, cap, attempt);
+                assert!(
+                    delay <= ceiling,
+                    "attempt {attempt}: {delay:?} > {ceiling:?}"
+                );
+            }
+        }
+        // Full jitter: delays spread over the range instead of repeating one value.
+        let samples: std::collections::BTreeSet<_> =
+            (0..50).map(|_| backoff(base, cap, 10)).collect();
+        assert!(samples.len() > 10, "{samples:?}");
+    }
+}
