@@ -602,3 +602,35 @@ async fn cancel_stops_at_the_next_step_boundary_and_undoes() {
         .unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition);
 }
+
+#[tokio::test]
+async fn watch_instance_reports_each_state_change() {
+    let config = platform::config_with_platforms(&[Environment::Sit]).await;
+    let mut cp = platform::start(config, None).await;
+    let tenant = platform::tenant("watched");
+    let operation = cp.create(&tenant, v1::Environment::Sit).await;
+    let mut stream = cp
+        .instances
+        .watch_instance(v1::WatchInstanceRequest {
+            name: format!("tenants/{tenant}/instances/wp"),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // The first message is the current state, without a previous one.
+    let first = stream.message().await.unwrap().unwrap();
+    assert_eq!(first.previous_state(), v1::InstanceState::Unspecified);
+    let mut seen = vec![first.instance.unwrap().state()];
+    while seen.last() != Some(&v1::InstanceState::Active) {
+        let change = stream.message().await.unwrap().expect("stream ended early");
+        assert_eq!(change.previous_state(), *seen.last().unwrap(), "{seen:?}");
+        seen.push(change.instance.unwrap().state());
+    }
+    assert!(
+        seen.ends_with(&[v1::InstanceState::Provisioning, v1::InstanceState::Active])
+            || seen == [v1::InstanceState::Active],
+        "{seen:?}"
+    );
+    let (_, done) = cp.watch(&operation.name).await;
+    assert_eq!(status(&done), v1::OperationStatus::Completed);
+}
