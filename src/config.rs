@@ -108,6 +108,14 @@ pub struct Config {
     pub lease_secs: u64,
     /// How often idle workers look for runnable operations.
     pub poll_interval_ms: u64,
+    /// Length of the role sessions assumed in each environment's account.
+    pub role_session_secs: u64,
+    /// How long before a role session expires it is assumed again.
+    pub role_refresh_margin_secs: u64,
+    /// How long one attempt of a provisioning may run before it ends STUCK.
+    pub provision_deadline_secs: u64,
+    /// How long one attempt of a deprovisioning may run before it ends STUCK.
+    pub deprovision_deadline_secs: u64,
     /// Deliberate faults for tests (`STEP=pause|error|error-after`); never set in production.
     pub failpoints: Vec<String>,
     pub environments: Vec<EnvironmentConfig>,
@@ -134,6 +142,10 @@ impl Default for Config {
             workers: 10,
             lease_secs: 30,
             poll_interval_ms: 500,
+            role_session_secs: 60 * 60,
+            role_refresh_margin_secs: 5 * 60,
+            provision_deadline_secs: 30 * 60,
+            deprovision_deadline_secs: 20 * 60,
             failpoints: Vec::new(),
             environments: Vec::new(),
         }
@@ -175,6 +187,10 @@ pub struct ConfigArgs {
     pub workers: Option<u32>,
     #[arg(long, env = "IM_LEASE_SECS")]
     pub lease_secs: Option<u64>,
+    #[arg(long, env = "IM_PROVISION_DEADLINE_SECS")]
+    pub provision_deadline_secs: Option<u64>,
+    #[arg(long, env = "IM_DEPROVISION_DEADLINE_SECS")]
+    pub deprovision_deadline_secs: Option<u64>,
     /// Deliberate faults for tests, comma separated (`STEP=pause|error|error-after`).
     #[arg(long, env = "IM_FAILPOINTS", value_delimiter = ',')]
     pub failpoints: Option<Vec<String>>,
@@ -225,7 +241,9 @@ impl ConfigArgs {
             replica_id,
             workers,
             lease_secs,
-            failpoints
+            failpoints,
+            provision_deadline_secs,
+            deprovision_deadline_secs
         );
         if let Some(endpoint) = &self.aws_endpoint {
             config.aws_endpoint = Some(endpoint.clone());
@@ -265,6 +283,19 @@ impl Config {
         if self.workers == 0 || self.lease_secs < 5 || self.poll_interval_ms == 0 {
             return invalid(
                 "workers must be positive, lease_secs at least 5, poll_interval_ms positive",
+            );
+        }
+        // STS allows sessions of 15 minutes to 12 hours.
+        if !(900..=43_200).contains(&self.role_session_secs)
+            || self.role_refresh_margin_secs >= self.role_session_secs
+        {
+            return invalid(
+                "role_session_secs must be 900..=43200 and above role_refresh_margin_secs",
+            );
+        }
+        if self.provision_deadline_secs == 0 || self.deprovision_deadline_secs == 0 {
+            return invalid(
+                "provision_deadline_secs and deprovision_deadline_secs must be positive",
             );
         }
         for (i, env) in self.environments.iter().enumerate() {

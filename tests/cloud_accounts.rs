@@ -558,3 +558,66 @@ role_arn = "arn:aws:iam::{sit_account}:role/instance-manager"
     assert!(!refused.status.success());
     assert!(refused.stderr.contains("emulator"), "{}", refused.stderr);
 }
+
+#[tokio::test]
+async fn role_sessions_are_cached_and_assumed_again_before_they_expire() {
+    use aws_credential_types::provider::ProvideCredentials;
+    use instance_manager::cloud::accounts::{SessionSettings, role_credentials};
+    use std::time::SystemTime;
+
+    let account = random_account();
+    let env = environment(Environment::Dev, &account);
+    let base = common::test_sdk_config().await;
+    let session = SessionSettings {
+        length: Duration::from_secs(900),
+        refresh_margin: Duration::from_secs(300),
+    };
+    let now = Arc::new(Mutex::new(SystemTime::now()));
+    let clock = now.clone();
+    let credentials = role_credentials(&base, &env, "refresh-test", session)
+        .await
+        .with_clock(Arc::new(move || *clock.lock().unwrap()));
+
+    let first = credentials.provide_credentials().await.unwrap();
+    let expiry = first.expiry().expect("an assumed role session expires");
+    let length = expiry.duration_since(*now.lock().unwrap()).unwrap();
+    assert!(
+        length > Duration::from_secs(850) && length <= Duration::from_secs(905),
+        "STS was asked for a 900 s session and gave {length:?}"
+    );
+    // Cached: every request in the session's lifetime reuses it…
+    assert_eq!(
+        credentials
+            .provide_credentials()
+            .await
+            .unwrap()
+            .access_key_id(),
+        first.access_key_id()
+    );
+    *now.lock().unwrap() = expiry - Duration::from_secs(301);
+    assert_eq!(
+        credentials
+            .provide_credentials()
+            .await
+            .unwrap()
+            .access_key_id(),
+        first.access_key_id()
+    );
+    // …until it is within the margin of its expiry: then the role is assumed again.
+    *now.lock().unwrap() = expiry - Duration::from_secs(299);
+    let second = credentials.provide_credentials().await.unwrap();
+    assert_ne!(second.access_key_id(), first.access_key_id());
+    assert!(second.expiry().unwrap() > expiry);
+    // The new session is a real one of the environment's account.
+    let sdk = aws_config::SdkConfig::builder()
+        .region(aws_config::Region::new(common::TEST_REGION))
+        .endpoint_url(common::aws_endpoint())
+        .credentials_provider(
+            aws_credential_types::provider::SharedCredentialsProvider::new(second),
+        )
+        .behavior_version(aws_config::BehaviorVersion::latest())
+        .build();
+    let (actual, arn) = caller(&sdk).await;
+    assert_eq!(actual, account);
+    assert!(arn.ends_with("/refresh-test"), "{arn}");
+}

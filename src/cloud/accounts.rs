@@ -2,9 +2,9 @@
 //! AssumeRole of the environment's role from the control plane's own credentials, and the
 //! adapters ([`CloudEnv`]) built on them.
 //!
-//! Credentials are resolved lazily by the SDK on first use and cached by one identity cache
-//! per environment, which refreshes them shortly before they expire; nothing here holds
-//! credentials itself.
+//! Credentials are resolved lazily on first use and cached per role session by
+//! [`RefreshingCredentials`], which assumes the role again a margin before the session
+//! expires (`role_refresh_margin_secs`).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -13,6 +13,8 @@ use aws_config::identity::IdentityCache;
 use aws_config::sts::AssumeRoleProvider;
 use aws_config::{Region, SdkConfig};
 use aws_credential_types::provider::SharedCredentialsProvider;
+
+use super::credentials::RefreshingCredentials;
 
 use super::aws::{AwsCompute, AwsFiles, AwsIdentity, AwsObjects, AwsRouting, AwsSecrets};
 use super::mysql::MySqlDatabase;
@@ -46,6 +48,7 @@ pub fn session_name(raw: &str) -> String {
 /// One configured environment.
 struct Account {
     config: EnvironmentConfig,
+    session: SessionSettings,
     /// The control plane's credentials with this environment's region and endpoint: what
     /// AssumeRole is called with.
     base: SdkConfig,
@@ -79,10 +82,12 @@ impl Accounts {
         let mut accounts = BTreeMap::new();
         for env in &config.environments {
             let base = base_sdk_config(control_plane, env, config.aws_endpoint.as_deref());
+            let session = SessionSettings::from_config(config);
             let sdk = assumed_sdk_config(
                 &base,
                 env,
                 &session_name(&format!("instance-manager-{replica}")),
+                session,
             )
             .await;
             let cloud = cloud_env(env, &sdk, database.clone());
@@ -90,6 +95,7 @@ impl Accounts {
                 env.name,
                 Account {
                     config: env.clone(),
+                    session,
                     base,
                     sdk,
                     cloud,
@@ -175,6 +181,7 @@ impl Accounts {
             &account.base,
             &account.config,
             &session_name(&format!("im-op-{operation_id}")),
+            account.session,
         )
         .await)
     }
@@ -243,29 +250,61 @@ fn base_sdk_config(
     builder.build()
 }
 
-/// `base` with credentials of the environment's role (or `base` itself when no role is
-/// configured). Its own identity cache refreshes the session before it expires.
-async fn assumed_sdk_config(
+/// How role sessions are assumed and refreshed.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionSettings {
+    pub length: std::time::Duration,
+    pub refresh_margin: std::time::Duration,
+}
+
+impl SessionSettings {
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            length: std::time::Duration::from_secs(config.role_session_secs),
+            refresh_margin: std::time::Duration::from_secs(config.role_refresh_margin_secs),
+        }
+    }
+}
+
+/// The cached credentials of a session of `env`'s role, assumed with `base`'s credentials.
+pub async fn role_credentials(
     base: &SdkConfig,
     env: &EnvironmentConfig,
     session_name: &str,
-) -> SdkConfig {
-    if env.role_arn.is_empty() {
-        return base.clone();
-    }
+    session: SessionSettings,
+) -> RefreshingCredentials {
     let mut provider = AssumeRoleProvider::builder(env.role_arn.clone())
         .session_name(session_name)
+        .session_length(session.length)
         .region(Region::new(env.region.clone()))
         .configure(base);
     if !env.external_id.is_empty() {
         provider = provider.external_id(env.external_id.expose());
     }
     let provider = provider.build().await;
+    RefreshingCredentials::new(
+        SharedCredentialsProvider::new(provider),
+        session.refresh_margin,
+        format!("{}/{session_name}", env.name),
+    )
+}
+
+/// `base` with credentials of the environment's role (or `base` itself when no role is
+/// configured), shared by every client built from it.
+async fn assumed_sdk_config(
+    base: &SdkConfig,
+    env: &EnvironmentConfig,
+    session_name: &str,
+    session: SessionSettings,
+) -> SdkConfig {
+    if env.role_arn.is_empty() {
+        return base.clone();
+    }
+    let credentials = role_credentials(base, env, session_name, session).await;
     base.to_builder()
-        .credentials_provider(SharedCredentialsProvider::new(provider))
-        // One cache for every client built from this configuration; without it each
-        // client would assume the role on its own.
-        .identity_cache(IdentityCache::lazy().build())
+        .credentials_provider(SharedCredentialsProvider::new(credentials))
+        // `RefreshingCredentials` is the cache; a second one would hide its refreshes.
+        .identity_cache(IdentityCache::no_cache())
         .build()
 }
 

@@ -17,6 +17,7 @@ use crate::config::Secret;
 
 pub mod accounts;
 pub mod aws;
+pub mod credentials;
 pub mod error;
 pub mod mysql;
 pub mod platform;

@@ -16,7 +16,7 @@ use crate::domain::naming::ResourceNames;
 use crate::domain::operation::{Lease, OperationError, StepStatus};
 use crate::domain::{
     Environment, Instance, InstanceState, Operation, OperationEvent, OperationId, OperationStatus,
-    Step, Timestamp,
+    Step, Timestamp, Verb,
 };
 use crate::store::{Guard, StateStore, StoreError, Write};
 
@@ -56,6 +56,8 @@ pub struct EngineSettings {
     /// Pause between polls of a converging step (rollouts, tasks).
     pub converge_interval: Duration,
     pub tags: TagSettings,
+    /// Deadlines per verb that replace the workflow's own (from the configuration).
+    pub deadlines: Vec<(Verb, Duration)>,
 }
 
 impl EngineSettings {
@@ -68,6 +70,16 @@ impl EngineSettings {
             prefix: config.tag_prefix.clone(),
             project: config.project.clone(),
         };
+        settings.deadlines = vec![
+            (
+                Verb::Create,
+                Duration::from_secs(config.provision_deadline_secs),
+            ),
+            (
+                Verb::Delete,
+                Duration::from_secs(config.deprovision_deadline_secs),
+            ),
+        ];
         settings
     }
 
@@ -85,7 +97,16 @@ impl EngineSettings {
                 prefix: "bbws".into(),
                 project: "bbws-wordpress".into(),
             },
+            deadlines: Vec::new(),
         }
+    }
+
+    /// How long one attempt of `workflow` may run.
+    pub fn deadline(&self, workflow: &dyn Workflow) -> Duration {
+        self.deadlines
+            .iter()
+            .find(|(verb, _)| *verb == workflow.verb())
+            .map_or_else(|| workflow.deadline(), |(_, deadline)| *deadline)
     }
 }
 
@@ -111,6 +132,8 @@ pub struct Engine {
     wake: Arc<Notify>,
     slots: Arc<Semaphore>,
     hook: Option<Arc<dyn StepHook>>,
+    /// How many times the claim loop has looked for work (for tests and diagnostics).
+    rounds: tokio::sync::watch::Sender<u64>,
 }
 
 /// Why an execution stopped early without finishing the operation.
@@ -137,6 +160,7 @@ impl Engine {
             bus,
             wake: Arc::new(Notify::new()),
             hook: None,
+            rounds: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -156,6 +180,7 @@ impl Engine {
             bus,
             wake: Arc::new(Notify::new()),
             hook: Some(hook),
+            rounds: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -166,6 +191,16 @@ impl Engine {
 
     pub fn bus(&self) -> EventBus {
         self.bus.clone()
+    }
+
+    /// Operations this replica is executing now.
+    pub fn running(&self) -> usize {
+        self.settings.workers.max(1) - self.slots.available_permits()
+    }
+
+    /// Counts the claim loop's rounds (each looks for work, or finds every slot busy).
+    pub fn claim_rounds(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.rounds.subscribe()
     }
 
     /// Claims and runs operations until `shutdown`; running executions stop at their next
@@ -181,6 +216,7 @@ impl Engine {
             if let Err(error) = self.claim_round(&shutdown).await {
                 tracing::warn!(%error, "cannot look for runnable operations");
             }
+            self.rounds.send_modify(|rounds| *rounds += 1);
         }
         // Wait for executions to hand back their leases.
         let _ = self
@@ -486,7 +522,8 @@ impl Engine {
             .get("attempt_started_at")
             .and_then(serde_json::Value::as_i64)
             .unwrap_or(run_op.created_at.millis());
-        Timestamp::now().millis() > started.saturating_add(millis(run.workflow.deadline()))
+        Timestamp::now().millis()
+            > started.saturating_add(millis(self.settings.deadline(run.workflow.as_ref())))
     }
 
     /// Runs the remaining stages, then finishes the operation one way or another.
@@ -738,7 +775,15 @@ impl Engine {
             let outcome = loop {
                 let ctx = self.snapshot(run).await;
                 let resource = ctx.output(name).map(str::to_owned);
-                match run.workflow.undo(&ctx, name, resource.as_deref()).await {
+                let undone = match &self.hook {
+                    Some(hook) => hook.before_undo(&ctx.operation, name).await,
+                    None => Ok(()),
+                };
+                let undone = match undone {
+                    Ok(()) => run.workflow.undo(&ctx, name, resource.as_deref()).await,
+                    Err(error) => Err(error),
+                };
+                match undone {
                     Ok(()) => break Ok(()),
                     Err(StepError::NotYet(_)) => {
                         tokio::time::sleep(self.settings.converge_interval).await

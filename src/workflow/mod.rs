@@ -202,4 +202,8 @@ pub trait StepHook: Send + Sync {
     async fn after(&self, _operation: &Operation, _step: &str) -> StepResult<()> {
         Ok(())
     }
+    /// Called before a step is undone; an error fails the undo attempt as the undo would.
+    async fn before_undo(&self, _operation: &Operation, _step: &str) -> StepResult<()> {
+        Ok(())
+    }
 }

@@ -104,6 +104,7 @@ pub struct ControlPlane {
     pub config: Config,
     pub accounts: Arc<Accounts>,
     pub store: Arc<dyn StateStore>,
+    pub engine: Arc<Engine>,
     pub client: Client,
     pub shutdown: CancellationToken,
 }
@@ -194,7 +195,7 @@ pub async fn start(config: Config, hook: Option<Arc<dyn StepHook>>) -> ControlPl
     .with_engine(bus, engine.waker())
     .with_shutdown(shutdown.clone())
     .with_environments(accounts.served());
-    tokio::spawn(engine.run(shutdown.clone()));
+    tokio::spawn(engine.clone().run(shutdown.clone()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(instance_manager::server::serve(
@@ -207,6 +208,7 @@ pub async fn start(config: Config, hook: Option<Arc<dyn StepHook>>) -> ControlPl
         config,
         accounts,
         store,
+        engine,
         client: Client::connect(&addr.to_string()).await,
         shutdown,
     }
