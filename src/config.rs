@@ -108,6 +108,8 @@ pub struct Config {
     pub lease_secs: u64,
     /// How often idle workers look for runnable operations.
     pub poll_interval_ms: u64,
+    /// Where `GET /metrics` (Prometheus text format) is served; off when unset.
+    pub metrics_listen: Option<SocketAddr>,
     /// Length of the role sessions assumed in each environment's account.
     pub role_session_secs: u64,
     /// How long before a role session expires it is assumed again.
@@ -142,6 +144,7 @@ impl Default for Config {
             workers: 10,
             lease_secs: 30,
             poll_interval_ms: 500,
+            metrics_listen: None,
             role_session_secs: 60 * 60,
             role_refresh_margin_secs: 5 * 60,
             provision_deadline_secs: 30 * 60,
@@ -187,6 +190,9 @@ pub struct ConfigArgs {
     pub workers: Option<u32>,
     #[arg(long, env = "IM_LEASE_SECS")]
     pub lease_secs: Option<u64>,
+    /// Address for `GET /metrics` (for example 0.0.0.0:9090).
+    #[arg(long, env = "IM_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     #[arg(long, env = "IM_PROVISION_DEADLINE_SECS")]
     pub provision_deadline_secs: Option<u64>,
     #[arg(long, env = "IM_DEPROVISION_DEADLINE_SECS")]
@@ -247,6 +253,9 @@ impl ConfigArgs {
         );
         if let Some(endpoint) = &self.aws_endpoint {
             config.aws_endpoint = Some(endpoint.clone());
+        }
+        if let Some(addr) = self.metrics_listen {
+            config.metrics_listen = Some(addr);
         }
         if let Some(region) = &self.aws_region {
             config.aws_region = Some(region.clone());
@@ -386,5 +395,44 @@ mod tests {
             ..ConfigArgs::default()
         };
         assert!(matches!(args.load(), Err(ConfigError::Invalid(_))));
+        let path = dir.path().join("session.toml");
+        std::fs::write(&path, "role_session_secs = 600\n").unwrap();
+        let args = ConfigArgs {
+            config: Some(path),
+            ..ConfigArgs::default()
+        };
+        assert!(
+            matches!(args.load(), Err(ConfigError::Invalid(m)) if m.contains("role_session_secs"))
+        );
+        let args = ConfigArgs {
+            provision_deadline_secs: Some(0),
+            ..ConfigArgs::default()
+        };
+        assert!(matches!(args.load(), Err(ConfigError::Invalid(m)) if m.contains("deadline")));
+    }
+
+    #[test]
+    fn operational_settings_come_from_file_and_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("im.toml");
+        std::fs::write(
+            &path,
+            "workers = 4\nprovision_deadline_secs = 900\nrole_session_secs = 1800\nrole_refresh_margin_secs = 120\nmetrics_listen = \"127.0.0.1:9100\"\n",
+        )
+        .unwrap();
+        let args = ConfigArgs {
+            config: Some(path),
+            deprovision_deadline_secs: Some(600),
+            metrics_listen: Some("0.0.0.0:9090".parse().unwrap()),
+            ..ConfigArgs::default()
+        };
+        let config = args.load().unwrap();
+        assert_eq!(config.workers, 4);
+        assert_eq!(config.provision_deadline_secs, 900);
+        assert_eq!(config.deprovision_deadline_secs, 600);
+        assert_eq!(config.role_session_secs, 1800);
+        assert_eq!(config.role_refresh_margin_secs, 120);
+        assert_eq!(config.metrics_listen, Some("0.0.0.0:9090".parse().unwrap()));
+        assert_eq!(Config::default().metrics_listen, None);
     }
 }

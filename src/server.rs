@@ -143,11 +143,13 @@ pub async fn serve(
 
 /// Everything a replica runs, from its configuration: the state store, the environments'
 /// accounts (verified; a broken one is reported by name and not served), the workflow
-/// engine, and the gRPC server. Returns once `shutdown` is cancelled and both have stopped
-/// (the engine at most `shutdown_grace_secs` later).
+/// engine, the gRPC server on `listener` and, given `metrics`, `GET /metrics` there. Returns
+/// once `shutdown` is cancelled and both have stopped (the engine at most
+/// `shutdown_grace_secs` later).
 pub async fn run(
     config: &Config,
     listener: TcpListener,
+    metrics: Option<TcpListener>,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     let grace = Duration::from_secs(config.shutdown_grace_secs);
@@ -199,6 +201,20 @@ pub async fn run(
     .with_shutdown(shutdown.clone());
     if !config.environments.is_empty() {
         api = api.with_environments(accounts.served());
+    }
+    if let Some(listener) = metrics {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(address = %addr, "serving metrics at /metrics");
+        }
+        let engine = engine.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(error) =
+                crate::metrics::serve(listener, move || engine.render_metrics(), shutdown).await
+            {
+                tracing::error!(%error, "metrics endpoint stopped");
+            }
+        });
     }
     let engine_task = tokio::spawn(
         engine

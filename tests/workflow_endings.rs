@@ -91,6 +91,14 @@ async fn a_failed_undo_ends_stuck_and_a_retry_completes_without_duplicates() {
     let (events, stuck) = cp.watch(&operation.name).await;
     assert_eq!(status(&stuck), v1::OperationStatus::Stuck, "{events:#?}");
     assert_eq!(error_reason(&stuck), "UNDO_FAILED");
+    assert!(
+        cp.engine
+            .render_metrics()
+            .lines()
+            .any(|l| l == "im_operations_stuck_total{reason=\"UNDO_FAILED\",verb=\"create\"} 1"),
+        "{}",
+        cp.engine.render_metrics()
+    );
     assert_eq!(step_status(&stuck, "secret"), v1::StepStatus::UndoFailed);
     assert_eq!(step_status(&stuck, "access_point"), v1::StepStatus::Undone);
     assert!(
@@ -150,6 +158,13 @@ async fn a_passed_deadline_ends_stuck_and_leaves_resources_for_a_retry() {
     let (events, stuck) = cp.watch(&operation.name).await;
     assert_eq!(status(&stuck), v1::OperationStatus::Stuck, "{events:#?}");
     assert_eq!(error_reason(&stuck), "DEADLINE_EXCEEDED");
+    assert_eq!(
+        cp.engine.metrics().value(
+            "im_operations_stuck_total",
+            &[("verb", "create"), ("reason", "DEADLINE_EXCEEDED")]
+        ),
+        1
+    );
     assert_eq!(step_status(&stuck, "wait_steady"), v1::StepStatus::Failed);
     assert_eq!(
         cp.instance(&tenant).await.state(),
@@ -301,6 +316,12 @@ async fn a_throttled_aws_call_is_retried_until_it_goes_through() {
         .find(|s| s.name == "secret")
         .unwrap();
     assert!(secret.attempts >= 2, "{secret:?}");
+    assert!(
+        cp.engine.metrics().value(
+            "im_step_retries_total",
+            &[("verb", "create"), ("step", "secret")]
+        ) >= 1
+    );
     assert_eq!(
         inventory(&cp.cloud(Environment::Dev).await, &tenant).await,
         provisioned(true)

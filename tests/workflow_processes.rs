@@ -251,3 +251,59 @@ async fn grpcurl_watches_a_provisioning_step_by_step() {
         }
     }
 }
+
+/// The body of `GET /metrics` at `addr`, with its content type.
+async fn scrape(addr: std::net::SocketAddr) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: prometheus\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let content_type = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-type: "))
+        .unwrap_or_default()
+        .to_owned();
+    (content_type, body.to_owned())
+}
+
+#[tokio::test]
+async fn the_metrics_endpoint_counts_operations() {
+    let mut config = platform::config_with_platforms(&[Environment::Sit]).await;
+    let metrics = common::free_addr();
+    config.metrics_listen = Some(metrics);
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(&config, dir.path(), 30);
+    let (_server, addr) = serve(&path, "");
+
+    let (content_type, before) = scrape(metrics).await;
+    assert!(
+        content_type.starts_with("text/plain; version=0.0.4"),
+        "{content_type}"
+    );
+    assert!(before.contains("\nim_workers 10\n"), "{before}");
+    assert!(!before.contains("im_operations_finished_total"), "{before}");
+
+    let mut client = Client::connect(&addr).await;
+    let tenant = platform::tenant("metered");
+    let operation = client.create(&tenant, v1::Environment::Sit).await;
+    let (events, done) = client.watch(&operation.name).await;
+    assert_eq!(
+        metadata(&done).status(),
+        v1::OperationStatus::Completed,
+        "{events:#?}"
+    );
+    let (_, after) = scrape(metrics).await;
+    for line in [
+        "im_operations_running 0",
+        "im_operations_claimed_total{resumed=\"false\",verb=\"create\"} 1",
+        "im_operations_finished_total{status=\"COMPLETED\",verb=\"create\"} 1",
+    ] {
+        assert!(after.lines().any(|l| l == line), "{line}\n{after}");
+    }
+}

@@ -257,11 +257,17 @@ async fn watch_signals(shutdown: CancellationToken) {
 async fn serve(config: Config) -> anyhow::Result<()> {
     crate::telemetry::init(config.log_format, &config.log_filter);
     tracing::info!(config = %config.redacted_toml().replace('\n', "; "), "starting");
+    // Both ports are taken before anything else, so a clash fails at once and a client that
+    // can connect to the gRPC port can scrape metrics too.
+    let metrics = match config.metrics_listen {
+        Some(addr) => Some(crate::metrics::bind(addr).await?),
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let shutdown = CancellationToken::new();
     tokio::spawn(watch_signals(shutdown.clone()));
-    crate::server::run(&config, listener, shutdown).await?;
+    crate::server::run(&config, listener, metrics, shutdown).await?;
     Ok(())
 }

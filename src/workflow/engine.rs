@@ -18,6 +18,7 @@ use crate::domain::{
     Environment, Instance, InstanceState, Operation, OperationEvent, OperationId, OperationStatus,
     Step, Timestamp, Verb,
 };
+use crate::metrics::{self, Gauges, Metrics};
 use crate::store::{Guard, StateStore, StoreError, Write};
 
 use super::{EventBus, StepCtx, StepError, StepHook, TagSettings, Workflow, workflow_for};
@@ -134,6 +135,7 @@ pub struct Engine {
     hook: Option<Arc<dyn StepHook>>,
     /// How many times the claim loop has looked for work (for tests and diagnostics).
     rounds: tokio::sync::watch::Sender<u64>,
+    metrics: Arc<Metrics>,
 }
 
 /// Why an execution stopped early without finishing the operation.
@@ -161,6 +163,7 @@ impl Engine {
             wake: Arc::new(Notify::new()),
             hook: None,
             rounds: tokio::sync::watch::Sender::new(0),
+            metrics: Metrics::new(),
         })
     }
 
@@ -181,6 +184,7 @@ impl Engine {
             wake: Arc::new(Notify::new()),
             hook: Some(hook),
             rounds: tokio::sync::watch::Sender::new(0),
+            metrics: Metrics::new(),
         })
     }
 
@@ -191,6 +195,19 @@ impl Engine {
 
     pub fn bus(&self) -> EventBus {
         self.bus.clone()
+    }
+
+    /// The engine's counters.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// Every metric of this engine in the Prometheus text format.
+    pub fn render_metrics(&self) -> String {
+        self.metrics.render(Gauges {
+            running: self.running(),
+            workers: self.settings.workers.max(1),
+        })
     }
 
     /// Operations this replica is executing now.
@@ -332,6 +349,13 @@ impl Engine {
             instance.version += 1;
         }
         self.bus.publish(event);
+        self.metrics.increment(
+            metrics::OPERATIONS_CLAIMED,
+            &[
+                ("verb", operation.verb.as_str()),
+                ("resumed", if resumed { "true" } else { "false" }),
+            ],
+        );
         tracing::info!(operation = %operation.id, verb = %operation.verb, target = %operation.target, resumed, "operation claimed");
         let names = ResourceNames::derive(&instance.name.tenant, instance.spec.environment);
         Ok(Some(Run {
@@ -678,6 +702,10 @@ impl Engine {
                         transient_failures,
                     );
                     tracing::warn!(step = name, %detail, attempt = transient_failures, delay_ms = delay.as_millis() as u64, "transient failure; retrying");
+                    self.metrics.increment(
+                        metrics::STEP_RETRIES,
+                        &[("verb", ctx.operation.verb.as_str()), ("step", name)],
+                    );
                     let text = format!("{name}: retrying after: {detail}");
                     self.record_step(run, name, StepStatus::Running, text, |step| {
                         step.attempts += 1;
@@ -864,7 +892,12 @@ impl Engine {
             }
         };
         if status == OperationStatus::Stuck {
-            tracing::error!(metric = "operations_stuck_total", reason, %message, "operation STUCK: needs attention");
+            let verb = run.workflow.verb();
+            self.metrics.increment(
+                metrics::OPERATIONS_STUCK,
+                &[("verb", verb.as_str()), ("reason", reason)],
+            );
+            tracing::error!(metric = metrics::OPERATIONS_STUCK, reason, %message, "operation STUCK: needs attention");
         }
         // A clean rollback of a create leaves nothing: the (tenant, environment) slot is free.
         let release_guard = rolled_back
@@ -979,6 +1012,13 @@ impl Engine {
         }
         operation.version += 1;
         instance.version += 1;
+        self.metrics.increment(
+            metrics::OPERATIONS_FINISHED,
+            &[
+                ("verb", operation.verb.as_str()),
+                ("status", status.as_str()),
+            ],
+        );
         tracing::info!(status = %status, instance_state = %instance.state, "operation finished");
         state.operation = operation;
         state.instance = instance;
