@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use instance_manager::cloud::accounts::Accounts;
 use instance_manager::cloud::platform::ensure_platform;
-use instance_manager::cloud::{ErrorKind, MasterCredentials, Platform, SecretSpec};
+use instance_manager::cloud::{DbTls, ErrorKind, MasterCredentials, Platform, SecretSpec};
 use instance_manager::config::{Config, EnvironmentConfig, Secret};
 use instance_manager::domain::Environment;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -275,6 +275,8 @@ fn mariadb() -> MasterCredentials {
         port: opts.tcp_port(),
         username: opts.user().unwrap_or("root").to_owned(),
         password: Secret::new(opts.pass().unwrap_or_default()),
+        tls: DbTls::Disabled,
+        ca_file: None,
     }
 }
 

@@ -6,7 +6,7 @@
 mod common;
 
 use instance_manager::cloud::mysql::MySqlDatabase;
-use instance_manager::cloud::{Database, ErrorKind, MasterCredentials};
+use instance_manager::cloud::{Database, DbTls, ErrorKind, MasterCredentials};
 use instance_manager::config::Secret;
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Opts, OptsBuilder};
@@ -18,6 +18,8 @@ fn master() -> MasterCredentials {
         port: opts.tcp_port(),
         username: opts.user().unwrap_or("root").to_owned(),
         password: Secret::new(opts.pass().unwrap_or_default()),
+        tls: DbTls::Disabled,
+        ca_file: None,
     }
 }
 

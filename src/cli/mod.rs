@@ -159,6 +159,9 @@ async fn emulate_platforms(config: &mut Config, args: &BootstrapArgs) -> anyhow:
         port: args.mysql_port,
         username: args.mysql_user.clone(),
         password: crate::config::Secret::new(args.mysql_password.clone()),
+        // The emulated platform's database is a local server without TLS.
+        tls: cloud::DbTls::Disabled,
+        ca_file: None,
     };
     // The master secret will point at this server: find out now if it cannot be reached.
     use cloud::Database as _;

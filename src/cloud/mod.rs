@@ -81,6 +81,21 @@ pub struct MasterCredentials {
     pub port: u16,
     pub username: String,
     pub password: Secret,
+    pub tls: DbTls,
+    /// PEM bundle of the CAs that may sign the server's certificate (for RDS, the RDS
+    /// global bundle), trusted besides the public web PKI roots.
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
+/// How the control plane connects to an environment's database server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DbTls {
+    /// TLS, with the server's certificate and host name verified; never plain text.
+    #[default]
+    Verified,
+    /// Plain TCP: only for a database on the same host (the emulated platform).
+    Disabled,
 }
 
 #[async_trait]
@@ -300,6 +315,11 @@ pub struct Platform {
     pub file_system_id: String,
     pub db_host: String,
     pub db_port: u16,
+    /// TLS to the database server (`verified` unless set).
+    pub db_tls: DbTls,
+    /// CA bundle for `db_tls = "verified"` (for RDS: the RDS global bundle); empty means the
+    /// public web PKI roots only.
+    pub db_ca_file: String,
     /// Secret with the MySQL master credentials: JSON `username`, `password`, `host`, `port`.
     pub master_secret_arn: String,
     pub listener_arn: String,

@@ -17,9 +17,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use mysql_async::consts::ColumnType;
 use mysql_async::prelude::Queryable;
-use mysql_async::{Conn, OptsBuilder, Value};
+use mysql_async::{Conn, OptsBuilder, SslOpts, Value};
 
-use super::{CloudError, CloudResult, Database, ErrorKind, MasterCredentials};
+use super::{CloudError, CloudResult, Database, DbTls, ErrorKind, MasterCredentials};
 use crate::config::Secret;
 
 /// Connecting to RDS in another region can take a few seconds; longer means it is down.
@@ -131,6 +131,13 @@ const RETRYABLE_SERVER_CODES: &[u16] = &[
 fn classify_mysql(what: &str, error: &mysql_async::Error, secrets: &[&str]) -> CloudError {
     use mysql_async::{DriverError, Error};
     let (kind, detail) = match error {
+        // A refused certificate or a broken handshake will not heal by retrying.
+        Error::Io(mysql_async::IoError::Tls(tls)) => {
+            (ErrorKind::Fatal, format!("TLS handshake failed: {tls}"))
+        }
+        Error::Io(mysql_async::IoError::Io(io)) if io.kind() == std::io::ErrorKind::InvalidData => {
+            (ErrorKind::Fatal, format!("TLS handshake failed: {io}"))
+        }
         Error::Io(io) => (ErrorKind::Retryable, format!("connection failed: {io}")),
         Error::Driver(DriverError::ConnectionClosed | DriverError::PoolDisconnected) => {
             (ErrorKind::Retryable, error.to_string())
@@ -171,6 +178,16 @@ impl<'a> Session<'a> {
             // the server may authenticate differently than over TCP.
             .prefer_socket(false)
             .init(vec!["SET NAMES utf8mb4"]);
+        let opts = match master.tls {
+            DbTls::Disabled => opts,
+            DbTls::Verified => {
+                let mut ssl = SslOpts::default();
+                if let Some(ca) = &master.ca_file {
+                    ssl = ssl.with_root_certs(vec![ca.clone().into()]);
+                }
+                opts.ssl_opts(ssl)
+            }
+        };
         let secrets = vec![master.password.expose()];
         let endpoint = format!("{}:{}", master.host, master.port);
         let conn = match tokio::time::timeout(CONNECT_TIMEOUT, Conn::new(opts)).await {

@@ -118,6 +118,12 @@ pub async fn ensure_platform(
         file_system_id,
         db_host: db.host.clone(),
         db_port: db.port,
+        db_tls: db.tls,
+        db_ca_file: db
+            .ca_file
+            .as_ref()
+            .map(|path| path.to_string_lossy().into_owned())
+            .unwrap_or_default(),
         master_secret_arn,
         listener_arn,
         domain: domain.to_owned(),

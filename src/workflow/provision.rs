@@ -277,6 +277,9 @@ pub async fn master_credentials(ctx: &StepCtx) -> StepResult<MasterCredentials> 
         port,
         username: field("username")?,
         password: Secret::new(field("password")?),
+        tls: platform.db_tls,
+        ca_file: (!platform.db_ca_file.is_empty())
+            .then(|| std::path::PathBuf::from(&platform.db_ca_file)),
     })
 }
 

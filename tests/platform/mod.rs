@@ -10,7 +10,7 @@ use std::time::Duration;
 use instance_manager::api::{Api, ApiSettings, PageTokens};
 use instance_manager::cloud::accounts::Accounts;
 use instance_manager::cloud::platform::ensure_platform;
-use instance_manager::cloud::{CloudEnv, MasterCredentials, Platform, Tags};
+use instance_manager::cloud::{CloudEnv, DbTls, MasterCredentials, Platform, Tags};
 use instance_manager::config::{Config, EnvironmentConfig, Secret};
 use instance_manager::domain::naming::ResourceNames;
 use instance_manager::domain::{Environment, TenantId};
@@ -49,6 +49,8 @@ pub fn mariadb() -> MasterCredentials {
         port: opts.tcp_port(),
         username: opts.user().unwrap_or("root").to_owned(),
         password: Secret::new(opts.pass().unwrap_or_default()),
+        tls: DbTls::Disabled,
+        ca_file: None,
     }
 }
 
