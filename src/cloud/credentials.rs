@@ -14,9 +14,14 @@ use aws_credential_types::provider::{self, ProvideCredentials, SharedCredentials
 /// The wall clock, replaceable in tests.
 pub type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
 
+/// How long assuming the role may take. Requests wait for a refresh in progress, so an STS
+/// call that hangs must not hold them forever.
+const LOAD_TIMEOUT: Duration = Duration::from_secs(30);
+
 pub struct RefreshingCredentials {
     inner: SharedCredentialsProvider,
     margin: Duration,
+    load_timeout: Duration,
     clock: Clock,
     /// Named in logs (environment and session), never the credentials.
     label: String,
@@ -42,10 +47,17 @@ impl RefreshingCredentials {
         Self {
             inner,
             margin,
+            load_timeout: LOAD_TIMEOUT,
             clock: Arc::new(SystemTime::now),
             label: label.into(),
             cached: tokio::sync::Mutex::new(None),
         }
+    }
+
+    /// The same cache giving up on a refresh after `timeout` (30 s unless set).
+    pub fn with_load_timeout(mut self, timeout: Duration) -> Self {
+        self.load_timeout = timeout;
+        self
     }
 
     /// The same cache reading time from `clock`.
@@ -71,7 +83,14 @@ impl RefreshingCredentials {
         {
             return Ok(credentials.clone());
         }
-        match self.inner.provide_credentials().await {
+        let loaded =
+            match tokio::time::timeout(self.load_timeout, self.inner.provide_credentials()).await {
+                Ok(loaded) => loaded,
+                Err(_) => Err(provider::error::CredentialsError::provider_timed_out(
+                    self.load_timeout,
+                )),
+            };
+        match loaded {
             Ok(credentials) => {
                 let expires_in = credentials
                     .expiry()
@@ -114,6 +133,7 @@ mod tests {
         now: Arc<Mutex<SystemTime>>,
         issued: Arc<AtomicU32>,
         fail: Arc<std::sync::atomic::AtomicBool>,
+        hang: Arc<std::sync::atomic::AtomicBool>,
     }
 
     impl ProvideCredentials for Numbered {
@@ -121,6 +141,9 @@ mod tests {
         where
             Self: 'a,
         {
+            if self.hang.load(Ordering::SeqCst) {
+                return future::ProvideCredentials::new(std::future::pending());
+            }
             if self.fail.load(Ordering::SeqCst) {
                 return future::ProvideCredentials::ready(Err(
                     provider::error::CredentialsError::provider_error("sts is down"),
@@ -149,6 +172,7 @@ mod tests {
             now: now.clone(),
             issued: issued.clone(),
             fail: fail.clone(),
+            hang: Arc::default(),
         };
         let clock = now.clone();
         let cache = RefreshingCredentials::new(
@@ -173,5 +197,32 @@ mod tests {
         fail.store(false, Ordering::SeqCst);
         assert_eq!(key(cache.provide_credentials().await.unwrap()), "AKID3");
         assert_eq!(issued.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_hanging_sts_call_times_out_instead_of_blocking_every_request() {
+        let hang = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let inner = Numbered {
+            now: Arc::new(Mutex::new(SystemTime::now())),
+            issued: Arc::default(),
+            fail: Arc::default(),
+            hang: hang.clone(),
+        };
+        let cache = RefreshingCredentials::new(
+            SharedCredentialsProvider::new(inner),
+            Duration::from_secs(300),
+            "test",
+        )
+        .with_load_timeout(Duration::from_millis(50));
+        let error = cache.provide_credentials().await.unwrap_err();
+        assert!(
+            matches!(
+                error,
+                provider::error::CredentialsError::ProviderTimedOut(_)
+            ),
+            "{error:?}"
+        );
+        hang.store(false, Ordering::SeqCst);
+        assert!(cache.provide_credentials().await.is_ok());
     }
 }
