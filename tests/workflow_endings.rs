@@ -151,7 +151,8 @@ impl StepHook for NeverSteady {
 async fn a_passed_deadline_ends_stuck_and_leaves_resources_for_a_retry() {
     let mut config = platform::config_with_platforms(&[Environment::Dev]).await;
     let normal = config.clone();
-    config.provision_deadline_secs = 6;
+    // Long enough for every step before `wait_steady` even on a loaded machine.
+    config.provision_deadline_secs = 15;
     let mut cp = platform::start(config, Some(Arc::new(NeverSteady))).await;
     let tenant = platform::tenant("late");
     let operation = cp.create(&tenant, v1::Environment::Dev).await;
