@@ -200,7 +200,14 @@ pub async fn run(
     .with_engine(bus, engine.waker())
     .with_shutdown(shutdown.clone());
     if !config.environments.is_empty() {
-        api = api.with_environments(accounts.served());
+        let served = Arc::new(std::sync::RwLock::new(accounts.served()));
+        api = api.with_served_environments(served.clone());
+        tokio::spawn(recheck_environments(
+            accounts.clone(),
+            served,
+            Duration::from_secs(ENVIRONMENT_RECHECK_SECS),
+            shutdown.clone(),
+        ));
     }
     if let Some(listener) = metrics {
         if let Ok(addr) = listener.local_addr() {
@@ -226,4 +233,39 @@ pub async fn run(
         tracing::warn!("workflow engine did not stop within the grace period");
     }
     Ok(())
+}
+
+/// How often environments that failed verification are checked again.
+const ENVIRONMENT_RECHECK_SECS: u64 = 60;
+
+/// Verifies the environments again while any is unavailable, so that one that failed at
+/// start-up (credentials, network) is served again without a restart.
+async fn recheck_environments(
+    accounts: Arc<Accounts>,
+    served: Arc<std::sync::RwLock<Vec<crate::domain::Environment>>>,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        let configured = accounts.configured();
+        let now_served = {
+            let current = served
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            current.len()
+        };
+        if now_served == configured.len() {
+            continue;
+        }
+        accounts.verify().await;
+        let available = accounts.served();
+        tracing::info!(served = ?available, "environments re-checked");
+        *served
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = available;
+    }
 }

@@ -10,11 +10,21 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use std::time::Duration;
+
 use async_trait::async_trait;
-use instance_manager::domain::{Environment, Operation};
+use instance_manager::domain::spec::SpecInput;
+use instance_manager::domain::{
+    Environment, Instance, InstanceId, InstanceName, InstanceSpec, Operation, OperationEvent,
+    OperationId, OperationStatus, RequestId, ScaleBounds, StepStatus, TenantId, Timestamp, Verb,
+};
 use instance_manager::proto::google_longrunning as lro;
 use instance_manager::proto::v1;
-use instance_manager::workflow::{StepError, StepHook, StepResult};
+use instance_manager::store::{
+    Guard, InstanceCursor, InstanceQuery, OperationCursor, OperationQuery, Page, PriorityClaim,
+    RequestRecord, StateStore, StoreError, StoreResult, Write,
+};
+use instance_manager::workflow::{EngineOptions, ManualClock, StepError, StepHook, StepResult};
 use platform::{inventory, metadata, provisioned};
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -149,13 +159,35 @@ impl StepHook for NeverSteady {
 
 #[tokio::test]
 async fn a_passed_deadline_ends_stuck_and_leaves_resources_for_a_retry() {
-    let mut config = platform::config_with_platforms(&[Environment::Dev]).await;
-    let normal = config.clone();
-    // Long enough for every step before `wait_steady` even on a loaded machine.
-    config.provision_deadline_secs = 15;
-    let mut cp = platform::start(config, Some(Arc::new(NeverSteady))).await;
+    let config = platform::config_with_platforms(&[Environment::Dev]).await;
+    // The engine's clock is ours: the deadline passes when the test says so, not after a
+    // wall-clock wait.
+    let clock = ManualClock::new();
+    let options = EngineOptions {
+        hook: Some(Arc::new(NeverSteady)),
+        clock: clock.clone(),
+    };
+    let mut cp = platform::start_with(config.clone(), options, |store| store).await;
     let tenant = platform::tenant("late");
     let operation = cp.create(&tenant, v1::Environment::Dev).await;
+    // Every step before `wait_steady` finishes; then the rollout never converges.
+    let mut stream = cp
+        .instances
+        .watch_operation(v1::WatchOperationRequest {
+            name: operation.name.clone(),
+            from_sequence: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(event) = stream.message().await.unwrap() {
+        if event.step == "wait_steady" && event.step_status() == v1::StepStatus::Running {
+            break;
+        }
+    }
+    drop(stream);
+    clock.advance(Duration::from_secs(config.provision_deadline_secs + 1));
+
     let (events, stuck) = cp.watch(&operation.name).await;
     assert_eq!(status(&stuck), v1::OperationStatus::Stuck, "{events:#?}");
     assert_eq!(error_reason(&stuck), "DEADLINE_EXCEEDED");
@@ -175,9 +207,9 @@ async fn a_passed_deadline_ends_stuck_and_leaves_resources_for_a_retry() {
     let cloud = cp.cloud(Environment::Dev).await;
     assert_eq!(inventory(&cloud, &tenant).await, provisioned(true));
 
-    // The operator restarts the replica with the normal deadline and retries.
+    // The operator fixes the rollout (a replica without the fault) and retries.
     cp.shutdown.cancel();
-    let mut cp = platform::start(normal, None).await;
+    let mut cp = platform::start(config, None).await;
     retry(&mut cp, &operation.name).await;
     let (events, done) = cp
         .watch_from(&operation.name, events.len() as i64 + 1)
@@ -185,6 +217,204 @@ async fn a_passed_deadline_ends_stuck_and_leaves_resources_for_a_retry() {
     assert_eq!(status(&done), v1::OperationStatus::Completed, "{events:#?}");
     assert_eq!(metadata(&done).attempt, 2);
     assert_eq!(inventory(&cloud, &tenant).await, provisioned(true));
+}
+
+/// A state store that refuses, as a permanent error (DynamoDB's ValidationException), the
+/// write that records the `service` step of `tenant`'s operation as done.
+struct RejectingStore {
+    inner: Arc<dyn StateStore>,
+    tenant: String,
+    rejected: AtomicUsize,
+}
+
+#[async_trait]
+impl StateStore for RejectingStore {
+    async fn ping(&self) -> StoreResult<()> {
+        self.inner.ping().await
+    }
+    async fn get_instance(&self, name: &InstanceName) -> StoreResult<Option<Instance>> {
+        self.inner.get_instance(name).await
+    }
+    async fn list_instances(
+        &self,
+        query: &InstanceQuery,
+    ) -> StoreResult<Page<Instance, InstanceCursor>> {
+        self.inner.list_instances(query).await
+    }
+    async fn get_guard(&self, tenant: &TenantId, env: Environment) -> StoreResult<Option<Guard>> {
+        self.inner.get_guard(tenant, env).await
+    }
+    async fn get_operation(&self, id: &OperationId) -> StoreResult<Option<Operation>> {
+        self.inner.get_operation(id).await
+    }
+    async fn list_operations(
+        &self,
+        query: &OperationQuery,
+    ) -> StoreResult<Page<Operation, OperationCursor>> {
+        self.inner.list_operations(query).await
+    }
+    async fn read_events(
+        &self,
+        operation: &OperationId,
+        from_seq: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<OperationEvent>> {
+        self.inner.read_events(operation, from_seq, limit).await
+    }
+    async fn get_request(
+        &self,
+        request_id: &RequestId,
+        now: Timestamp,
+    ) -> StoreResult<Option<RequestRecord>> {
+        self.inner.get_request(request_id, now).await
+    }
+    async fn runnable_operations(
+        &self,
+        now: Timestamp,
+        limit: usize,
+    ) -> StoreResult<Vec<Operation>> {
+        self.inner.runnable_operations(now, limit).await
+    }
+    async fn listener_priorities(&self, listener_arn: &str) -> StoreResult<Vec<PriorityClaim>> {
+        self.inner.listener_priorities(listener_arn).await
+    }
+    async fn commit(&self, writes: Vec<Write>) -> StoreResult<()> {
+        let poisoned = writes.iter().any(|write| match write {
+            Write::UpdateOperation(op) => {
+                op.target.tenant.as_str() == self.tenant
+                    && op.status == OperationStatus::InProgress
+                    && op
+                        .steps
+                        .iter()
+                        .any(|s| s.name == "service" && s.status == StepStatus::Succeeded)
+            }
+            _ => false,
+        });
+        if poisoned {
+            self.rejected.fetch_add(1, Ordering::SeqCst);
+            return Err(StoreError::Internal(
+                "ValidationException: Item size has exceeded the maximum allowed size".into(),
+            ));
+        }
+        self.inner.commit(writes).await
+    }
+}
+
+#[tokio::test]
+async fn a_write_the_store_always_rejects_ends_stuck_instead_of_looping() {
+    let config = platform::config_with_platforms(&[Environment::Sit]).await;
+    let poisoned = platform::tenant("poison");
+    let rejecting = Arc::new(std::sync::OnceLock::<Arc<RejectingStore>>::new());
+    let slot = rejecting.clone();
+    let tenant = poisoned.clone();
+    let mut cp = platform::start_with(config, EngineOptions::default(), move |inner| {
+        let store = Arc::new(RejectingStore {
+            inner,
+            tenant,
+            rejected: AtomicUsize::new(0),
+        });
+        let _ = slot.set(store.clone());
+        store
+    })
+    .await;
+    let operation = cp.create(&poisoned, v1::Environment::Sit).await;
+    let (events, stuck) = cp.watch(&operation.name).await;
+    assert_eq!(status(&stuck), v1::OperationStatus::Stuck, "{events:#?}");
+    assert_eq!(error_reason(&stuck), "STORE_REJECTED");
+    assert_eq!(
+        cp.engine.metrics().value(
+            "im_operations_stuck_total",
+            &[("verb", "create"), ("reason", "STORE_REJECTED")]
+        ),
+        1
+    );
+    assert_eq!(
+        cp.instance(&poisoned).await.state(),
+        v1::InstanceState::Failed
+    );
+    // One rejection, no retry loop: the write can never succeed, so it is not retried.
+    assert_eq!(rejecting.get().unwrap().rejected.load(Ordering::SeqCst), 1);
+    // The replica goes on with other work.
+    let other = platform::tenant("healthy");
+    let operation = cp.create(&other, v1::Environment::Sit).await;
+    let (events, done) = cp.watch(&operation.name).await;
+    assert_eq!(status(&done), v1::OperationStatus::Completed, "{events:#?}");
+}
+
+#[tokio::test]
+async fn operations_that_cannot_run_do_not_starve_the_others() {
+    let mut config = platform::config_with_platforms(&[Environment::Sit]).await;
+    config.workers = 2;
+    let mut cp = platform::start(config, None).await;
+    let now = Timestamp::now();
+    // Four times the workers' worth of operations on instances that do not exist, and one
+    // for an instance in an environment this deployment does not serve: before any real
+    // work, and each one oldest first in the claim order.
+    let mut missing = Vec::new();
+    for i in 0..8 {
+        let target = InstanceName::new(
+            TenantId::parse(&platform::tenant("ghost")).unwrap(),
+            InstanceId::parse(&format!("wp{i}")).unwrap(),
+        );
+        let operation = Operation::new(Verb::Create, target, Vec::new(), None, now);
+        missing.push(operation.id.clone());
+        cp.store
+            .commit(vec![Write::CreateOperation(operation)])
+            .await
+            .unwrap();
+    }
+    let elsewhere = InstanceName::new(
+        TenantId::parse(&platform::tenant("prod")).unwrap(),
+        InstanceId::parse("wp").unwrap(),
+    );
+    let spec = InstanceSpec::parse(
+        SpecInput {
+            environment: Some(Environment::Prod),
+            organization_name: "Elsewhere Ltd".into(),
+            contact_email: "ops@example.com".into(),
+            ..SpecInput::default()
+        },
+        ScaleBounds::default(),
+    )
+    .unwrap();
+    let parked = Operation::new(Verb::Create, elsewhere.clone(), Vec::new(), None, now);
+    cp.store
+        .commit(vec![
+            Write::CreateInstance(Instance::new_pending(
+                elsewhere,
+                spec,
+                parked.id.clone(),
+                now,
+            )),
+            Write::CreateOperation(parked.clone()),
+        ])
+        .await
+        .unwrap();
+
+    // Real work still gets done.
+    let tenant = platform::tenant("real");
+    let operation = cp.create(&tenant, v1::Environment::Sit).await;
+    let (events, done) = cp.watch(&operation.name).await;
+    assert_eq!(status(&done), v1::OperationStatus::Completed, "{events:#?}");
+
+    // The ones without a target ended FAILED with the reason; the other waits, parked.
+    for id in &missing {
+        let stored = cp.store.get_operation(id).await.unwrap().unwrap();
+        assert_eq!(stored.status, OperationStatus::Failed, "{stored:?}");
+        assert_eq!(stored.error.unwrap().reason, "TARGET_MISSING");
+    }
+    let stored = cp.store.get_operation(&parked.id).await.unwrap().unwrap();
+    assert_eq!(stored.status, OperationStatus::Pending);
+    let lease = stored.lease.expect("parked with a lease nobody renews");
+    assert!(lease.owner.starts_with("parked-by-"), "{lease:?}");
+    assert!(lease.expires_at > now, "{lease:?}");
+    let events = cp.store.read_events(&parked.id, 0, 10).await.unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.message.contains("the environment is unavailable")),
+        "{events:#?}"
+    );
 }
 
 /// An HTTP relay to moto that answers the first `failures` requests carrying `marker` (a
@@ -399,4 +629,63 @@ async fn a_replica_runs_at_most_its_workers_at_once() {
         assert_eq!(status(&done), v1::OperationStatus::Completed, "{events:#?}");
     }
     assert_eq!(turnstile.most.load(Ordering::SeqCst), 2);
+}
+
+/// Holds the `service` step of every deletion until the replica shuts down.
+struct HoldDeleteService {
+    reached: Notify,
+}
+
+#[async_trait]
+impl StepHook for HoldDeleteService {
+    async fn before(&self, operation: &Operation, step: &str) -> StepResult<()> {
+        if operation.verb == Verb::Delete && step == "service" {
+            self.reached.notify_one();
+            std::future::pending::<()>().await;
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_resumed_operation_runs_its_persisted_plan_not_the_live_configuration() {
+    let config = platform::config_with_platforms(&[Environment::Dev]).await;
+    assert!(config.environments[0].platform.cognito_enabled);
+    let hold = Arc::new(HoldDeleteService {
+        reached: Notify::new(),
+    });
+    let mut cp = platform::start(config.clone(), Some(hold.clone())).await;
+    let tenant = platform::tenant("plan");
+    let created = cp.create(&tenant, v1::Environment::Dev).await;
+    let (events, done) = cp.watch(&created.name).await;
+    assert_eq!(status(&done), v1::OperationStatus::Completed, "{events:#?}");
+    let cloud = cp.cloud(Environment::Dev).await;
+    assert_eq!(inventory(&cloud, &tenant).await, provisioned(true));
+
+    let deleted = cp
+        .instances
+        .delete_instance(v1::DeleteInstanceRequest {
+            name: format!("tenants/{tenant}/instances/wp"),
+            skip_archive: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    hold.reached.notified().await;
+    // The replica stops mid-deletion (its lease handed back), and the next one starts with
+    // Cognito switched off for the environment.
+    cp.shutdown.cancel();
+    let mut flipped = config.clone();
+    flipped.environments[0].platform.cognito_enabled = false;
+    let mut cp = platform::start(flipped, None).await;
+    let (events, done) = cp.watch(&deleted.name).await;
+    assert_eq!(status(&done), v1::OperationStatus::Completed, "{events:#?}");
+    assert_eq!(step_status(&done, "user_pool"), v1::StepStatus::Succeeded);
+    // Counted on the original platform's view: the pool is gone, not orphaned.
+    assert!(
+        inventory(&cloud, &tenant).await.is_empty(),
+        "{:?}",
+        inventory(&cloud, &tenant).await
+    );
 }

@@ -84,8 +84,14 @@ impl Api {
 
     /// Refuses environments this deployment cannot reach.
     pub(crate) fn check_environment(&self, environment: Environment) -> ApiResult<()> {
-        match &self.environments {
-            Some(served) if !served.contains(&environment) => Err(ApiError::FailedPrecondition {
+        let served = self.environments.as_ref().map(|served| {
+            served
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .contains(&environment)
+        });
+        match served {
+            Some(false) => Err(ApiError::FailedPrecondition {
                 reason: reason::ENVIRONMENT_UNAVAILABLE,
                 message: format!("environment {environment} is not configured or not reachable"),
                 metadata: vec![("environment", environment.to_string())],

@@ -44,7 +44,7 @@ pub struct Api {
     pub shutdown: CancellationToken,
     /// Environments that can be served; `None` when no environment is configured (then
     /// operations are accepted and wait until a replica with environments runs them).
-    pub environments: Option<Arc<Vec<Environment>>>,
+    pub environments: Option<Arc<std::sync::RwLock<Vec<Environment>>>>,
 }
 
 impl Api {
@@ -71,8 +71,17 @@ impl Api {
         self
     }
 
-    pub fn with_environments(mut self, environments: Vec<Environment>) -> Self {
-        self.environments = Some(Arc::new(environments));
+    pub fn with_environments(self, environments: Vec<Environment>) -> Self {
+        self.with_served_environments(Arc::new(std::sync::RwLock::new(environments)))
+    }
+
+    /// Serves the environments in `served`, which the server updates as environments are
+    /// re-verified (one that failed at start-up is served once it verifies).
+    pub fn with_served_environments(
+        mut self,
+        served: Arc<std::sync::RwLock<Vec<Environment>>>,
+    ) -> Self {
+        self.environments = Some(served);
         self
     }
 

@@ -130,6 +130,11 @@ impl Accounts {
         futures::future::join_all(checks).await
     }
 
+    /// Every configured environment, served or not.
+    pub fn configured(&self) -> Vec<Environment> {
+        self.accounts.keys().copied().collect()
+    }
+
     /// Environments configured and not found broken by [`verify`](Self::verify).
     pub fn served(&self) -> Vec<Environment> {
         self.accounts

@@ -22,6 +22,11 @@ pub struct Instance {
     /// Cloud resources recorded by workflows: kind → id or ARN.
     pub resources: BTreeMap<String, String>,
     pub failure_reason: Option<String>,
+    /// True when a create was rolled back cleanly: every resource it made is gone and the
+    /// (tenant, environment) slot was given back. Deleting such an instance touches nothing
+    /// in the cloud (a sibling may own the tenant's names by now).
+    #[serde(default)]
+    pub released: bool,
     /// Optimistic-concurrency version, bumped by the store on every write.
     pub version: u64,
 }
@@ -43,6 +48,7 @@ impl Instance {
             current_operation: Some(operation),
             resources: BTreeMap::new(),
             failure_reason: None,
+            released: false,
             version: 0,
         }
     }

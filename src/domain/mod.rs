@@ -13,7 +13,7 @@ pub mod violation;
 
 pub use ids::{InstanceId, InstanceName, OperationId, RequestId, TenantId};
 pub use instance::Instance;
-pub use operation::{Operation, OperationEvent, OperationStatus, Step, StepStatus, Verb};
+pub use operation::{Operation, OperationEvent, OperationStatus, Phase, Step, StepStatus, Verb};
 pub use spec::{Environment, InstanceSpec, ScaleBounds, Tier};
 pub use state::InstanceState;
 pub use time::Timestamp;

@@ -132,10 +132,28 @@ pub enum StepStatus {
     UndoFailed,
 }
 
+/// Which way an operation is going. Persisted, so a resumed operation continues in the
+/// phase it was in: a crash during a rollback resumes the rollback, never the forward run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Phase {
+    /// Running the steps of the plan.
+    #[default]
+    Forward,
+    /// Undoing what the forward run did, newest first, after a step failed for good or a
+    /// cancel request; `Operation::failure` says why.
+    Compensating,
+}
+
 /// One step of a workflow and what it produced.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Step {
     pub name: String,
+    /// The step's stage in the plan: steps of one stage run in parallel, stages in order.
+    /// Persisted with the plan, so a resumed operation runs what was planned, whatever the
+    /// configuration says now.
+    #[serde(default)]
+    pub stage: u32,
     pub status: StepStatus,
     pub resource_id: Option<String>,
     pub error: Option<String>,
@@ -148,6 +166,7 @@ impl Step {
     pub fn pending(name: impl Into<String>) -> Self {
         Self {
             name: name.into(),
+            stage: 0,
             status: StepStatus::Pending,
             resource_id: None,
             error: None,
@@ -194,6 +213,13 @@ pub struct Operation {
     pub params: serde_json::Value,
     /// The sequence number of the last event appended for this operation.
     pub last_event_seq: u64,
+    /// Forward or compensating; see [`Phase`].
+    #[serde(default)]
+    pub phase: Phase,
+    /// Why the operation is compensating (set with `Phase::Compensating`), so that a
+    /// replica resuming the rollback ends the operation with the original failure.
+    #[serde(default)]
+    pub failure: Option<OperationError>,
     /// Optimistic-concurrency version, bumped by the store on every write.
     pub version: u64,
 }
@@ -222,8 +248,36 @@ impl Operation {
             lease: None,
             params: serde_json::Value::Null,
             last_event_seq: 0,
+            phase: Phase::Forward,
+            failure: None,
             version: 0,
         }
+    }
+
+    /// The plan as persisted: step names grouped by stage, stages in order.
+    pub fn stages(&self) -> Vec<Vec<String>> {
+        let mut stages: Vec<(u32, Vec<String>)> = Vec::new();
+        for step in &self.steps {
+            match stages.iter_mut().find(|(stage, _)| *stage == step.stage) {
+                Some((_, names)) => names.push(step.name.clone()),
+                None => stages.push((step.stage, vec![step.name.clone()])),
+            }
+        }
+        stages.sort_by_key(|(stage, _)| *stage);
+        stages.into_iter().map(|(_, names)| names).collect()
+    }
+
+    /// Pending steps for a plan given as stages.
+    pub fn planned_steps(stages: &[Vec<&str>]) -> Vec<Step> {
+        let mut steps = Vec::new();
+        for (index, stage) in stages.iter().enumerate() {
+            for name in stage {
+                let mut step = Step::pending(*name);
+                step.stage = u32::try_from(index).unwrap_or(u32::MAX);
+                steps.push(step);
+            }
+        }
+        steps
     }
 
     /// Percent of steps done; 100 once the operation completed.
@@ -339,5 +393,24 @@ mod tests {
         let last = op.next_event(Timestamp(7), None, "done");
         assert!(last.terminal);
         assert_eq!(last.percent, 100);
+    }
+
+    #[test]
+    fn the_plan_round_trips_through_the_steps() {
+        let stages = vec![vec!["a", "b"], vec!["c"], vec!["d", "e"]];
+        let mut op = op();
+        op.steps = Operation::planned_steps(&stages);
+        let back = op.stages();
+        assert_eq!(back, vec![vec!["a", "b"], vec!["c"], vec!["d", "e"]]);
+        // Stored without stages (older records): one stage, in order.
+        let legacy: Step = serde_json::from_str(
+            r#"{"name":"x","status":"PENDING","resource_id":null,"error":null,"started_at":null,"ended_at":null,"attempts":0}"#,
+        )
+        .unwrap();
+        assert_eq!(legacy.stage, 0);
+        let stored = serde_json::to_string(&op).unwrap();
+        let decoded: Operation = serde_json::from_str(&stored).unwrap();
+        assert_eq!(decoded, op);
+        assert_eq!(decoded.phase, Phase::Forward);
     }
 }

@@ -96,7 +96,7 @@ impl State {
             Write::ReleaseGuard(guard) => self
                 .guards
                 .get(&(guard.tenant.clone(), guard.environment))
-                .is_some_and(|stored| stored.instance == guard.instance),
+                .is_none_or(|stored| stored.instance == guard.instance),
             Write::CreateOperation(operation) => !self.operations.contains_key(&operation.id),
             Write::UpdateOperation(operation) => self
                 .operations

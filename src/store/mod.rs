@@ -63,7 +63,9 @@ pub enum Write {
     UpdateInstance(Instance),
     /// Precondition: the guard for (tenant, environment) does not exist.
     ClaimGuard(Guard),
-    /// Precondition: the guard exists and names the same instance. Deletes it.
+    /// Precondition: the guard is absent or names the same instance (so a release is
+    /// idempotent: repeating one that landed succeeds). Deletes it. A guard held by another
+    /// instance is a conflict and stays.
     ReleaseGuard(Guard),
     /// Precondition: no operation with this id exists. Stored with version 1.
     CreateOperation(Operation),

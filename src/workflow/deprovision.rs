@@ -14,7 +14,7 @@ use super::provision::{
     self, ACCESS_POINT, DATABASE, LISTENER_RULE, SECRET, SERVICE, TARGET_GROUP, TASK_DEFINITION,
     USER_POOL, master_credentials,
 };
-use super::{StepCtx, StepError, StepResult, Workflow, WorkflowStates};
+use super::{Failure, StepCtx, StepError, StepResult, Workflow};
 
 pub const ARCHIVE_DATABASE: &str = "archive_database";
 pub const START_CONTENT_ARCHIVE: &str = "start_content_archive";
@@ -47,9 +47,14 @@ impl Workflow for Deprovision {
     fn plan(
         &self,
         operation: &Operation,
-        _: &Instance,
+        instance: &Instance,
         cloud: &CloudEnv,
     ) -> Vec<Vec<&'static str>> {
+        // A create that rolled back cleanly left nothing of this instance: there is nothing
+        // to archive or remove, and the tenant's names may belong to a sibling by now.
+        if instance.released {
+            return Vec::new();
+        }
         let mut stages = Vec::new();
         if !skip_archive(operation) {
             stages.push(vec![ARCHIVE_DATABASE, START_CONTENT_ARCHIVE]);
@@ -57,7 +62,7 @@ impl Workflow for Deprovision {
         }
         stages.push(vec![SERVICE]);
         let mut third = vec![LISTENER_RULE, TASK_DEFINITION];
-        if cloud.platform.cognito_enabled {
+        if cloud.platform.cognito_enabled || instance.resources.contains_key(USER_POOL) {
             third.push(USER_POOL);
         }
         stages.push(third);
@@ -89,12 +94,21 @@ impl Workflow for Deprovision {
         false
     }
 
-    fn states(&self) -> WorkflowStates {
-        WorkflowStates {
-            running: InstanceState::Deprovisioning,
-            success: InstanceState::Deprovisioned,
-            failure: InstanceState::Failed,
-        }
+    fn running_state(&self) -> InstanceState {
+        InstanceState::Deprovisioning
+    }
+
+    fn on_complete(&self, instance: &mut Instance, _: &Operation, _: &CloudEnv) -> bool {
+        instance.state = InstanceState::Deprovisioned;
+        instance.failure_reason = None;
+        instance.resources.clear();
+        true
+    }
+
+    fn on_fail(&self, instance: &mut Instance, failure: &Failure<'_>) -> bool {
+        instance.state = InstanceState::Failed;
+        instance.failure_reason = Some(failure.message.to_owned());
+        false
     }
 
     fn deadline(&self) -> Duration {
@@ -245,7 +259,9 @@ async fn verify(ctx: &StepCtx) -> StepResult<()> {
             .await?,
     );
     left.extend(cloud.compute.find_tagged(&platform.cluster, &tags).await?);
-    if platform.cognito_enabled {
+    // The persisted plan says whether a pool was removed, whatever the setting says now.
+    let planned_pool = ctx.operation.steps.iter().any(|s| s.name == USER_POOL);
+    if platform.cognito_enabled || planned_pool {
         left.extend(cloud.identity.find_tagged(&tags).await?);
     }
     let master = master_credentials(ctx).await?;

@@ -4,7 +4,11 @@
 //!
 //! - `STEP=pause`: the step blocks before its action until the process is killed;
 //! - `STEP=error`: the step fails (fatally) before its action;
-//! - `STEP=error-after`: the step fails after its action took effect.
+//! - `STEP=error-after`: the step fails after its action took effect;
+//! - `STEP=exit-after`: the process exits at once after the step's action returned, before
+//!   its outcome is saved (the crash window every step must survive);
+//! - `undo:STEP=exit`: the process exits at once before the step's undo (a crash in the
+//!   middle of a rollback).
 
 use async_trait::async_trait;
 
@@ -17,6 +21,18 @@ enum Action {
     Pause,
     Error,
     ErrorAfter,
+    ExitAfter,
+    Exit,
+}
+
+/// The exit status of a process ended by a failpoint (what a test expects to see).
+pub const EXIT_STATUS: i32 = 86;
+
+fn exit_now(what: &str) -> ! {
+    // Say so on stderr (not through the logger, which may buffer), then end without
+    // unwinding or running anything else: as close to a kill as a process can do itself.
+    eprintln!("failpoint: exiting the process {what}");
+    std::process::exit(EXIT_STATUS)
 }
 
 #[derive(Debug, Clone, Default)]
@@ -34,9 +50,11 @@ impl Failpoints {
                 "pause" => Action::Pause,
                 "error" => Action::Error,
                 "error-after" => Action::ErrorAfter,
+                "exit-after" => Action::ExitAfter,
+                "exit" if step.starts_with("undo:") => Action::Exit,
                 other => {
                     return Err(format!(
-                        "failpoint action {other:?} is not pause, error or error-after"
+                        "failpoint action {other:?} is not pause, error, error-after, exit-after (or exit for undo:STEP)"
                     ));
                 }
             };
@@ -73,6 +91,14 @@ impl StepHook for Failpoints {
             Some(Action::ErrorAfter) => Err(StepError::Fatal(format!(
                 "failpoint: {step} fails after its action"
             ))),
+            Some(Action::ExitAfter) => exit_now(&format!("after {step}")),
+            _ => Ok(()),
+        }
+    }
+
+    async fn before_undo(&self, _: &Operation, step: &str) -> StepResult<()> {
+        match self.action(&format!("undo:{step}")) {
+            Some(Action::Exit) => exit_now(&format!("before undoing {step}")),
             _ => Ok(()),
         }
     }
@@ -92,5 +118,11 @@ mod tests {
         assert!(Failpoints::parse(&["service".into()]).is_err());
         assert!(Failpoints::parse(&[String::new()]).unwrap().is_empty());
         assert!(Failpoints::parse(&["service=explode".into()]).is_err());
+        let points =
+            Failpoints::parse(&["secret=exit-after".into(), "undo:secret=exit".into()]).unwrap();
+        assert_eq!(points.action("secret"), Some(Action::ExitAfter));
+        assert_eq!(points.action("undo:secret"), Some(Action::Exit));
+        // Exiting before a step's action is what `pause` plus a kill is for.
+        assert!(Failpoints::parse(&["secret=exit".into()]).is_err());
     }
 }

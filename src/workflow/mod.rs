@@ -19,7 +19,7 @@ use crate::domain::naming::{ResourceNames, TagContext};
 use crate::domain::{Instance, InstanceState, Operation, Verb};
 use crate::store::StateStore;
 
-pub use engine::{Engine, EngineSettings};
+pub use engine::{Clock, Engine, EngineOptions, EngineSettings, ManualClock, SystemClock};
 pub use events::EventBus;
 
 /// Why a step did not succeed this time.
@@ -140,24 +140,27 @@ impl StepCtx {
     }
 }
 
-/// Instance states a workflow moves through.
-#[derive(Debug, Clone, Copy)]
-pub struct WorkflowStates {
-    /// Set when a worker claims the operation.
-    pub running: InstanceState,
-    /// Set when the operation completes.
-    pub success: InstanceState,
-    /// Set when the operation fails (after a clean rollback, when the workflow rolls back).
-    pub failure: InstanceState,
+/// How an operation that did not complete ended, for [`Workflow::on_fail`].
+#[derive(Debug, Clone)]
+pub struct Failure<'a> {
+    /// FAILED, CANCELLED or STUCK.
+    pub status: crate::domain::OperationStatus,
+    pub reason: &'a str,
+    pub message: &'a str,
+    /// True when the workflow's undos all ran and succeeded (nothing it made is left).
+    pub rolled_back: bool,
 }
 
 /// One kind of operation: its steps, grouped in stages (the steps of a stage run in
-/// parallel; stages run in order), and how to do and undo each step.
+/// parallel; stages run in order), how to do and undo each step, and what its ending
+/// does to the instance. The engine persists the plan and the phase; a workflow owns
+/// everything it changes on the instance.
 #[async_trait]
 pub trait Workflow: Send + Sync {
     fn verb(&self) -> Verb;
 
-    /// The stages for this operation, decided when it is first claimed.
+    /// The stages for this operation, decided once when it is first claimed and persisted
+    /// with its steps (a resumed operation runs what was planned).
     fn plan(
         &self,
         operation: &Operation,
@@ -175,7 +178,20 @@ pub trait Workflow: Send + Sync {
     /// Whether a failed step leads to undoing the earlier ones.
     fn rolls_back(&self) -> bool;
 
-    fn states(&self) -> WorkflowStates;
+    /// The instance's state while the operation runs (set when a worker claims it).
+    fn running_state(&self) -> InstanceState;
+
+    /// Edits the instance when an attempt starts (not when a crashed one is resumed).
+    fn on_start(&self, _instance: &mut Instance) {}
+
+    /// Edits the instance when the operation completes; returns whether to give back the
+    /// (tenant, environment) guard.
+    fn on_complete(&self, instance: &mut Instance, operation: &Operation, cloud: &CloudEnv)
+    -> bool;
+
+    /// Edits the instance when the operation ends FAILED, CANCELLED or STUCK; returns
+    /// whether to give back the (tenant, environment) guard.
+    fn on_fail(&self, instance: &mut Instance, failure: &Failure<'_>) -> bool;
 
     /// How long an attempt may run before it is declared STUCK.
     fn deadline(&self) -> Duration;

@@ -12,10 +12,10 @@ use crate::cloud::{
 };
 use crate::config::Secret;
 use crate::domain::naming::ResourceNames;
-use crate::domain::{Instance, InstanceState, Operation, Verb};
+use crate::domain::{Instance, InstanceState, Operation, OperationStatus, Verb};
 use crate::store::{PriorityClaim, StoreError, Write};
 
-use super::{StepCtx, StepError, StepResult, Workflow, WorkflowStates};
+use super::{Failure, StepCtx, StepError, StepResult, Workflow};
 
 pub const ACCESS_POINT: &str = "access_point";
 pub const SECRET: &str = "secret";
@@ -75,12 +75,53 @@ impl Workflow for Provision {
         true
     }
 
-    fn states(&self) -> WorkflowStates {
-        WorkflowStates {
-            running: InstanceState::Provisioning,
-            success: InstanceState::Active,
-            failure: InstanceState::Failed,
+    fn running_state(&self) -> InstanceState {
+        InstanceState::Provisioning
+    }
+
+    fn on_start(&self, instance: &mut Instance) {
+        instance.released = false;
+    }
+
+    fn on_complete(
+        &self,
+        instance: &mut Instance,
+        operation: &Operation,
+        cloud: &CloudEnv,
+    ) -> bool {
+        instance.state = InstanceState::Active;
+        instance.failure_reason = None;
+        instance.released = false;
+        instance.resources.extend(
+            operation
+                .steps
+                .iter()
+                .filter_map(|s| s.resource_id.clone().map(|id| (s.name.clone(), id))),
+        );
+        let domain = &cloud.platform.domain;
+        if !domain.is_empty() {
+            instance.resources.insert(
+                "url".into(),
+                format!(
+                    "https://{}",
+                    ResourceNames::host(&instance.name.tenant, domain)
+                ),
+            );
         }
+        false
+    }
+
+    fn on_fail(&self, instance: &mut Instance, failure: &Failure<'_>) -> bool {
+        instance.state = InstanceState::Failed;
+        instance.failure_reason = Some(failure.message.to_owned());
+        // A clean rollback leaves nothing: the (tenant, environment) slot is free again, and
+        // deleting this instance later must not touch anything (a sibling may exist).
+        let released = failure.rolled_back && failure.status != OperationStatus::Stuck;
+        if released {
+            instance.resources.clear();
+            instance.released = true;
+        }
+        released
     }
 
     fn deadline(&self) -> Duration {

@@ -19,7 +19,7 @@ use instance_manager::proto::google_longrunning::operations_client::OperationsCl
 use instance_manager::proto::v1;
 use instance_manager::proto::v1::instance_service_client::InstanceServiceClient;
 use instance_manager::store::{DynamoStore, StateStore};
-use instance_manager::workflow::{Engine, EngineSettings, EventBus, StepHook};
+use instance_manager::workflow::{Engine, EngineOptions, EngineSettings, EventBus, StepHook};
 use prost::Message;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -162,6 +162,24 @@ fn fast_settings(config: &Config) -> EngineSettings {
 
 /// Starts the control plane for `config` in this process, with an optional step hook.
 pub async fn start(config: Config, hook: Option<Arc<dyn StepHook>>) -> ControlPlane {
+    start_with(
+        config,
+        EngineOptions {
+            hook,
+            ..EngineOptions::default()
+        },
+        |store| store,
+    )
+    .await
+}
+
+/// Like [`start`], with engine options (hook, clock) and a wrapper around the state store
+/// the engine and the API use (to inject store failures).
+pub async fn start_with(
+    config: Config,
+    options: EngineOptions,
+    wrap_store: impl FnOnce(Arc<dyn StateStore>) -> Arc<dyn StateStore>,
+) -> ControlPlane {
     // IM_TEST_LOG=debug shows the control plane's logs while debugging a test.
     if let Ok(filter) = std::env::var("IM_TEST_LOG") {
         instance_manager::telemetry::init(instance_manager::config::LogFormat::Human, &filter);
@@ -171,18 +189,19 @@ pub async fn start(config: Config, hook: Option<Arc<dyn StepHook>>) -> ControlPl
     for (environment, outcome) in accounts.verify().await {
         outcome.unwrap_or_else(|e| panic!("{environment}: {e}"));
     }
-    let store: Arc<dyn StateStore> = Arc::new(DynamoStore::new(
+    let store: Arc<dyn StateStore> = wrap_store(Arc::new(DynamoStore::new(
         aws_sdk_dynamodb::Client::new(&sdk),
         config.table.clone(),
-    ));
+    )));
     let bus = EventBus::new();
     let settings = fast_settings(&config);
-    let engine = match hook {
-        Some(hook) => {
-            Engine::with_hook(store.clone(), accounts.clone(), settings, bus.clone(), hook)
-        }
-        None => Engine::new(store.clone(), accounts.clone(), settings, bus.clone()),
-    };
+    let engine = Engine::with_options(
+        store.clone(),
+        accounts.clone(),
+        settings,
+        bus.clone(),
+        options,
+    );
     let shutdown = CancellationToken::new();
     let api = Api::new(
         store.clone(),
@@ -282,6 +301,19 @@ impl Client {
             .unwrap()
             .into_inner();
         (events, done)
+    }
+
+    /// Deletes the tenant's instance `wp` (with the archive); the operation's name.
+    pub async fn delete(&mut self, tenant: &str) -> String {
+        self.instances
+            .delete_instance(v1::DeleteInstanceRequest {
+                name: format!("tenants/{tenant}/instances/wp"),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .name
     }
 
     pub async fn instance(&mut self, tenant: &str) -> v1::Instance {
@@ -391,5 +423,53 @@ pub fn provisioned(cognito: bool) -> Inventory {
         user_pools: usize::from(cognito),
         database: true,
         database_user: true,
+    }
+}
+
+/// Writes `config` for server processes with `lease_secs`, and no fixed replica id (each
+/// process then names itself after its host and pid).
+pub fn write_config(config: &Config, dir: &std::path::Path, lease_secs: u64) -> std::path::PathBuf {
+    let mut config = config.clone();
+    config.lease_secs = lease_secs;
+    config.replica_id = String::new();
+    let path = dir.join("instance-manager.toml");
+    std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+    path
+}
+
+/// `instance-manager serve` with the configuration at `config_path` and the failpoints in
+/// `failpoints` (empty for none), once it accepts connections; and its address.
+pub fn serve_process(
+    config_path: &std::path::Path,
+    failpoints: &str,
+) -> (common::ServerProcess, String) {
+    let addr = common::free_addr();
+    let listen = addr.to_string();
+    let config = config_path.to_str().unwrap();
+    let envs: &[(&str, &str)] = if failpoints.is_empty() {
+        &[]
+    } else {
+        &[("IM_FAILPOINTS", failpoints)]
+    };
+    let mut server =
+        common::ServerProcess::spawn(["serve", "--config", config, "--listen", &listen], envs);
+    server.wait_ready(addr);
+    (server, listen)
+}
+
+/// Waits (without blocking the runtime) until `process` exits, at most `limit`.
+pub async fn exited(
+    process: &mut common::ServerProcess,
+    limit: Duration,
+) -> Option<std::process::ExitStatus> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(status) = process.try_wait() {
+            return Some(status);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

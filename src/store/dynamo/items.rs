@@ -345,7 +345,7 @@ pub(super) fn plan(write: &Write) -> StoreResult<PlannedWrite> {
         Write::ReleaseGuard(guard) => PlannedWrite {
             action: Action::Delete(guard_key(&guard.tenant, guard.environment)),
             condition: Condition {
-                expression: "#instance = :instance".to_owned(),
+                expression: "attribute_not_exists(#instance) OR #instance = :instance".to_owned(),
                 names: HashMap::from([("#instance".to_owned(), "instance".to_owned())]),
                 values: HashMap::from([(":instance".to_owned(), s(guard.instance.as_str()))]),
             },

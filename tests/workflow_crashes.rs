@@ -1,0 +1,276 @@
+//! The crash windows of every step, on the real binary: the process ends right after a
+//! step's AWS or SQL call returned and before its outcome was saved (a failpoint that exits
+//! the process, nothing test-only saves the resource), another process resumes, and the
+//! operation converges with exactly one of each resource — or, for a deprovisioning, none.
+//! And a crash in the middle of a rollback: the rollback resumes and ends FAILED with
+//! nothing left, never a forward run to COMPLETED.
+//!
+//! Each scenario has its own table (so the scenarios' processes never claim each other's
+//! operations) on one shared platform, and they run side by side.
+
+mod common;
+mod platform;
+
+use std::time::Duration;
+
+use instance_manager::cloud::accounts::Accounts;
+use instance_manager::config::Config;
+use instance_manager::domain::Environment;
+use instance_manager::proto::v1;
+use instance_manager::store::DynamoStore;
+use instance_manager::workflow::failpoints::EXIT_STATUS;
+use platform::{Client, exited, inventory, metadata, provisioned, serve_process, write_config};
+
+/// Short leases: the next process takes over soon after the crash.
+const LEASE_SECS: u64 = 5;
+const CRASH_LIMIT: Duration = Duration::from_secs(180);
+
+/// `config` on a fresh table of its own, written for server processes in `dir`.
+async fn own_table(config: &Config, dir: &std::path::Path) -> std::path::PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut config = config.clone();
+    config.table = common::unique_name("crash");
+    // Ten processes poll one emulator: keep their claim loops light.
+    config.poll_interval_ms = 300;
+    DynamoStore::new(
+        aws_sdk_dynamodb::Client::new(&common::test_sdk_config().await),
+        config.table.clone(),
+    )
+    .ensure_table()
+    .await
+    .expect("create table");
+    write_config(&config, dir, LEASE_SECS)
+}
+
+async fn cloud(config: &Config, environment: Environment) -> instance_manager::cloud::CloudEnv {
+    Accounts::with_control_plane(&common::test_sdk_config().await, config)
+        .await
+        .env(environment)
+        .await
+        .unwrap()
+}
+
+/// The step names of a finished operation, in plan order.
+fn step_names(operation: &instance_manager::proto::google_longrunning::Operation) -> Vec<String> {
+    metadata(operation)
+        .steps
+        .iter()
+        .map(|s| s.name.clone())
+        .collect()
+}
+
+/// Runs `operation` (started by `start`) on a process whose failpoint ends it at `point`;
+/// once it has exited, a clean process resumes the operation. Returns the final state and
+/// the events, and the address of the surviving process.
+async fn crash_and_resume<F, Fut>(
+    path: &std::path::Path,
+    point: &str,
+    start: F,
+) -> (
+    Vec<v1::OperationEvent>,
+    instance_manager::proto::google_longrunning::Operation,
+    common::ServerProcess,
+)
+where
+    F: FnOnce(Client) -> Fut,
+    Fut: std::future::Future<Output = String>,
+{
+    let (mut crashing, addr) = serve_process(path, point);
+    let operation = start(Client::connect(&addr).await).await;
+    let status = exited(&mut crashing, CRASH_LIMIT)
+        .await
+        .unwrap_or_else(|| panic!("{point}: the process did not reach its failpoint"));
+    assert_eq!(
+        status.code(),
+        Some(EXIT_STATUS),
+        "{point}: {status}\n{}",
+        crashing.logs()
+    );
+    let (survivor, addr) = serve_process(path, "");
+    let (events, done) = Client::connect(&addr).await.watch(&operation).await;
+    (events, done, survivor)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_any_provisioning_call_converges_to_one_of_each() {
+    let config = platform::config_with_platforms(&[Environment::Dev]).await;
+    let cloud = cloud(&config, Environment::Dev).await;
+    let dir = tempfile::tempdir().unwrap();
+
+    // The plan, as a clean run records it.
+    let path = own_table(&config, &dir.path().join("reference")).await;
+    let steps = {
+        let (_server, addr) = serve_process(&path, "");
+        let mut client = Client::connect(&addr).await;
+        let tenant = platform::tenant("ref");
+        let operation = client.create(&tenant, v1::Environment::Dev).await;
+        let (events, done) = client.watch(&operation.name).await;
+        assert_eq!(
+            metadata(&done).status(),
+            v1::OperationStatus::Completed,
+            "{events:#?}"
+        );
+        step_names(&done)
+    };
+    assert!(steps.len() >= 8, "{steps:?}");
+
+    let scenarios = steps.iter().map(|step| {
+        let dir = dir.path().join(step);
+        let config = &config;
+        let cloud = &cloud;
+        async move {
+            let path = own_table(config, &dir).await;
+            let tenant = platform::tenant("crash");
+            let point = format!("{step}=exit-after");
+            let (events, done, _survivor) = crash_and_resume(&path, &point, |mut client| {
+                let tenant = tenant.clone();
+                async move { client.create(&tenant, v1::Environment::Dev).await.name }
+            })
+            .await;
+            assert_eq!(
+                metadata(&done).status(),
+                v1::OperationStatus::Completed,
+                "{point}: {events:#?}"
+            );
+            assert!(
+                events.iter().any(|e| e.message.starts_with("resumed by ")),
+                "{point}: {events:#?}"
+            );
+            assert_eq!(
+                inventory(cloud, &tenant).await,
+                provisioned(true),
+                "{point}: duplicated or missing resources"
+            );
+        }
+    });
+    futures::future::join_all(scenarios).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_any_deprovisioning_call_converges_to_nothing() {
+    let config = platform::config_with_platforms(&[Environment::Dev]).await;
+    let cloud = cloud(&config, Environment::Dev).await;
+    let dir = tempfile::tempdir().unwrap();
+
+    // The plan, as a clean deletion records it.
+    let path = own_table(&config, &dir.path().join("reference")).await;
+    let steps = {
+        let (_server, addr) = serve_process(&path, "");
+        let mut client = Client::connect(&addr).await;
+        let tenant = platform::tenant("ref");
+        let created = client.create(&tenant, v1::Environment::Dev).await;
+        client.watch(&created.name).await;
+        let deleted = client.delete(&tenant).await;
+        let (events, done) = client.watch(&deleted).await;
+        assert_eq!(
+            metadata(&done).status(),
+            v1::OperationStatus::Completed,
+            "{events:#?}"
+        );
+        step_names(&done)
+    };
+    assert!(steps.len() >= 8, "{steps:?}");
+
+    let scenarios = steps.iter().map(|step| {
+        let dir = dir.path().join(step);
+        let config = &config;
+        let cloud = &cloud;
+        async move {
+            let path = own_table(config, &dir).await;
+            let tenant = platform::tenant("crash");
+            {
+                let (_server, addr) = serve_process(&path, "");
+                let mut client = Client::connect(&addr).await;
+                let created = client.create(&tenant, v1::Environment::Dev).await;
+                let (events, done) = client.watch(&created.name).await;
+                assert_eq!(
+                    metadata(&done).status(),
+                    v1::OperationStatus::Completed,
+                    "{events:#?}"
+                );
+            }
+            let point = format!("{step}=exit-after");
+            let (events, done, survivor) = crash_and_resume(&path, &point, |mut client| {
+                let tenant = tenant.clone();
+                async move { client.delete(&tenant).await }
+            })
+            .await;
+            assert_eq!(
+                metadata(&done).status(),
+                v1::OperationStatus::Completed,
+                "{point}: {events:#?}"
+            );
+            assert!(
+                inventory(cloud, &tenant).await.is_empty(),
+                "{point}: resources remain"
+            );
+            let mut client = Client::connect(survivor.addr.unwrap().to_string().as_str()).await;
+            assert_eq!(
+                client.instance(&tenant).await.state(),
+                v1::InstanceState::Deprovisioned,
+                "{point}"
+            );
+        }
+    });
+    futures::future::join_all(scenarios).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_during_a_rollback_resumes_the_rollback() {
+    let config = platform::config_with_platforms(&[Environment::Sit]).await;
+    let cloud = cloud(&config, Environment::Sit).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = own_table(&config, dir.path()).await;
+    let tenant = platform::tenant("undo");
+    // wait_steady fails, the rollback starts from the newest step, and the process dies
+    // just before undoing the secret: the secret and the access point still exist.
+    let (mut crashing, addr) = serve_process(&path, "wait_steady=error,undo:secret=exit");
+    let operation = Client::connect(&addr)
+        .await
+        .create(&tenant, v1::Environment::Sit)
+        .await
+        .name;
+    let status = exited(&mut crashing, CRASH_LIMIT)
+        .await
+        .expect("the process did not reach its failpoint");
+    assert_eq!(status.code(), Some(EXIT_STATUS), "{}", crashing.logs());
+    let left = inventory(&cloud, &tenant).await;
+    assert!(
+        left.secrets == 1 && left.access_points == 1,
+        "the crash came before the secret's undo: {left:?}"
+    );
+
+    // A process without failpoints resumes: it must go on undoing, not run forward.
+    let (_survivor, addr) = serve_process(&path, "");
+    let mut client = Client::connect(&addr).await;
+    let (events, done) = client.watch(&operation).await;
+    let meta = metadata(&done);
+    assert_eq!(meta.status(), v1::OperationStatus::Failed, "{events:#?}");
+    assert!(
+        events
+            .iter()
+            .any(|e| e.message.starts_with("rollback resumed by ")),
+        "{events:#?}"
+    );
+    // Nothing ran forward after the crash: no step started again.
+    let resumed_at = events
+        .iter()
+        .position(|e| e.message.starts_with("rollback resumed by "))
+        .unwrap();
+    assert!(
+        !events[resumed_at..]
+            .iter()
+            .any(|e| e.step_status() == v1::StepStatus::Running),
+        "{events:#?}"
+    );
+    assert!(
+        inventory(&cloud, &tenant).await.is_empty(),
+        "resources remain after the resumed rollback"
+    );
+    let instance = client.instance(&tenant).await;
+    assert_eq!(instance.state(), v1::InstanceState::Failed);
+    assert!(
+        meta.status_detail.contains("wait_steady"),
+        "the original failure is kept: {meta:?}"
+    );
+}
