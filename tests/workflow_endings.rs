@@ -689,3 +689,104 @@ async fn a_resumed_operation_runs_its_persisted_plan_not_the_live_configuration(
         inventory(&cloud, &tenant).await
     );
 }
+
+/// Notifies `dropped` when the attempt holding it is dropped.
+struct DropSignal<'a>(&'a Notify);
+
+impl Drop for DropSignal<'_> {
+    fn drop(&mut self) {
+        self.0.notify_one();
+    }
+}
+
+/// Holds the first attempt of `step` (of a create) until it is dropped.
+struct HoldStep {
+    step: &'static str,
+    reached: Notify,
+    dropped: Notify,
+    held: AtomicUsize,
+}
+
+impl HoldStep {
+    fn new(step: &'static str) -> Arc<Self> {
+        Arc::new(Self {
+            step,
+            reached: Notify::new(),
+            dropped: Notify::new(),
+            held: AtomicUsize::new(0),
+        })
+    }
+}
+
+#[async_trait]
+impl StepHook for HoldStep {
+    async fn before(&self, operation: &Operation, step: &str) -> StepResult<()> {
+        if operation.verb == Verb::Create
+            && step == self.step
+            && self.held.fetch_add(1, Ordering::SeqCst) == 0
+        {
+            let _signal = DropSignal(&self.dropped);
+            self.reached.notify_one();
+            std::future::pending::<()>().await;
+        }
+        Ok(())
+    }
+}
+
+/// How long a held attempt may take to be dropped: a lease renewal (a third of the lease)
+/// plus slack for a loaded machine.
+const DROP_LIMIT: Duration = Duration::from_secs(60);
+
+#[tokio::test]
+async fn a_cancel_request_drops_the_attempt_in_flight_and_rolls_back() {
+    let config = platform::config_with_platforms(&[Environment::Sit]).await;
+    let hold = HoldStep::new("service");
+    let mut cp = platform::start(config, Some(hold.clone())).await;
+    let tenant = platform::tenant("cancel");
+    let operation = cp.create(&tenant, v1::Environment::Sit).await;
+    hold.reached.notified().await;
+    cp.operations
+        .cancel_operation(lro::CancelOperationRequest {
+            name: operation.name.clone(),
+        })
+        .await
+        .unwrap();
+    tokio::time::timeout(DROP_LIMIT, hold.dropped.notified())
+        .await
+        .expect("the attempt in flight was not dropped after the cancel request");
+    let (events, done) = cp.watch(&operation.name).await;
+    assert_eq!(status(&done), v1::OperationStatus::Cancelled, "{events:#?}");
+    let cloud = cp.cloud(Environment::Sit).await;
+    assert!(inventory(&cloud, &tenant).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_replica_that_lost_its_lease_stops_working_at_once() {
+    let config = platform::config_with_platforms(&[Environment::Sit]).await;
+    let hold = HoldStep::new("service");
+    let mut cp = platform::start(config, Some(hold.clone())).await;
+    let tenant = platform::tenant("stolen");
+    let operation = cp.create(&tenant, v1::Environment::Sit).await;
+    hold.reached.notified().await;
+    // Another replica takes the operation over (as after an expired lease).
+    let id = OperationId::from_name(&operation.name).unwrap();
+    let mut stolen = cp.store.get_operation(&id).await.unwrap().unwrap();
+    stolen.lease = Some(instance_manager::domain::operation::Lease {
+        owner: "another-replica".into(),
+        expires_at: Timestamp::now().plus_millis(3_600_000),
+    });
+    cp.store
+        .commit(vec![Write::UpdateOperation(stolen.clone())])
+        .await
+        .unwrap();
+    tokio::time::timeout(DROP_LIMIT, hold.dropped.notified())
+        .await
+        .expect("the attempt in flight went on after the lease was lost");
+    // And this replica writes nothing more to the operation: once its engine has stopped
+    // (which waits for every execution to end), the stolen record is as the thief left it.
+    cp.shutdown.cancel();
+    cp.engine.clone().run(cp.shutdown.clone()).await;
+    let stored = cp.store.get_operation(&id).await.unwrap().unwrap();
+    assert_eq!(stored.version, stolen.version + 1, "{stored:#?}");
+    assert_eq!(stored.lease.unwrap().owner, "another-replica");
+}

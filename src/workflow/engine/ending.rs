@@ -338,12 +338,7 @@ impl Engine {
                     ..
                 }) if may_retry => continue,
                 Err(StoreError::Unavailable(_) | StoreError::Contention) if may_retry => {
-                    tokio::time::sleep(super::backoff(
-                        self.settings.backoff_base,
-                        self.settings.backoff_cap,
-                        attempt,
-                    ))
-                    .await;
+                    tokio::time::sleep(super::lease::store_backoff(attempt)).await;
                     false
                 }
                 Err(error @ (StoreError::InvalidBatch(_) | StoreError::Internal(_))) => {

@@ -31,6 +31,11 @@ const STORE_ATTEMPTS: u32 = 5;
 const STORE_BACKOFF_BASE: Duration = Duration::from_millis(50);
 const STORE_BACKOFF_CAP: Duration = Duration::from_secs(1);
 
+/// The pause before retrying a store write (at most a second).
+pub(super) fn store_backoff(attempt: u32) -> Duration {
+    backoff(STORE_BACKOFF_BASE, STORE_BACKOFF_CAP, attempt)
+}
+
 impl Engine {
     pub(super) async fn execute(self: Arc<Self>, run: Run, permit: OwnedSemaphorePermit) {
         let run = Arc::new(run);
@@ -200,8 +205,7 @@ impl Engine {
                 {
                     tracing::warn!(%error, attempt, "state store write failed; retrying");
                     attempt += 1;
-                    tokio::time::sleep(backoff(STORE_BACKOFF_BASE, STORE_BACKOFF_CAP, attempt))
-                        .await;
+                    tokio::time::sleep(store_backoff(attempt)).await;
                 }
                 Err(error) => {
                     tracing::error!(%error, "state store write failed");
