@@ -422,6 +422,13 @@ impl Engine {
         }
         for writes in [with_instance, base] {
             if self.store.commit(writes).await.is_ok() {
+                self.metrics.increment(
+                    metrics::OPERATIONS_FINISHED,
+                    &[
+                        ("verb", verb.as_str()),
+                        ("status", OperationStatus::Stuck.as_str()),
+                    ],
+                );
                 self.bus.publish(event);
                 return;
             }
