@@ -1,0 +1,249 @@
+//! The API contract (issue 8, streaming 7.11) through our own tonic client against an
+//! in-process server on moto: idempotent retries under concurrency, bounded and always
+//! detailed errors, and WatchOperation's ending rules.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use instance_manager::api::{Api, ApiSettings, PageTokens};
+use instance_manager::domain::{OperationId, OperationStatus, ScaleBounds, Timestamp};
+use instance_manager::proto::google_longrunning as lro;
+use instance_manager::proto::google_longrunning::operations_client::OperationsClient;
+use instance_manager::proto::v1;
+use instance_manager::proto::v1::instance_service_client::InstanceServiceClient;
+use instance_manager::store::{DynamoStore, StateStore, Write};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+use tonic_types::StatusExt;
+
+struct TestServer {
+    instances: InstanceServiceClient<Channel>,
+    operations: OperationsClient<Channel>,
+    channel: Channel,
+    store: Arc<DynamoStore>,
+    shutdown: CancellationToken,
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+fn settings() -> ApiSettings {
+    ApiSettings {
+        scale_bounds: ScaleBounds::default(),
+        idempotency_ttl_secs: 3600,
+        default_page_size: 50,
+        max_page_size: 100,
+    }
+}
+
+async fn start() -> TestServer {
+    start_with(settings()).await
+}
+
+async fn start_with(settings: ApiSettings) -> TestServer {
+    let sdk = common::test_sdk_config().await;
+    let store = Arc::new(DynamoStore::new(
+        aws_sdk_dynamodb::Client::new(&sdk),
+        common::unique_name("contract"),
+    ));
+    store.ensure_table().await.expect("create table");
+    let api = Api::new(store.clone(), settings, PageTokens::new(b"test-key"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    tokio::spawn(instance_manager::server::serve(
+        api,
+        listener,
+        shutdown.clone(),
+        Duration::from_secs(1),
+    ));
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect");
+    TestServer {
+        instances: InstanceServiceClient::new(channel.clone()),
+        operations: OperationsClient::new(channel.clone()),
+        channel,
+        store,
+        shutdown,
+    }
+}
+
+fn create_request(tenant: &str, id: &str) -> v1::CreateInstanceRequest {
+    v1::CreateInstanceRequest {
+        parent: format!("tenants/{tenant}"),
+        instance_id: id.into(),
+        instance: Some(v1::Instance {
+            environment: v1::Environment::Dev.into(),
+            organization_name: "Acme Corp".into(),
+            contact_email: "ops@acme.example".into(),
+            ..Default::default()
+        }),
+        request_id: String::new(),
+    }
+}
+
+/// Every error carries ErrorInfo; returns its reason.
+fn reason(status: &Status) -> String {
+    let info = status
+        .get_details_error_info()
+        .unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"));
+    assert_eq!(info.domain, "instance-manager.bbws.io");
+    info.reason
+}
+
+fn violated_fields(status: &Status) -> Vec<String> {
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    reason(status);
+    status
+        .get_details_bad_request()
+        .unwrap_or_else(|| panic!("no BadRequest in {status:?}"))
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect()
+}
+
+async fn operation_count(server: &mut TestServer) -> usize {
+    server
+        .operations
+        .list_operations(lro::ListOperationsRequest {
+            page_size: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .operations
+        .len()
+}
+
+/// Ends `name`'s operation with `status` through the store, as a workflow would: the
+/// operation update and its terminal event in one commit.
+async fn end_operation(server: &TestServer, name: &str, status: OperationStatus) {
+    let id = OperationId::from_name(name).unwrap();
+    let mut operation = server.store.get_operation(&id).await.unwrap().unwrap();
+    let now = Timestamp::now();
+    operation.status = status;
+    operation.ended_at = Some(now);
+    operation.updated_at = now;
+    let event = operation.next_event(now, None, format!("operation {status}"));
+    server
+        .store
+        .commit(vec![
+            Write::UpdateOperation(operation),
+            Write::AppendEvent(event),
+        ])
+        .await
+        .unwrap();
+}
+
+async fn parallel_creates(
+    server: &TestServer,
+    request: v1::CreateInstanceRequest,
+    n: usize,
+) -> Vec<Result<lro::Operation, Status>> {
+    let calls = (0..n).map(|_| {
+        let mut client = server.instances.clone();
+        let request = request.clone();
+        async move { client.create_instance(request).await.map(|r| r.into_inner()) }
+    });
+    futures::future::join_all(calls).await
+}
+
+#[tokio::test]
+async fn concurrent_retries_with_one_request_id_all_get_the_one_operation() {
+    let mut server = start().await;
+    for (tenant, instance_id) in [("same", "wp"), ("generated", "")] {
+        let mut request = create_request(tenant, instance_id);
+        request.request_id = format!("retry-{tenant}");
+        let results = parallel_creates(&server, request.clone(), 20).await;
+        let names: std::collections::BTreeSet<String> = results
+            .iter()
+            .map(|r| r.as_ref().unwrap_or_else(|s| panic!("{s:?}")).name.clone())
+            .collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+
+        // The same id with another payload, concurrently: REQUEST_ID_REUSED, never a
+        // second operation.
+        let mut other = request.clone();
+        other.instance.as_mut().unwrap().organization_name = "Other Corp".into();
+        for result in parallel_creates(&server, other, 5).await {
+            let status = result.unwrap_err();
+            assert_eq!(violated_fields(&status), vec!["request_id"]);
+            assert_eq!(reason(&status), "REQUEST_ID_REUSED");
+        }
+    }
+    assert_eq!(operation_count(&mut server).await, 2);
+}
+
+#[tokio::test]
+async fn retry_operation_validates_and_honours_its_request_id() {
+    let mut server = start().await;
+    let first = server
+        .instances
+        .create_instance(create_request("retry", "wp"))
+        .await
+        .unwrap()
+        .into_inner();
+    let status = server
+        .instances
+        .retry_operation(v1::RetryOperationRequest {
+            name: first.name.clone(),
+            request_id: "no spaces allowed".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&status), vec!["request_id"]);
+
+    end_operation(&server, &first.name, OperationStatus::Failed).await;
+    let request = v1::RetryOperationRequest {
+        name: first.name.clone(),
+        request_id: "retry-once".into(),
+    };
+    let calls = (0..10).map(|_| {
+        let mut client = server.instances.clone();
+        let request = request.clone();
+        async move { client.retry_operation(request).await }
+    });
+    for result in futures::future::join_all(calls).await {
+        let operation = result.unwrap_or_else(|s| panic!("{s:?}")).into_inner();
+        assert_eq!(operation.name, first.name);
+    }
+    // Exactly one retry happened: one "retry requested" event.
+    let id = OperationId::from_name(&first.name).unwrap();
+    let events = server.store.read_events(&id, 1, 100).await.unwrap();
+    let retries = events
+        .iter()
+        .filter(|e| e.message.starts_with("retry requested"))
+        .count();
+    assert_eq!(retries, 1, "{events:?}");
+
+    // The same key for another operation is a reuse.
+    let second = server
+        .instances
+        .create_instance(create_request("retry-two", "wp"))
+        .await
+        .unwrap()
+        .into_inner();
+    end_operation(&server, &second.name, OperationStatus::Failed).await;
+    let status = server
+        .instances
+        .retry_operation(v1::RetryOperationRequest {
+            name: second.name.clone(),
+            request_id: "retry-once".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&status), "REQUEST_ID_REUSED");
+    assert_eq!(operation_count(&mut server).await, 2);
+}
+
