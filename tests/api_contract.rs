@@ -39,6 +39,7 @@ fn settings() -> ApiSettings {
         idempotency_ttl_secs: 3600,
         default_page_size: 50,
         max_page_size: 100,
+        ..ApiSettings::default()
     }
 }
 
@@ -245,5 +246,98 @@ async fn retry_operation_validates_and_honours_its_request_id() {
         .unwrap_err();
     assert_eq!(reason(&status), "REQUEST_ID_REUSED");
     assert_eq!(operation_count(&mut server).await, 2);
+}
+
+#[tokio::test]
+async fn echoed_client_input_keeps_errors_under_the_metadata_limit() {
+    let mut server = start().await;
+    let status = server
+        .operations
+        .list_operations(lro::ListOperationsRequest {
+            filter: format!("target = \"{}\"", "x".repeat(5000)),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(reason(&status), "INVALID_ARGUMENT");
+    assert!(status.message().len() <= 1024, "{}", status.message().len());
+    assert!(status.details().len() <= 4096, "{}", status.details().len());
+
+    let status = server
+        .operations
+        .get_operation(lro::GetOperationRequest {
+            name: format!("operations/{}", "é".repeat(20_000)),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    reason(&status);
+
+    let status = server
+        .instances
+        .get_instance(v1::GetInstanceRequest {
+            name: format!("tenants/a/instances/{}", "b".repeat(60_000)),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    reason(&status);
+}
+
+/// A message with the field numbers of GetInstanceRequest, whose `name` is not UTF-8.
+#[derive(Clone, PartialEq, prost::Message)]
+struct NotUtf8 {
+    #[prost(bytes = "vec", tag = "1")]
+    name: Vec<u8>,
+}
+
+#[tokio::test]
+async fn errors_raised_before_a_handler_carry_error_info() {
+    let mut server = start().await;
+    let mut request = create_request("big", "wp");
+    request.instance.as_mut().unwrap().organization_name = "x".repeat(10 * 1024 * 1024);
+    let status = server.instances.create_instance(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(reason(&status), "REQUEST_TOO_LARGE");
+
+    let mut grpc = tonic::client::Grpc::new(server.channel.clone());
+    grpc.ready().await.unwrap();
+    let status = grpc
+        .unary::<NotUtf8, v1::Instance, _>(
+            tonic::Request::new(NotUtf8 {
+                name: vec![0xff, 0xfe, 0xfd],
+            }),
+            "/bbws.instance.v1.InstanceService/GetInstance"
+                .parse()
+                .unwrap(),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(reason(&status), "MALFORMED_REQUEST");
+
+    // An unknown method.
+    grpc.ready().await.unwrap();
+    let status = grpc
+        .unary::<NotUtf8, v1::Instance, _>(
+            tonic::Request::new(NotUtf8 { name: vec![] }),
+            "/bbws.instance.v1.InstanceService/NoSuchMethod"
+                .parse()
+                .unwrap(),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+    reason(&status);
+
+    // The server still serves normal requests.
+    server
+        .instances
+        .create_instance(create_request("big", "wp"))
+        .await
+        .unwrap();
 }
 

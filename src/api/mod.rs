@@ -28,6 +28,24 @@ pub struct ApiSettings {
     pub idempotency_ttl_secs: u64,
     pub default_page_size: u32,
     pub max_page_size: u32,
+    /// Largest request message accepted (bigger ones: RESOURCE_EXHAUSTED, REQUEST_TOO_LARGE).
+    pub max_request_bytes: usize,
+    /// Server streams (WatchOperation, WatchInstance) one replica keeps open at once; past
+    /// it a new one is refused with RESOURCE_EXHAUSTED (TOO_MANY_STREAMS).
+    pub max_streams: usize,
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        Self {
+            scale_bounds: ScaleBounds::default(),
+            idempotency_ttl_secs: 24 * 60 * 60,
+            default_page_size: 50,
+            max_page_size: 1000,
+            max_request_bytes: 1024 * 1024,
+            max_streams: 1000,
+        }
+    }
 }
 
 /// Shared state of the gRPC services.

@@ -191,6 +191,7 @@ pub async fn start(config: Config, hook: Option<Arc<dyn StepHook>>) -> ControlPl
             idempotency_ttl_secs: 3600,
             default_page_size: 50,
             max_page_size: 1000,
+            ..ApiSettings::default()
         },
         PageTokens::new(b"test"),
     )
