@@ -7,6 +7,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use instance_manager::api::{Api, ApiSettings, PageTokens};
 use instance_manager::domain::{OperationId, OperationStatus, ScaleBounds, Timestamp};
 use instance_manager::proto::google_longrunning as lro;
@@ -341,3 +342,97 @@ async fn errors_raised_before_a_handler_carry_error_info() {
         .unwrap();
 }
 
+/// Collects a WatchOperation stream until it ends; panics if it does not end in `limit`.
+async fn watch_to_end(
+    server: &mut TestServer,
+    name: &str,
+    from_sequence: i64,
+    limit: Duration,
+) -> Vec<v1::OperationEvent> {
+    let mut stream = server
+        .instances
+        .watch_operation(v1::WatchOperationRequest {
+            name: name.into(),
+            from_sequence,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut events = Vec::new();
+    tokio::time::timeout(limit, async {
+        while let Some(item) = stream.next().await {
+            events.push(item.unwrap_or_else(|s| panic!("{s:?}")));
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("stream did not end within {limit:?}; got {events:?}"));
+    events
+}
+
+#[tokio::test]
+async fn watching_a_finished_operation_past_its_end_ends_at_once() {
+    let mut server = start().await;
+    let operation = server
+        .instances
+        .create_instance(create_request("watch-end", "wp"))
+        .await
+        .unwrap()
+        .into_inner();
+    end_operation(&server, &operation.name, OperationStatus::Failed).await;
+    let all = watch_to_end(&mut server, &operation.name, 0, Duration::from_secs(5)).await;
+    assert_eq!(all.len(), 2, "{all:?}");
+    assert!(all[1].terminal);
+    for from in [3, 4, 1000] {
+        let none = watch_to_end(&mut server, &operation.name, from, Duration::from_secs(2)).await;
+        assert!(none.is_empty(), "{none:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_watcher_follows_a_retried_operation_to_its_latest_attempt() {
+    let mut server = start().await;
+    let operation = server
+        .instances
+        .create_instance(create_request("watch-retry", "wp"))
+        .await
+        .unwrap()
+        .into_inner();
+    end_operation(&server, &operation.name, OperationStatus::Failed).await;
+    server
+        .instances
+        .retry_operation(v1::RetryOperationRequest {
+            name: operation.name.clone(),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap();
+    let watcher = {
+        let mut client = server.instances.clone();
+        let name = operation.name.clone();
+        tokio::spawn(async move {
+            let mut stream = client
+                .watch_operation(v1::WatchOperationRequest {
+                    name,
+                    from_sequence: 0,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let mut events = Vec::new();
+            while let Some(item) = stream.next().await {
+                events.push(item.unwrap());
+            }
+            events
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(!watcher.is_finished(), "the stream ended at the first attempt's end");
+    end_operation(&server, &operation.name, OperationStatus::Completed).await;
+    let events = tokio::time::timeout(Duration::from_secs(5), watcher)
+        .await
+        .expect("the stream ends after the latest attempt")
+        .unwrap();
+    let seqs: Vec<i64> = events.iter().map(|e| e.sequence).collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4], "{events:?}");
+    assert!(events[1].terminal && events[3].terminal);
+}

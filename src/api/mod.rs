@@ -11,7 +11,7 @@ pub mod streams;
 
 use std::sync::Arc;
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::{Environment, ScaleBounds};
@@ -63,12 +63,18 @@ pub struct Api {
     /// Environments that can be served; `None` when no environment is configured (then
     /// operations are accepted and wait until a replica with environments runs them).
     pub environments: Option<Arc<Vec<Environment>>>,
+    /// One store reader per watched operation, shared by its watchers.
+    pub feeds: streams::OperationFeeds,
+    /// Open server streams, at most `settings.max_streams`.
+    pub streams: Arc<Semaphore>,
 }
 
 impl Api {
     pub fn new(store: Arc<dyn StateStore>, settings: ApiSettings, tokens: PageTokens) -> Self {
         Self {
             store,
+            streams: Arc::new(Semaphore::new(settings.max_streams)),
+            feeds: streams::OperationFeeds::default(),
             settings,
             tokens,
             bus: EventBus::new(),
