@@ -25,6 +25,7 @@ struct TestServer {
     operations: OperationsClient<Channel>,
     channel: Channel,
     store: Arc<DynamoStore>,
+    api: Api,
     shutdown: CancellationToken,
 }
 
@@ -60,7 +61,7 @@ async fn start_with(settings: ApiSettings) -> TestServer {
     let addr = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();
     tokio::spawn(instance_manager::server::serve(
-        api,
+        api.clone(),
         listener,
         shutdown.clone(),
         Duration::from_secs(1),
@@ -75,6 +76,7 @@ async fn start_with(settings: ApiSettings) -> TestServer {
         operations: OperationsClient::new(channel.clone()),
         channel,
         store,
+        api,
         shutdown,
     }
 }
@@ -435,4 +437,66 @@ async fn a_watcher_follows_a_retried_operation_to_its_latest_attempt() {
     let seqs: Vec<i64> = events.iter().map(|e| e.sequence).collect();
     assert_eq!(seqs, vec![1, 2, 3, 4], "{events:?}");
     assert!(events[1].terminal && events[3].terminal);
+}
+
+async fn open_watch(
+    server: &TestServer,
+    name: &str,
+) -> Result<tonic::Streaming<v1::OperationEvent>, Status> {
+    let mut client = server.instances.clone();
+    let mut stream = client
+        .watch_operation(v1::WatchOperationRequest {
+            name: name.into(),
+            from_sequence: 0,
+        })
+        .await?
+        .into_inner();
+    // The first event proves the stream is open on the server.
+    stream.next().await.expect("a first event")?;
+    Ok(stream)
+}
+
+#[tokio::test]
+async fn watchers_share_one_feed_per_operation_and_streams_are_capped() {
+    let server = start_with(ApiSettings {
+        max_streams: 12,
+        ..settings()
+    })
+    .await;
+    let mut client = server.instances.clone();
+    let operation = client
+        .create_instance(create_request("feed", "wp"))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut watchers = Vec::new();
+    for _ in 0..12 {
+        watchers.push(open_watch(&server, &operation.name).await.unwrap());
+    }
+    assert_eq!(server.api.feeds.active(), 1, "one store reader for 12 watchers");
+
+    let status = open_watch(&server, &operation.name).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(reason(&status), "TOO_MANY_STREAMS");
+
+    // A live event reaches every watcher through the one feed.
+    end_operation(&server, &operation.name, OperationStatus::Failed).await;
+    for stream in &mut watchers {
+        let event = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .expect("the event within 5 s")
+            .unwrap()
+            .unwrap();
+        assert!(event.terminal);
+        assert!(stream.next().await.is_none(), "the stream ends");
+    }
+    drop(watchers);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while server.api.feeds.active() > 0 || server.api.streams.available_permits() < 12 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the feed and the permits are released when the watchers leave"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
