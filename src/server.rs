@@ -138,7 +138,11 @@ pub async fn serve(
         )
         .add_service(OperationsServer::new(api).max_decoding_message_size(max_request_bytes))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopping);
-    tracing::info!(address = ?local, "serving gRPC");
+    match local {
+        // Tests and scripts that listen on port 0 read the bound address from this line.
+        Some(address) => tracing::info!(%address, "serving gRPC"),
+        None => tracing::info!("serving gRPC"),
+    }
 
     tokio::pin!(server);
     tokio::select! {
