@@ -501,3 +501,57 @@ async fn watchers_share_one_feed_per_operation_and_streams_are_capped() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn labels_follow_aws_tag_rules_at_the_api() {
+    let mut server = start().await;
+    let mut request = create_request("labels", "wp");
+    let labels = &mut request.instance.as_mut().unwrap().labels;
+    labels.insert("Team Name".into(), "Web Platform: EU/1".into());
+    labels.insert("aws:reserved".into(), "x".into());
+    labels.insert("bbws:tenant-id".into(), "spoof".into());
+    labels.insert("bad;key".into(), "x".into());
+    labels.insert("k".into(), "v".repeat(257));
+    let status = server
+        .instances
+        .create_instance(request.clone())
+        .await
+        .unwrap_err();
+    let mut fields = violated_fields(&status);
+    fields.sort();
+    assert_eq!(
+        fields,
+        vec![
+            "instance.labels[\"aws:reserved\"]",
+            "instance.labels[\"bad;key\"]",
+            "instance.labels[\"bbws:tenant-id\"]",
+            "instance.labels[\"k\"]",
+        ]
+    );
+
+    // 42 labels and the service's 8 tags are AWS's 50; one more is refused.
+    let labels = &mut request.instance.as_mut().unwrap().labels;
+    labels.clear();
+    for i in 0..43 {
+        labels.insert(format!("Label {i}"), format!("Value {i}"));
+    }
+    let status = server
+        .instances
+        .create_instance(request.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&status), vec!["instance.labels"]);
+    request
+        .instance
+        .as_mut()
+        .unwrap()
+        .labels
+        .remove("Label 42");
+    let operation = server
+        .instances
+        .create_instance(request)
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!operation.name.is_empty());
+}
