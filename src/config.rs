@@ -96,6 +96,10 @@ pub struct Config {
     pub scale_bounds: ScaleBounds,
     pub default_page_size: u32,
     pub max_page_size: u32,
+    /// Largest request message accepted, in bytes.
+    pub max_request_bytes: usize,
+    /// Server streams one replica keeps open at once.
+    pub max_streams: usize,
     /// This replica's name (lease owner); defaults to host name and process id.
     pub replica_id: String,
     /// Prefix of the unified tag keys (`{prefix}:tenant-id`, …).
@@ -138,6 +142,8 @@ impl Default for Config {
             scale_bounds: ScaleBounds::default(),
             default_page_size: 50,
             max_page_size: 1000,
+            max_request_bytes: 1024 * 1024,
+            max_streams: 1000,
             replica_id: String::new(),
             tag_prefix: "bbws".into(),
             project: "bbws-wordpress".into(),
@@ -184,6 +190,10 @@ pub struct ConfigArgs {
     pub scale_min: Option<u32>,
     #[arg(long, env = "IM_SCALE_MAX")]
     pub scale_max: Option<u32>,
+    #[arg(long, env = "IM_MAX_REQUEST_BYTES")]
+    pub max_request_bytes: Option<usize>,
+    #[arg(long, env = "IM_MAX_STREAMS")]
+    pub max_streams: Option<usize>,
     #[arg(long, env = "IM_REPLICA_ID")]
     pub replica_id: Option<String>,
     #[arg(long, env = "IM_WORKERS")]
@@ -242,6 +252,7 @@ impl ConfigArgs {
             )*};
         }
         overlay!(listen, table, log_format, log_filter, idempotency_ttl_secs);
+        overlay!(max_request_bytes, max_streams);
         overlay!(
             shutdown_grace_secs,
             replica_id,
@@ -285,6 +296,9 @@ impl Config {
         }
         if self.default_page_size == 0 || self.default_page_size > self.max_page_size {
             return invalid("page sizes must satisfy 1 <= default_page_size <= max_page_size");
+        }
+        if self.max_request_bytes < 1024 || self.max_streams == 0 {
+            return invalid("max_request_bytes must be at least 1024 and max_streams positive");
         }
         if self.idempotency_ttl_secs == 0 {
             return invalid("idempotency_ttl_secs must be positive");

@@ -120,15 +120,29 @@ pub async fn serve(
             );
         }
     };
+    let max_request_bytes = api.settings.max_request_bytes;
     let server = Server::builder()
         .trace_fn(rpc_span)
+        // Statuses tonic answers before a handler runs (too large, undecodable, unknown
+        // method) get ErrorInfo like every other error.
+        .layer(tower::util::MapResponseLayer::new(
+            move |response: http::Response<tonic::body::Body>| {
+                crate::api::error::add_error_info(response, max_request_bytes)
+            },
+        ))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(InstanceServiceServer::new(api.clone()))
-        .add_service(OperationsServer::new(api))
+        .add_service(
+            InstanceServiceServer::new(api.clone()).max_decoding_message_size(max_request_bytes),
+        )
+        .add_service(OperationsServer::new(api).max_decoding_message_size(max_request_bytes))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopping);
-    tracing::info!(address = ?local, "serving gRPC");
+    match local {
+        // Tests and scripts that listen on port 0 read the bound address from this line.
+        Some(address) => tracing::info!(%address, "serving gRPC"),
+        None => tracing::info!("serving gRPC"),
+    }
 
     tokio::pin!(server);
     tokio::select! {
@@ -194,6 +208,8 @@ pub async fn run(
             idempotency_ttl_secs: config.idempotency_ttl_secs,
             default_page_size: config.default_page_size,
             max_page_size: config.max_page_size,
+            max_request_bytes: config.max_request_bytes,
+            max_streams: config.max_streams,
         },
         tokens,
     )

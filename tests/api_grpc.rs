@@ -49,6 +49,7 @@ async fn start_with(store: DynamoStore) -> TestServer {
         idempotency_ttl_secs: 3600,
         default_page_size: 50,
         max_page_size: 100,
+        ..ApiSettings::default()
     };
     let api = Api::new(Arc::new(store), settings, PageTokens::new(b"test-key"));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -79,6 +79,7 @@ impl Tenant {
             project: "wordpress",
             cost_center: "cc-42",
             opportunity: "opp-7",
+            labels: &Default::default(),
         }
         .tags(component)
     }

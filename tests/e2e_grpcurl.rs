@@ -77,13 +77,11 @@ fn grpcurl_lists_describes_checks_health_creates_and_gets() {
         second.stderr
     );
 
-    let addr = common::free_addr();
-    let listen = addr.to_string();
     let mut server = ServerProcess::spawn(
         [
             "serve",
             "--listen",
-            &listen,
+            common::ANY_PORT,
             "--aws-endpoint",
             &endpoint,
             "--table",
@@ -93,8 +91,10 @@ fn grpcurl_lists_describes_checks_health_creates_and_gets() {
         ],
         &[],
     );
-    server.wait_ready(addr);
-    let grpcurl = Grpcurl { addr: listen };
+    let addr = server.wait_serving();
+    let grpcurl = Grpcurl {
+        addr: addr.to_string(),
+    };
 
     let services = grpcurl.call(&["list"]);
     for service in [

@@ -76,10 +76,13 @@ fn unique_names_differ_and_keep_prefix() {
 }
 
 #[test]
-fn free_port_is_bindable() {
-    let port = common::free_port();
-    assert_ne!(port, 0);
-    std::net::TcpListener::bind(("127.0.0.1", port)).expect("free port can be bound");
+fn logged_addresses_are_read_from_human_and_json_lines() {
+    let addr: std::net::SocketAddr = "127.0.0.1:41234".parse().unwrap();
+    let human = "2026-12-01T22:00:00Z  INFO instance_manager::server: serving gRPC address=127.0.0.1:41234";
+    let json = r#"{"timestamp":"x","level":"INFO","address":"127.0.0.1:41234","message":"serving gRPC"}"#;
+    assert_eq!(common::logged_address(human), Some(addr));
+    assert_eq!(common::logged_address(json), Some(addr));
+    assert_eq!(common::logged_address("serving gRPC"), None);
 }
 
 #[test]
@@ -131,21 +134,22 @@ fn server_process_kill_terminate_and_wait_ready() {
     let status = p.terminate();
     assert!(!status.success(), "SIGTERM ends sleep with a signal");
 
-    // wait_ready: a listener that a python child opens after a short delay.
-    let addr = common::free_addr();
+    // wait_serving: a listener that a python child opens on a port of its choosing after a
+    // short delay, logging its address as the server does.
     let mut p = common::ServerProcess::spawn_command({
         let mut c = Command::new(common::python_path());
         c.args([
             "-c",
             "import socket, sys, time\n\
              time.sleep(0.3)\n\
-             s = socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen()\n\
-             print('listening', flush=True); time.sleep(600)",
-            &addr.port().to_string(),
+             s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\n\
+             print('listening', flush=True)\n\
+             print('INFO serving gRPC address=127.0.0.1:%d' % s.getsockname()[1], file=sys.stderr, flush=True)\n\
+             time.sleep(600)",
         ]);
         c
     });
-    p.wait_ready(addr);
+    let addr = p.wait_serving();
     assert_eq!(p.url(), format!("http://{addr}"));
     assert!(p.stdout().contains("listening"), "{}", p.logs());
     drop(p); // Drop kills it.

@@ -29,13 +29,11 @@ async fn serve(grace_secs: &str) -> (ServerProcess, Streaming<HealthCheckRespons
         EXIT_BOUND,
     )
     .assert_success();
-    let addr = common::free_addr();
-    let listen = addr.to_string();
     let mut server = ServerProcess::spawn(
         [
             "serve",
             "--listen",
-            &listen,
+            common::ANY_PORT,
             "--aws-endpoint",
             &endpoint,
             "--table",
@@ -45,8 +43,13 @@ async fn serve(grace_secs: &str) -> (ServerProcess, Streaming<HealthCheckRespons
         ],
         &[],
     );
-    server.wait_ready(addr);
-    let channel = tonic::transport::Channel::from_shared(format!("http://{listen}"))
+    let addr = server.wait_serving();
+    assert!(
+        !server.stderr().contains('\u{1b}'),
+        "no colour codes in a log written to a file:\n{}",
+        server.stderr()
+    );
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect()
         .await

@@ -25,17 +25,18 @@ fn write_config(config: &Config, dir: &std::path::Path, lease_secs: u64) -> std:
 }
 
 fn serve(config_path: &std::path::Path, failpoints: &str) -> (ServerProcess, String) {
-    let addr = common::free_addr();
-    let listen = addr.to_string();
     let config = config_path.to_str().unwrap();
     let envs: &[(&str, &str)] = if failpoints.is_empty() {
         &[]
     } else {
         &[("IM_FAILPOINTS", failpoints)]
     };
-    let mut server = ServerProcess::spawn(["serve", "--config", config, "--listen", &listen], envs);
-    server.wait_ready(addr);
-    (server, listen)
+    let mut server = ServerProcess::spawn(
+        ["serve", "--config", config, "--listen", common::ANY_PORT],
+        envs,
+    );
+    let addr = server.wait_serving();
+    (server, addr.to_string())
 }
 
 fn started_events(events: &[v1::OperationEvent]) -> usize {
@@ -275,11 +276,11 @@ async fn scrape(addr: std::net::SocketAddr) -> (String, String) {
 #[tokio::test]
 async fn the_metrics_endpoint_counts_operations() {
     let mut config = platform::config_with_platforms(&[Environment::Sit]).await;
-    let metrics = common::free_addr();
-    config.metrics_listen = Some(metrics);
+    config.metrics_listen = Some(common::ANY_PORT.parse().unwrap());
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(&config, dir.path(), 30);
-    let (_server, addr) = serve(&path, "");
+    let (mut server, addr) = serve(&path, "");
+    let metrics = server.wait_logged_address("serving metrics");
 
     let (content_type, before) = scrape(metrics).await;
     assert!(

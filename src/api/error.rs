@@ -34,6 +34,33 @@ pub mod reason {
     pub const NOT_RETRYABLE: &str = "NOT_RETRYABLE";
     pub const NOT_CANCELLABLE: &str = "NOT_CANCELLABLE";
     pub const INTERNAL: &str = "INTERNAL";
+    pub const REQUEST_TOO_LARGE: &str = "REQUEST_TOO_LARGE";
+    pub const MALFORMED_REQUEST: &str = "MALFORMED_REQUEST";
+    pub const UNKNOWN_METHOD: &str = "UNKNOWN_METHOD";
+    pub const TOO_MANY_STREAMS: &str = "TOO_MANY_STREAMS";
+    pub const SHUTTING_DOWN: &str = "SHUTTING_DOWN";
+}
+
+/// Longest status message. The message and the details travel as trailers, which clients
+/// limit (16 KiB in most gRPC implementations, and the details are base64): client input
+/// echoed in an error is cut to these bounds, here, in one place.
+pub const MAX_MESSAGE_BYTES: usize = 1024;
+/// Longest field path, violation description or ErrorInfo metadata value.
+pub const MAX_DETAIL_BYTES: usize = 256;
+/// Budget of all BadRequest field violations together; the rest are summarised.
+pub const MAX_VIOLATIONS_BYTES: usize = 2048;
+
+/// `text` cut to at most `max` bytes at a character boundary, marked with `…` when cut.
+pub fn bounded(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    const MARK: &str = "…";
+    let mut end = max.saturating_sub(MARK.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{MARK}", &text[..end])
 }
 
 /// What went wrong, in the API's terms.
@@ -67,6 +94,14 @@ pub enum ApiError {
         message: String,
     },
     Unavailable(String),
+    /// The server is shutting down; the client may retry (another replica) or resume.
+    ShuttingDown(String),
+    /// A limit of this server was reached (for example the number of open streams).
+    ResourceExhausted {
+        reason: &'static str,
+        message: String,
+        metadata: Vec<(&'static str, String)>,
+    },
     /// The RPC belongs to work that has not landed yet.
     NotImplemented {
         rpc: &'static str,
@@ -127,7 +162,7 @@ impl From<StoreError> for ApiError {
 
 fn status(code: Code, message: String, mut details: ErrorDetails, reason: &str) -> Status {
     details.set_error_info(reason, ERROR_DOMAIN, HashMap::<String, String>::new());
-    Status::with_error_details(code, message, details)
+    Status::with_error_details(code, bounded(&message, MAX_MESSAGE_BYTES), details)
 }
 
 fn with_metadata(
@@ -138,18 +173,119 @@ fn with_metadata(
 ) -> Status {
     let metadata: HashMap<String, String> = metadata
         .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
+        .map(|(k, v)| (k.to_owned(), bounded(&v, MAX_DETAIL_BYTES)))
         .collect();
     let details = ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata);
-    Status::with_error_details(code, message, details)
+    Status::with_error_details(code, bounded(&message, MAX_MESSAGE_BYTES), details)
 }
 
 fn bad_request(violations: &Violations) -> ErrorDetails {
     let mut details = ErrorDetails::new();
-    for violation in violations.iter() {
-        details.add_bad_request_violation(violation.field.clone(), violation.description.clone());
+    let mut used = 0;
+    let total = violations.iter().count();
+    for (i, violation) in violations.iter().enumerate() {
+        let field = bounded(&violation.field, MAX_DETAIL_BYTES);
+        let description = bounded(&violation.description, MAX_DETAIL_BYTES);
+        used += field.len() + description.len();
+        if used > MAX_VIOLATIONS_BYTES {
+            details.add_bad_request_violation(
+                "",
+                format!("{} more violations not shown", total - i),
+            );
+            break;
+        }
+        details.add_bad_request_violation(field, description);
     }
     details
+}
+
+/// The status tonic (not a handler) answered with, given ErrorInfo and the code this API
+/// documents: a request over `max_request_bytes` is RESOURCE_EXHAUSTED, one that cannot be
+/// decoded is INVALID_ARGUMENT, an unknown method UNIMPLEMENTED. `None` when the status
+/// carries details already (it came from a handler).
+pub fn detailed_transport_status(status: &Status, max_request_bytes: usize) -> Option<Status> {
+    if status.code() == Code::Ok || !status.details().is_empty() {
+        return None;
+    }
+    let message = status.message();
+    let (code, reason, message, metadata) = match status.code() {
+        Code::OutOfRange if message.contains("message length too large") => (
+            Code::ResourceExhausted,
+            reason::REQUEST_TOO_LARGE,
+            format!("the request is larger than the {max_request_bytes} bytes this server accepts"),
+            vec![("max_request_bytes", max_request_bytes.to_string())],
+        ),
+        // tonic answers INTERNAL when a request cannot be decoded (the handler never ran;
+        // a handler's INTERNAL always carries details).
+        Code::Internal => (
+            Code::InvalidArgument,
+            reason::MALFORMED_REQUEST,
+            format!("the request could not be decoded: {message}"),
+            Vec::new(),
+        ),
+        Code::Unimplemented if message.is_empty() => (
+            Code::Unimplemented,
+            reason::UNKNOWN_METHOD,
+            "this server has no such service or method".to_owned(),
+            Vec::new(),
+        ),
+        Code::Unimplemented => (
+            Code::Unimplemented,
+            reason::NOT_SUPPORTED,
+            message.to_owned(),
+            Vec::new(),
+        ),
+        code => (
+            code,
+            code_reason(code),
+            message.to_owned(),
+            Vec::new(),
+        ),
+    };
+    Some(with_metadata(code, message, reason, metadata))
+}
+
+/// The reason of a status that has no more specific one: the code's canonical name.
+fn code_reason(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => reason::INVALID_ARGUMENT,
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => reason::NOT_IMPLEMENTED,
+        Code::Internal => reason::INTERNAL,
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// Response hook for the server's layer: a trailers-only error response from tonic itself
+/// (decoding, routing) gets ErrorInfo and the documented code; others pass unchanged.
+pub fn add_error_info<B>(mut response: http::Response<B>, max_request_bytes: usize) -> http::Response<B> {
+    let headers = response.headers_mut();
+    if headers.contains_key("grpc-status-details-bin") {
+        return response;
+    }
+    let Some(status) = Status::from_header_map(headers) else {
+        return response;
+    };
+    if let Some(detailed) = detailed_transport_status(&status, max_request_bytes) {
+        tracing::info!(code = ?detailed.code(), message = detailed.message(), "request refused before its handler");
+        headers.remove("grpc-message");
+        if detailed.add_header(headers).is_err() {
+            tracing::warn!("cannot encode the detailed status");
+        }
+    }
+    response
 }
 
 impl From<ApiError> for Status {
@@ -203,6 +339,17 @@ fn into_status(error: ApiError) -> Status {
                     Vec::new(),
                 )
             }
+            ApiError::ShuttingDown(message) => with_metadata(
+                Code::Unavailable,
+                message,
+                reason::SHUTTING_DOWN,
+                Vec::new(),
+            ),
+            ApiError::ResourceExhausted {
+                reason,
+                message,
+                metadata,
+            } => with_metadata(Code::ResourceExhausted, message, reason, metadata),
             ApiError::NotImplemented { rpc } => with_metadata(
                 Code::Unimplemented,
                 format!("{rpc} is not implemented yet"),

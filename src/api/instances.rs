@@ -157,12 +157,20 @@ impl Api {
     ) -> ApiResult<lro::Operation> {
         let create = parse_create(self, &request)?;
         let fingerprint = create.fingerprint();
+        self.idempotent(
+            create.request_id.as_ref(),
+            &fingerprint,
+            self.create_instance_once(&create, &fingerprint),
+        )
+        .await
+    }
+
+    async fn create_instance_once(
+        &self,
+        create: &CreateInstance,
+        fingerprint: &str,
+    ) -> ApiResult<lro::Operation> {
         let now = Timestamp::now();
-        if let Some(request_id) = &create.request_id
-            && let Some(record) = self.store.get_request(request_id, now).await?
-        {
-            return self.replay(&record, &fingerprint).await;
-        }
         let environment = create.spec.environment;
         self.check_environment(environment)?;
         if let Some(guard) = self.store.get_guard(&create.tenant, environment).await? {
@@ -185,7 +193,12 @@ impl Api {
             now,
         );
         let event = operation.next_event(now, None, "operation created");
-        let instance = Instance::new_pending(name.clone(), create.spec, operation.id.clone(), now);
+        let instance = Instance::new_pending(
+            name.clone(),
+            create.spec.clone(),
+            operation.id.clone(),
+            now,
+        );
         let guard = Guard {
             tenant: create.tenant.clone(),
             environment,
@@ -202,7 +215,7 @@ impl Api {
                 .unwrap_or(i64::MAX);
             writes.push(Write::PutRequest(RequestRecord {
                 request_id: request_id.clone(),
-                fingerprint: fingerprint.clone(),
+                fingerprint: fingerprint.to_owned(),
                 operation: operation.id.clone(),
                 created_at: now,
                 expires_at: now.plus_millis(ttl_millis),
@@ -236,7 +249,7 @@ impl Api {
                     .as_ref()
                     .expect("a request write implies an id");
                 match self.store.get_request(request_id, now).await? {
-                    Some(record) => self.replay(&record, &fingerprint).await,
+                    Some(record) => self.replay(&record, fingerprint).await,
                     None => Err(StoreError::Contention.into()),
                 }
             }

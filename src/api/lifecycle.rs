@@ -6,8 +6,8 @@ use sha2::{Digest, Sha256};
 
 use crate::domain::operation::StepStatus;
 use crate::domain::{
-    Environment, Instance, InstanceName, InstanceState, Operation, OperationStatus, RequestId,
-    Timestamp, Verb, Violations,
+    Environment, Instance, InstanceName, InstanceState, Operation, OperationId, OperationStatus,
+    RequestId, Timestamp, Verb, Violations,
 };
 use crate::proto::google_longrunning as lro;
 use crate::proto::v1;
@@ -60,6 +60,51 @@ impl Api {
             Some(record) => self.replay(&record, fingerprint).await.map(Some),
             None => Ok(None),
         }
+    }
+
+    /// Runs a mutating request under its `request_id` (AIP-155): a known id is answered from
+    /// its record, and when `body` fails, a concurrent request with the same id may be the
+    /// reason (it won the commit, or changed what `body` read): if its record is there now,
+    /// the answer is that request's operation (same payload) or REQUEST_ID_REUSED, as if
+    /// this request had come second.
+    pub(crate) async fn idempotent<F>(
+        &self,
+        request_id: Option<&RequestId>,
+        fingerprint: &str,
+        body: F,
+    ) -> ApiResult<lro::Operation>
+    where
+        F: std::future::Future<Output = ApiResult<lro::Operation>>,
+    {
+        if let Some(operation) = self.replayed(request_id, fingerprint).await? {
+            return Ok(operation);
+        }
+        let error = match body.await {
+            Ok(operation) => return Ok(operation),
+            Err(error) => error,
+        };
+        if request_id.is_none() || matches!(error, ApiError::Invalid(_)) {
+            return Err(error);
+        }
+        // A transaction that lost to a concurrent one (CONCURRENT_MODIFICATION) may see the
+        // winner's record only a moment later.
+        let contended = matches!(
+            error,
+            ApiError::Aborted {
+                reason: reason::CONCURRENT_MODIFICATION,
+                ..
+            }
+        );
+        let attempts = if contended { 4 } else { 1 };
+        for attempt in 0..attempts {
+            if attempt > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(50 * attempt)).await;
+            }
+            if let Some(operation) = self.replayed(request_id, fingerprint).await? {
+                return Ok(operation);
+            }
+        }
+        Err(error)
     }
 
     pub(crate) fn request_write(
@@ -150,9 +195,22 @@ impl Api {
             return Err(ApiError::Invalid(violations));
         };
         let fingerprint = fingerprint(&("delete", &name, request.skip_archive));
-        if let Some(operation) = self.replayed(request_id.as_ref(), &fingerprint).await? {
-            return Ok(operation);
-        }
+        self.idempotent(
+            request_id.as_ref(),
+            &fingerprint,
+            self.delete_instance_once(name, request, request_id.as_ref(), &fingerprint),
+        )
+        .await
+    }
+
+    async fn delete_instance_once(
+        &self,
+        name: InstanceName,
+        request: v1::DeleteInstanceRequest,
+        request_id: Option<&RequestId>,
+        fingerprint: &str,
+    ) -> ApiResult<lro::Operation> {
+        let request_id = request_id.cloned();
         let mut instance = self
             .store
             .get_instance(&name)
@@ -211,8 +269,8 @@ impl Api {
             Write::CreateOperation(operation.clone()),
             Write::AppendEvent(event),
         ];
-        writes.extend(self.request_write(request_id.as_ref(), &fingerprint, &operation, now));
-        self.commit_new_operation(writes, request_id.as_ref(), &fingerprint, operation)
+        writes.extend(self.request_write(request_id.as_ref(), fingerprint, &operation, now));
+        self.commit_new_operation(writes, request_id.as_ref(), fingerprint, operation)
             .await
     }
 
@@ -220,7 +278,32 @@ impl Api {
         &self,
         request: v1::RetryOperationRequest,
     ) -> ApiResult<lro::Operation> {
-        let mut operation = self.get_operation_by_name(&request.name).await?;
+        let mut violations = Violations::new();
+        let id = violations.check("name", OperationId::from_name(&request.name));
+        let request_id = if request.request_id.is_empty() {
+            None
+        } else {
+            violations.check("request_id", RequestId::parse(&request.request_id))
+        };
+        let Some(id) = id.filter(|_| violations.is_empty()) else {
+            return Err(ApiError::Invalid(violations));
+        };
+        let fingerprint = fingerprint(&("retry", &id));
+        self.idempotent(
+            request_id.as_ref(),
+            &fingerprint,
+            self.retry_operation_once(&request.name, request_id.as_ref(), &fingerprint),
+        )
+        .await
+    }
+
+    async fn retry_operation_once(
+        &self,
+        name: &str,
+        request_id: Option<&RequestId>,
+        fingerprint: &str,
+    ) -> ApiResult<lro::Operation> {
+        let mut operation = self.get_operation_by_name(name).await?;
         if !matches!(
             operation.status,
             OperationStatus::Failed | OperationStatus::Stuck
@@ -301,6 +384,7 @@ impl Api {
         writes.push(Write::UpdateOperation(operation.clone()));
         writes.push(Write::AppendEvent(event));
         writes.push(Write::UpdateInstance(instance));
+        writes.extend(self.request_write(request_id, fingerprint, &operation, now));
         match self.store.commit(writes).await {
             Ok(()) => {}
             Err(StoreError::Conflict {

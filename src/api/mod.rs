@@ -11,7 +11,7 @@ pub mod streams;
 
 use std::sync::Arc;
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::{Environment, ScaleBounds};
@@ -28,6 +28,24 @@ pub struct ApiSettings {
     pub idempotency_ttl_secs: u64,
     pub default_page_size: u32,
     pub max_page_size: u32,
+    /// Largest request message accepted (bigger ones: RESOURCE_EXHAUSTED, REQUEST_TOO_LARGE).
+    pub max_request_bytes: usize,
+    /// Server streams (WatchOperation, WatchInstance) one replica keeps open at once; past
+    /// it a new one is refused with RESOURCE_EXHAUSTED (TOO_MANY_STREAMS).
+    pub max_streams: usize,
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        Self {
+            scale_bounds: ScaleBounds::default(),
+            idempotency_ttl_secs: 24 * 60 * 60,
+            default_page_size: 50,
+            max_page_size: 1000,
+            max_request_bytes: 1024 * 1024,
+            max_streams: 1000,
+        }
+    }
 }
 
 /// Shared state of the gRPC services.
@@ -45,12 +63,18 @@ pub struct Api {
     /// Environments that can be served; `None` when no environment is configured (then
     /// operations are accepted and wait until a replica with environments runs them).
     pub environments: Option<Arc<std::sync::RwLock<Vec<Environment>>>>,
+    /// One store reader per watched operation, shared by its watchers.
+    pub feeds: streams::OperationFeeds,
+    /// Open server streams, at most `settings.max_streams`.
+    pub streams: Arc<Semaphore>,
 }
 
 impl Api {
     pub fn new(store: Arc<dyn StateStore>, settings: ApiSettings, tokens: PageTokens) -> Self {
         Self {
             store,
+            streams: Arc::new(Semaphore::new(settings.max_streams)),
+            feeds: streams::OperationFeeds::default(),
             settings,
             tokens,
             bus: EventBus::new(),

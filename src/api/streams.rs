@@ -3,20 +3,108 @@
 //! written by any replica are seen), is woken early by local events, and stops when the
 //! client goes away, when the stream is complete, or when the server shuts down.
 
+use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::Stream;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
-use crate::domain::{InstanceName, OperationId, Violations};
+use crate::domain::{InstanceName, OperationEvent, OperationId, Violations};
 use crate::proto::google_longrunning as lro;
 use crate::proto::v1;
 
-use super::error::{ApiError, ApiResult};
+use super::error::{ApiError, ApiResult, reason};
 use super::{Api, convert};
+
+/// One store reader per watched operation in this replica, shared by all its watchers: it
+/// polls the store (events written by any replica), is woken early by local events, and
+/// stops when the last watcher is gone.
+#[derive(Clone, Default)]
+pub struct OperationFeeds {
+    feeds: Arc<Mutex<HashMap<OperationId, broadcast::Sender<OperationEvent>>>>,
+}
+
+impl OperationFeeds {
+    /// Operations with a running feed (for tests and metrics).
+    pub fn active(&self) -> usize {
+        self.feeds.lock().expect("feeds lock").len()
+    }
+
+    /// Subscribes to `id`'s feed, starting one that reads from `from_seq` if none runs.
+    fn subscribe(
+        &self,
+        api: &Api,
+        id: &OperationId,
+        from_seq: u64,
+    ) -> broadcast::Receiver<OperationEvent> {
+        let mut feeds = self.feeds.lock().expect("feeds lock");
+        if let Some(sender) = feeds.get(id) {
+            return sender.subscribe();
+        }
+        // Lagging watchers lose events from the channel, then re-read the store.
+        let (sender, receiver) = broadcast::channel(256);
+        feeds.insert(id.clone(), sender.clone());
+        let span = tracing::debug_span!("operation_feed", operation = %id);
+        tokio::spawn(tracing::Instrument::instrument(
+            self.clone().run(api.clone(), id.clone(), sender, from_seq),
+            span,
+        ));
+        receiver
+    }
+
+    async fn run(
+        self,
+        api: Api,
+        id: OperationId,
+        sender: broadcast::Sender<OperationEvent>,
+        mut next: u64,
+    ) {
+        let mut local = api.bus.subscribe();
+        loop {
+            match api.store.read_events(&id, next, PAGE).await {
+                Ok(batch) => {
+                    let full = batch.len() == PAGE;
+                    for event in batch {
+                        next = event.seq + 1;
+                        let _ = sender.send(event);
+                    }
+                    if full {
+                        continue;
+                    }
+                }
+                // Watchers keep waiting; the next round reads again.
+                Err(error) => tracing::warn!(%error, "cannot read operation events"),
+            }
+            {
+                let mut feeds = self.feeds.lock().expect("feeds lock");
+                if sender.receiver_count() == 0 || api.shutdown.is_cancelled() {
+                    feeds.remove(&id);
+                    return;
+                }
+            }
+            let poll = tokio::time::sleep(STORE_POLL);
+            tokio::pin!(poll);
+            loop {
+                tokio::select! {
+                    () = api.shutdown.cancelled() => break,
+                    () = &mut poll => break,
+                    event = local.recv() => match event {
+                        Ok(event) if event.operation != id => continue,
+                        Err(broadcast::error::RecvError::Closed) => {
+                            (&mut poll).await;
+                            break;
+                        }
+                        _ => break,
+                    },
+                }
+            }
+        }
+    }
+}
 
 /// How often a watcher re-reads the store when nothing local woke it; bounds the latency
 /// of events written by another replica.
@@ -39,6 +127,34 @@ impl Api {
         }
     }
 
+    /// A permit for one more open stream, or RESOURCE_EXHAUSTED when this replica serves
+    /// `max_streams` already. The stream holds it until it ends.
+    fn stream_permit(&self) -> ApiResult<OwnedSemaphorePermit> {
+        self.streams.clone().try_acquire_owned().map_err(|_| {
+            ApiError::ResourceExhausted {
+                reason: reason::TOO_MANY_STREAMS,
+                message: format!(
+                    "this server has {} streams open, its limit; retry later",
+                    self.settings.max_streams
+                ),
+                metadata: vec![("max_streams", self.settings.max_streams.to_string())],
+            }
+        })
+    }
+
+    /// Has the operation ended with event `next - 1`: done, with no later event (a retry
+    /// appends one and makes it PENDING again in the same transaction)?
+    async fn ended_before(&self, id: &OperationId, next: u64) -> ApiResult<bool> {
+        Ok(match self.store.get_operation(id).await? {
+            Some(operation) => operation.status.is_done() && operation.last_event_seq < next,
+            None => true,
+        })
+    }
+
+    /// WatchOperation. Each watcher replays the recorded events from the store itself, then
+    /// follows the one feed this replica keeps per watched operation. It ends after a
+    /// terminal event only when no later attempt (RetryOperation) follows it; a finished
+    /// operation watched from past its last event ends at once, with no event.
     pub async fn watch_operation(
         &self,
         request: v1::WatchOperationRequest,
@@ -48,47 +164,94 @@ impl Api {
         if request.from_sequence < 0 {
             return Err(ApiError::invalid("from_sequence", "must not be negative"));
         }
-        self.get_operation_by_name(&request.name).await?;
+        let operation = self.get_operation_by_name(&request.name).await?;
+        let mut next = u64::try_from(request.from_sequence).unwrap_or(0).max(1);
+        if operation.status.is_done() && next > operation.last_event_seq {
+            return Ok(Box::pin(futures::stream::empty()));
+        }
+        let permit = self.stream_permit()?;
+        let mut feed = self.feeds.subscribe(self, &id, operation.last_event_seq + 1);
         let (sender, receiver) = mpsc::channel(64);
         let api = self.clone();
-        let mut next = u64::try_from(request.from_sequence).unwrap_or(0).max(1);
         let span = tracing::info_span!("watch_operation", operation = %id);
         tokio::spawn(tracing::Instrument::instrument(
             async move {
-                let mut events = api.bus.subscribe();
+                let _permit = permit;
+                let send = |event: &OperationEvent| sender.send(Ok(convert::event_to_proto(event)));
+                let fail = |error: ApiError| sender.send(Err(Status::from(error)));
                 loop {
-                    let batch = match api.store.read_events(&id, next, PAGE).await {
-                        Ok(batch) => batch,
-                        Err(error) => {
-                            let _ = sender.send(Err(Status::from(ApiError::from(error)))).await;
-                            return;
+                    // Catch up from the store: the replay, or a gap the feed skipped.
+                    let mut last_terminal = false;
+                    loop {
+                        let batch = match api.store.read_events(&id, next, PAGE).await {
+                            Ok(batch) => batch,
+                            Err(error) => {
+                                let _ = fail(error.into()).await;
+                                return;
+                            }
+                        };
+                        for event in &batch {
+                            if send(event).await.is_err() {
+                                return; // the client went away
+                            }
+                            next = event.seq + 1;
+                            last_terminal = event.terminal;
                         }
-                    };
-                    for event in &batch {
-                        next = event.seq + 1;
-                        if sender
-                            .send(Ok(convert::event_to_proto(event)))
-                            .await
-                            .is_err()
-                        {
-                            return; // the client went away
-                        }
-                        if event.terminal {
-                            return;
+                        if batch.len() < PAGE {
+                            break;
                         }
                     }
-                    if batch.len() == PAGE {
-                        continue;
+                    if last_terminal {
+                        match api.ended_before(&id, next).await {
+                            Ok(true) => return,
+                            Ok(false) => {}
+                            Err(error) => {
+                                let _ = fail(error).await;
+                                return;
+                            }
+                        }
                     }
-                    tokio::select! {
-                        () = sender.closed() => return,
-                        more = api.wait_for_change(&mut events) => if !more {
-                            let _ = sender
-                                .send(Err(Status::unavailable(format!(
+                    // Follow the feed until it skips ahead of us.
+                    loop {
+                        let event = tokio::select! {
+                            () = sender.closed() => return,
+                            () = api.shutdown.cancelled() => {
+                                let _ = fail(ApiError::ShuttingDown(format!(
                                     "server shutting down; resume with from_sequence={next}"
-                                ))))
+                                )))
                                 .await;
-                            return;
+                                return;
+                            }
+                            event = feed.recv() => event,
+                        };
+                        match event {
+                            Ok(event) if event.seq < next => continue,
+                            Ok(event) if event.seq == next => {
+                                if send(&event).await.is_err() {
+                                    return;
+                                }
+                                next += 1;
+                                if event.terminal {
+                                    match api.ended_before(&id, next).await {
+                                        Ok(true) => return,
+                                        Ok(false) => {}
+                                        Err(error) => {
+                                            let _ = fail(error).await;
+                                            return;
+                                        }
+                                    }
+                                }
+                            }
+                            // A gap, or we lagged behind the feed: read the store again.
+                            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => break,
+                            // The feed stops only when the server shuts down.
+                            Err(broadcast::error::RecvError::Closed) => {
+                                let _ = fail(ApiError::ShuttingDown(format!(
+                                    "server shutting down; resume with from_sequence={next}"
+                                )))
+                                .await;
+                                return;
+                            }
                         }
                     }
                 }
@@ -109,11 +272,13 @@ impl Api {
             .get_instance(&name)
             .await?
             .ok_or_else(|| ApiError::instance_not_found(name.to_string()))?;
+        let permit = self.stream_permit()?;
         let (sender, receiver) = mpsc::channel(16);
         let api = self.clone();
         let span = tracing::info_span!("watch_instance", instance = %name);
         tokio::spawn(tracing::Instrument::instrument(
             async move {
+                let _permit = permit;
                 let mut events = api.bus.subscribe();
                 let mut last = first.clone();
                 let response =
@@ -140,7 +305,7 @@ impl Api {
                     tokio::select! {
                         () = sender.closed() => return,
                         more = api.wait_for_change(&mut events) => if !more {
-                            let _ = sender.send(Err(Status::unavailable("server shutting down"))).await;
+                            let _ = sender.send(Err(ApiError::ShuttingDown("server shutting down".into()).into())).await;
                             return;
                         }
                     }

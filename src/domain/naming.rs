@@ -7,6 +7,8 @@
 //! the limit) can never equal a natural one, and two cut names collide only if their
 //! natural names share the prefix *and* a 40-bit hash.
 
+use std::collections::BTreeMap;
+
 use sha2::{Digest, Sha256};
 
 use super::ids::TenantId;
@@ -124,11 +126,25 @@ pub struct TagContext<'a> {
     pub project: &'a str,
     pub cost_center: &'a str,
     pub opportunity: &'a str,
+    /// The instance's labels (validated against AWS's tag rules), applied after the
+    /// service's own tags; a label whose key is one of those is left out.
+    pub labels: &'a BTreeMap<String, String>,
 }
 
 impl TagContext<'_> {
-    /// The unified tags for one resource (`component` says which: `efs`, `database`, …).
+    /// Every tag of one resource: [`TagContext::own_tags`], then the labels.
     pub fn tags(&self, component: &str) -> Vec<(String, String)> {
+        let mut tags = self.own_tags(component);
+        for (key, value) in self.labels {
+            if !tags.iter().any(|(own, _)| own.eq_ignore_ascii_case(key)) {
+                tags.push((key.clone(), value.clone()));
+            }
+        }
+        tags
+    }
+
+    /// The unified tags for one resource (`component` says which: `efs`, `database`, …).
+    pub fn own_tags(&self, component: &str) -> Vec<(String, String)> {
         let key = |name: &str| format!("{}:{name}", self.prefix);
         vec![
             (key(tag_keys::TENANT_ID), self.tenant.to_string()),
@@ -263,8 +279,16 @@ mod tests {
             project: "wordpress",
             cost_center: "cc-1",
             opportunity: "opp-9",
+            labels: &BTreeMap::from([
+                ("team".to_owned(), "web".to_owned()),
+                ("bbws:component".to_owned(), "spoof".to_owned()),
+            ]),
         };
-        let tags = ctx.tags("efs");
+        let with_labels = ctx.tags("efs");
+        assert!(with_labels.contains(&("team".into(), "web".into())));
+        assert!(!with_labels.contains(&("bbws:component".into(), "spoof".into())));
+        assert_eq!(with_labels.len(), 8, "{with_labels:?}");
+        let tags = ctx.own_tags("efs");
         assert!(tags.contains(&("bbws:tenant-id".into(), "acme".into())));
         assert!(tags.contains(&("bbws:environment".into(), "SIT".into())));
         assert!(tags.contains(&("bbws:managed-by".into(), "instance-manager".into())));

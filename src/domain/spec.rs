@@ -86,7 +86,26 @@ impl Default for ScaleBounds {
 
 pub const DEFAULT_WORDPRESS_IMAGE: &str = "wordpress";
 pub const DEFAULT_WORDPRESS_VERSION: &str = "6.7-php8.3-apache";
-pub const MAX_LABELS: usize = 64;
+/// Tags AWS allows on one resource.
+pub const AWS_MAX_TAGS: usize = 50;
+/// Tags the service puts on every resource itself (the unified tags and the instance id).
+pub const OWN_TAGS: usize = 8;
+/// Labels become tags on every resource, next to the service's own.
+pub const MAX_LABELS: usize = AWS_MAX_TAGS - OWN_TAGS;
+/// AWS tag limits, in characters.
+pub const MAX_LABEL_KEY_CHARS: usize = 128;
+pub const MAX_LABEL_VALUE_CHARS: usize = 256;
+/// Label keys may not use these prefixes (compared case-insensitively): `aws:` is AWS's,
+/// `bbws:` the service's own tags (the default `tag_prefix`).
+pub const RESERVED_LABEL_PREFIXES: [&str; 2] = ["aws:", "bbws:"];
+
+/// A character AWS accepts in a tag key or value: `[\p{L}\p{Z}\p{N}_.:/=+\-@]`.
+fn tag_char(c: char) -> bool {
+    c.is_alphabetic()
+        || c.is_numeric()
+        || (c.is_whitespace() && !c.is_control())
+        || "_.:/=+-@".contains(c)
+}
 
 /// A validated instance spec. Every field holds a value that the naming rules and the
 /// cloud adapters can use as is.
@@ -339,31 +358,41 @@ pub fn check_tag_value(value: &str, max: usize) -> Result<(), String> {
     Ok(())
 }
 
+/// Labels are applied as AWS tags, so they follow AWS's tag rules.
 fn check_labels(labels: &BTreeMap<String, String>, violations: &mut Violations) {
     if labels.len() > MAX_LABELS {
-        violations.add("labels", format!("must have at most {MAX_LABELS} entries"));
+        violations.add(
+            "labels",
+            format!(
+                "must have at most {MAX_LABELS} entries: AWS allows {AWS_MAX_TAGS} tags per resource and {OWN_TAGS} are the service's own"
+            ),
+        );
     }
     for (key, value) in labels {
-        let key_ok = !key.is_empty()
-            && key.len() <= 63
-            && key.starts_with(|c: char| c.is_ascii_lowercase())
-            && key
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
-        if !key_ok {
+        let field = format!("labels[{key:?}]");
+        let key_chars = key.chars().count();
+        if key_chars == 0 || key_chars > MAX_LABEL_KEY_CHARS || !key.chars().all(tag_char) {
             violations.add(
-                format!("labels[{key:?}]"),
-                "label keys must be 1-63 lower-case letters, digits, '_' or '-', starting with a letter",
+                field.clone(),
+                format!(
+                    "label keys must be 1-{MAX_LABEL_KEY_CHARS} letters, digits, spaces or _ . : / = + - @"
+                ),
+            );
+        } else if RESERVED_LABEL_PREFIXES
+            .iter()
+            .any(|prefix| key.to_lowercase().starts_with(prefix))
+        {
+            violations.add(
+                field.clone(),
+                "label keys must not start with aws: or bbws: (reserved for AWS and the service's own tags)",
             );
         }
-        let value_ok = value.len() <= 63
-            && value
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
-        if !value_ok {
+        if value.chars().count() > MAX_LABEL_VALUE_CHARS || !value.chars().all(tag_char) {
             violations.add(
-                format!("labels[{key:?}]"),
-                "label values must be at most 63 lower-case letters, digits, '_' or '-'",
+                field,
+                format!(
+                    "label values must be at most {MAX_LABEL_VALUE_CHARS} letters, digits, spaces or _ . : / = + - @"
+                ),
             );
         }
     }
@@ -494,8 +523,9 @@ mod tests {
     fn labels_images_and_tags() {
         let mut labels = BTreeMap::new();
         labels.insert("team".to_string(), "web".to_string());
-        labels.insert("Bad Key".to_string(), "x".to_string());
-        labels.insert("plan".to_string(), "Gold Plan".to_string());
+        labels.insert("Bad;Key".to_string(), "x".to_string());
+        labels.insert("plan".to_string(), "Gold Plan: Ünïcode +1 @ 2/3".to_string());
+        labels.insert("note".to_string(), "a\nb".to_string());
         let input = SpecInput {
             labels,
             wordpress_image: "Wordpress;rm".into(),
@@ -509,12 +539,53 @@ mod tests {
             vec![
                 "wordpress_image",
                 "wordpress_version",
-                "labels[\"Bad Key\"]",
-                "labels[\"plan\"]",
+                "labels[\"Bad;Key\"]",
+                "labels[\"note\"]",
                 "opportunity_id"
             ]
         );
         assert!(check_image("123456789012.dkr.ecr.eu-west-1.amazonaws.com/wp").is_ok());
+    }
+
+    #[test]
+    fn labels_follow_aws_tag_rules() {
+        let check = |pairs: &[(&str, &str)]| {
+            let labels = pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            match InstanceSpec::parse(
+                SpecInput {
+                    labels,
+                    ..valid_input()
+                },
+                ScaleBounds::default(),
+            ) {
+                Ok(_) => Vec::new(),
+                Err(violations) => violations.iter().map(|v| v.field.clone()).collect(),
+            }
+        };
+        let k128 = "k".repeat(128);
+        let v256 = "é".repeat(256);
+        assert!(check(&[(k128.as_str(), v256.as_str()), ("Team Name", "")]).is_empty());
+        let k129 = "k".repeat(129);
+        let v257 = "v".repeat(257);
+        assert_eq!(check(&[(k129.as_str(), "v")]), vec![format!("labels[{k129:?}]")]);
+        assert_eq!(check(&[("k", v257.as_str())]), vec!["labels[\"k\"]"]);
+        assert_eq!(check(&[("", "v")]), vec!["labels[\"\"]"]);
+        for reserved in ["aws:x", "AWS:x", "bbws:tenant-id", "Bbws:x"] {
+            assert_eq!(
+                check(&[(reserved, "v")]),
+                vec![format!("labels[{reserved:?}]")]
+            );
+        }
+        let many: Vec<(String, String)> = (0..=MAX_LABELS)
+            .map(|i| (format!("k{i}"), "v".to_string()))
+            .collect();
+        let many: Vec<(&str, &str)> = many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(check(&many), vec!["labels"]);
+        assert!(check(&many[..MAX_LABELS]).is_empty());
+        assert_eq!(MAX_LABELS + OWN_TAGS, AWS_MAX_TAGS);
     }
 
     #[test]

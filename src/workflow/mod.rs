@@ -105,6 +105,7 @@ impl StepCtx {
             project: &self.tag_settings.project,
             cost_center: &spec.cost_center,
             opportunity: &spec.opportunity_id,
+            labels: &spec.labels,
         }
     }
 
@@ -115,7 +116,7 @@ impl StepCtx {
 
     /// Tags that identify every resource of this tenant in this environment (for scans).
     pub fn tenant_tags(&self) -> Tags {
-        let all = self.tag_context().tags("");
+        let all = self.tag_context().own_tags("");
         all.into_iter()
             .filter(|(key, _)| {
                 key.ends_with(crate::domain::naming::tag_keys::TENANT_ID)

@@ -80,15 +80,30 @@ pub fn mysql_url() -> String {
     }
 }
 
-/// A TCP port on 127.0.0.1 that was free a moment ago.
+/// A TCP port on 127.0.0.1 that was free a moment ago. Racy (another process may take it
+/// before it is bound again): never use it for a server a test starts; let the server bind
+/// port 0 and report the address ([`ServerProcess::wait_serving`]), or retry on EADDRINUSE.
 pub fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     listener.local_addr().expect("local_addr").port()
 }
 
-/// `127.0.0.1:<free port>`.
-pub fn free_addr() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], free_port()))
+/// `--listen` value that lets the server pick a free port itself; read it back with
+/// [`ServerProcess::wait_serving`].
+pub const ANY_PORT: &str = "127.0.0.1:0";
+
+/// The address in a log line of the server: `address=IP:PORT` (human format) or
+/// `"address":"IP:PORT"` (JSON).
+pub fn logged_address(line: &str) -> Option<SocketAddr> {
+    let start = line
+        .find("address=")
+        .map(|i| i + "address=".len())
+        .or_else(|| line.find("\"address\":\"").map(|i| i + "\"address\":\"".len()))?;
+    let rest = &line[start..];
+    let end = rest
+        .find(|c: char| c.is_whitespace() || c == '"' || c == ',')
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
 }
 
 /// `prefix` plus a short random suffix, e.g. `instances-3f2a9c1b7d4e`; valid as
@@ -117,6 +132,17 @@ pub fn aws_endpoint() -> String {
 /// `sh` that waits for EOF on a pipe whose write end only this process holds.
 /// Prefer [`aws_endpoint`], which shares one server.
 pub fn start_private_moto() -> String {
+    // A free port may be taken before moto binds it: try a few.
+    for _ in 0..4 {
+        if let Some(endpoint) = try_start_private_moto() {
+            return endpoint;
+        }
+    }
+    panic!("moto could not bind a port in 4 attempts");
+}
+
+/// `None` when moto exited before answering because its port was taken meanwhile.
+fn try_start_private_moto() -> Option<String> {
     // scripts/moto_serial.py: moto answering one request at a time, so that its DynamoDB
     // transactions are atomic under concurrency as real DynamoDB's are.
     let moto = venv_bin("python");
@@ -151,7 +177,12 @@ wait "$pid" 2>/dev/null"#;
     loop {
         if moto_answers(port) {
             std::mem::forget(child);
-            return endpoint;
+            return Some(endpoint);
+        }
+        // The wrapper outlives moto (it waits for EOF): a lost port shows in moto's log.
+        if read_lossy(&log).contains("in use") {
+            let _ = child.kill();
+            return None;
         }
         if let Ok(Some(status)) = child.try_wait() {
             panic!(
@@ -338,13 +369,11 @@ impl ServerProcess {
     /// `instance-manager serve` on a free 127.0.0.1 port against `endpoint`
     /// and `table`, waited for until it accepts connections.
     pub fn serve(endpoint: &str, table: &str) -> Self {
-        let addr = free_addr();
-        let listen = addr.to_string();
         let mut server = Self::spawn(
             [
                 "serve",
                 "--listen",
-                &listen,
+                ANY_PORT,
                 "--aws-endpoint",
                 endpoint,
                 "--table",
@@ -352,8 +381,45 @@ impl ServerProcess {
             ],
             &[],
         );
-        server.wait_ready(addr);
+        server.wait_serving();
         server
+    }
+
+    /// Waits for the server's "serving gRPC" log line (a server started with
+    /// `--listen 127.0.0.1:0` binds a port itself and logs it), then until it accepts
+    /// connections; returns the address. Panics (with the logs) if it exits first.
+    pub fn wait_serving(&mut self) -> SocketAddr {
+        let addr = self.wait_logged_address("serving gRPC");
+        self.wait_ready(addr);
+        addr
+    }
+
+    /// The address logged on the first stderr line containing `message`.
+    pub fn wait_logged_address(&mut self, message: &str) -> SocketAddr {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(addr) = self
+                .stderr()
+                .lines()
+                .filter(|line| line.contains(message))
+                .find_map(logged_address)
+            {
+                return addr;
+            }
+            if let Some(status) = self.try_wait() {
+                panic!(
+                    "process exited ({status}) before logging {message:?}\n{}",
+                    self.logs()
+                );
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "process did not log {message:?} within {READY_TIMEOUT:?}\n{}",
+                    self.logs()
+                );
+            }
+            std::thread::sleep(POLL);
+        }
     }
 
     /// Run the binary to completion (at most `timeout`) and return its exit

@@ -34,12 +34,67 @@ pub fn random_account() -> String {
     format!("{:012}", 100_000_000_000 + n % 900_000_000_000)
 }
 
-/// A tenant id no other test uses.
+/// Tenant ids of tests start with this; `make dev` and real tenants must not use it. Their
+/// MySQL databases and users are `tenant_imt_…` and `t_imt_…`.
+pub const TEST_TENANT_PREFIX: &str = "imt-";
+
+/// A tenant id no other test uses, `imt-{prefix}-{8 hex}`. Its MySQL database and user (in
+/// every environment) are dropped when the test's thread ends, whether the test passed or
+/// failed.
 pub fn tenant(prefix: &str) -> String {
-    format!(
-        "{prefix}-{}",
+    let tenant = format!(
+        "{TEST_TENANT_PREFIX}{prefix}-{}",
         &uuid::Uuid::new_v4().simple().to_string()[..8]
-    )
+    );
+    CREATED_TENANTS.with(|created| created.borrow_mut().0.push(tenant.clone()));
+    tenant
+}
+
+/// The tenants a test thread made; dropping it (at the thread's end) drops their databases.
+struct CreatedTenants(Vec<String>);
+
+impl Drop for CreatedTenants {
+    fn drop(&mut self) {
+        let tenants = std::mem::take(&mut self.0);
+        if tenants.is_empty() {
+            return;
+        }
+        // Thread-local destructors run while the thread ends: work on a thread of our own.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime for the cleanup");
+            runtime.block_on(drop_tenant_databases(&tenants));
+        })
+        .join();
+    }
+}
+
+thread_local! {
+    static CREATED_TENANTS: std::cell::RefCell<CreatedTenants> =
+        const { std::cell::RefCell::new(CreatedTenants(Vec::new())) };
+}
+
+/// Drops the MySQL database and user of each tenant in every environment, if present.
+pub async fn drop_tenant_databases(tenants: &[String]) {
+    use instance_manager::cloud::Database;
+    let master = mariadb();
+    let mysql = instance_manager::cloud::mysql::MySqlDatabase::new();
+    for tenant in tenants {
+        let Ok(id) = TenantId::parse(tenant) else {
+            continue;
+        };
+        for environment in [Environment::Dev, Environment::Sit, Environment::Prod] {
+            let names = ResourceNames::derive(&id, environment);
+            if let Err(error) = mysql
+                .drop_database(&master, &names.database, &names.database_user)
+                .await
+            {
+                eprintln!("cleanup of {}: {error}", names.database);
+            }
+        }
+    }
 }
 
 pub fn mariadb() -> MasterCredentials {
@@ -210,6 +265,7 @@ pub async fn start_with(
             idempotency_ttl_secs: 3600,
             default_page_size: 50,
             max_page_size: 1000,
+            ..ApiSettings::default()
         },
         PageTokens::new(b"test"),
     )
