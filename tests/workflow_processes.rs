@@ -7,37 +7,9 @@ mod platform;
 use std::collections::BTreeSet;
 use std::process::Command;
 
-use common::ServerProcess;
-use instance_manager::config::Config;
 use instance_manager::domain::Environment;
 use instance_manager::proto::v1;
-use platform::{Client, inventory, metadata, provisioned};
-
-/// Writes `config` for server processes with `lease_secs`, and no fixed replica id (each
-/// process then names itself after its host and pid).
-fn write_config(config: &Config, dir: &std::path::Path, lease_secs: u64) -> std::path::PathBuf {
-    let mut config = config.clone();
-    config.lease_secs = lease_secs;
-    config.replica_id = String::new();
-    let path = dir.join("instance-manager.toml");
-    std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
-    path
-}
-
-fn serve(config_path: &std::path::Path, failpoints: &str) -> (ServerProcess, String) {
-    let config = config_path.to_str().unwrap();
-    let envs: &[(&str, &str)] = if failpoints.is_empty() {
-        &[]
-    } else {
-        &[("IM_FAILPOINTS", failpoints)]
-    };
-    let mut server = ServerProcess::spawn(
-        ["serve", "--config", config, "--listen", common::ANY_PORT],
-        envs,
-    );
-    let addr = server.wait_serving();
-    (server, addr.to_string())
-}
+use platform::{Client, inventory, metadata, provisioned, serve_process as serve, write_config};
 
 fn started_events(events: &[v1::OperationEvent]) -> usize {
     events

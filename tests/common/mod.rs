@@ -98,7 +98,10 @@ pub fn logged_address(line: &str) -> Option<SocketAddr> {
     let start = line
         .find("address=")
         .map(|i| i + "address=".len())
-        .or_else(|| line.find("\"address\":\"").map(|i| i + "\"address\":\"".len()))?;
+        .or_else(|| {
+            line.find("\"address\":\"")
+                .map(|i| i + "\"address\":\"".len())
+        })?;
     let rest = &line[start..];
     let end = rest
         .find(|c: char| c.is_whitespace() || c == '"' || c == ',')

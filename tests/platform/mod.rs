@@ -499,18 +499,18 @@ pub fn serve_process(
     config_path: &std::path::Path,
     failpoints: &str,
 ) -> (common::ServerProcess, String) {
-    let addr = common::free_addr();
-    let listen = addr.to_string();
     let config = config_path.to_str().unwrap();
     let envs: &[(&str, &str)] = if failpoints.is_empty() {
         &[]
     } else {
         &[("IM_FAILPOINTS", failpoints)]
     };
-    let mut server =
-        common::ServerProcess::spawn(["serve", "--config", config, "--listen", &listen], envs);
-    server.wait_ready(addr);
-    (server, listen)
+    let mut server = common::ServerProcess::spawn(
+        ["serve", "--config", config, "--listen", common::ANY_PORT],
+        envs,
+    );
+    let addr = server.wait_serving();
+    (server, addr.to_string())
 }
 
 /// Waits (without blocking the runtime) until `process` exits, at most `limit`.
