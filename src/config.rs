@@ -2,65 +2,19 @@
 //! variables, then command-line flags (clap gives flags precedence over the environment).
 //! `--dump-config` prints the result with secrets redacted.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::Args;
 use serde::{Deserialize, Serialize};
 
-use crate::cloud::Platform;
-use crate::domain::{Environment, ScaleBounds};
+use crate::cloud::settings::{CloudSettings, SessionSettings};
+use crate::domain::ScaleBounds;
 
-/// One environment: its own AWS account and region, reached through STS AssumeRole, and
-/// the shared platform inside it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EnvironmentConfig {
-    pub name: Environment,
-    /// The account the role belongs to; checked with GetCallerIdentity at start-up.
-    pub account_id: String,
-    pub region: String,
-    /// Role to assume; empty means the control plane's own credentials (same account).
-    #[serde(default)]
-    pub role_arn: String,
-    #[serde(default)]
-    pub external_id: Secret,
-    /// AWS endpoint override for this environment (an emulator); defaults to `aws_endpoint`.
-    #[serde(default)]
-    pub endpoint: Option<String>,
-    #[serde(default)]
-    pub platform: Platform,
-}
-
-/// A value that must never be printed: `Debug` and the redacted dump show `<redacted>`.
-#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(if self.0.is_empty() {
-            "<unset>"
-        } else {
-            "<redacted>"
-        })
-    }
-}
+// The environment settings are the cloud layer's plain data; configuration files hold them
+// as they are.
+pub use crate::cloud::settings::{EnvironmentConfig, Secret};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
 #[serde(rename_all = "lowercase")]
@@ -338,6 +292,20 @@ impl Config {
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}"))
     }
 
+    /// What the cloud layer takes from this configuration.
+    pub fn cloud_settings(&self) -> CloudSettings {
+        CloudSettings {
+            aws_endpoint: self.aws_endpoint.clone(),
+            aws_region: self.aws_region.clone(),
+            replica: self.replica_id(),
+            session: SessionSettings {
+                length: Duration::from_secs(self.role_session_secs),
+                refresh_margin: Duration::from_secs(self.role_refresh_margin_secs),
+            },
+            environments: self.environments.clone(),
+        }
+    }
+
     /// The replica id, or `{hostname}-{pid}` when none is configured.
     pub fn replica_id(&self) -> String {
         if !self.replica_id.is_empty() {
@@ -347,6 +315,12 @@ impl Config {
             .map(|h| h.trim().to_owned())
             .unwrap_or_else(|_| "replica".into());
         format!("{host}-{}", std::process::id())
+    }
+}
+
+impl From<&Config> for CloudSettings {
+    fn from(config: &Config) -> Self {
+        config.cloud_settings()
     }
 }
 

@@ -77,7 +77,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn dynamo_store(config: &Config) -> DynamoStore {
-    let sdk = cloud::control_plane_sdk_config(config).await;
+    let sdk = cloud::control_plane_sdk_config(&config.cloud_settings()).await;
     DynamoStore::new(aws_sdk_dynamodb::Client::new(&sdk), config.table.clone())
 }
 
@@ -174,7 +174,7 @@ async fn emulate_platforms(config: &mut Config, args: &BootstrapArgs) -> anyhow:
                 master.host, master.port, master.username
             )
         })?;
-    let accounts = cloud::accounts::Accounts::new(config).await;
+    let accounts = cloud::accounts::Accounts::new(&*config).await;
     for (environment, outcome) in accounts.verify().await {
         if let Err(reason) = outcome {
             if pending

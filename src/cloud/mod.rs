@@ -12,8 +12,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 
-use crate::config::Config;
-use crate::config::Secret;
+pub use settings::{CloudSettings, EnvironmentConfig, Secret};
 
 pub mod accounts;
 pub mod aws;
@@ -21,6 +20,7 @@ pub mod credentials;
 pub mod error;
 pub mod mysql;
 pub mod platform;
+pub mod settings;
 
 pub use error::{CloudError, CloudResult, ErrorKind};
 
@@ -360,14 +360,14 @@ pub struct CloudEnv {
 ///
 /// With an endpoint override (an emulator) and no credentials in the environment, static
 /// test credentials are used, so the SDK never falls back to the instance metadata service.
-pub async fn control_plane_sdk_config(config: &Config) -> SdkConfig {
+pub async fn control_plane_sdk_config(settings: &CloudSettings) -> SdkConfig {
     let mut loader = aws_config::defaults(BehaviorVersion::latest());
-    if let Some(region) = &config.aws_region {
+    if let Some(region) = &settings.aws_region {
         loader = loader.region(Region::new(region.clone()));
     }
-    if let Some(endpoint) = &config.aws_endpoint {
+    if let Some(endpoint) = &settings.aws_endpoint {
         loader = loader.endpoint_url(endpoint);
-        if std::env::var_os("AWS_REGION").is_none() && config.aws_region.is_none() {
+        if std::env::var_os("AWS_REGION").is_none() && settings.aws_region.is_none() {
             loader = loader.region(Region::new("us-east-1"));
         }
         if std::env::var_os("AWS_ACCESS_KEY_ID").is_none() {

@@ -20,7 +20,7 @@ use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, OptsBuilder, SslOpts, Value};
 
 use super::{CloudError, CloudResult, Database, DbTls, ErrorKind, MasterCredentials};
-use crate::config::Secret;
+use crate::cloud::settings::Secret;
 
 /// Connecting to RDS in another region can take a few seconds; longer means it is down.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
