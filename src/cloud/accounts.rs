@@ -19,7 +19,7 @@ use super::credentials::RefreshingCredentials;
 use super::aws::{AwsCompute, AwsFiles, AwsIdentity, AwsObjects, AwsRouting, AwsSecrets};
 use super::mysql::MySqlDatabase;
 pub use super::settings::SessionSettings;
-use super::settings::{CloudSettings, EnvironmentConfig};
+use super::settings::{CloudSettings, EnvironmentConfig, SdkTimeouts};
 use super::{CloudEnv, CloudError, CloudResult, Database, error::classify};
 use crate::domain::Environment;
 
@@ -85,10 +85,15 @@ impl Accounts {
     ) -> Self {
         let settings = settings.into();
         let replica = settings.replica.clone();
-        let database = Arc::new(MySqlDatabase::new());
+        let database = Arc::new(MySqlDatabase::with_timeouts(settings.db_timeouts));
         let mut accounts = BTreeMap::new();
         for env in &settings.environments {
-            let base = base_sdk_config(control_plane, env, settings.aws_endpoint.as_deref());
+            let base = base_sdk_config(
+                control_plane,
+                env,
+                settings.aws_endpoint.as_deref(),
+                settings.sdk_timeouts,
+            );
             let session = settings.session;
             let sdk = assumed_sdk_config(
                 &base,
@@ -240,15 +245,18 @@ async fn check_identity(name: Environment, account: &Account) -> Result<(), Stri
 }
 
 /// The control plane's credentials with the environment's region and endpoint (its own,
-/// else the global `aws_endpoint`).
+/// else the global `aws_endpoint`) and the configured time limits, which every client of
+/// the environment inherits (the STS client of its role sessions too).
 fn base_sdk_config(
     control_plane: &SdkConfig,
     env: &EnvironmentConfig,
     default_endpoint: Option<&str>,
+    timeouts: SdkTimeouts,
 ) -> SdkConfig {
     let mut builder = control_plane
         .to_builder()
-        .region(Region::new(env.region.clone()));
+        .region(Region::new(env.region.clone()))
+        .timeout_config(timeouts.timeout_config());
     builder.set_endpoint_url(
         env.endpoint
             .clone()

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 
-pub use settings::{CloudSettings, EnvironmentConfig, Secret};
+pub use settings::{CloudSettings, DbTimeouts, EnvironmentConfig, SdkTimeouts, Secret};
 
 pub mod accounts;
 pub mod aws;
@@ -356,12 +356,14 @@ pub struct CloudEnv {
     pub objects: Arc<dyn Objects>,
 }
 
-/// The SDK configuration of the control plane's own account (DynamoDB).
+/// The SDK configuration of the control plane's own account (DynamoDB), with the
+/// configured time limits.
 ///
 /// With an endpoint override (an emulator) and no credentials in the environment, static
 /// test credentials are used, so the SDK never falls back to the instance metadata service.
 pub async fn control_plane_sdk_config(settings: &CloudSettings) -> SdkConfig {
-    let mut loader = aws_config::defaults(BehaviorVersion::latest());
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .timeout_config(settings.sdk_timeouts.timeout_config());
     if let Some(region) = &settings.aws_region {
         loader = loader.region(Region::new(region.clone()));
     }

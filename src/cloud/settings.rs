@@ -76,6 +76,63 @@ impl Default for SessionSettings {
     }
 }
 
+/// Time limits of every AWS SDK call the service makes (every client of every account,
+/// the STS role sessions included).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SdkTimeouts {
+    /// Establishing the TCP (and TLS) connection.
+    pub connect: Duration,
+    /// One attempt of an operation: a request and its response. A timed-out attempt is
+    /// retried by the SDK's retry policy.
+    pub attempt: Duration,
+    /// The whole operation, every retry included.
+    pub operation: Duration,
+}
+
+impl Default for SdkTimeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(5),
+            attempt: Duration::from_secs(30),
+            operation: Duration::from_secs(120),
+        }
+    }
+}
+
+impl SdkTimeouts {
+    /// The SDK's form of these limits.
+    pub fn timeout_config(&self) -> aws_smithy_types::timeout::TimeoutConfig {
+        aws_smithy_types::timeout::TimeoutConfig::builder()
+            .connect_timeout(self.connect)
+            .operation_attempt_timeout(self.attempt)
+            .operation_timeout(self.operation)
+            .build()
+    }
+}
+
+/// Time limits of the work on an environment's MySQL server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DbTimeouts {
+    /// Connecting and logging in.
+    pub connect: Duration,
+    /// Waiting for a metadata lock (`lock_wait_timeout`) or a row lock
+    /// (`innodb_lock_wait_timeout`); whole seconds, at least one.
+    pub lock_wait: Duration,
+    /// One statement (MariaDB `max_statement_time`; MySQL `max_execution_time`, which
+    /// limits SELECTs only).
+    pub statement: Duration,
+}
+
+impl Default for DbTimeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(5),
+            lock_wait: Duration::from_secs(30),
+            statement: Duration::from_secs(300),
+        }
+    }
+}
+
 /// Everything the cloud layer takes from the process configuration.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct CloudSettings {
@@ -87,5 +144,7 @@ pub struct CloudSettings {
     /// This replica's name, used in role session names.
     pub replica: String,
     pub session: SessionSettings,
+    pub sdk_timeouts: SdkTimeouts,
+    pub db_timeouts: DbTimeouts,
     pub environments: Vec<EnvironmentConfig>,
 }
