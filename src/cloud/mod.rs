@@ -19,6 +19,8 @@ pub mod aws;
 pub mod credentials;
 pub mod error;
 pub mod mysql;
+/// The emulated-platform bootstrap: local runs and tests only.
+#[cfg(feature = "emulator")]
 pub mod platform;
 pub mod settings;
 
