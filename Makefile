@@ -24,5 +24,8 @@ check: fmt clippy
 fmt:
 	cargo fmt --check
 
+# Everything with the `emulator` feature (as `make test` builds it), and the production
+# build (no features) on its own.
 clippy:
-	cargo clippy --all-targets -- -D warnings
+	cargo clippy --all-targets --features emulator -- -D warnings
+	cargo clippy --lib --bins -- -D warnings

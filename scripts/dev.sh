@@ -52,8 +52,9 @@ export IM_AWS_ENDPOINT="$endpoint"
 export IM_TABLE="${IM_TABLE:-instance-manager}"
 export IM_LISTEN="${IM_LISTEN:-127.0.0.1:50051}"
 
-cargo build
-bin="$IM_ROOT/target/debug/instance-manager"
+# The `emulator` feature brings the emulated-platform bootstrap used below.
+cargo build --features emulator
+bin="${CARGO_TARGET_DIR:-$IM_ROOT/target}/debug/instance-manager"
 [ -x "$bin" ] || die "$bin was not built"
 
 # The table, then both environments' platforms (config/dev.toml) in the emulator, written

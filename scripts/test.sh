@@ -6,7 +6,8 @@
 # all test binaries, then runs unit, integration and doc tests with
 # --no-fail-fast. With arguments, runs just `cargo test --no-fail-fast ARGS`
 # instead (e.g. `scripts/test.sh --test harness_smoke`). Exits with cargo's
-# status.
+# status. Every run enables the `emulator` cargo feature (the emulated-platform
+# bootstrap the integration tests use).
 #
 # Tests receive:
 #   IM_TEST_AWS_ENDPOINT   http://127.0.0.1:PORT of the shared moto server
@@ -50,17 +51,21 @@ export IM_TEST_MYSQL_URL="${IM_TEST_MYSQL_URL:-mysql://root@127.0.0.1:3306/test}
 im_export_aws_test_env
 info "moto at $IM_TEST_AWS_ENDPOINT"
 
+# The emulated platform (cloud::platform, `bootstrap --emulate-platform`) is
+# test and `make dev` machinery, compiled only with this feature.
+features=(--features emulator)
+
 rc=0
 if [ $# -gt 0 ]; then
     # A selection from the caller: one cargo test run with it.
-    cargo test --no-fail-fast "$@" || rc=$?
+    cargo test "${features[@]}" --no-fail-fast "$@" || rc=$?
 else
     # Unit tests (lib, bin), integration tests, examples and benches as tests.
-    cargo test --all-targets --no-fail-fast || rc=$?
+    cargo test "${features[@]}" --all-targets --no-fail-fast || rc=$?
     # Doc tests (not part of --all-targets); only a library has them.
     if [ -f src/lib.rs ]; then
         doc_rc=0
-        cargo test --doc --no-fail-fast || doc_rc=$?
+        cargo test "${features[@]}" --doc --no-fail-fast || doc_rc=$?
         if [ "$rc" -eq 0 ]; then rc="$doc_rc"; fi
     fi
 fi

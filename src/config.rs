@@ -2,65 +2,19 @@
 //! variables, then command-line flags (clap gives flags precedence over the environment).
 //! `--dump-config` prints the result with secrets redacted.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::Args;
 use serde::{Deserialize, Serialize};
 
-use crate::cloud::Platform;
-use crate::domain::{Environment, ScaleBounds};
+use crate::cloud::settings::{CloudSettings, DbTimeouts, SdkTimeouts, SessionSettings};
+use crate::domain::ScaleBounds;
 
-/// One environment: its own AWS account and region, reached through STS AssumeRole, and
-/// the shared platform inside it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EnvironmentConfig {
-    pub name: Environment,
-    /// The account the role belongs to; checked with GetCallerIdentity at start-up.
-    pub account_id: String,
-    pub region: String,
-    /// Role to assume; empty means the control plane's own credentials (same account).
-    #[serde(default)]
-    pub role_arn: String,
-    #[serde(default)]
-    pub external_id: Secret,
-    /// AWS endpoint override for this environment (an emulator); defaults to `aws_endpoint`.
-    #[serde(default)]
-    pub endpoint: Option<String>,
-    #[serde(default)]
-    pub platform: Platform,
-}
-
-/// A value that must never be printed: `Debug` and the redacted dump show `<redacted>`.
-#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(if self.0.is_empty() {
-            "<unset>"
-        } else {
-            "<redacted>"
-        })
-    }
-}
+// The environment settings are the cloud layer's plain data; configuration files hold them
+// as they are.
+pub use crate::cloud::settings::{EnvironmentConfig, Secret};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
 #[serde(rename_all = "lowercase")]
@@ -122,6 +76,21 @@ pub struct Config {
     pub provision_deadline_secs: u64,
     /// How long one attempt of a deprovisioning may run before it ends STUCK.
     pub deprovision_deadline_secs: u64,
+    /// AWS SDK: time to establish a connection.
+    pub aws_connect_timeout_secs: u64,
+    /// AWS SDK: time for one attempt of a call (request and response); the SDK retries a
+    /// timed-out attempt.
+    pub aws_attempt_timeout_secs: u64,
+    /// AWS SDK: time for a whole call, retries included.
+    pub aws_operation_timeout_secs: u64,
+    /// MySQL: time to connect and log in to an environment's server.
+    pub db_connect_timeout_secs: u64,
+    /// MySQL: how long a statement waits for a metadata or row lock (`lock_wait_timeout`,
+    /// `innodb_lock_wait_timeout`).
+    pub db_lock_wait_timeout_secs: u64,
+    /// MySQL: how long one statement may run (MariaDB `max_statement_time`; MySQL
+    /// `max_execution_time`, SELECTs only). The client gives up a few seconds later.
+    pub db_statement_timeout_secs: u64,
     /// Deliberate faults for tests (`STEP=pause|error|error-after`); never set in production.
     pub failpoints: Vec<String>,
     pub environments: Vec<EnvironmentConfig>,
@@ -155,6 +124,12 @@ impl Default for Config {
             role_refresh_margin_secs: 5 * 60,
             provision_deadline_secs: 30 * 60,
             deprovision_deadline_secs: 20 * 60,
+            aws_connect_timeout_secs: 5,
+            aws_attempt_timeout_secs: 30,
+            aws_operation_timeout_secs: 120,
+            db_connect_timeout_secs: 5,
+            db_lock_wait_timeout_secs: 30,
+            db_statement_timeout_secs: 300,
             failpoints: Vec::new(),
             environments: Vec::new(),
         }
@@ -207,6 +182,18 @@ pub struct ConfigArgs {
     pub provision_deadline_secs: Option<u64>,
     #[arg(long, env = "IM_DEPROVISION_DEADLINE_SECS")]
     pub deprovision_deadline_secs: Option<u64>,
+    #[arg(long, env = "IM_AWS_CONNECT_TIMEOUT_SECS")]
+    pub aws_connect_timeout_secs: Option<u64>,
+    #[arg(long, env = "IM_AWS_ATTEMPT_TIMEOUT_SECS")]
+    pub aws_attempt_timeout_secs: Option<u64>,
+    #[arg(long, env = "IM_AWS_OPERATION_TIMEOUT_SECS")]
+    pub aws_operation_timeout_secs: Option<u64>,
+    #[arg(long, env = "IM_DB_CONNECT_TIMEOUT_SECS")]
+    pub db_connect_timeout_secs: Option<u64>,
+    #[arg(long, env = "IM_DB_LOCK_WAIT_TIMEOUT_SECS")]
+    pub db_lock_wait_timeout_secs: Option<u64>,
+    #[arg(long, env = "IM_DB_STATEMENT_TIMEOUT_SECS")]
+    pub db_statement_timeout_secs: Option<u64>,
     /// Deliberate faults for tests, comma separated (`STEP=pause|error|error-after`).
     #[arg(long, env = "IM_FAILPOINTS", value_delimiter = ',')]
     pub failpoints: Option<Vec<String>>,
@@ -261,6 +248,14 @@ impl ConfigArgs {
             failpoints,
             provision_deadline_secs,
             deprovision_deadline_secs
+        );
+        overlay!(
+            aws_connect_timeout_secs,
+            aws_attempt_timeout_secs,
+            aws_operation_timeout_secs,
+            db_connect_timeout_secs,
+            db_lock_wait_timeout_secs,
+            db_statement_timeout_secs
         );
         if let Some(endpoint) = &self.aws_endpoint {
             config.aws_endpoint = Some(endpoint.clone());
@@ -321,6 +316,25 @@ impl Config {
                 "provision_deadline_secs and deprovision_deadline_secs must be positive",
             );
         }
+        if self.aws_connect_timeout_secs == 0
+            || self.aws_connect_timeout_secs > self.aws_attempt_timeout_secs
+            || self.aws_attempt_timeout_secs > self.aws_operation_timeout_secs
+        {
+            return invalid(
+                "aws timeouts must satisfy 1 <= aws_connect_timeout_secs <= \
+                 aws_attempt_timeout_secs <= aws_operation_timeout_secs",
+            );
+        }
+        // The servers' own upper limit of lock_wait_timeout is one year.
+        if self.db_connect_timeout_secs == 0
+            || !(1..=31_536_000).contains(&self.db_lock_wait_timeout_secs)
+            || self.db_statement_timeout_secs == 0
+        {
+            return invalid(
+                "db_connect_timeout_secs and db_statement_timeout_secs must be positive, \
+                 db_lock_wait_timeout_secs 1..=31536000",
+            );
+        }
         for (i, env) in self.environments.iter().enumerate() {
             if self.environments[..i].iter().any(|e| e.name == env.name) {
                 return Err(ConfigError::Invalid(format!(
@@ -352,6 +366,30 @@ impl Config {
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}"))
     }
 
+    /// What the cloud layer takes from this configuration.
+    pub fn cloud_settings(&self) -> CloudSettings {
+        CloudSettings {
+            aws_endpoint: self.aws_endpoint.clone(),
+            aws_region: self.aws_region.clone(),
+            replica: self.replica_id(),
+            session: SessionSettings {
+                length: Duration::from_secs(self.role_session_secs),
+                refresh_margin: Duration::from_secs(self.role_refresh_margin_secs),
+            },
+            sdk_timeouts: SdkTimeouts {
+                connect: Duration::from_secs(self.aws_connect_timeout_secs),
+                attempt: Duration::from_secs(self.aws_attempt_timeout_secs),
+                operation: Duration::from_secs(self.aws_operation_timeout_secs),
+            },
+            db_timeouts: DbTimeouts {
+                connect: Duration::from_secs(self.db_connect_timeout_secs),
+                lock_wait: Duration::from_secs(self.db_lock_wait_timeout_secs),
+                statement: Duration::from_secs(self.db_statement_timeout_secs),
+            },
+            environments: self.environments.clone(),
+        }
+    }
+
     /// The replica id, or `{hostname}-{pid}` when none is configured.
     pub fn replica_id(&self) -> String {
         if !self.replica_id.is_empty() {
@@ -361,6 +399,12 @@ impl Config {
             .map(|h| h.trim().to_owned())
             .unwrap_or_else(|_| "replica".into());
         format!("{host}-{}", std::process::id())
+    }
+}
+
+impl From<&Config> for CloudSettings {
+    fn from(config: &Config) -> Self {
+        config.cloud_settings()
     }
 }
 
@@ -448,5 +492,108 @@ mod tests {
         assert_eq!(config.role_refresh_margin_secs, 120);
         assert_eq!(config.metrics_listen, Some("0.0.0.0:9090".parse().unwrap()));
         assert_eq!(Config::default().metrics_listen, None);
+    }
+
+    #[test]
+    fn timeouts_have_defaults_layer_and_reach_the_cloud_settings() {
+        let defaults = Config::default().cloud_settings();
+        assert_eq!(defaults.sdk_timeouts, SdkTimeouts::default());
+        assert_eq!(defaults.db_timeouts, DbTimeouts::default());
+        assert_eq!(defaults.sdk_timeouts.connect, Duration::from_secs(5));
+        assert_eq!(defaults.sdk_timeouts.attempt, Duration::from_secs(30));
+        assert_eq!(defaults.sdk_timeouts.operation, Duration::from_secs(120));
+        assert_eq!(defaults.db_timeouts.lock_wait, Duration::from_secs(30));
+        assert_eq!(defaults.db_timeouts.statement, Duration::from_secs(300));
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("im.toml");
+        std::fs::write(
+            &path,
+            "aws_connect_timeout_secs = 2\naws_attempt_timeout_secs = 10\naws_operation_timeout_secs = 60\ndb_lock_wait_timeout_secs = 7\ndb_statement_timeout_secs = 90\n",
+        )
+        .unwrap();
+        let args = ConfigArgs {
+            config: Some(path),
+            aws_operation_timeout_secs: Some(45),
+            db_connect_timeout_secs: Some(3),
+            ..ConfigArgs::default()
+        };
+        let settings = args.load().unwrap().cloud_settings();
+        assert_eq!(
+            settings.sdk_timeouts,
+            SdkTimeouts {
+                connect: Duration::from_secs(2),
+                attempt: Duration::from_secs(10),
+                operation: Duration::from_secs(45),
+            }
+        );
+        assert_eq!(
+            settings.db_timeouts,
+            DbTimeouts {
+                connect: Duration::from_secs(3),
+                lock_wait: Duration::from_secs(7),
+                statement: Duration::from_secs(90),
+            }
+        );
+        let sdk = settings.sdk_timeouts.timeout_config();
+        assert_eq!(sdk.connect_timeout(), Some(Duration::from_secs(2)));
+        assert_eq!(
+            sdk.operation_attempt_timeout(),
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(sdk.operation_timeout(), Some(Duration::from_secs(45)));
+    }
+
+    #[test]
+    fn timeouts_are_validated() {
+        let rejected = |args: ConfigArgs, what: &str| {
+            assert!(
+                matches!(args.load(), Err(ConfigError::Invalid(ref m)) if m.contains(what)),
+                "{what}"
+            );
+        };
+        for args in [
+            ConfigArgs {
+                aws_connect_timeout_secs: Some(0),
+                ..ConfigArgs::default()
+            },
+            ConfigArgs {
+                aws_attempt_timeout_secs: Some(200),
+                ..ConfigArgs::default()
+            },
+            ConfigArgs {
+                aws_connect_timeout_secs: Some(40),
+                ..ConfigArgs::default()
+            },
+        ] {
+            rejected(args, "aws timeouts");
+        }
+        for args in [
+            ConfigArgs {
+                db_connect_timeout_secs: Some(0),
+                ..ConfigArgs::default()
+            },
+            ConfigArgs {
+                db_lock_wait_timeout_secs: Some(0),
+                ..ConfigArgs::default()
+            },
+            ConfigArgs {
+                db_lock_wait_timeout_secs: Some(31_536_001),
+                ..ConfigArgs::default()
+            },
+            ConfigArgs {
+                db_statement_timeout_secs: Some(0),
+                ..ConfigArgs::default()
+            },
+        ] {
+            rejected(args, "db_");
+        }
+        let args = ConfigArgs {
+            aws_attempt_timeout_secs: Some(120),
+            aws_operation_timeout_secs: Some(120),
+            db_lock_wait_timeout_secs: Some(1),
+            ..ConfigArgs::default()
+        };
+        assert!(args.load().is_ok());
     }
 }

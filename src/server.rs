@@ -175,7 +175,7 @@ pub async fn run(
     } else {
         PageTokens::new(config.page_token_secret.expose().as_bytes())
     };
-    let control_plane = cloud::control_plane_sdk_config(config).await;
+    let control_plane = cloud::control_plane_sdk_config(&config.cloud_settings()).await;
     let store: Arc<dyn StateStore> = Arc::new(DynamoStore::new(
         aws_sdk_dynamodb::Client::new(&control_plane),
         config.table.clone(),

@@ -406,3 +406,62 @@ async fn errors_never_show_a_password() {
     cleanup(&master, &database, &user).await;
     let _ = admin.disconnect().await;
 }
+
+/// A draining task holding a metadata lock on a tenant table must not make `DROP DATABASE`
+/// wait for days: with a 1 s lock wait it fails, retryably, in about that time.
+#[tokio::test]
+async fn drop_database_behind_a_metadata_lock_gives_up_retryably() {
+    use instance_manager::cloud::DbTimeouts;
+    use std::time::{Duration, Instant};
+
+    let master = master();
+    let (database, user) = names("locked");
+    let mysql = MySqlDatabase::with_timeouts(DbTimeouts {
+        connect: Duration::from_secs(5),
+        lock_wait: Duration::from_secs(1),
+        statement: Duration::from_secs(30),
+    });
+    mysql
+        .ensure_database(&master, &database, &user, &Secret::new("locked-password-1"))
+        .await
+        .unwrap();
+    // Another session (the "draining task") with an open transaction that read the table:
+    // it holds a shared metadata lock until it commits.
+    let mut holder = as_master(&master).await;
+    holder
+        .query_drop(format!("CREATE TABLE `{database}`.t (id INT PRIMARY KEY)"))
+        .await
+        .unwrap();
+    holder.query_drop("START TRANSACTION").await.unwrap();
+    holder
+        .query_drop(format!("SELECT * FROM `{database}`.t"))
+        .await
+        .unwrap();
+
+    let started = Instant::now();
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(30),
+        mysql.drop_database(&master, &database, &user),
+    )
+    .await
+    .expect("drop_database must not hang behind the metadata lock");
+    let took = started.elapsed();
+    let error = outcome.unwrap_err();
+    assert_eq!(error.kind, ErrorKind::Retryable, "{error}");
+    assert!(error.message.contains("1205"), "{error}");
+    assert!(
+        took < Duration::from_secs(10),
+        "gave up after {took:?}, configured lock wait 1 s"
+    );
+    assert!(mysql.database_exists(&master, &database).await.unwrap());
+
+    // Once the lock is released, the retry succeeds.
+    holder.query_drop("COMMIT").await.unwrap();
+    mysql
+        .drop_database(&master, &database, &user)
+        .await
+        .unwrap();
+    assert!(!mysql.database_exists(&master, &database).await.unwrap());
+    let _ = holder.disconnect().await;
+    cleanup(&master, &database, &user).await;
+}

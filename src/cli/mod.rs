@@ -31,8 +31,8 @@ enum Command {
         #[arg(long)]
         dump_config: bool,
     },
-    /// Create the DynamoDB table (idempotent); with `--emulate-platform`, also each
-    /// environment's shared platform in the AWS emulator.
+    /// Create the DynamoDB table (idempotent); with `--emulate-platform` (builds with the
+    /// `emulator` feature), also each environment's shared platform in the AWS emulator.
     Bootstrap {
         #[command(flatten)]
         config: ConfigArgs,
@@ -77,7 +77,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn dynamo_store(config: &Config) -> DynamoStore {
-    let sdk = cloud::control_plane_sdk_config(config).await;
+    let sdk = cloud::control_plane_sdk_config(&config.cloud_settings()).await;
     DynamoStore::new(aws_sdk_dynamodb::Client::new(&sdk), config.table.clone())
 }
 
@@ -87,17 +87,22 @@ struct BootstrapArgs {
     /// Create each environment's shared platform (VPC, subnets, cluster, EFS, ALB with HTTPS
     /// listener, RDS record, master secret, log group, bucket) in the AWS emulator, for
     /// environments whose `platform` has no cluster yet. Refused without an emulator
-    /// endpoint: in a real account the platform comes from infrastructure code.
+    /// endpoint: in a real account the platform comes from infrastructure code. Only in
+    /// builds with the `emulator` feature (`make dev`, `make test`).
     #[arg(long)]
     emulate_platform: bool,
     /// MySQL server that the emulated platform's master secret points at.
+    #[cfg(feature = "emulator")]
     #[arg(long, env = "IM_MYSQL_HOST", default_value = "127.0.0.1")]
     mysql_host: String,
+    #[cfg(feature = "emulator")]
     #[arg(long, env = "IM_MYSQL_PORT", default_value_t = 3306)]
     mysql_port: u16,
+    #[cfg(feature = "emulator")]
     #[arg(long, env = "IM_MYSQL_USER", default_value = "root")]
     mysql_user: String,
     /// Prefer the environment variable: flags are visible to other local users.
+    #[cfg(feature = "emulator")]
     #[arg(
         long,
         env = "IM_MYSQL_PASSWORD",
@@ -112,8 +117,14 @@ struct BootstrapArgs {
     write_config: Option<std::path::PathBuf>,
 }
 
-async fn bootstrap(mut config: Config, args: BootstrapArgs) -> anyhow::Result<()> {
+async fn bootstrap(config: Config, args: BootstrapArgs) -> anyhow::Result<()> {
     crate::telemetry::init(config.log_format, &config.log_filter);
+    if args.emulate_platform && !cfg!(feature = "emulator") {
+        anyhow::bail!(
+            "--emulate-platform is not in this build: it needs the `emulator` cargo feature \
+             (cargo build --features emulator; `make dev` and `make test` enable it)"
+        );
+    }
     if args.emulate_platform {
         // Before any side effect: never make stand-in infrastructure in a real account.
         for env in pending_platforms(&config).map(|i| &config.environments[i]) {
@@ -136,9 +147,14 @@ async fn bootstrap(mut config: Config, args: BootstrapArgs) -> anyhow::Result<()
     } else {
         tracing::info!(table = %config.table, "table already exists");
     }
-    if args.emulate_platform {
-        emulate_platforms(&mut config, &args).await?;
-    }
+    #[cfg(feature = "emulator")]
+    let config = {
+        let mut config = config;
+        if args.emulate_platform {
+            emulate_platforms(&mut config, &args).await?;
+        }
+        config
+    };
     if let Some(path) = &args.write_config {
         write_config(&config, path)?;
         tracing::info!(path = %path.display(), "configuration written");
@@ -148,6 +164,7 @@ async fn bootstrap(mut config: Config, args: BootstrapArgs) -> anyhow::Result<()
 
 /// Creates the platform of every environment that has none yet, through that
 /// environment's own account, and records it in `config`.
+#[cfg(feature = "emulator")]
 async fn emulate_platforms(config: &mut Config, args: &BootstrapArgs) -> anyhow::Result<()> {
     let pending: Vec<usize> = pending_platforms(config).collect();
     if pending.is_empty() {
@@ -174,7 +191,7 @@ async fn emulate_platforms(config: &mut Config, args: &BootstrapArgs) -> anyhow:
                 master.host, master.port, master.username
             )
         })?;
-    let accounts = cloud::accounts::Accounts::new(config).await;
+    let accounts = cloud::accounts::Accounts::new(&*config).await;
     for (environment, outcome) in accounts.verify().await {
         if let Err(reason) = outcome {
             if pending

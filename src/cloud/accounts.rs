@@ -18,8 +18,9 @@ use super::credentials::RefreshingCredentials;
 
 use super::aws::{AwsCompute, AwsFiles, AwsIdentity, AwsObjects, AwsRouting, AwsSecrets};
 use super::mysql::MySqlDatabase;
+pub use super::settings::SessionSettings;
+use super::settings::{CloudSettings, EnvironmentConfig, SdkTimeouts};
 use super::{CloudEnv, CloudError, CloudResult, Database, error::classify};
-use crate::config::{Config, EnvironmentConfig};
 use crate::domain::Environment;
 
 /// STS limit on `RoleSessionName`.
@@ -67,22 +68,33 @@ pub struct Accounts {
 }
 
 impl Accounts {
-    /// From the configuration, with the control plane's credentials from
-    /// [`control_plane_sdk_config`](super::control_plane_sdk_config).
-    pub async fn new(config: &Config) -> Self {
-        let control_plane = super::control_plane_sdk_config(config).await;
-        Self::with_control_plane(&control_plane, config).await
+    /// From the settings (or the configuration they come from), with the control plane's
+    /// credentials from [`control_plane_sdk_config`](super::control_plane_sdk_config).
+    pub async fn new(settings: impl Into<CloudSettings>) -> Self {
+        let settings = settings.into();
+        let control_plane = super::control_plane_sdk_config(&settings).await;
+        Self::with_control_plane(&control_plane, settings).await
     }
 
-    /// From the configuration, with the given control-plane SDK configuration (whose
-    /// credentials are the ones that assume each environment's role).
-    pub async fn with_control_plane(control_plane: &SdkConfig, config: &Config) -> Self {
-        let replica = config.replica_id();
-        let database = Arc::new(MySqlDatabase::new());
+    /// From the settings (or the configuration they come from), with the given
+    /// control-plane SDK configuration (whose credentials are the ones that assume each
+    /// environment's role).
+    pub async fn with_control_plane(
+        control_plane: &SdkConfig,
+        settings: impl Into<CloudSettings>,
+    ) -> Self {
+        let settings = settings.into();
+        let replica = settings.replica.clone();
+        let database = Arc::new(MySqlDatabase::with_timeouts(settings.db_timeouts));
         let mut accounts = BTreeMap::new();
-        for env in &config.environments {
-            let base = base_sdk_config(control_plane, env, config.aws_endpoint.as_deref());
-            let session = SessionSettings::from_config(config);
+        for env in &settings.environments {
+            let base = base_sdk_config(
+                control_plane,
+                env,
+                settings.aws_endpoint.as_deref(),
+                settings.sdk_timeouts,
+            );
+            let session = settings.session;
             let sdk = assumed_sdk_config(
                 &base,
                 env,
@@ -238,37 +250,24 @@ async fn check_identity(name: Environment, account: &Account) -> Result<(), Stri
 }
 
 /// The control plane's credentials with the environment's region and endpoint (its own,
-/// else the global `aws_endpoint`).
+/// else the global `aws_endpoint`) and the configured time limits, which every client of
+/// the environment inherits (the STS client of its role sessions too).
 fn base_sdk_config(
     control_plane: &SdkConfig,
     env: &EnvironmentConfig,
     default_endpoint: Option<&str>,
+    timeouts: SdkTimeouts,
 ) -> SdkConfig {
     let mut builder = control_plane
         .to_builder()
-        .region(Region::new(env.region.clone()));
+        .region(Region::new(env.region.clone()))
+        .timeout_config(timeouts.timeout_config());
     builder.set_endpoint_url(
         env.endpoint
             .clone()
             .or_else(|| default_endpoint.map(str::to_owned)),
     );
     builder.build()
-}
-
-/// How role sessions are assumed and refreshed.
-#[derive(Debug, Clone, Copy)]
-pub struct SessionSettings {
-    pub length: std::time::Duration,
-    pub refresh_margin: std::time::Duration,
-}
-
-impl SessionSettings {
-    pub fn from_config(config: &Config) -> Self {
-        Self {
-            length: std::time::Duration::from_secs(config.role_session_secs),
-            refresh_margin: std::time::Duration::from_secs(config.role_refresh_margin_secs),
-        }
-    }
 }
 
 /// The cached credentials of a session of `env`'s role, assumed with `base`'s credentials.

@@ -12,15 +12,17 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 
-use crate::config::Config;
-use crate::config::Secret;
+pub use settings::{CloudSettings, DbTimeouts, EnvironmentConfig, SdkTimeouts, Secret};
 
 pub mod accounts;
 pub mod aws;
 pub mod credentials;
 pub mod error;
 pub mod mysql;
+/// The emulated-platform bootstrap: local runs and tests only.
+#[cfg(feature = "emulator")]
 pub mod platform;
+pub mod settings;
 
 pub use error::{CloudError, CloudResult, ErrorKind};
 
@@ -356,18 +358,20 @@ pub struct CloudEnv {
     pub objects: Arc<dyn Objects>,
 }
 
-/// The SDK configuration of the control plane's own account (DynamoDB).
+/// The SDK configuration of the control plane's own account (DynamoDB), with the
+/// configured time limits.
 ///
 /// With an endpoint override (an emulator) and no credentials in the environment, static
 /// test credentials are used, so the SDK never falls back to the instance metadata service.
-pub async fn control_plane_sdk_config(config: &Config) -> SdkConfig {
-    let mut loader = aws_config::defaults(BehaviorVersion::latest());
-    if let Some(region) = &config.aws_region {
+pub async fn control_plane_sdk_config(settings: &CloudSettings) -> SdkConfig {
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .timeout_config(settings.sdk_timeouts.timeout_config());
+    if let Some(region) = &settings.aws_region {
         loader = loader.region(Region::new(region.clone()));
     }
-    if let Some(endpoint) = &config.aws_endpoint {
+    if let Some(endpoint) = &settings.aws_endpoint {
         loader = loader.endpoint_url(endpoint);
-        if std::env::var_os("AWS_REGION").is_none() && config.aws_region.is_none() {
+        if std::env::var_os("AWS_REGION").is_none() && settings.aws_region.is_none() {
             loader = loader.region(Region::new("us-east-1"));
         }
         if std::env::var_os("AWS_ACCESS_KEY_ID").is_none() {

@@ -6,12 +6,20 @@
 //! connection of our own lets us set session variables (sql_mode, time zone, a consistent
 //! snapshot) without leaking them into a pool.
 //!
+//! Time limits ([`DbTimeouts`]): connecting is bounded; every session sets
+//! `lock_wait_timeout` and `innodb_lock_wait_timeout` (so `DROP DATABASE` behind a metadata
+//! lock fails with a retryable error instead of waiting for days) and a statement time limit
+//! (MariaDB `max_statement_time`; MySQL `max_execution_time`, which covers SELECTs only);
+//! and every query runs under a client-side timeout a little longer than those, as a
+//! backstop for what the server does not bound. Every timeout is retryable.
+//!
 //! Passwords: MySQL and MariaDB accept no placeholder in `IDENTIFIED BY` (the server answers
 //! a syntax error to `IDENTIFIED BY ?`), so the password is inlined as a string literal,
 //! escaped for the session's actual `sql_mode`. It is never logged, and every error message
 //! built while it is in play has it redacted.
 
 use std::fmt::Write as _;
+use std::future::Future;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -19,11 +27,11 @@ use mysql_async::consts::ColumnType;
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, OptsBuilder, SslOpts, Value};
 
+use super::settings::{DbTimeouts, Secret};
 use super::{CloudError, CloudResult, Database, DbTls, ErrorKind, MasterCredentials};
-use crate::config::Secret;
 
-/// Connecting to RDS in another region can take a few seconds; longer means it is down.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// How much longer than the server's own limits the client waits for a statement.
+const BACKSTOP_MARGIN: Duration = Duration::from_secs(5);
 /// Each INSERT of the dump carries rows up to about this many bytes, well under the
 /// default `max_allowed_packet` (64 MiB on MySQL 8, 16 MiB on MariaDB 10.11).
 const INSERT_BATCH_BYTES: usize = 512 * 1024;
@@ -31,14 +39,22 @@ const INSERT_BATCH_BYTES: usize = 512 * 1024;
 /// refuse longer ones itself.
 const MAX_IDENTIFIER_LEN: usize = 64;
 
-/// The MySQL implementation of [`Database`]. It holds nothing: the master credentials come
-/// with every call (they live in the environment's secret and may be rotated).
+/// The MySQL implementation of [`Database`]. It holds only its time limits: the master
+/// credentials come with every call (they live in the environment's secret and may be
+/// rotated).
 #[derive(Debug, Clone, Copy, Default)]
-pub struct MySqlDatabase;
+pub struct MySqlDatabase {
+    timeouts: DbTimeouts,
+}
 
 impl MySqlDatabase {
+    /// With the default time limits.
     pub fn new() -> Self {
-        Self
+        Self::default()
+    }
+
+    pub fn with_timeouts(timeouts: DbTimeouts) -> Self {
+        Self { timeouts }
     }
 }
 
@@ -124,6 +140,8 @@ const RETRYABLE_SERVER_CODES: &[u16] = &[
     1213, // ER_LOCK_DEADLOCK
     1317, // ER_QUERY_INTERRUPTED
     1927, // ER_CONNECTION_KILLED (MariaDB)
+    1969, // ER_STATEMENT_TIMEOUT (MariaDB max_statement_time)
+    3024, // ER_QUERY_TIMEOUT (MySQL max_execution_time)
     2006, 2013, // server gone away, lost connection
 ];
 
@@ -161,14 +179,67 @@ fn classify_mysql(what: &str, error: &mysql_async::Error, secrets: &[&str]) -> C
     CloudError::new(kind, redact(&format!("{what}: {detail}"), secrets))
 }
 
+/// ER_UNKNOWN_SYSTEM_VARIABLE: a server without the statement time limit we asked for.
+const UNKNOWN_SYSTEM_VARIABLE: u16 = 1193;
+
+/// Awaits one query for at most `limit`; running out is a retryable error.
+async fn bounded<T>(
+    limit: Duration,
+    what: &str,
+    secrets: &[&str],
+    query: impl Future<Output = mysql_async::Result<T>>,
+) -> CloudResult<T> {
+    match tokio::time::timeout(limit, query).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(classify_mysql(what, &error, secrets)),
+        Err(_) => Err(CloudError::new(
+            ErrorKind::Retryable,
+            format!("{what}: no answer from mysql within {limit:?}"),
+        )),
+    }
+}
+
+/// The session variables that bound lock waits and statements; `mariadb` picks the
+/// statement limit's name (and unit). `None` for the statement limit leaves it out.
+fn limits_statement(timeouts: &DbTimeouts, statement_limit: Option<bool>) -> String {
+    // Both lock waits are whole seconds, and 0 would mean "never wait" on some versions.
+    let lock_wait = timeouts.lock_wait.as_secs().max(1);
+    let mut sql = format!(
+        "SET SESSION lock_wait_timeout = {lock_wait}, innodb_lock_wait_timeout = {lock_wait}"
+    );
+    match statement_limit {
+        // MariaDB: seconds, fractions allowed, every statement.
+        Some(true) => {
+            let _ = write!(
+                sql,
+                ", max_statement_time = {:.3}",
+                timeouts.statement.as_secs_f64()
+            );
+        }
+        // MySQL 5.7.8+: milliseconds, read-only SELECTs only.
+        Some(false) => {
+            let _ = write!(
+                sql,
+                ", max_execution_time = {}",
+                timeouts.statement.as_millis().max(1)
+            );
+        }
+        None => {}
+    }
+    sql
+}
+
 /// The master connection of one call; `secrets` are what its errors must never show.
 struct Session<'a> {
     conn: Conn,
     secrets: Vec<&'a str>,
+    /// Client-side limit of each query: the server's limits and a margin.
+    query_limit: Duration,
+    timeouts: DbTimeouts,
 }
 
 impl<'a> Session<'a> {
-    async fn open(master: &'a MasterCredentials) -> CloudResult<Session<'a>> {
+    async fn open(master: &'a MasterCredentials, timeouts: DbTimeouts) -> CloudResult<Session<'a>> {
         let opts = OptsBuilder::default()
             .ip_or_hostname(master.host.clone())
             .tcp_port(master.port)
@@ -190,7 +261,7 @@ impl<'a> Session<'a> {
         };
         let secrets = vec![master.password.expose()];
         let endpoint = format!("{}:{}", master.host, master.port);
-        let conn = match tokio::time::timeout(CONNECT_TIMEOUT, Conn::new(opts)).await {
+        let conn = match tokio::time::timeout(timeouts.connect, Conn::new(opts)).await {
             Ok(Ok(conn)) => conn,
             Ok(Err(error)) => {
                 return Err(classify_mysql(
@@ -202,50 +273,106 @@ impl<'a> Session<'a> {
             Err(_) => {
                 return Err(CloudError::new(
                     ErrorKind::Retryable,
-                    format!("mysql connect to {endpoint}: timed out after {CONNECT_TIMEOUT:?}"),
+                    format!(
+                        "mysql connect to {endpoint}: timed out after {:?}",
+                        timeouts.connect
+                    ),
                 ));
             }
         };
-        Ok(Session { conn, secrets })
+        let mut session = Session {
+            conn,
+            secrets,
+            query_limit: timeouts.lock_wait.max(timeouts.statement) + BACKSTOP_MARGIN,
+            timeouts,
+        };
+        if let Err(error) = session.set_limits().await {
+            session.close().await;
+            return Err(error);
+        }
+        Ok(session)
     }
 
-    fn fail(&self, what: &str, error: &mysql_async::Error) -> CloudError {
-        classify_mysql(what, error, &self.secrets)
+    /// Bounds lock waits and statements of this session (see the module documentation).
+    async fn set_limits(&mut self) -> CloudResult<()> {
+        let limit = self.query_limit;
+        let secrets = self.secrets.clone();
+        let version: Option<String> = bounded(
+            limit,
+            "read server version",
+            &secrets,
+            self.conn.query_first("SELECT VERSION()"),
+        )
+        .await?;
+        let mariadb = version
+            .unwrap_or_default()
+            .to_ascii_lowercase()
+            .contains("mariadb");
+        let what = "set session time limits";
+        let with_statement = limits_statement(&self.timeouts, Some(mariadb));
+        match tokio::time::timeout(limit, self.conn.query_drop(with_statement)).await {
+            Ok(Ok(())) => Ok(()),
+            // A server without the statement limit (MySQL before 5.7.8, some forks): the lock
+            // waits still apply, and the client-side backstop bounds statements.
+            Ok(Err(mysql_async::Error::Server(server)))
+                if server.code == UNKNOWN_SYSTEM_VARIABLE =>
+            {
+                tracing::warn!(message = %server.message, "mysql server has no statement time limit; relying on the client-side timeout");
+                let lock_waits = limits_statement(&self.timeouts, None);
+                bounded(limit, what, &secrets, self.conn.query_drop(lock_waits)).await
+            }
+            Ok(Err(error)) => Err(classify_mysql(what, &error, &secrets)),
+            Err(_) => Err(CloudError::new(
+                ErrorKind::Retryable,
+                format!("{what}: no answer from mysql within {limit:?}"),
+            )),
+        }
     }
 
     /// Runs one statement; `what` names it in errors (never the statement itself, which may
     /// hold a password).
     async fn run(&mut self, what: &str, statement: &str) -> CloudResult<()> {
-        match self.conn.query_drop(statement).await {
-            Ok(()) => Ok(()),
-            Err(error) => Err(self.fail(what, &error)),
-        }
+        let secrets = self.secrets.clone();
+        bounded(
+            self.query_limit,
+            what,
+            &secrets,
+            self.conn.query_drop(statement),
+        )
+        .await
     }
 
     async fn count(&mut self, what: &str, query: &str, params: Vec<Value>) -> CloudResult<u64> {
-        match self.conn.exec_first::<u64, _, _>(query, params).await {
-            Ok(count) => Ok(count.unwrap_or(0)),
-            Err(error) => Err(self.fail(what, &error)),
-        }
+        let secrets = self.secrets.clone();
+        let count = bounded(
+            self.query_limit,
+            what,
+            &secrets,
+            self.conn.exec_first::<u64, _, _>(query, params),
+        )
+        .await?;
+        Ok(count.unwrap_or(0))
     }
 
     async fn no_backslash_escapes(&mut self) -> CloudResult<bool> {
-        match self
-            .conn
-            .query_first::<String, _>("SELECT @@SESSION.sql_mode")
-            .await
-        {
-            Ok(mode) => Ok(mode
-                .unwrap_or_default()
-                .to_ascii_uppercase()
-                .contains("NO_BACKSLASH_ESCAPES")),
-            Err(error) => Err(self.fail("read sql_mode", &error)),
-        }
+        let secrets = self.secrets.clone();
+        let mode = bounded(
+            self.query_limit,
+            "read sql_mode",
+            &secrets,
+            self.conn
+                .query_first::<String, _>("SELECT @@SESSION.sql_mode"),
+        )
+        .await?;
+        Ok(mode
+            .unwrap_or_default()
+            .to_ascii_uppercase()
+            .contains("NO_BACKSLASH_ESCAPES"))
     }
 
     async fn close(self) {
-        // The work is done; a failed goodbye changes nothing.
-        let _ = self.conn.disconnect().await;
+        // The work is done; a failed (or hanging) goodbye changes nothing.
+        let _ = tokio::time::timeout(self.timeouts.connect, self.conn.disconnect()).await;
     }
 }
 
@@ -265,7 +392,7 @@ impl Database for MySqlDatabase {
                 "refusing an empty password or one with a NUL character for mysql user {user}"
             )));
         }
-        let mut session = Session::open(master).await?;
+        let mut session = Session::open(master, self.timeouts).await?;
         session.secrets.push(password.expose());
         let result = async {
             session
@@ -318,7 +445,7 @@ impl Database for MySqlDatabase {
     ) -> CloudResult<()> {
         let db = quote_identifier("database", database)?;
         let account = format!("{}@'%'", quote_identifier("user", user)?);
-        let mut session = Session::open(master).await?;
+        let mut session = Session::open(master, self.timeouts).await?;
         let result = async {
             session
                 .run(
@@ -344,7 +471,7 @@ impl Database for MySqlDatabase {
         database: &str,
     ) -> CloudResult<Vec<u8>> {
         let db = quote_identifier("database", database)?;
-        let mut session = Session::open(master).await?;
+        let mut session = Session::open(master, self.timeouts).await?;
         let result = dump(&mut session, database, &db).await;
         session.close().await;
         result
@@ -356,7 +483,7 @@ impl Database for MySqlDatabase {
         database: &str,
     ) -> CloudResult<bool> {
         quote_identifier("database", database)?;
-        let mut session = Session::open(master).await?;
+        let mut session = Session::open(master, self.timeouts).await?;
         let result = session
             .count(
                 &format!("look up database {database}"),
@@ -371,7 +498,7 @@ impl Database for MySqlDatabase {
     /// Whether `user@'%'` (the account `ensure_database` makes) exists.
     async fn user_exists(&self, master: &MasterCredentials, user: &str) -> CloudResult<bool> {
         quote_identifier("user", user)?;
-        let mut session = Session::open(master).await?;
+        let mut session = Session::open(master, self.timeouts).await?;
         let result = session
             .count(
                 &format!("look up user {user}"),
@@ -434,15 +561,18 @@ async fn dump(session: &mut Session<'_>, database: &str, db: &str) -> CloudResul
             "START TRANSACTION WITH CONSISTENT SNAPSHOT",
         )
         .await?;
-    let tables: Vec<String> = session
-        .conn
-        .exec(
+    let secrets = session.secrets.clone();
+    let tables: Vec<String> = bounded(
+        session.query_limit,
+        &format!("list tables of {database}"),
+        &secrets,
+        session.conn.exec(
             "SELECT TABLE_NAME FROM information_schema.TABLES \
              WHERE TABLE_SCHEMA = ? AND TABLE_TYPE = 'BASE TABLE' ORDER BY TABLE_NAME",
             (database,),
-        )
-        .await
-        .map_err(|e| session.fail(&format!("list tables of {database}"), &e))?;
+        ),
+    )
+    .await?;
 
     let mut out = Vec::new();
     let _ = writeln!(
@@ -466,11 +596,17 @@ async fn dump_table(
     out: &mut Vec<u8>,
 ) -> CloudResult<()> {
     let quoted_table = quote_any_identifier(table);
-    let create: Option<(String, String)> = session
-        .conn
-        .query_first(format!("SHOW CREATE TABLE {db}.{quoted_table}"))
-        .await
-        .map_err(|e| session.fail(&format!("show create table {database}.{table}"), &e))?;
+    let secrets = session.secrets.clone();
+    let limit = session.query_limit;
+    let create: Option<(String, String)> = bounded(
+        limit,
+        &format!("show create table {database}.{table}"),
+        &secrets,
+        session
+            .conn
+            .query_first(format!("SHOW CREATE TABLE {db}.{quoted_table}")),
+    )
+    .await?;
     let Some((_, create)) = create else {
         return Err(CloudError::fatal(format!(
             "show create table {database}.{table}: no answer"
@@ -483,16 +619,18 @@ async fn dump_table(
 
     // Generated columns cannot be given values; every other column is listed explicitly
     // (which also covers invisible columns that `SELECT *` would miss).
-    let columns: Vec<String> = session
-        .conn
-        .exec(
+    let columns: Vec<String> = bounded(
+        limit,
+        &format!("list columns of {database}.{table}"),
+        &secrets,
+        session.conn.exec(
             "SELECT COLUMN_NAME FROM information_schema.COLUMNS \
              WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? AND COALESCE(GENERATION_EXPRESSION, '') = '' \
              ORDER BY ORDINAL_POSITION",
             (database, table),
-        )
-        .await
-        .map_err(|e| session.fail(&format!("list columns of {database}.{table}"), &e))?;
+        ),
+    )
+    .await?;
     if columns.is_empty() {
         return Ok(());
     }
@@ -504,19 +642,20 @@ async fn dump_table(
     let insert_prefix = format!("INSERT INTO {quoted_table} ({column_list}) VALUES\n");
 
     let what = format!("read rows of {database}.{table}");
-    let secrets = session.secrets.clone();
-    let mut result = session
-        .conn
-        .query_iter(format!("SELECT {column_list} FROM {db}.{quoted_table}"))
-        .await
-        .map_err(|e| classify_mysql(&what, &e, &secrets))?;
+    let mut result = bounded(
+        limit,
+        &what,
+        &secrets,
+        session
+            .conn
+            .query_iter(format!("SELECT {column_list} FROM {db}.{quoted_table}")),
+    )
+    .await?;
     let kinds: Vec<ValueKind> = result.columns_ref().iter().map(ValueKind::of).collect();
     let mut batch: Vec<u8> = Vec::new();
     loop {
-        let row = match result.next().await {
-            Ok(Some(row)) => row,
-            Ok(None) => break,
-            Err(error) => return Err(classify_mysql(&what, &error, &secrets)),
+        let Some(row) = bounded(limit, &what, &secrets, result.next()).await? else {
+            break;
         };
         batch.extend_from_slice(if batch.is_empty() { b"(" } else { b",\n(" });
         for (i, value) in row.unwrap().into_iter().enumerate() {
@@ -660,6 +799,41 @@ mod tests {
     fn redaction_covers_escaped_forms() {
         let text = redact("near 'p\\'w' and p'w and p''w", &["p'w"]);
         assert!(!text.contains("p'w") && !text.contains("p\\'w"), "{text}");
+    }
+
+    #[test]
+    fn session_limits_name_each_servers_variables() {
+        let timeouts = DbTimeouts {
+            connect: Duration::from_secs(5),
+            lock_wait: Duration::from_millis(1500),
+            statement: Duration::from_millis(2500),
+        };
+        assert_eq!(
+            limits_statement(&timeouts, Some(true)),
+            "SET SESSION lock_wait_timeout = 1, innodb_lock_wait_timeout = 1, max_statement_time = 2.500"
+        );
+        assert_eq!(
+            limits_statement(&timeouts, Some(false)),
+            "SET SESSION lock_wait_timeout = 1, innodb_lock_wait_timeout = 1, max_execution_time = 2500"
+        );
+        assert_eq!(
+            limits_statement(&timeouts, None),
+            "SET SESSION lock_wait_timeout = 1, innodb_lock_wait_timeout = 1"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_query_past_the_backstop_is_retryable() {
+        let error = bounded::<()>(
+            Duration::from_millis(20),
+            "drop database x",
+            &[],
+            std::future::pending(),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(error.kind, ErrorKind::Retryable, "{error}");
+        assert!(error.message.starts_with("drop database x: "), "{error}");
     }
 
     #[test]

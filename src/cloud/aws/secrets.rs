@@ -8,8 +8,8 @@ use aws_sdk_secretsmanager::types::{Filter, FilterNameStringType, SecretListEntr
 
 use super::{gone_is_ok, has_all_tags};
 use crate::cloud::error::classify;
+use crate::cloud::settings::Secret;
 use crate::cloud::{CloudError, CloudResult, ErrorKind, SecretSpec, Secrets, Tags};
-use crate::config::Secret;
 
 pub struct AwsSecrets {
     client: Client,
