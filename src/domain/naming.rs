@@ -113,6 +113,10 @@ pub mod tag_keys {
     pub const PROJECT: &str = "project";
     pub const COST_CENTER: &str = "cost-center";
     pub const OPPORTUNITY: &str = "opportunity";
+    /// The instance that owns the resource: names are per (tenant, environment), so two
+    /// instances of one tenant (one failed, one live) can meet the same names; only this
+    /// tag tells whose a resource is.
+    pub const INSTANCE_ID: &str = "instance-id";
 }
 
 /// What goes into the unified tags besides the resource's component.
@@ -120,6 +124,8 @@ pub mod tag_keys {
 pub struct TagContext<'a> {
     pub prefix: &'a str,
     pub tenant: &'a TenantId,
+    /// The owning instance's id (within the tenant).
+    pub instance: &'a str,
     pub environment: Environment,
     pub project: &'a str,
     pub cost_center: &'a str,
@@ -132,6 +138,7 @@ impl TagContext<'_> {
         let key = |name: &str| format!("{}:{name}", self.prefix);
         vec![
             (key(tag_keys::TENANT_ID), self.tenant.to_string()),
+            (key(tag_keys::INSTANCE_ID), self.instance.to_owned()),
             (
                 key(tag_keys::ENVIRONMENT),
                 self.environment.as_str().to_owned(),
@@ -259,6 +266,7 @@ mod tests {
         let ctx = TagContext {
             prefix: "bbws",
             tenant: &t,
+            instance: "wp",
             environment: Environment::Sit,
             project: "wordpress",
             cost_center: "cc-1",
@@ -269,6 +277,7 @@ mod tests {
         assert!(tags.contains(&("bbws:environment".into(), "SIT".into())));
         assert!(tags.contains(&("bbws:managed-by".into(), "instance-manager".into())));
         assert!(tags.contains(&("bbws:component".into(), "efs".into())));
-        assert_eq!(tags.len(), 7);
+        assert!(tags.contains(&("bbws:instance-id".into(), "wp".into())));
+        assert_eq!(tags.len(), 8);
     }
 }
