@@ -524,3 +524,78 @@ pub async fn control_plane_sdk_config(config: &Config) -> SdkConfig {
     }
     loader.load().await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tags(pairs: &[(&str, &str)]) -> Tags {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn pairs(tags: &Tags) -> Vec<(&str, &str)> {
+        tags.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+    }
+
+    #[test]
+    fn ownership_is_tenant_and_instance() {
+        let spec = tags(&[
+            ("bbws:tenant-id", "acme"),
+            ("bbws:instance-id", "wp1"),
+            ("bbws:component", "secret"),
+            ("bbws:cost-center", "cc-1"),
+        ]);
+        assert_eq!(
+            owner_tags(&spec),
+            tags(&[("bbws:tenant-id", "acme"), ("bbws:instance-id", "wp1")])
+        );
+        // Other labels may differ (updated since); the owner may not.
+        let ours = tags(&[("bbws:tenant-id", "acme"), ("bbws:instance-id", "wp1")]);
+        assert!(owned_by(pairs(&ours), &spec));
+        let sibling = tags(&[("bbws:tenant-id", "acme"), ("bbws:instance-id", "wp2")]);
+        assert!(!owned_by(pairs(&sibling), &spec));
+        let unmarked = tags(&[("bbws:tenant-id", "acme")]);
+        assert!(!owned_by(pairs(&unmarked), &spec));
+        assert!(!owned_by(Vec::new(), &spec));
+        // A spec naming no instance claims nothing.
+        assert!(owned_by(Vec::new(), &tags(&[("bbws:tenant-id", "acme")])));
+    }
+
+    fn service(running: u32, rollout: Option<&str>) -> ServiceStatus {
+        ServiceStatus {
+            status: "ACTIVE".into(),
+            desired: 2,
+            running,
+            pending: 0,
+            rollout_state: rollout.map(str::to_owned),
+            deployments: 1,
+            task_definition: "td".into(),
+        }
+    }
+
+    #[test]
+    fn readiness_policies() {
+        let aws = AwsReadiness;
+        assert!(aws.rollout_done(&service(2, Some("COMPLETED"))));
+        assert!(aws.rollout_done(&service(2, None)));
+        assert!(!aws.rollout_done(&service(1, Some("COMPLETED"))));
+        assert!(!aws.rollout_done(&service(2, Some("IN_PROGRESS"))));
+        assert!(aws.task_succeeded(Some(0)));
+        assert!(!aws.task_succeeded(None));
+        assert!(!aws.task_succeeded(Some(1)));
+        let emulator = EmulatorReadiness;
+        assert!(emulator.rollout_done(&service(0, Some("IN_PROGRESS"))));
+        assert!(emulator.task_succeeded(None));
+        assert!(!emulator.task_succeeded(Some(2)));
+        let production = Platform::default();
+        assert!(!readiness_for(&production).task_succeeded(None));
+        let emulated = Platform {
+            emulator: true,
+            ..Platform::default()
+        };
+        assert!(readiness_for(&emulated).task_succeeded(None));
+    }
+}
