@@ -1452,3 +1452,59 @@ async fn objects_put_with_tags_and_list() {
         .unwrap_err();
     assert_eq!(missing.kind, ErrorKind::NotFound);
 }
+
+#[tokio::test]
+async fn identity_pools_duplicated_by_a_race_collapse_to_one_and_a_sibling_s_is_left() {
+    let sdk = fresh_account().await;
+    let cognito = aws_sdk_cognitoidentityprovider::Client::new(&sdk);
+    let identity = AwsIdentity::new(&sdk);
+    let acme = Tenant::new("acme");
+    let spec = user_pool_spec(&acme);
+    let create = |tags: Tags| {
+        let cognito = cognito.clone();
+        let name = spec.name.clone();
+        async move {
+            cognito
+                .create_user_pool()
+                .pool_name(name)
+                .set_user_pool_tags(Some(tags.into_iter().collect()))
+                .send()
+                .await
+                .unwrap()
+                .user_pool()
+                .unwrap()
+                .id()
+                .unwrap()
+                .to_owned()
+        }
+    };
+    // Two replicas both created the pool; a sibling instance has one of the same name.
+    let first = create(acme.tags("cognito")).await;
+    let second = create(acme.tags("cognito")).await;
+    let mut sibling_tags = acme.tags("cognito");
+    for (key, value) in &mut sibling_tags {
+        if key == "bbws:instance-id" {
+            *value = "wp-2".to_owned();
+        }
+    }
+    let sibling = create(sibling_tags).await;
+
+    let pool = identity.ensure_user_pool(&spec).await.unwrap();
+    assert!(pool.pool_id == first || pool.pool_id == second, "{pool:?}");
+    let left: Vec<String> = cognito
+        .list_user_pools()
+        .max_results(60)
+        .send()
+        .await
+        .unwrap()
+        .user_pools()
+        .iter()
+        .filter_map(|p| p.id().map(str::to_owned))
+        .collect();
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert!(
+        left.contains(&pool.pool_id) && left.contains(&sibling),
+        "{left:?}"
+    );
+    assert_eq!(identity.ensure_user_pool(&spec).await.unwrap(), pool);
+}
