@@ -1,6 +1,13 @@
 //! Every AWS and MySQL name, derived from a (validated) tenant id and environment alone, so
 //! a workflow that restarts on another replica finds the same resources again.
 //!
+//! Names do not include the instance id: a tenant has one live instance per environment
+//! (its site's host name, service and database names stay readable and stable), but a
+//! failed instance and its successor meet the same names. So names never decide
+//! ownership: every resource carries the `instance-id` tag (and MySQL databases a row in
+//! the server's ownership table), and nothing found by name is adopted or removed unless
+//! it carries this instance's owner tags.
+//!
 //! A name that fits its service's limit is used as is. One that does not is cut and given a
 //! hash of the full name: `{prefix}{sep}{10 hex}`, exactly `limit` characters long. Natural
 //! names are only used when they are *shorter* than the limit, so a cut name (always exactly
