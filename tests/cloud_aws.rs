@@ -75,6 +75,7 @@ impl Tenant {
         TagContext {
             prefix: "bbws",
             tenant: &self.id,
+            instance: "wp",
             environment: Environment::Dev,
             project: "wordpress",
             cost_center: "cc-42",
@@ -97,7 +98,7 @@ fn assert_unified_tags<'a>(have: impl IntoIterator<Item = (&'a str, &'a str)>, w
     for pair in want {
         assert!(have.contains(pair), "tag {pair:?} missing from {have:?}");
     }
-    assert_eq!(want.len(), 7, "the unified tags are seven");
+    assert_eq!(want.len(), 8, "the unified tags are eight");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -518,6 +519,7 @@ fn target_group_spec(tenant: &Tenant, vpc: &str) -> TargetGroupSpec {
         vpc_id: vpc.to_owned(),
         health_check_path: "/".to_owned(),
         matcher: "200,301,302".to_owned(),
+        deregistration_delay_secs: Some(45),
         tags: tenant.tags("alb"),
     }
 }
@@ -569,6 +571,18 @@ async fn routing_target_groups_and_host_rules() {
             .filter_map(|t| Some((t.key()?, t.value()?))),
         &acme.tags("alb"),
     );
+    let attributes = elb
+        .describe_target_group_attributes()
+        .target_group_arn(&tg)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        attributes.attributes().iter().any(|a| {
+            a.key() == Some("deregistration_delay.timeout_seconds") && a.value() == Some("45")
+        }),
+        "{attributes:?}"
+    );
     assert_eq!(
         routing
             .ensure_target_group(&target_group_spec(&acme, &net.vpc))
@@ -576,6 +590,15 @@ async fn routing_target_groups_and_host_rules() {
             .unwrap(),
         tg
     );
+    // Same name, another instance of the tenant: never adopted.
+    let mut sibling = target_group_spec(&acme, &net.vpc);
+    for (key, value) in &mut sibling.tags {
+        if key == "bbws:instance-id" {
+            *value = "wp-2".into();
+        }
+    }
+    let refused = routing.ensure_target_group(&sibling).await.unwrap_err();
+    assert!(refused.message.contains("another instance"), "{refused}");
     let all = elb.describe_target_groups().send().await.unwrap();
     assert_eq!(
         all.target_groups().len(),
@@ -850,6 +873,48 @@ async fn compute_task_definitions() {
     assert!(active_revisions(&ecs, "bbws-dev-acme").await.is_empty());
     compute
         .deregister_task_definitions("bbws-dev-acme")
+        .await
+        .unwrap();
+
+    // Deleting is by owner: this instance's revisions, deregistered or not, go for good
+    // (no INACTIVE revision stays tagged); a sibling instance's revision stays.
+    let mut sibling = newer.clone();
+    sibling.image = "wordpress:6.7-apache".to_owned();
+    for (key, value) in &mut sibling.tags {
+        if key == "bbws:instance-id" {
+            *value = "wp-2".to_owned();
+        }
+    }
+    let sibling_arn = compute.register_task_definition(&sibling).await.unwrap();
+    let mine = compute.register_task_definition(&spec).await.unwrap();
+    let owner: Tags = acme
+        .tags("ecs")
+        .into_iter()
+        .filter(|(key, _)| key == "bbws:tenant-id" || key == "bbws:instance-id")
+        .collect();
+    compute
+        .delete_task_definitions("bbws-dev-acme", &owner)
+        .await
+        .unwrap();
+    assert_eq!(
+        active_revisions(&ecs, "bbws-dev-acme").await,
+        vec![sibling_arn.clone()]
+    );
+    let inactive = ecs
+        .list_task_definitions()
+        .family_prefix("bbws-dev-acme")
+        .status(aws_sdk_ecs::types::TaskDefinitionStatus::Inactive)
+        .send()
+        .await
+        .unwrap();
+    assert!(inactive.task_definition_arns().is_empty(), "{inactive:?}");
+    assert!(
+        !active_revisions(&ecs, "bbws-dev-acme")
+            .await
+            .contains(&mine)
+    );
+    compute
+        .delete_task_definitions("bbws-dev-acme", &owner)
         .await
         .unwrap();
     let missing = ecs
@@ -1133,10 +1198,16 @@ async fn compute_one_off_task() {
         security_groups: vec![fixture.net.security_group.clone()],
         execution_role_arn: String::new(),
         task_role_arn: "arn:aws:iam::123456789012:role/archiver".to_owned(),
+        client_token: "operation-1/1".to_owned(),
         tags: acme.tags("archive"),
     };
 
     let task = compute.run_task(&spec).await.unwrap();
+    // A resumed step with the same token gets the same task, not a second one.
+    assert_eq!(compute.run_task(&spec).await.unwrap(), task);
+    let mut next_attempt = spec.clone();
+    next_attempt.client_token = "operation-1/2".to_owned();
+    assert_ne!(compute.run_task(&next_attempt).await.unwrap(), task);
     let status = compute
         .task_status(&fixture.cluster, &task)
         .await
@@ -1167,8 +1238,10 @@ async fn compute_one_off_task() {
         Some(WP_CONTENT_PATH)
     );
 
-    // A second run reuses the task definition.
-    let second = compute.run_task(&spec).await.unwrap();
+    // A second run (another token) reuses the task definition.
+    let mut another = spec.clone();
+    another.client_token = "operation-2/1".to_owned();
+    let second = compute.run_task(&another).await.unwrap();
     assert_ne!(second, task);
     assert_eq!(active_revisions(&ecs, &spec.family).await.len(), 1);
 
@@ -1379,4 +1452,60 @@ async fn objects_put_with_tags_and_list() {
         .await
         .unwrap_err();
     assert_eq!(missing.kind, ErrorKind::NotFound);
+}
+
+#[tokio::test]
+async fn identity_pools_duplicated_by_a_race_collapse_to_one_and_a_sibling_s_is_left() {
+    let sdk = fresh_account().await;
+    let cognito = aws_sdk_cognitoidentityprovider::Client::new(&sdk);
+    let identity = AwsIdentity::new(&sdk);
+    let acme = Tenant::new("acme");
+    let spec = user_pool_spec(&acme);
+    let create = |tags: Tags| {
+        let cognito = cognito.clone();
+        let name = spec.name.clone();
+        async move {
+            cognito
+                .create_user_pool()
+                .pool_name(name)
+                .set_user_pool_tags(Some(tags.into_iter().collect()))
+                .send()
+                .await
+                .unwrap()
+                .user_pool()
+                .unwrap()
+                .id()
+                .unwrap()
+                .to_owned()
+        }
+    };
+    // Two replicas both created the pool; a sibling instance has one of the same name.
+    let first = create(acme.tags("cognito")).await;
+    let second = create(acme.tags("cognito")).await;
+    let mut sibling_tags = acme.tags("cognito");
+    for (key, value) in &mut sibling_tags {
+        if key == "bbws:instance-id" {
+            *value = "wp-2".to_owned();
+        }
+    }
+    let sibling = create(sibling_tags).await;
+
+    let pool = identity.ensure_user_pool(&spec).await.unwrap();
+    assert!(pool.pool_id == first || pool.pool_id == second, "{pool:?}");
+    let left: Vec<String> = cognito
+        .list_user_pools()
+        .max_results(60)
+        .send()
+        .await
+        .unwrap()
+        .user_pools()
+        .iter()
+        .filter_map(|p| p.id().map(str::to_owned))
+        .collect();
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert!(
+        left.contains(&pool.pool_id) && left.contains(&sibling),
+        "{left:?}"
+    );
+    assert_eq!(identity.ensure_user_pool(&spec).await.unwrap(), pool);
 }

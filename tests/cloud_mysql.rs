@@ -465,3 +465,103 @@ async fn drop_database_behind_a_metadata_lock_gives_up_retryably() {
     let _ = holder.disconnect().await;
     cleanup(&master, &database, &user).await;
 }
+
+#[tokio::test]
+async fn database_names_are_claimed_by_one_owner() {
+    use instance_manager::cloud::DatabaseClaim;
+    let master = master();
+    let mysql = MySqlDatabase::new();
+    let (database, user) = names("claim");
+    let (a, b) = ("tenants/t/instances/a", "tenants/t/instances/b");
+
+    assert_eq!(
+        mysql
+            .claim_database(&master, &database, &user, a)
+            .await
+            .unwrap(),
+        DatabaseClaim::Ours
+    );
+    // Idempotent for the owner, refused to anyone else.
+    assert_eq!(
+        mysql
+            .claim_database(&master, &database, &user, a)
+            .await
+            .unwrap(),
+        DatabaseClaim::Ours
+    );
+    assert_eq!(
+        mysql
+            .claim_database(&master, &database, &user, b)
+            .await
+            .unwrap(),
+        DatabaseClaim::Theirs(a.to_owned())
+    );
+    assert_eq!(
+        mysql
+            .database_owner(&master, &database)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some(a)
+    );
+    // Only the owner's release counts.
+    mysql.release_database(&master, &database, b).await.unwrap();
+    assert_eq!(
+        mysql
+            .database_owner(&master, &database)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some(a)
+    );
+    mysql
+        .ensure_database(&master, &database, &user, &Secret::new("claim-Pa55word"))
+        .await
+        .unwrap();
+    mysql
+        .drop_database(&master, &database, &user)
+        .await
+        .unwrap();
+    mysql.release_database(&master, &database, a).await.unwrap();
+    assert_eq!(
+        mysql.database_owner(&master, &database).await.unwrap(),
+        None
+    );
+
+    // A database that exists without a claim (made by hand, or by someone else) is never
+    // claimed, and neither is a user of the name.
+    let mut conn = as_master(&master).await;
+    conn.query_drop(format!("CREATE DATABASE `{database}`"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        mysql
+            .claim_database(&master, &database, &user, a)
+            .await
+            .unwrap(),
+        DatabaseClaim::Theirs(_)
+    ));
+    conn.query_drop(format!("DROP DATABASE `{database}`"))
+        .await
+        .unwrap();
+    conn.query_drop(format!(
+        "CREATE USER `{user}`@'%' IDENTIFIED BY 'x-Pa55word'"
+    ))
+    .await
+    .unwrap();
+    assert!(matches!(
+        mysql
+            .claim_database(&master, &database, &user, a)
+            .await
+            .unwrap(),
+        DatabaseClaim::Theirs(_)
+    ));
+    conn.query_drop(format!("DROP USER `{user}`@'%'"))
+        .await
+        .unwrap();
+    assert_eq!(
+        mysql.database_owner(&master, &database).await.unwrap(),
+        None
+    );
+    cleanup(&master, &database, &user).await;
+}

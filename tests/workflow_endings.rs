@@ -167,7 +167,7 @@ async fn a_passed_deadline_ends_stuck_and_leaves_resources_for_a_retry() {
         hook: Some(Arc::new(NeverSteady)),
         clock: clock.clone(),
     };
-    let mut cp = platform::start_with(config.clone(), options, |store| store).await;
+    let mut cp = platform::start_with(config.clone(), options, |store| store, None).await;
     let tenant = platform::tenant("late");
     let operation = cp.create(&tenant, v1::Environment::Dev).await;
     // Every step before `wait_steady` finishes; then the rollout never converges.
@@ -315,7 +315,7 @@ async fn a_write_the_store_always_rejects_ends_stuck_instead_of_looping() {
         });
         let _ = slot.set(store.clone());
         store
-    })
+    }, None)
     .await;
     let operation = cp.create(&poisoned, v1::Environment::Sit).await;
     let (events, stuck) = cp.watch(&operation.name).await;

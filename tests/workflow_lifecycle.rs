@@ -332,15 +332,14 @@ async fn each_environment_provisions_in_its_own_account() {
     let dev_in_sit = inventory(&sit_cloud, &dev_tenant).await;
     let sit_in_dev = inventory(&dev_cloud, &sit_tenant).await;
     for found in [dev_in_sit, sit_in_dev] {
+        // Only MySQL is shared (the databases are on one local server).
         assert_eq!(
-            (
-                found.access_points,
-                found.secrets,
-                found.routing,
-                found.compute,
-                found.user_pools
-            ),
-            (0, 0, 0, 0, 0)
+            found,
+            platform::Inventory {
+                databases: found.databases,
+                database_users: found.database_users,
+                ..Default::default()
+            }
         );
     }
     // And raw: each account's secrets list only its own tenant's.
@@ -606,9 +605,17 @@ async fn cancel_stops_at_the_next_step_boundary_and_undoes() {
 #[tokio::test]
 async fn watch_instance_reports_each_state_change() {
     let config = platform::config_with_platforms(&[Environment::Sit]).await;
-    let mut cp = platform::start(config, None).await;
+    // Held at its first step, the operation cannot finish before the watch starts: the
+    // watch must then see the real transition, not just the final state.
+    let gate = Arc::new(Gate {
+        step: "access_point",
+        reached: Notify::new(),
+        release: Notify::new(),
+    });
+    let mut cp = platform::start(config, Some(gate.clone())).await;
     let tenant = platform::tenant("watched");
     let operation = cp.create(&tenant, v1::Environment::Sit).await;
+    gate.reached.notified().await;
     let mut stream = cp
         .instances
         .watch_instance(v1::WatchInstanceRequest {
@@ -621,15 +628,19 @@ async fn watch_instance_reports_each_state_change() {
     let first = stream.message().await.unwrap().unwrap();
     assert_eq!(first.previous_state(), v1::InstanceState::Unspecified);
     let mut seen = vec![first.instance.unwrap().state()];
+    gate.release.notify_one();
     while seen.last() != Some(&v1::InstanceState::Active) {
-        let change = stream.message().await.unwrap().expect("stream ended early");
+        let change = tokio::time::timeout(std::time::Duration::from_secs(120), stream.message())
+            .await
+            .expect("no state change within 120 s")
+            .unwrap()
+            .expect("stream ended early");
         assert_eq!(change.previous_state(), *seen.last().unwrap(), "{seen:?}");
         seen.push(change.instance.unwrap().state());
     }
-    assert!(
-        seen.ends_with(&[v1::InstanceState::Provisioning, v1::InstanceState::Active])
-            || seen == [v1::InstanceState::Active],
-        "{seen:?}"
+    assert_eq!(
+        seen,
+        [v1::InstanceState::Provisioning, v1::InstanceState::Active]
     );
     let (_, done) = cp.watch(&operation.name).await;
     assert_eq!(status(&done), v1::OperationStatus::Completed);

@@ -325,6 +325,7 @@ fn cloud_env(env: &EnvironmentConfig, sdk: &SdkConfig, database: Arc<MySqlDataba
         identity: Arc::new(AwsIdentity::new(sdk)),
         compute: Arc::new(AwsCompute::new(sdk)),
         objects: Arc::new(AwsObjects::new(sdk)),
+        readiness: crate::cloud::readiness_for(&env.platform),
     }
 }
 

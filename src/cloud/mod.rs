@@ -29,6 +29,39 @@ pub use error::{CloudError, CloudResult, ErrorKind};
 /// Resource tags as (key, value) pairs.
 pub type Tags = Vec<(String, String)>;
 
+/// The tags among `tags` that say who owns a resource: `…:tenant-id` and `…:instance-id`.
+pub fn owner_tags(tags: &Tags) -> Tags {
+    tags.iter()
+        .filter(|(key, _)| key.ends_with(":tenant-id") || key.ends_with(":instance-id"))
+        .cloned()
+        .collect()
+}
+
+/// Whether a resource carrying `have` belongs to the owner that `want` (a spec's tags)
+/// names. A spec that names no instance (`…:instance-id`) claims nothing and matches
+/// anything; otherwise every owner tag must be present with its value — an untagged
+/// resource found by name is someone else's.
+pub fn owned_by<'a, I>(have: I, want: &Tags) -> bool
+where
+    I: IntoIterator<Item = (&'a str, &'a str)>,
+{
+    let owner = owner_tags(want);
+    if !owner.iter().any(|(key, _)| key.ends_with(":instance-id")) {
+        return true;
+    }
+    let have: Vec<(&str, &str)> = have.into_iter().collect();
+    owner
+        .iter()
+        .all(|(key, value)| have.contains(&(key.as_str(), value.as_str())))
+}
+
+/// The error for a resource found by its deterministic name that another instance owns.
+pub fn not_ours(what: &str) -> CloudError {
+    CloudError::fatal(format!(
+        "{what} exists but belongs to another instance (or to no instance); not adopting it"
+    ))
+}
+
 /// An EFS access point for one tenant.
 #[derive(Debug, Clone)]
 pub struct AccessPointSpec {
@@ -74,6 +107,18 @@ pub trait Secrets: Send + Sync {
     async fn delete_secret(&self, name_or_arn: &str) -> CloudResult<()>;
     /// ARNs of secrets carrying every tag in `tags`.
     async fn find_tagged(&self, tags: &Tags) -> CloudResult<Vec<String>>;
+    /// The tags of the secret (`None` if it does not exist or is scheduled for deletion).
+    async fn secret_tags(&self, name_or_arn: &str) -> CloudResult<Option<Tags>>;
+}
+
+/// Who holds a database name on an environment's MySQL server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatabaseClaim {
+    /// Recorded as `owner`'s (now, or by an earlier attempt).
+    Ours,
+    /// Recorded as another owner's, or the database (or its user) existed before anyone
+    /// claimed it: never to be adopted or dropped.
+    Theirs(String),
 }
 
 /// Administrative access to an environment's MySQL server (from its master secret).
@@ -131,6 +176,29 @@ pub trait Database: Send + Sync {
         database: &str,
     ) -> CloudResult<bool>;
     async fn user_exists(&self, master: &MasterCredentials, user: &str) -> CloudResult<bool>;
+    /// Records `owner` as the owner of `database` and `user` in the server's ownership
+    /// table (schema `instance_manager`), unless someone else holds them or they already
+    /// exist unrecorded. Call before `ensure_database`.
+    async fn claim_database(
+        &self,
+        master: &MasterCredentials,
+        database: &str,
+        user: &str,
+        owner: &str,
+    ) -> CloudResult<DatabaseClaim>;
+    /// The recorded owner of `database`, if any.
+    async fn database_owner(
+        &self,
+        master: &MasterCredentials,
+        database: &str,
+    ) -> CloudResult<Option<String>>;
+    /// Forgets `owner`'s claim on `database` (after dropping it).
+    async fn release_database(
+        &self,
+        master: &MasterCredentials,
+        database: &str,
+        owner: &str,
+    ) -> CloudResult<()>;
 }
 
 #[derive(Debug, Clone)]
@@ -139,6 +207,9 @@ pub struct TargetGroupSpec {
     pub vpc_id: String,
     pub health_check_path: String,
     pub matcher: String,
+    /// `deregistration_delay.timeout_seconds`: how long a deregistered target drains (and
+    /// a deleted service stays DRAINING); `None` leaves AWS's default (300 s).
+    pub deregistration_delay_secs: Option<u32>,
     pub tags: Tags,
 }
 
@@ -253,6 +324,9 @@ pub struct OneOffTaskSpec {
     pub security_groups: Vec<String>,
     pub execution_role_arn: String,
     pub task_role_arn: String,
+    /// Idempotency: RunTask's `clientToken` and the task's `startedBy`, so a resumed step
+    /// finds the task it started instead of starting another.
+    pub client_token: String,
     pub tags: Tags,
 }
 
@@ -289,8 +363,14 @@ pub trait Compute: Send + Sync {
     /// Registers a task definition for the one-off task and runs it; returns the task ARN.
     async fn run_task(&self, spec: &OneOffTaskSpec) -> CloudResult<String>;
     async fn task_status(&self, cluster: &str, task_arn: &str) -> CloudResult<Option<TaskStatus>>;
-    /// ARNs of services (in `cluster`) and active task definitions carrying every tag.
+    /// ARNs of services (in `cluster`) and task definitions (ACTIVE or INACTIVE, not yet
+    /// deleted) carrying every tag.
     async fn find_tagged(&self, cluster: &str, tags: &Tags) -> CloudResult<Vec<String>>;
+    /// Tags and status of the service (`None` if ECS never heard of it or it is INACTIVE).
+    async fn service_tags(&self, cluster: &str, name: &str) -> CloudResult<Option<Tags>>;
+    /// Deregisters and then deletes (DeleteTaskDefinitions) every revision of `family`
+    /// carrying every tag in `owner`, active or already inactive.
+    async fn delete_task_definitions(&self, family: &str, owner: &Tags) -> CloudResult<()>;
 }
 
 #[async_trait]
@@ -338,8 +418,72 @@ pub struct Platform {
     /// instance's desired count. (An emulator runs no tasks, so it registers no targets.)
     pub min_healthy_targets: Option<u32>,
     /// The environment is an emulator (moto): no container ever runs, so one-off tasks
-    /// report no exit code.
+    /// report no exit code. Only chooses the [`Readiness`] policy (see [`readiness_for`]);
+    /// workflow code never reads it.
     pub emulator: bool,
+    /// `deregistration_delay.timeout_seconds` of tenant target groups: how long targets
+    /// drain, and so how long a deleted service stays DRAINING before its name is free
+    /// again. `None` means [`DEFAULT_DEREGISTRATION_DELAY_SECS`] (AWS's own default, 300 s,
+    /// would make every deprovisioning wait five minutes).
+    pub deregistration_delay_secs: Option<u32>,
+}
+
+/// The target groups' deregistration delay unless the platform sets one: long enough for
+/// in-flight WordPress requests to finish.
+pub const DEFAULT_DEREGISTRATION_DELAY_SECS: u32 = 30;
+
+/// What counts as finished when observing ECS. Production uses AWS's rules
+/// ([`AwsReadiness`]); an emulator, which never runs a container, gets a policy that
+/// accepts what it can show ([`EmulatorReadiness`]). Injected through [`CloudEnv`], so the
+/// workflows never branch on the environment being emulated.
+pub trait Readiness: Send + Sync {
+    /// Whether the service's tasks and primary deployment show a finished rollout (the
+    /// service being ACTIVE with one deployment is checked separately).
+    fn rollout_done(&self, status: &ServiceStatus) -> bool;
+    /// Whether a STOPPED one-off task that reported `exit_code` succeeded.
+    fn task_succeeded(&self, exit_code: Option<i32>) -> bool;
+}
+
+/// AWS: every desired task running, the primary deployment COMPLETED, exit code 0.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AwsReadiness;
+
+impl Readiness for AwsReadiness {
+    fn rollout_done(&self, status: &ServiceStatus) -> bool {
+        status.running >= status.desired
+            && status
+                .rollout_state
+                .as_deref()
+                .is_none_or(|state| state == "COMPLETED")
+    }
+
+    fn task_succeeded(&self, exit_code: Option<i32>) -> bool {
+        exit_code == Some(0)
+    }
+}
+
+/// An emulator (moto) starts no containers: it never reports running tasks or a finished
+/// rollout (the deployment stays IN_PROGRESS), and stopped tasks carry no exit code.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EmulatorReadiness;
+
+impl Readiness for EmulatorReadiness {
+    fn rollout_done(&self, _: &ServiceStatus) -> bool {
+        true
+    }
+
+    fn task_succeeded(&self, exit_code: Option<i32>) -> bool {
+        matches!(exit_code, None | Some(0))
+    }
+}
+
+/// The readiness policy of a platform.
+pub fn readiness_for(platform: &Platform) -> Arc<dyn Readiness> {
+    if platform.emulator {
+        Arc::new(EmulatorReadiness)
+    } else {
+        Arc::new(AwsReadiness)
+    }
 }
 
 /// Every adapter of one environment, bound to credentials of that environment's account.
@@ -356,6 +500,8 @@ pub struct CloudEnv {
     pub identity: Arc<dyn Identity>,
     pub compute: Arc<dyn Compute>,
     pub objects: Arc<dyn Objects>,
+    /// What counts as a finished rollout or a successful task here.
+    pub readiness: Arc<dyn Readiness>,
 }
 
 /// The SDK configuration of the control plane's own account (DynamoDB), with the
@@ -381,4 +527,79 @@ pub async fn control_plane_sdk_config(settings: &CloudSettings) -> SdkConfig {
         }
     }
     loader.load().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tags(pairs: &[(&str, &str)]) -> Tags {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn pairs(tags: &Tags) -> Vec<(&str, &str)> {
+        tags.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+    }
+
+    #[test]
+    fn ownership_is_tenant_and_instance() {
+        let spec = tags(&[
+            ("bbws:tenant-id", "acme"),
+            ("bbws:instance-id", "wp1"),
+            ("bbws:component", "secret"),
+            ("bbws:cost-center", "cc-1"),
+        ]);
+        assert_eq!(
+            owner_tags(&spec),
+            tags(&[("bbws:tenant-id", "acme"), ("bbws:instance-id", "wp1")])
+        );
+        // Other labels may differ (updated since); the owner may not.
+        let ours = tags(&[("bbws:tenant-id", "acme"), ("bbws:instance-id", "wp1")]);
+        assert!(owned_by(pairs(&ours), &spec));
+        let sibling = tags(&[("bbws:tenant-id", "acme"), ("bbws:instance-id", "wp2")]);
+        assert!(!owned_by(pairs(&sibling), &spec));
+        let unmarked = tags(&[("bbws:tenant-id", "acme")]);
+        assert!(!owned_by(pairs(&unmarked), &spec));
+        assert!(!owned_by(Vec::new(), &spec));
+        // A spec naming no instance claims nothing.
+        assert!(owned_by(Vec::new(), &tags(&[("bbws:tenant-id", "acme")])));
+    }
+
+    fn service(running: u32, rollout: Option<&str>) -> ServiceStatus {
+        ServiceStatus {
+            status: "ACTIVE".into(),
+            desired: 2,
+            running,
+            pending: 0,
+            rollout_state: rollout.map(str::to_owned),
+            deployments: 1,
+            task_definition: "td".into(),
+        }
+    }
+
+    #[test]
+    fn readiness_policies() {
+        let aws = AwsReadiness;
+        assert!(aws.rollout_done(&service(2, Some("COMPLETED"))));
+        assert!(aws.rollout_done(&service(2, None)));
+        assert!(!aws.rollout_done(&service(1, Some("COMPLETED"))));
+        assert!(!aws.rollout_done(&service(2, Some("IN_PROGRESS"))));
+        assert!(aws.task_succeeded(Some(0)));
+        assert!(!aws.task_succeeded(None));
+        assert!(!aws.task_succeeded(Some(1)));
+        let emulator = EmulatorReadiness;
+        assert!(emulator.rollout_done(&service(0, Some("IN_PROGRESS"))));
+        assert!(emulator.task_succeeded(None));
+        assert!(!emulator.task_succeeded(Some(2)));
+        let production = Platform::default();
+        assert!(!readiness_for(&production).task_succeeded(None));
+        let emulated = Platform {
+            emulator: true,
+            ..Platform::default()
+        };
+        assert!(readiness_for(&emulated).task_succeeded(None));
+    }
 }

@@ -28,7 +28,9 @@ use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, OptsBuilder, SslOpts, Value};
 
 use super::settings::{DbTimeouts, Secret};
-use super::{CloudError, CloudResult, Database, DbTls, ErrorKind, MasterCredentials};
+use super::{
+    CloudError, CloudResult, Database, DatabaseClaim, DbTls, ErrorKind, MasterCredentials,
+};
 
 /// How much longer than the server's own limits the client waits for a statement.
 const BACKSTOP_MARGIN: Duration = Duration::from_secs(5);
@@ -38,6 +40,9 @@ const INSERT_BATCH_BYTES: usize = 512 * 1024;
 /// MySQL's identifier limit (database names); MySQL 8 limits user names to 32 and will
 /// refuse longer ones itself.
 const MAX_IDENTIFIER_LEN: usize = 64;
+/// Schema and table recording which instance owns which tenant database.
+const OWNERSHIP_SCHEMA: &str = "instance_manager";
+const OWNERSHIP_TABLE: &str = "`instance_manager`.`owned_databases`";
 
 /// The MySQL implementation of [`Database`]. It holds only its time limits: the master
 /// credentials come with every call (they live in the environment's secret and may be
@@ -354,6 +359,57 @@ impl<'a> Session<'a> {
         Ok(count.unwrap_or(0))
     }
 
+    async fn first_string(
+        &mut self,
+        what: &str,
+        query: &str,
+        params: Vec<Value>,
+    ) -> CloudResult<Option<String>> {
+        match self.conn.exec_first::<String, _, _>(query, params).await {
+            Ok(value) => Ok(value),
+            Err(error) => Err(self.fail(what, &error)),
+        }
+    }
+
+    async fn exec(&mut self, what: &str, statement: &str, params: Vec<Value>) -> CloudResult<()> {
+        match self.conn.exec_drop(statement, params).await {
+            Ok(()) => Ok(()),
+            Err(error) => Err(self.fail(what, &error)),
+        }
+    }
+
+    /// The server-wide record of which instance created which tenant database (and user):
+    /// databases carry no tags, and a database named like ours may be someone else's.
+    async fn ensure_ownership_table(&mut self) -> CloudResult<()> {
+        self.run(
+            "create the ownership schema",
+            &format!(
+                "CREATE DATABASE IF NOT EXISTS `{OWNERSHIP_SCHEMA}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"
+            ),
+        )
+        .await?;
+        self.run(
+            "create the ownership table",
+            &format!(
+                "CREATE TABLE IF NOT EXISTS {OWNERSHIP_TABLE} (\
+                 database_name VARCHAR(64) NOT NULL PRIMARY KEY, \
+                 user_name VARCHAR(80) NOT NULL, \
+                 owner VARCHAR(255) NOT NULL, \
+                 claimed_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP)"
+            ),
+        )
+        .await
+    }
+
+    async fn owner_of(&mut self, database: &str) -> CloudResult<Option<String>> {
+        self.first_string(
+            &format!("look up the owner of {database}"),
+            &format!("SELECT owner FROM {OWNERSHIP_TABLE} WHERE database_name = ?"),
+            vec![database.into()],
+        )
+        .await
+    }
+
     async fn no_backslash_escapes(&mut self) -> CloudResult<bool> {
         let secrets = self.secrets.clone();
         let mode = bounded(
@@ -493,6 +549,106 @@ impl Database for MySqlDatabase {
             .await;
         session.close().await;
         Ok(result? > 0)
+    }
+
+    async fn claim_database(
+        &self,
+        master: &MasterCredentials,
+        database: &str,
+        user: &str,
+        owner: &str,
+    ) -> CloudResult<DatabaseClaim> {
+        quote_identifier("database", database)?;
+        quote_identifier("user", user)?;
+        let mut session = Session::open(master).await?;
+        let result = async {
+            session.ensure_ownership_table().await?;
+            if let Some(holder) = session.owner_of(database).await? {
+                return Ok(if holder == owner {
+                    DatabaseClaim::Ours
+                } else {
+                    DatabaseClaim::Theirs(holder)
+                });
+            }
+            // Unclaimed: only a name nobody uses may be claimed; an existing database (or
+            // user) of that name was made by someone else and is never adopted.
+            let databases = session
+                .count(
+                    &format!("look up database {database}"),
+                    "SELECT COUNT(*) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = ?",
+                    vec![database.into()],
+                )
+                .await?;
+            let users = session
+                .count(
+                    &format!("look up user {user}"),
+                    "SELECT COUNT(*) FROM mysql.user WHERE User = ?",
+                    vec![user.into()],
+                )
+                .await?;
+            if databases > 0 || users > 0 {
+                return Ok(DatabaseClaim::Theirs(
+                    "nobody recorded (it existed before)".into(),
+                ));
+            }
+            // The primary key settles a race between two claimants.
+            session
+                .exec(
+                    &format!("claim database {database}"),
+                    &format!(
+                        "INSERT IGNORE INTO {OWNERSHIP_TABLE} (database_name, user_name, owner) VALUES (?, ?, ?)"
+                    ),
+                    vec![database.into(), user.into(), owner.into()],
+                )
+                .await?;
+            Ok(match session.owner_of(database).await? {
+                Some(holder) if holder == owner => DatabaseClaim::Ours,
+                Some(holder) => DatabaseClaim::Theirs(holder),
+                None => DatabaseClaim::Theirs("nobody (the claim vanished)".into()),
+            })
+        }
+        .await;
+        session.close().await;
+        result
+    }
+
+    async fn database_owner(
+        &self,
+        master: &MasterCredentials,
+        database: &str,
+    ) -> CloudResult<Option<String>> {
+        quote_identifier("database", database)?;
+        let mut session = Session::open(master).await?;
+        let result = async {
+            session.ensure_ownership_table().await?;
+            session.owner_of(database).await
+        }
+        .await;
+        session.close().await;
+        result
+    }
+
+    async fn release_database(
+        &self,
+        master: &MasterCredentials,
+        database: &str,
+        owner: &str,
+    ) -> CloudResult<()> {
+        quote_identifier("database", database)?;
+        let mut session = Session::open(master).await?;
+        let result = async {
+            session.ensure_ownership_table().await?;
+            session
+                .exec(
+                    &format!("release database {database}"),
+                    &format!("DELETE FROM {OWNERSHIP_TABLE} WHERE database_name = ? AND owner = ?"),
+                    vec![database.into(), owner.into()],
+                )
+                .await
+        }
+        .await;
+        session.close().await;
+        result
     }
 
     /// Whether `user@'%'` (the account `ensure_database` makes) exists.

@@ -137,6 +137,7 @@ pub async fn ensure_platform(
         // requiring healthy targets would keep every instance from becoming ACTIVE.
         min_healthy_targets: Some(0),
         emulator: true,
+        deregistration_delay_secs: None,
     })
 }
 

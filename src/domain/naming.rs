@@ -1,6 +1,13 @@
 //! Every AWS and MySQL name, derived from a (validated) tenant id and environment alone, so
 //! a workflow that restarts on another replica finds the same resources again.
 //!
+//! Names do not include the instance id: a tenant has one live instance per environment
+//! (its site's host name, service and database names stay readable and stable), but a
+//! failed instance and its successor meet the same names. So names never decide
+//! ownership: every resource carries the `instance-id` tag (and MySQL databases a row in
+//! the server's ownership table), and nothing found by name is adopted or removed unless
+//! it carries this instance's owner tags.
+//!
 //! A name that fits its service's limit is used as is. One that does not is cut and given a
 //! hash of the full name: `{prefix}{sep}{10 hex}`, exactly `limit` characters long. Natural
 //! names are only used when they are *shorter* than the limit, so a cut name (always exactly
@@ -115,6 +122,10 @@ pub mod tag_keys {
     pub const PROJECT: &str = "project";
     pub const COST_CENTER: &str = "cost-center";
     pub const OPPORTUNITY: &str = "opportunity";
+    /// The instance that owns the resource: names are per (tenant, environment), so two
+    /// instances of one tenant (one failed, one live) can meet the same names; only this
+    /// tag tells whose a resource is.
+    pub const INSTANCE_ID: &str = "instance-id";
 }
 
 /// What goes into the unified tags besides the resource's component.
@@ -122,6 +133,8 @@ pub mod tag_keys {
 pub struct TagContext<'a> {
     pub prefix: &'a str,
     pub tenant: &'a TenantId,
+    /// The owning instance's id (within the tenant).
+    pub instance: &'a str,
     pub environment: Environment,
     pub project: &'a str,
     pub cost_center: &'a str,
@@ -148,6 +161,7 @@ impl TagContext<'_> {
         let key = |name: &str| format!("{}:{name}", self.prefix);
         vec![
             (key(tag_keys::TENANT_ID), self.tenant.to_string()),
+            (key(tag_keys::INSTANCE_ID), self.instance.to_owned()),
             (
                 key(tag_keys::ENVIRONMENT),
                 self.environment.as_str().to_owned(),
@@ -275,6 +289,7 @@ mod tests {
         let ctx = TagContext {
             prefix: "bbws",
             tenant: &t,
+            instance: "wp",
             environment: Environment::Sit,
             project: "wordpress",
             cost_center: "cc-1",
@@ -293,6 +308,7 @@ mod tests {
         assert!(tags.contains(&("bbws:environment".into(), "SIT".into())));
         assert!(tags.contains(&("bbws:managed-by".into(), "instance-manager".into())));
         assert!(tags.contains(&("bbws:component".into(), "efs".into())));
-        assert_eq!(tags.len(), 7);
+        assert!(tags.contains(&("bbws:instance-id".into(), "wp".into())));
+        assert_eq!(tags.len(), 8);
     }
 }

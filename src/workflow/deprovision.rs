@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+use crate::cloud::aws::WP_CONTENT_PATH;
 use crate::cloud::{CloudEnv, OneOffTaskSpec};
 use crate::domain::{Instance, InstanceState, Operation, Verb};
 
@@ -120,13 +121,19 @@ async fn archive_database(ctx: &StepCtx) -> StepResult<String> {
     let master = master_credentials(ctx).await?;
     let database = &ctx.cloud.database;
     let key = format!("{}database.sql.gz", archive_prefix(ctx));
-    let dump = if database
-        .database_exists(&master, &ctx.names.database)
+    // Only this instance's database: one of the same name may belong to a sibling.
+    let ours = database
+        .database_owner(&master, &ctx.names.database)
         .await?
+        .is_some_and(|owner| owner == ctx.owner());
+    let dump = if ours
+        && database
+            .database_exists(&master, &ctx.names.database)
+            .await?
     {
         database.dump_database(&master, &ctx.names.database).await?
     } else {
-        b"-- the tenant database did not exist at deprovisioning\n".to_vec()
+        b"-- this instance had no database at deprovisioning\n".to_vec()
     };
     let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     encoder
@@ -148,34 +155,53 @@ fn archiver_family(ctx: &StepCtx) -> String {
     format!("{}-archiver", ctx.names.stack)
 }
 
-/// Starts the one-off task that tars wp-content (through the tenant's access point) into the
-/// archive bucket; the next stage waits for it.
+/// What `start_content_archive` records when this instance owns no access point (it never
+/// got that far, or a retry already removed it): there is no content of ours to archive.
+const NO_CONTENT: &str = "none";
+
+/// Starts the one-off task that tars wp-content (through the instance's access point) into
+/// the archive bucket and then empties the directory; the next stage waits for it.
 async fn start_content_archive(ctx: &StepCtx) -> StepResult<String> {
     let platform = &ctx.cloud.platform;
-    let access_point = match ctx.instance.resources.get(ACCESS_POINT) {
-        Some(id) => id.clone(),
-        None => ctx
-            .cloud
-            .files
-            .find_tagged(&platform.file_system_id, &ctx.component_tags("efs"))
-            .await?
-            .into_iter()
-            .next()
-            .ok_or_else(|| StepError::Fatal("no access point to archive".into()))?,
+    let files = &ctx.cloud.files;
+    // Only an access point this instance owns (tagged with its owner tags).
+    let ours = files
+        .find_tagged(&platform.file_system_id, &ctx.component_tags("efs"))
+        .await?;
+    let recorded = ctx.instance.resources.get(ACCESS_POINT);
+    let Some(access_point) = recorded
+        .filter(|id| ours.contains(*id))
+        .or_else(|| ours.first())
+        .cloned()
+    else {
+        return Ok(NO_CONTENT.into());
     };
+    // The directory is emptied after the upload unless another live access point (a
+    // sibling instance's) shares it.
+    let all = files
+        .find_tagged(&platform.file_system_id, &ctx.tenant_tags())
+        .await?;
+    let shared = all.iter().any(|id| !ours.contains(id));
     let key = format!("{}wp-content.tar.gz", archive_prefix(ctx));
+    let script = String::from(
+        "set -e; tar czf /tmp/wp-content.tar.gz -C \"$CONTENT_DIR\" . \
+         && aws s3 cp /tmp/wp-content.tar.gz \"s3://$ARCHIVE_BUCKET/$ARCHIVE_KEY\" \
+         && if [ \"$REMOVE_CONTENT\" = 1 ]; then find \"$CONTENT_DIR\" -mindepth 1 -delete \
+         && [ -z \"$(ls -A \"$CONTENT_DIR\")\" ]; fi",
+    );
     let spec = OneOffTaskSpec {
         cluster: platform.cluster.clone(),
         family: archiver_family(ctx),
         image: platform.archiver_image.clone(),
-        command: vec![
-            "sh".into(),
-            "-c".into(),
-            "tar czf /tmp/wp-content.tar.gz -C /mnt/wp-content . && aws s3 cp /tmp/wp-content.tar.gz \"s3://$ARCHIVE_BUCKET/$ARCHIVE_KEY\"".into(),
-        ],
+        command: vec!["sh".into(), "-c".into(), script],
         environment: vec![
             ("ARCHIVE_BUCKET".into(), platform.archive_bucket.clone()),
             ("ARCHIVE_KEY".into(), key),
+            ("CONTENT_DIR".into(), WP_CONTENT_PATH.into()),
+            (
+                "REMOVE_CONTENT".into(),
+                if shared { "0" } else { "1" }.into(),
+            ),
         ],
         file_system_id: platform.file_system_id.clone(),
         access_point_id: access_point,
@@ -183,6 +209,8 @@ async fn start_content_archive(ctx: &StepCtx) -> StepResult<String> {
         security_groups: platform.security_groups.clone(),
         execution_role_arn: platform.execution_role_arn.clone(),
         task_role_arn: platform.task_role_arn.clone(),
+        // One task per attempt of this operation, however often the step is resumed.
+        client_token: format!("{}/{}", ctx.operation.id, ctx.operation.attempt),
         tags: ctx.tags("archiver"),
     };
     Ok(ctx.cloud.compute.run_task(&spec).await?)
@@ -191,39 +219,45 @@ async fn start_content_archive(ctx: &StepCtx) -> StepResult<String> {
 async fn await_content_archive(ctx: &StepCtx) -> StepResult<String> {
     let platform = &ctx.cloud.platform;
     let task = ctx.require_output(START_CONTENT_ARCHIVE)?;
-    let status = ctx
-        .cloud
-        .compute
-        .task_status(&platform.cluster, task)
-        .await?
-        .ok_or_else(|| StepError::Fatal(format!("archiver task {task} is gone")))?;
-    if status.last_status != "STOPPED" {
-        return Err(StepError::NotYet(format!(
-            "archiver is {}",
-            status.last_status
-        )));
-    }
-    match status.exit_code {
-        Some(0) => {}
-        // An emulator runs no containers, so no exit code is ever reported there.
-        None if platform.emulator => {}
-        other => {
-            return Err(StepError::Fatal(format!(
-                "archiver task stopped with exit code {other:?}"
+    let content = if task == NO_CONTENT {
+        None
+    } else {
+        let status = ctx
+            .cloud
+            .compute
+            .task_status(&platform.cluster, task)
+            .await?
+            .ok_or_else(|| StepError::Fatal(format!("archiver task {task} is gone")))?;
+        if status.last_status != "STOPPED" {
+            return Err(StepError::NotYet(format!(
+                "archiver is {}",
+                status.last_status
             )));
         }
-    }
+        // Exit code 0: archived, uploaded, and the directory verified empty.
+        if !ctx.cloud.readiness.task_succeeded(status.exit_code) {
+            return Err(StepError::Fatal(format!(
+                "archiver task stopped with exit code {:?}",
+                status.exit_code
+            )));
+        }
+        Some(format!(
+            "s3://{}/{}wp-content.tar.gz",
+            platform.archive_bucket,
+            archive_prefix(ctx)
+        ))
+    };
     // The one-off task definition is ours too: leave nothing tagged behind.
     ctx.cloud
         .compute
-        .deregister_task_definitions(&archiver_family(ctx))
+        .delete_task_definitions(&archiver_family(ctx), &ctx.owner_tags())
         .await?;
     let manifest = serde_json::json!({
         "instance": ctx.instance.name.to_string(),
         "operation": ctx.operation.id.to_string(),
         "database": ctx.output(ARCHIVE_DATABASE),
-        "content": format!("s3://{}/{}wp-content.tar.gz", platform.archive_bucket, archive_prefix(ctx)),
-        "archiver_task": task,
+        "content": content,
+        "archiver_task": (task != NO_CONTENT).then_some(task),
         "retention_days": 90,
     });
     let key = format!("{}manifest.json", archive_prefix(ctx));
@@ -239,11 +273,30 @@ async fn await_content_archive(ctx: &StepCtx) -> StepResult<String> {
     Ok(format!("s3://{}/{key}", platform.archive_bucket))
 }
 
-/// Nothing tagged for the tenant may remain, and neither the database nor its user.
+/// Nothing tagged for this instance may remain (ACTIVE or INACTIVE task definitions
+/// included), and neither its database nor its user. A sibling instance's resources (same
+/// tenant and environment, other instance id) are not this instance's to count.
 async fn verify(ctx: &StepCtx) -> StepResult<()> {
     let cloud = &ctx.cloud;
     let platform = &cloud.platform;
-    let tags = ctx.tenant_tags();
+    // A deleted service drains for up to the deregistration delay: wait, do not fail.
+    if let Some(tags) = cloud
+        .compute
+        .service_tags(&platform.cluster, &ctx.names.stack)
+        .await?
+        && ctx.owns(&tags)
+        && let Some(status) = cloud
+            .compute
+            .service_status(&platform.cluster, &ctx.names.stack)
+            .await?
+        && status.status == "DRAINING"
+    {
+        return Err(StepError::NotYet(format!(
+            "service {} is draining",
+            ctx.names.stack
+        )));
+    }
+    let tags = ctx.owner_tags();
     let mut left = Vec::new();
     left.extend(
         cloud
@@ -265,25 +318,19 @@ async fn verify(ctx: &StepCtx) -> StepResult<()> {
         left.extend(cloud.identity.find_tagged(&tags).await?);
     }
     let master = master_credentials(ctx).await?;
-    if cloud
+    let owner = cloud
         .database
-        .database_exists(&master, &ctx.names.database)
-        .await?
-    {
-        left.push(format!("database {}", ctx.names.database));
-    }
-    if cloud
-        .database
-        .user_exists(&master, &ctx.names.database_user)
-        .await?
-    {
-        left.push(format!("database user {}", ctx.names.database_user));
+        .database_owner(&master, &ctx.names.database)
+        .await?;
+    if owner.as_deref() == Some(ctx.owner().as_str()) {
+        // The claim is released only after the drop; either way something is left.
+        left.push(format!("database {} (claimed)", ctx.names.database));
     }
     if left.is_empty() {
         Ok(())
     } else {
-        // Some deletions settle a moment later (ECS services drain); retry with backoff
-        // before declaring orphans.
+        // Some deletions settle a moment later; retry with backoff before declaring
+        // orphans.
         Err(StepError::Transient(format!(
             "resources remain: {}",
             left.join(", ")

@@ -101,6 +101,7 @@ impl StepCtx {
         TagContext {
             prefix: &self.tag_settings.prefix,
             tenant: &self.instance.name.tenant,
+            instance: self.instance.name.instance.as_str(),
             environment: spec.environment,
             project: &self.tag_settings.project,
             cost_center: &spec.cost_center,
@@ -126,9 +127,25 @@ impl StepCtx {
             .collect()
     }
 
-    /// Tags that identify one component of this tenant.
-    pub fn component_tags(&self, component: &str) -> Tags {
+    /// Tags that identify every resource of THIS instance (tenant, environment, instance):
+    /// what removal, adoption and verification scan for, so a sibling instance of the same
+    /// tenant and environment is never touched.
+    pub fn owner_tags(&self) -> Tags {
         let mut tags = self.tenant_tags();
+        tags.push((
+            format!(
+                "{}:{}",
+                self.tag_settings.prefix,
+                crate::domain::naming::tag_keys::INSTANCE_ID
+            ),
+            self.instance.name.instance.as_str().to_owned(),
+        ));
+        tags
+    }
+
+    /// Tags that identify one component of this instance.
+    pub fn component_tags(&self, component: &str) -> Tags {
+        let mut tags = self.owner_tags();
         tags.push((
             format!(
                 "{}:{}",
@@ -138,6 +155,25 @@ impl StepCtx {
             component.to_owned(),
         ));
         tags
+    }
+
+    /// Does a resource carrying `have` belong to this instance?
+    pub fn owns(&self, have: &Tags) -> bool {
+        self.owner_tags().iter().all(|pair| have.contains(pair))
+    }
+
+    /// The owner recorded with resources that cannot carry tags (MySQL databases).
+    pub fn owner(&self) -> String {
+        self.instance.name.to_string()
+    }
+
+    /// An idempotency token unique to this instance, fitted to `limit` characters.
+    pub fn instance_token(&self, base: &str, limit: usize) -> String {
+        crate::domain::naming::fit(
+            &format!("{base}-{}", self.instance.name.instance),
+            limit,
+            '-',
+        )
     }
 }
 

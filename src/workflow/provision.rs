@@ -7,8 +7,9 @@ use async_trait::async_trait;
 use rand::distr::{Alphanumeric, SampleString};
 
 use crate::cloud::{
-    AccessPointSpec, CloudEnv, HostRuleSpec, MasterCredentials, SecretSpec, ServiceSpec,
-    ServiceStatus, TargetGroupSpec, TaskDefinitionSpec, UserPoolSpec,
+    AccessPointSpec, CloudEnv, DEFAULT_DEREGISTRATION_DELAY_SECS, DatabaseClaim, HostRuleSpec,
+    MasterCredentials, Readiness, SecretSpec, ServiceSpec, ServiceStatus, TargetGroupSpec,
+    TaskDefinitionSpec, UserPoolSpec,
 };
 use crate::config::Secret;
 use crate::domain::naming::ResourceNames;
@@ -129,69 +130,80 @@ impl Workflow for Provision {
     }
 }
 
-/// Removes what one step made; shared by the provisioning undo and deprovisioning. Works
-/// from the recorded id when there is one, otherwise from names and tags, and succeeds
-/// when nothing is left.
-pub async fn remove(ctx: &StepCtx, step: &str, resource: Option<&str>) -> StepResult<()> {
+/// Removes what one step made; shared by the provisioning undo and deprovisioning, and
+/// succeeds when nothing is left.
+///
+/// Only what THIS instance owns is removed: names are per (tenant, environment), so a
+/// sibling instance of the tenant (say a new one, created after this one failed) uses the
+/// same secret, service, task-definition family and database names. Resources found by
+/// tag are found by this instance's owner tags; resources found by name are checked for
+/// them (the database against the server's ownership table) and left alone otherwise.
+/// The recorded id is not trusted alone: what is removed is found by owner tags (which also
+/// covers a crash between making a resource and recording it).
+pub async fn remove(ctx: &StepCtx, step: &str, _recorded: Option<&str>) -> StepResult<()> {
     let cloud = &ctx.cloud;
     let platform = &cloud.platform;
     match step {
         ACCESS_POINT => {
-            let mut ids: Vec<String> = resource.map(str::to_owned).into_iter().collect();
-            ids.extend(
-                cloud
-                    .files
-                    .find_tagged(&platform.file_system_id, &ctx.component_tags("efs"))
-                    .await?,
-            );
+            let ids = cloud
+                .files
+                .find_tagged(&platform.file_system_id, &ctx.component_tags("efs"))
+                .await?;
             for id in dedup(ids) {
                 cloud.files.delete_access_point(&id).await?;
             }
         }
-        SECRET => cloud.secrets.delete_secret(&ctx.names.secret).await?,
+        SECRET => {
+            if let Some(tags) = cloud.secrets.secret_tags(&ctx.names.secret).await? {
+                if ctx.owns(&tags) {
+                    cloud.secrets.delete_secret(&ctx.names.secret).await?;
+                } else {
+                    tracing::info!(secret = %ctx.names.secret, "not removing a secret another instance owns");
+                }
+            }
+        }
         TARGET_GROUP => {
-            let mut arns: Vec<String> = resource.map(str::to_owned).into_iter().collect();
-            arns.extend(
-                cloud
-                    .routing
-                    .find_tagged(&platform.listener_arn, &ctx.component_tags("target-group"))
-                    .await?,
-            );
-            for arn in dedup(arns) {
+            let tagged = cloud
+                .routing
+                .find_tagged(&platform.listener_arn, &ctx.component_tags("target-group"))
+                .await?;
+            for arn in dedup(tagged) {
                 cloud.routing.delete_target_group(&arn).await?;
             }
         }
         USER_POOL => {
-            let mut ids: Vec<String> = resource
-                .and_then(|r| serde_json::from_str::<serde_json::Value>(r).ok())
-                .and_then(|v| v["pool_id"].as_str().map(str::to_owned))
-                .into_iter()
-                .collect();
-            ids.extend(
-                cloud
-                    .identity
-                    .find_tagged(&ctx.component_tags("cognito"))
-                    .await?,
-            );
+            let ids = cloud
+                .identity
+                .find_tagged(&ctx.component_tags("cognito"))
+                .await?;
             for id in dedup(ids) {
                 cloud.identity.delete_user_pool(&id).await?;
             }
         }
         DATABASE => {
             let master = master_credentials(ctx).await?;
-            cloud
+            let owner = cloud
                 .database
-                .drop_database(&master, &ctx.names.database, &ctx.names.database_user)
+                .database_owner(&master, &ctx.names.database)
                 .await?;
+            if owner.as_deref() == Some(ctx.owner().as_str()) {
+                cloud
+                    .database
+                    .drop_database(&master, &ctx.names.database, &ctx.names.database_user)
+                    .await?;
+                cloud
+                    .database
+                    .release_database(&master, &ctx.names.database, &ctx.owner())
+                    .await?;
+            } else {
+                tracing::info!(database = %ctx.names.database, ?owner, "not dropping a database this instance does not own");
+            }
         }
         LISTENER_RULE => {
-            let mut arns: Vec<String> = resource.map(str::to_owned).into_iter().collect();
-            arns.extend(
-                cloud
-                    .routing
-                    .find_tagged(&platform.listener_arn, &ctx.component_tags("listener-rule"))
-                    .await?,
-            );
+            let arns = cloud
+                .routing
+                .find_tagged(&platform.listener_arn, &ctx.component_tags("listener-rule"))
+                .await?;
             for arn in dedup(arns) {
                 cloud.routing.delete_rule(&arn).await?;
             }
@@ -200,14 +212,44 @@ pub async fn remove(ctx: &StepCtx, step: &str, resource: Option<&str>) -> StepRe
         TASK_DEFINITION => {
             cloud
                 .compute
-                .deregister_task_definitions(&ctx.names.stack)
+                .delete_task_definitions(&ctx.names.stack, &ctx.owner_tags())
                 .await?
         }
         SERVICE => {
-            cloud
+            let tags = cloud
                 .compute
-                .delete_service(&platform.cluster, &ctx.names.stack)
-                .await?
+                .service_tags(&platform.cluster, &ctx.names.stack)
+                .await?;
+            match tags {
+                Some(tags) if ctx.owns(&tags) => {
+                    let status = cloud
+                        .compute
+                        .service_status(&platform.cluster, &ctx.names.stack)
+                        .await?;
+                    if status.as_ref().is_some_and(|s| s.status != "DRAINING") {
+                        cloud
+                            .compute
+                            .delete_service(&platform.cluster, &ctx.names.stack)
+                            .await?;
+                    }
+                    // A deleted service drains its targets (the target group's
+                    // deregistration delay) before it is INACTIVE and its name free.
+                    if let Some(status) = cloud
+                        .compute
+                        .service_status(&platform.cluster, &ctx.names.stack)
+                        .await?
+                    {
+                        return Err(StepError::NotYet(format!(
+                            "service {} is {}",
+                            ctx.names.stack, status.status
+                        )));
+                    }
+                }
+                Some(_) => {
+                    tracing::info!(service = %ctx.names.stack, "not removing a service another instance owns");
+                }
+                None => {}
+            }
         }
         WAIT_STEADY => {}
         other => return Err(StepError::Fatal(format!("unknown step {other}"))),
@@ -224,7 +266,12 @@ fn dedup(mut items: Vec<String>) -> Vec<String> {
 async fn ensure_access_point(ctx: &StepCtx) -> StepResult<String> {
     let spec = AccessPointSpec {
         file_system_id: ctx.cloud.platform.file_system_id.clone(),
-        client_token: ctx.names.access_point_token.clone(),
+        // Per instance: EFS refuses a reused client token with other parameters (tags), and
+        // a sibling instance must never be answered with this one's access point.
+        client_token: ctx.instance_token(
+            &ctx.names.access_point_token,
+            crate::domain::naming::limits::EFS_CREATION_TOKEN,
+        ),
         root_path: ctx.names.access_point_root.clone(),
         uid: WWW_DATA,
         gid: WWW_DATA,
@@ -263,6 +310,12 @@ async fn ensure_target_group(ctx: &StepCtx) -> StepResult<String> {
         vpc_id: ctx.cloud.platform.vpc_id.clone(),
         health_check_path: "/".into(),
         matcher: "200,301,302".into(),
+        deregistration_delay_secs: Some(
+            ctx.cloud
+                .platform
+                .deregistration_delay_secs
+                .unwrap_or(DEFAULT_DEREGISTRATION_DELAY_SECS),
+        ),
         tags: ctx.tags("target-group"),
     };
     Ok(ctx.cloud.routing.ensure_target_group(&spec).await?)
@@ -326,6 +379,24 @@ pub async fn master_credentials(ctx: &StepCtx) -> StepResult<MasterCredentials> 
 
 async fn ensure_database(ctx: &StepCtx) -> StepResult<String> {
     let master = master_credentials(ctx).await?;
+    // Claim the names first: a database or user of that name that this instance did not
+    // create is never adopted (and so never dropped by our undo).
+    let claim = ctx
+        .cloud
+        .database
+        .claim_database(
+            &master,
+            &ctx.names.database,
+            &ctx.names.database_user,
+            &ctx.owner(),
+        )
+        .await?;
+    if let DatabaseClaim::Theirs(holder) = claim {
+        return Err(StepError::Fatal(format!(
+            "database {} already exists and belongs to {holder}",
+            ctx.names.database
+        )));
+    }
     let tenant = ctx
         .cloud
         .secrets
@@ -441,6 +512,20 @@ async fn register_task_definition(ctx: &StepCtx) -> StepResult<String> {
 
 async fn ensure_service(ctx: &StepCtx) -> StepResult<String> {
     let platform = &ctx.cloud.platform;
+    // A service of this name deleted a moment ago drains for up to the target group's
+    // deregistration delay; its name is free once it is INACTIVE.
+    if let Some(status) = ctx
+        .cloud
+        .compute
+        .service_status(&platform.cluster, &ctx.names.stack)
+        .await?
+        && status.status == "DRAINING"
+    {
+        return Err(StepError::NotYet(format!(
+            "an earlier service {} is still draining",
+            ctx.names.stack
+        )));
+    }
     let spec = ServiceSpec {
         cluster: platform.cluster.clone(),
         name: ctx.names.stack.clone(),
@@ -475,19 +560,16 @@ async fn wait_steady(ctx: &StepCtx) -> StepResult<()> {
         .filter(|(_, state)| state == "healthy")
         .count() as u32;
     let required = platform.min_healthy_targets.unwrap_or(status.desired);
-    steadiness(&status, healthy, required, platform.emulator)
+    steadiness(&status, healthy, required, ctx.cloud.readiness.as_ref())
 }
 
-/// The decision of `wait_steady`, apart from the calls that observe the service.
-///
-/// An emulator starts no containers, so it never reports running tasks or a finished
-/// rollout (moto keeps the deployment IN_PROGRESS with every task pending): there the
-/// service counts as steady once it is ACTIVE with a single deployment.
+/// The decision of `wait_steady`, apart from the calls that observe the service. What a
+/// finished rollout looks like comes from the environment's [`Readiness`] policy.
 pub fn steadiness(
     status: &ServiceStatus,
     healthy: u32,
     required: u32,
-    emulator: bool,
+    readiness: &dyn Readiness,
 ) -> StepResult<()> {
     if status.rollout_state.as_deref() == Some("FAILED") {
         return Err(StepError::Fatal(
@@ -497,20 +579,10 @@ pub fn steadiness(
     if status.status != "ACTIVE" {
         return Err(StepError::NotYet(format!("service is {}", status.status)));
     }
-    let rollout_done = emulator
-        || status
-            .rollout_state
-            .as_deref()
-            .is_none_or(|s| s == "COMPLETED");
-    let tasks_ready = emulator || status.running >= status.desired;
-    if !tasks_ready || status.deployments > 1 || !rollout_done {
+    if status.deployments > 1 || !readiness.rollout_done(status) {
         return Err(StepError::NotYet(format!(
-            "{}/{} tasks running, {} deployments, rollout {:?}{}",
-            status.running,
-            status.desired,
-            status.deployments,
-            status.rollout_state,
-            if emulator { " (emulator)" } else { "" }
+            "{}/{} tasks running, {} deployments, rollout {:?}",
+            status.running, status.desired, status.deployments, status.rollout_state,
         )));
     }
     if healthy < required {
@@ -524,6 +596,7 @@ pub fn steadiness(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cloud::{AwsReadiness, EmulatorReadiness};
 
     fn status(running: u32, deployments: u32, rollout: Option<&str>) -> ServiceStatus {
         ServiceStatus {
@@ -544,45 +617,50 @@ mod tests {
     #[test]
     fn steady_needs_tasks_one_deployment_and_healthy_targets() {
         assert_eq!(
-            steadiness(&status(2, 1, Some("COMPLETED")), 2, 2, false),
+            steadiness(&status(2, 1, Some("COMPLETED")), 2, 2, &AwsReadiness),
             Ok(())
         );
         assert!(not_yet(steadiness(
             &status(1, 1, Some("COMPLETED")),
             2,
             2,
-            false
+            &AwsReadiness
         )));
         assert!(not_yet(steadiness(
             &status(2, 2, Some("COMPLETED")),
             2,
             2,
-            false
+            &AwsReadiness
         )));
         assert!(not_yet(steadiness(
             &status(2, 1, Some("IN_PROGRESS")),
             2,
             2,
-            false
+            &AwsReadiness
         )));
         assert!(not_yet(steadiness(
             &status(2, 1, Some("COMPLETED")),
             1,
             2,
-            false
+            &AwsReadiness
         )));
         assert!(matches!(
-            steadiness(&status(2, 1, Some("FAILED")), 2, 2, false),
+            steadiness(&status(2, 1, Some("FAILED")), 2, 2, &AwsReadiness),
             Err(StepError::Fatal(_))
         ));
         let mut draining = status(2, 1, None);
         draining.status = "DRAINING".into();
-        assert!(not_yet(steadiness(&draining, 2, 2, false)));
+        assert!(not_yet(steadiness(&draining, 2, 2, &AwsReadiness)));
         // An emulator runs no tasks: counts are not observable there, the rest still is.
         assert_eq!(
-            steadiness(&status(0, 1, Some("IN_PROGRESS")), 0, 0, true),
+            steadiness(&status(0, 1, Some("IN_PROGRESS")), 0, 0, &EmulatorReadiness),
             Ok(())
         );
-        assert!(not_yet(steadiness(&status(0, 2, None), 0, 0, true)));
+        assert!(not_yet(steadiness(
+            &status(0, 2, None),
+            0,
+            0,
+            &EmulatorReadiness
+        )));
     }
 }

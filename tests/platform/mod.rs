@@ -12,6 +12,7 @@ use instance_manager::cloud::accounts::Accounts;
 use instance_manager::cloud::platform::ensure_platform;
 use instance_manager::cloud::{CloudEnv, DbTls, MasterCredentials, Platform, Tags};
 use instance_manager::config::{Config, EnvironmentConfig, Secret};
+use instance_manager::domain::OperationId;
 use instance_manager::domain::naming::ResourceNames;
 use instance_manager::domain::{Environment, TenantId};
 use instance_manager::proto::google_longrunning as lro;
@@ -19,6 +20,7 @@ use instance_manager::proto::google_longrunning::operations_client::OperationsCl
 use instance_manager::proto::v1;
 use instance_manager::proto::v1::instance_service_client::InstanceServiceClient;
 use instance_manager::store::{DynamoStore, StateStore};
+use instance_manager::workflow::engine::CloudResolver;
 use instance_manager::workflow::{Engine, EngineOptions, EngineSettings, EventBus, StepHook};
 use prost::Message;
 use tokio_util::sync::CancellationToken;
@@ -215,6 +217,27 @@ fn fast_settings(config: &Config) -> EngineSettings {
     settings
 }
 
+/// Changes the adapters a workflow gets (e.g. wraps one to inject realistic AWS states).
+pub type CloudWrapper = Arc<dyn Fn(CloudEnv) -> CloudEnv + Send + Sync>;
+
+/// Resolves environments like `Accounts`, then applies a [`CloudWrapper`].
+struct WrappingResolver {
+    accounts: Arc<Accounts>,
+    wrap: CloudWrapper,
+}
+
+#[async_trait::async_trait]
+impl CloudResolver for WrappingResolver {
+    async fn resolve(
+        &self,
+        environment: Environment,
+        operation: &OperationId,
+    ) -> instance_manager::cloud::CloudResult<CloudEnv> {
+        let cloud = self.accounts.resolve(environment, operation).await?;
+        Ok((self.wrap)(cloud))
+    }
+}
+
 /// Starts the control plane for `config` in this process, with an optional step hook.
 pub async fn start(config: Config, hook: Option<Arc<dyn StepHook>>) -> ControlPlane {
     start_with(
@@ -224,16 +247,19 @@ pub async fn start(config: Config, hook: Option<Arc<dyn StepHook>>) -> ControlPl
             ..EngineOptions::default()
         },
         |store| store,
+        None,
     )
     .await
 }
 
-/// Like [`start`], with engine options (hook, clock) and a wrapper around the state store
-/// the engine and the API use (to inject store failures).
+/// Like [`start`], with engine options (hook, clock), a wrapper around the state store the
+/// engine and the API use (to inject store failures), and the workflows' adapters passed
+/// through `wrap_cloud` (to inject realistic AWS states).
 pub async fn start_with(
     config: Config,
     options: EngineOptions,
     wrap_store: impl FnOnce(Arc<dyn StateStore>) -> Arc<dyn StateStore>,
+    wrap_cloud: Option<CloudWrapper>,
 ) -> ControlPlane {
     // IM_TEST_LOG=debug shows the control plane's logs while debugging a test.
     if let Ok(filter) = std::env::var("IM_TEST_LOG") {
@@ -250,13 +276,14 @@ pub async fn start_with(
     )));
     let bus = EventBus::new();
     let settings = fast_settings(&config);
-    let engine = Engine::with_options(
-        store.clone(),
-        accounts.clone(),
-        settings,
-        bus.clone(),
-        options,
-    );
+    let resolver: Arc<dyn CloudResolver> = match wrap_cloud {
+        Some(wrap) => Arc::new(WrappingResolver {
+            accounts: accounts.clone(),
+            wrap,
+        }),
+        None => accounts.clone(),
+    };
+    let engine = Engine::with_options(store.clone(), resolver, settings, bus.clone(), options);
     let shutdown = CancellationToken::new();
     let api = Api::new(
         store.clone(),
@@ -373,9 +400,51 @@ impl Client {
     }
 
     pub async fn instance(&mut self, tenant: &str) -> v1::Instance {
+        self.instance_named(tenant, "wp").await
+    }
+
+    pub async fn instance_named(&mut self, tenant: &str, instance: &str) -> v1::Instance {
         self.instances
             .get_instance(v1::GetInstanceRequest {
-                name: format!("tenants/{tenant}/instances/wp"),
+                name: format!("tenants/{tenant}/instances/{instance}"),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    /// Creates `tenants/{tenant}/instances/{instance}` in `environment`.
+    pub async fn create_named(
+        &mut self,
+        tenant: &str,
+        instance: &str,
+        environment: v1::Environment,
+    ) -> lro::Operation {
+        self.instances
+            .create_instance(v1::CreateInstanceRequest {
+                parent: format!("tenants/{tenant}"),
+                instance_id: instance.into(),
+                instance: Some(v1::Instance {
+                    environment: environment.into(),
+                    organization_name: format!("{tenant} Ltd"),
+                    contact_email: "ops@example.com".into(),
+                    cost_center: "cc-42".into(),
+                    opportunity_id: "opp-7".into(),
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    /// Deletes `tenants/{tenant}/instances/{instance}` (with the archive).
+    pub async fn delete_named(&mut self, tenant: &str, instance: &str) -> lro::Operation {
+        self.instances
+            .delete_instance(v1::DeleteInstanceRequest {
+                name: format!("tenants/{tenant}/instances/{instance}"),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -406,16 +475,22 @@ pub fn tenant_tags(tenant: &str, environment: Environment) -> Tags {
     ]
 }
 
-/// What exists of a tenant, counted by tag and name in its environment.
+/// What exists of a tenant in its environment, one count per kind, each listed with the AWS
+/// SDK (or SQL) directly — not with the product's own lookups, which are under test.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Inventory {
+    /// ECS services that are not INACTIVE (DRAINING ones count: they still exist).
+    pub services: usize,
+    /// Task definitions, ACTIVE or INACTIVE (deregistered but not deleted).
+    pub task_definitions: usize,
     pub access_points: usize,
     pub secrets: usize,
-    pub routing: usize,
-    pub compute: usize,
+    pub target_groups: usize,
+    pub listener_rules: usize,
     pub user_pools: usize,
-    pub database: bool,
-    pub database_user: bool,
+    /// Databases and users of the tenant's names (they carry no tags).
+    pub databases: usize,
+    pub database_users: usize,
 }
 
 impl Inventory {
@@ -424,61 +499,269 @@ impl Inventory {
     }
 }
 
-pub async fn inventory(cloud: &CloudEnv, tenant: &str) -> Inventory {
-    let tags = tenant_tags(tenant, cloud.environment);
-    let platform = &cloud.platform;
-    let names = ResourceNames::derive(&TenantId::parse(tenant).unwrap(), cloud.environment);
-    let master = mariadb();
-    Inventory {
-        access_points: cloud
-            .files
-            .find_tagged(&platform.file_system_id, &tags)
-            .await
-            .unwrap()
-            .len(),
-        secrets: cloud.secrets.find_tagged(&tags).await.unwrap().len(),
-        routing: cloud
-            .routing
-            .find_tagged(&platform.listener_arn, &tags)
-            .await
-            .unwrap()
-            .len(),
-        compute: cloud
-            .compute
-            .find_tagged(&platform.cluster, &tags)
-            .await
-            .unwrap()
-            .len(),
-        user_pools: if platform.cognito_enabled {
-            cloud.identity.find_tagged(&tags).await.unwrap().len()
-        } else {
-            0
-        },
-        database: cloud
-            .database
-            .database_exists(&master, &names.database)
-            .await
-            .unwrap(),
-        database_user: cloud
-            .database
-            .user_exists(&master, &names.database_user)
-            .await
-            .unwrap(),
-    }
+/// The SDK configuration of the account `cloud` lives in, by AssumeRole with the test
+/// credentials (moto puts the role's resources in the role's account).
+pub async fn account_sdk(cloud: &CloudEnv) -> aws_config::SdkConfig {
+    let base = common::test_sdk_config().await;
+    let sts = aws_sdk_sts::Client::new(&base);
+    let assumed = sts
+        .assume_role()
+        .role_arn(format!("arn:aws:iam::{}:role/inventory", cloud.account_id))
+        .role_session_name("inventory")
+        .send()
+        .await
+        .unwrap();
+    let c = assumed.credentials().unwrap();
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new(cloud.region.clone()))
+        .credentials_provider(aws_credential_types::Credentials::new(
+            c.access_key_id(),
+            c.secret_access_key(),
+            Some(c.session_token().to_owned()),
+            None,
+            "inventory",
+        ))
+        .endpoint_url(common::aws_endpoint())
+        .load()
+        .await
 }
 
-/// One of everything: what a provisioned tenant owns.
+fn carries<'a>(have: impl IntoIterator<Item = (&'a str, &'a str)>, want: &Tags) -> bool {
+    let have: Vec<(&str, &str)> = have.into_iter().collect();
+    want.iter()
+        .all(|(k, v)| have.contains(&(k.as_str(), v.as_str())))
+}
+
+/// Everything of `tenant` (any instance) in `cloud`'s environment.
+pub async fn inventory(cloud: &CloudEnv, tenant: &str) -> Inventory {
+    count(cloud, tenant, tenant_tags(tenant, cloud.environment)).await
+}
+
+/// Everything of one instance (`tenants/{tenant}/instances/{instance}`); databases are
+/// counted by name (per tenant and environment), since they carry no tags.
+pub async fn inventory_of(cloud: &CloudEnv, tenant: &str, instance: &str) -> Inventory {
+    let mut tags = tenant_tags(tenant, cloud.environment);
+    tags.push(("bbws:instance-id".into(), instance.into()));
+    count(cloud, tenant, tags).await
+}
+
+async fn count(cloud: &CloudEnv, tenant: &str, tags: Tags) -> Inventory {
+    let sdk = account_sdk(cloud).await;
+    let platform = &cloud.platform;
+    let mut inventory = Inventory::default();
+
+    // ECS services and task definitions.
+    let ecs = aws_sdk_ecs::Client::new(&sdk);
+    let services = ecs
+        .list_services()
+        .cluster(&platform.cluster)
+        .max_results(100)
+        .send()
+        .await
+        .unwrap();
+    for batch in services.service_arns().chunks(10) {
+        let described = ecs
+            .describe_services()
+            .cluster(&platform.cluster)
+            .set_services(Some(batch.to_vec()))
+            .include(aws_sdk_ecs::types::ServiceField::Tags)
+            .send()
+            .await
+            .unwrap();
+        inventory.services += described
+            .services()
+            .iter()
+            .filter(|s| s.status() != Some("INACTIVE"))
+            .filter(|s| {
+                carries(
+                    s.tags().iter().filter_map(|t| Some((t.key()?, t.value()?))),
+                    &tags,
+                )
+            })
+            .count();
+    }
+    for status in [
+        aws_sdk_ecs::types::TaskDefinitionStatus::Active,
+        aws_sdk_ecs::types::TaskDefinitionStatus::Inactive,
+    ] {
+        let arns: Vec<String> = ecs
+            .list_task_definitions()
+            .status(status)
+            .into_paginator()
+            .items()
+            .send()
+            .try_collect()
+            .await
+            .unwrap();
+        for arn in arns {
+            let listed = match ecs.list_tags_for_resource().resource_arn(&arn).send().await {
+                Ok(listed) => listed,
+                // Deleted (another test's tenant) between the listing and this call.
+                Err(error) if format!("{error:?}").contains("Unable to describe") => continue,
+                Err(error) => panic!("{error:?}"),
+            };
+            if carries(
+                listed
+                    .tags()
+                    .iter()
+                    .filter_map(|t| Some((t.key()?, t.value()?))),
+                &tags,
+            ) {
+                inventory.task_definitions += 1;
+            }
+        }
+    }
+
+    // EFS access points on the environment's file system.
+    let efs = aws_sdk_efs::Client::new(&sdk);
+    let aps = efs
+        .describe_access_points()
+        .file_system_id(&platform.file_system_id)
+        .send()
+        .await
+        .unwrap();
+    inventory.access_points = aps
+        .access_points()
+        .iter()
+        .filter(|ap| {
+            !matches!(
+                ap.life_cycle_state(),
+                Some(
+                    aws_sdk_efs::types::LifeCycleState::Deleting
+                        | aws_sdk_efs::types::LifeCycleState::Deleted
+                )
+            )
+        })
+        .filter(|ap| carries(ap.tags().iter().map(|t| (t.key(), t.value())), &tags))
+        .count();
+
+    // Secrets (not scheduled for deletion).
+    let sm = aws_sdk_secretsmanager::Client::new(&sdk);
+    let secrets = sm.list_secrets().max_results(100).send().await.unwrap();
+    inventory.secrets = secrets
+        .secret_list()
+        .iter()
+        .filter(|s| s.deleted_date().is_none())
+        .filter(|s| {
+            carries(
+                s.tags().iter().filter_map(|t| Some((t.key()?, t.value()?))),
+                &tags,
+            )
+        })
+        .count();
+
+    // Target groups and listener rules.
+    let elb = aws_sdk_elasticloadbalancingv2::Client::new(&sdk);
+    let groups = elb.describe_target_groups().send().await.unwrap();
+    let group_arns: Vec<String> = groups
+        .target_groups()
+        .iter()
+        .filter_map(|g| g.target_group_arn().map(str::to_owned))
+        .collect();
+    let rules = elb
+        .describe_rules()
+        .listener_arn(&platform.listener_arn)
+        .send()
+        .await
+        .unwrap();
+    let rule_arns: Vec<String> = rules
+        .rules()
+        .iter()
+        .filter(|r| r.is_default() != Some(true))
+        .filter_map(|r| r.rule_arn().map(str::to_owned))
+        .collect();
+    for (arns, counter) in [
+        (group_arns, &mut inventory.target_groups),
+        (rule_arns, &mut inventory.listener_rules),
+    ] {
+        for batch in arns.chunks(20) {
+            let described = elb
+                .describe_tags()
+                .set_resource_arns(Some(batch.to_vec()))
+                .send()
+                .await
+                .unwrap();
+            *counter += described
+                .tag_descriptions()
+                .iter()
+                .filter(|d| {
+                    carries(
+                        d.tags().iter().filter_map(|t| Some((t.key()?, t.value()?))),
+                        &tags,
+                    )
+                })
+                .count();
+        }
+    }
+
+    // Cognito user pools.
+    let cognito = aws_sdk_cognitoidentityprovider::Client::new(&sdk);
+    let pools = cognito
+        .list_user_pools()
+        .max_results(60)
+        .send()
+        .await
+        .unwrap();
+    for pool in pools.user_pools() {
+        let described = match cognito
+            .describe_user_pool()
+            .user_pool_id(pool.id().unwrap())
+            .send()
+            .await
+        {
+            Ok(described) => described,
+            // Deleted (another test's tenant) between the listing and this call.
+            Err(error) if format!("{error:?}").contains("ResourceNotFoundException") => {
+                continue;
+            }
+            Err(error) => panic!("{error:?}"),
+        };
+        let pool_tags = described
+            .user_pool()
+            .and_then(|p| p.user_pool_tags())
+            .cloned()
+            .unwrap_or_default();
+        if carries(
+            pool_tags.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            &tags,
+        ) {
+            inventory.user_pools += 1;
+        }
+    }
+
+    // MySQL, by the tenant's names.
+    let names = ResourceNames::derive(&TenantId::parse(tenant).unwrap(), cloud.environment);
+    let mut conn =
+        mysql_async::Conn::new(mysql_async::Opts::from_url(&common::mysql_url()).unwrap())
+            .await
+            .unwrap();
+    use mysql_async::prelude::Queryable;
+    let databases: Vec<String> = conn.query("SHOW DATABASES").await.unwrap();
+    inventory.databases = databases.iter().filter(|d| **d == names.database).count();
+    let users: Option<u64> = conn
+        .exec_first(
+            "SELECT COUNT(*) FROM mysql.user WHERE User = ?",
+            (names.database_user.clone(),),
+        )
+        .await
+        .unwrap();
+    inventory.database_users = users.unwrap_or(0) as usize;
+    let _ = conn.disconnect().await;
+    inventory
+}
+
+/// Exactly one of everything: what a provisioned instance owns.
 pub fn provisioned(cognito: bool) -> Inventory {
     Inventory {
+        services: 1,
+        task_definitions: 1,
         access_points: 1,
         secrets: 1,
-        // the target group and the listener rule
-        routing: 2,
-        // the service and its task definition
-        compute: 2,
+        target_groups: 1,
+        listener_rules: 1,
         user_pools: usize::from(cognito),
-        database: true,
-        database_user: true,
+        databases: 1,
+        database_users: 1,
     }
 }
 

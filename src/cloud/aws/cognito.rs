@@ -10,7 +10,9 @@ use aws_sdk_cognitoidentityprovider::types::{
 
 use super::{gone_is_ok, has_all_tags};
 use crate::cloud::error::classify;
-use crate::cloud::{CloudError, CloudResult, ErrorKind, Identity, Tags, UserPool, UserPoolSpec};
+use crate::cloud::{
+    CloudError, CloudResult, ErrorKind, Identity, Tags, UserPool, UserPoolSpec, owner_tags,
+};
 
 /// The app client of pool `{pool}` is named `{pool}{APP_CLIENT_SUFFIX}`.
 pub const APP_CLIENT_SUFFIX: &str = "-app";
@@ -44,15 +46,49 @@ impl AwsIdentity {
 
     /// Pool names are not unique in Cognito: if a race ever made two, the oldest is the one
     /// we use (and the other shows up as an orphan through its tags).
-    async fn pool_by_name(&self, name: &str) -> CloudResult<Option<String>> {
+    /// Pools named `spec.name` that carry the spec's owner tags, oldest first. Cognito
+    /// allows any number of pools with one name: a same-named pool of another instance is
+    /// not ours, and two of ours mean two replicas raced.
+    async fn owned_pools(&self, spec: &UserPoolSpec) -> CloudResult<Vec<String>> {
         let mut pools: Vec<UserPoolDescriptionType> = self
             .all_pools()
             .await?
             .into_iter()
-            .filter(|pool| pool.name() == Some(name))
+            .filter(|pool| pool.name() == Some(spec.name.as_str()))
             .collect();
-        pools.sort_by_key(|pool| pool.creation_date().map(|d| d.as_nanos()));
-        Ok(pools.first().and_then(|pool| pool.id()).map(str::to_owned))
+        pools.sort_by_key(|pool| {
+            (
+                pool.creation_date().map(|d| d.as_nanos()),
+                pool.id().map(str::to_owned),
+            )
+        });
+        let owner = owner_tags(&spec.tags);
+        let mut owned = Vec::new();
+        for id in pools.iter().filter_map(|pool| pool.id()) {
+            if self.pool_tagged(id, &owner).await? {
+                owned.push(id.to_owned());
+            }
+        }
+        Ok(owned)
+    }
+
+    /// The pool to use: the oldest of ours, after deleting any duplicates (made by a replica
+    /// that raced us); creates one if there is none.
+    async fn ensure_pool(&self, spec: &UserPoolSpec) -> CloudResult<String> {
+        let mut owned = self.owned_pools(spec).await?;
+        if owned.is_empty() {
+            self.create_pool(spec).await?;
+            owned = self.owned_pools(spec).await?;
+        }
+        let mut owned = owned.into_iter();
+        let keep = owned
+            .next()
+            .ok_or_else(|| CloudError::fatal("cognito-idp:CreateUserPool: the pool vanished"))?;
+        for duplicate in owned {
+            tracing::warn!(pool = %duplicate, kept = %keep, "deleting a duplicate user pool");
+            self.delete_user_pool(&duplicate).await?;
+        }
+        Ok(keep)
     }
 
     async fn create_pool(&self, spec: &UserPoolSpec) -> CloudResult<String> {
@@ -224,10 +260,7 @@ impl AwsIdentity {
 #[async_trait]
 impl Identity for AwsIdentity {
     async fn ensure_user_pool(&self, spec: &UserPoolSpec) -> CloudResult<UserPool> {
-        let pool_id = match self.pool_by_name(&spec.name).await? {
-            Some(id) => id,
-            None => self.create_pool(spec).await?,
-        };
+        let pool_id = self.ensure_pool(spec).await?;
         let client_id = self.ensure_client(&pool_id, spec).await?;
         let domain = self.ensure_domain(&pool_id, &spec.domain_prefix).await?;
         self.ensure_groups(&pool_id).await?;

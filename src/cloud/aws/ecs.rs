@@ -19,7 +19,7 @@ use super::{gone_is_ok, has_all_tags};
 use crate::cloud::error::classify;
 use crate::cloud::{
     CloudError, CloudResult, Compute, ErrorKind, OneOffTaskSpec, ServiceSpec, ServiceStatus, Tags,
-    TaskDefinitionSpec, TaskStatus,
+    TaskDefinitionSpec, TaskStatus, not_ours, owned_by,
 };
 
 /// The WordPress container, the one the target group sends traffic to.
@@ -40,6 +40,8 @@ const ONE_OFF_MEMORY_MIB: u32 = 1024;
 const DESCRIBE_SERVICES_BATCH: usize = 10;
 /// Concurrent ListTagsForResource calls while looking for tagged task definitions.
 const TAG_LOOKUPS_IN_FLIGHT: usize = 8;
+/// DeleteTaskDefinitions accepts at most 10 task definitions per call.
+const DELETE_TASK_DEFINITIONS_BATCH: usize = 10;
 
 pub struct AwsCompute {
     client: Client,
@@ -299,11 +301,20 @@ impl AwsCompute {
 
     /// ARNs of the family's ACTIVE revisions, oldest first.
     async fn active_revisions(&self, family: &str) -> CloudResult<Vec<String>> {
+        self.revisions(family, TaskDefinitionStatus::Active).await
+    }
+
+    /// ARNs of the family's revisions in `status`, oldest first.
+    async fn revisions(
+        &self,
+        family: &str,
+        status: TaskDefinitionStatus,
+    ) -> CloudResult<Vec<String>> {
         let arns: Vec<String> = self
             .client
             .list_task_definitions()
             .family_prefix(family)
-            .status(TaskDefinitionStatus::Active)
+            .status(status)
             .into_paginator()
             .items()
             .send()
@@ -346,6 +357,32 @@ impl AwsCompute {
         Ok(same.then_some(latest))
     }
 
+    /// A task started earlier with `started_by` (running or stopped), if ECS still knows it.
+    async fn task_started_by(
+        &self,
+        cluster: &str,
+        started_by: &str,
+    ) -> CloudResult<Option<String>> {
+        for desired in [
+            aws_sdk_ecs::types::DesiredStatus::Running,
+            aws_sdk_ecs::types::DesiredStatus::Stopped,
+        ] {
+            let answer = self
+                .client
+                .list_tasks()
+                .cluster(cluster)
+                .started_by(started_by)
+                .desired_status(desired)
+                .send()
+                .await
+                .map_err(|e| classify("ecs:ListTasks", &e))?;
+            if let Some(arn) = answer.task_arns().first() {
+                return Ok(Some(arn.clone()));
+            }
+        }
+        Ok(None)
+    }
+
     async fn register(&self, registration: Registration) -> CloudResult<String> {
         if let Some(arn) = self.reusable_revision(&registration).await? {
             return Ok(arn);
@@ -373,13 +410,15 @@ impl AwsCompute {
             .ok_or_else(|| CloudError::fatal("ecs:RegisterTaskDefinition: no ARN in the answer"))
     }
 
-    /// The service as ECS describes it (any status), `None` if ECS never heard of it.
+    /// The service as ECS describes it (any status, with its tags), `None` if ECS never
+    /// heard of it.
     async fn describe_service(&self, cluster: &str, name: &str) -> CloudResult<Option<Service>> {
         let answer = self
             .client
             .describe_services()
             .cluster(cluster)
             .services(name)
+            .include(ServiceField::Tags)
             .send()
             .await
             .map_err(|e| classify("ecs:DescribeServices", &e))?;
@@ -478,7 +517,29 @@ impl AwsCompute {
             .resource_arn(&arn)
             .send()
             .await
-            .map_err(|e| classify("ecs:ListTagsForResource", &e))?;
+            .map_err(|e| classify("ecs:ListTagsForResource", &e));
+        let answer = match answer {
+            Ok(answer) => answer,
+            Err(error) if error.is_not_found() => return Ok(None),
+            // A task definition deleted (DeleteTaskDefinitions) between the listing and
+            // this call is answered with a ClientException, not a "not found": if it can
+            // no longer be described either, it is gone.
+            Err(error) if !error.is_retryable() => {
+                let described = self
+                    .client
+                    .describe_task_definition()
+                    .task_definition(&arn)
+                    .send()
+                    .await
+                    .map_err(|e| classify("ecs:DescribeTaskDefinition", &e));
+                return match described {
+                    Ok(_) => Err(error),
+                    Err(again) if !again.is_retryable() => Ok(None),
+                    Err(again) => Err(again),
+                };
+            }
+            Err(error) => return Err(error),
+        };
         let pairs = answer
             .tags()
             .iter()
@@ -486,17 +547,23 @@ impl AwsCompute {
         Ok(has_all_tags(pairs, tags).then_some(arn))
     }
 
+    /// Task definitions carrying every tag: ACTIVE and INACTIVE ones (a deregistered
+    /// revision stays, tagged, until DeleteTaskDefinitions).
     async fn tagged_task_definitions(&self, tags: &Tags) -> CloudResult<Vec<String>> {
-        let arns: Vec<String> = self
-            .client
-            .list_task_definitions()
-            .status(TaskDefinitionStatus::Active)
-            .into_paginator()
-            .items()
-            .send()
-            .try_collect()
-            .await
-            .map_err(|e| classify("ecs:ListTaskDefinitions", &e))?;
+        let mut arns: Vec<String> = Vec::new();
+        for status in [TaskDefinitionStatus::Active, TaskDefinitionStatus::Inactive] {
+            let listed: Vec<String> = self
+                .client
+                .list_task_definitions()
+                .status(status)
+                .into_paginator()
+                .items()
+                .send()
+                .try_collect()
+                .await
+                .map_err(|e| classify("ecs:ListTaskDefinitions", &e))?;
+            arns.extend(listed);
+        }
         let found: Vec<Option<String>> = futures::stream::iter(arns)
             .map(|arn| self.carries_tags(arn, tags))
             .buffered(TAG_LOOKUPS_IN_FLIGHT)
@@ -530,7 +597,15 @@ impl Compute for AwsCompute {
     async fn ensure_service(&self, spec: &ServiceSpec) -> CloudResult<String> {
         let existing = self.describe_service(&spec.cluster, &spec.name).await?;
         if let Some(service) = &existing {
+            let tags = service
+                .tags()
+                .iter()
+                .filter_map(|t| Some((t.key()?, t.value()?)));
+            let ours = owned_by(tags, &spec.tags);
             match service.status() {
+                Some("ACTIVE" | "DRAINING") if !ours => {
+                    return Err(not_ours(&format!("ECS service {}", spec.name)));
+                }
                 Some("ACTIVE") => {
                     return service.service_arn().map(str::to_owned).ok_or_else(|| {
                         CloudError::fatal("ecs:DescribeServices: service without ARN")
@@ -620,6 +695,13 @@ impl Compute for AwsCompute {
     }
 
     async fn run_task(&self, spec: &OneOffTaskSpec) -> CloudResult<String> {
+        // A resumed step must not start a second task: ECS answers a repeated clientToken
+        // with the first task (for a while), and the task carries the token as `startedBy`
+        // so it can be found for as long as ECS describes it.
+        let token = fingerprint(["one-off-token/1", spec.client_token.as_str()]);
+        if let Some(arn) = self.task_started_by(&spec.cluster, &token).await? {
+            return Ok(arn);
+        }
         let task_definition = self.register(one_off_registration(spec)?).await?;
         let answer = self
             .client
@@ -631,7 +713,8 @@ impl Compute for AwsCompute {
             .network_configuration(network(&spec.subnets, &spec.security_groups)?)
             .propagate_tags(aws_sdk_ecs::types::PropagateTags::TaskDefinition)
             .set_tags(Some(to_tags(&spec.tags)))
-            .started_by("instance-manager")
+            .started_by(&token)
+            .client_token(&token)
             .send()
             .await
             .map_err(|e| classify("ecs:RunTask", &e))?;
@@ -682,6 +765,76 @@ impl Compute for AwsCompute {
         let mut found = self.tagged_services(cluster, tags).await?;
         found.extend(self.tagged_task_definitions(tags).await?);
         Ok(found)
+    }
+
+    async fn service_tags(&self, cluster: &str, name: &str) -> CloudResult<Option<Tags>> {
+        match self.describe_service(cluster, name).await {
+            Ok(Some(service)) if service.status() != Some("INACTIVE") => Ok(Some(
+                service
+                    .tags()
+                    .iter()
+                    .filter_map(|t| Some((t.key()?.to_owned(), t.value()?.to_owned())))
+                    .collect(),
+            )),
+            Ok(_) => Ok(None),
+            Err(error) if error.is_not_found() => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
+    async fn delete_task_definitions(&self, family: &str, owner: &Tags) -> CloudResult<()> {
+        let mut ours = Vec::new();
+        for status in [TaskDefinitionStatus::Active, TaskDefinitionStatus::Inactive] {
+            for arn in self.revisions(family, status.clone()).await? {
+                if let Some(arn) = self.carries_tags(arn, owner).await? {
+                    ours.push((status.clone(), arn));
+                }
+            }
+        }
+        for (status, arn) in &ours {
+            if *status == TaskDefinitionStatus::Active {
+                let result = self
+                    .client
+                    .deregister_task_definition()
+                    .task_definition(arn)
+                    .send()
+                    .await
+                    .map(drop)
+                    .map_err(|e| classify("ecs:DeregisterTaskDefinition", &e));
+                gone_is_ok(result)?;
+            }
+        }
+        // Only INACTIVE revisions can be deleted; deletion is asynchronous
+        // (DELETE_IN_PROGRESS), and a revision already gone is fine.
+        let arns: Vec<String> = ours.into_iter().map(|(_, arn)| arn).collect();
+        for batch in arns.chunks(DELETE_TASK_DEFINITIONS_BATCH) {
+            let answer = self
+                .client
+                .delete_task_definitions()
+                .set_task_definitions(Some(batch.to_vec()))
+                .send()
+                .await
+                .map_err(|e| classify("ecs:DeleteTaskDefinitions", &e));
+            let answer = match answer {
+                Ok(answer) => answer,
+                Err(error) if error.is_not_found() => continue,
+                Err(error) => return Err(error),
+            };
+            let failures: Vec<String> = answer
+                .failures()
+                .iter()
+                .filter_map(|f| f.reason())
+                .filter(|reason| !reason.contains("does not exist"))
+                .map(str::to_owned)
+                .collect();
+            if !failures.is_empty() {
+                return Err(CloudError::new(
+                    ErrorKind::Retryable,
+                    format!("ecs:DeleteTaskDefinitions: {}", failures.join(", ")),
+                ));
+            }
+        }
+        Ok(())
     }
 }
 

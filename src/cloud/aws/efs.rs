@@ -9,7 +9,7 @@ use aws_sdk_efs::types::{
 
 use super::{gone_is_ok, has_all_tags};
 use crate::cloud::error::classify;
-use crate::cloud::{AccessPointSpec, CloudError, CloudResult, Files, Tags};
+use crate::cloud::{AccessPointSpec, CloudError, CloudResult, Files, Tags, owned_by};
 
 pub struct AwsFiles {
     client: Client,
@@ -41,14 +41,16 @@ impl AwsFiles {
     }
 
     /// An access point made earlier for this spec: same client token, or (if it was made
-    /// by hand or with an older token) the same tags.
+    /// by hand or with an older token) the same tags; in both cases owned by the spec's
+    /// instance (its owner tags), never a sibling instance's.
     async fn find_existing(&self, spec: &AccessPointSpec) -> CloudResult<Option<String>> {
         let found = self
             .live_access_points(&spec.file_system_id)
             .await?
             .into_iter()
             .find(|ap| {
-                ap.client_token() == Some(spec.client_token.as_str()) || carries(ap, &spec.tags)
+                (ap.client_token() == Some(spec.client_token.as_str()) || carries(ap, &spec.tags))
+                    && owned_by(ap.tags().iter().map(|t| (t.key(), t.value())), &spec.tags)
             });
         Ok(found.and_then(|ap| ap.access_point_id().map(str::to_owned)))
     }

@@ -5,13 +5,14 @@ use aws_config::SdkConfig;
 use aws_sdk_elasticloadbalancingv2::Client;
 use aws_sdk_elasticloadbalancingv2::types::{
     Action, ActionTypeEnum, HostHeaderConditionConfig, Matcher, ProtocolEnum, Rule, RuleCondition,
-    Tag, TargetGroup, TargetTypeEnum,
+    Tag, TargetGroup, TargetGroupAttribute, TargetTypeEnum,
 };
 
 use super::{gone_is_ok, has_all_tags};
 use crate::cloud::error::classify;
 use crate::cloud::{
-    CloudError, CloudResult, ErrorKind, HostRuleSpec, Routing, Tags, TargetGroupSpec,
+    CloudError, CloudResult, ErrorKind, HostRuleSpec, Routing, Tags, TargetGroupSpec, not_ours,
+    owner_tags,
 };
 
 /// DescribeTags accepts at most 20 resource ARNs per call.
@@ -183,16 +184,42 @@ fn forwards_to(rule: &Rule, target_group_arn: &str) -> bool {
 #[async_trait]
 impl Routing for AwsRouting {
     async fn ensure_target_group(&self, spec: &TargetGroupSpec) -> CloudResult<String> {
-        if let Some(arn) = self.target_group_by_name(&spec.name).await? {
-            return Ok(arn);
+        let arn = match self.target_group_by_name(&spec.name).await? {
+            Some(arn) => arn,
+            None => match self.create_target_group(spec).await {
+                // DuplicateTargetGroupName: created concurrently by another replica.
+                Err(error) if error.kind == ErrorKind::Conflict => {
+                    self.target_group_by_name(&spec.name).await?.ok_or(error)?
+                }
+                other => other?,
+            },
+        };
+        // Found by name: adopted only if this instance owns it (see `owned_by`).
+        let owner = owner_tags(&spec.tags);
+        let claims = owner.iter().any(|(key, _)| key.ends_with(":instance-id"));
+        if claims
+            && self
+                .filter_tagged(vec![arn.clone()], &owner)
+                .await?
+                .is_empty()
+        {
+            return Err(not_ours(&format!("target group {}", spec.name)));
         }
-        match self.create_target_group(spec).await {
-            // DuplicateTargetGroupName: created concurrently by another replica.
-            Err(error) if error.kind == ErrorKind::Conflict => {
-                self.target_group_by_name(&spec.name).await?.ok_or(error)
-            }
-            other => other,
+        if let Some(delay) = spec.deregistration_delay_secs {
+            self.client
+                .modify_target_group_attributes()
+                .target_group_arn(&arn)
+                .attributes(
+                    TargetGroupAttribute::builder()
+                        .key("deregistration_delay.timeout_seconds")
+                        .value(delay.to_string())
+                        .build(),
+                )
+                .send()
+                .await
+                .map_err(|e| classify("elbv2:ModifyTargetGroupAttributes", &e))?;
         }
+        Ok(arn)
     }
 
     async fn delete_target_group(&self, arn: &str) -> CloudResult<()> {

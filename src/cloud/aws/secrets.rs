@@ -9,7 +9,9 @@ use aws_sdk_secretsmanager::types::{Filter, FilterNameStringType, SecretListEntr
 use super::{gone_is_ok, has_all_tags};
 use crate::cloud::error::classify;
 use crate::cloud::settings::Secret;
-use crate::cloud::{CloudError, CloudResult, ErrorKind, SecretSpec, Secrets, Tags};
+use crate::cloud::{
+    CloudError, CloudResult, ErrorKind, SecretSpec, Secrets, Tags, not_ours, owned_by,
+};
 
 pub struct AwsSecrets {
     client: Client,
@@ -23,8 +25,9 @@ impl AwsSecrets {
     }
 
     /// The ARN of the secret named `name`, `None` if there is none. A secret scheduled for
-    /// deletion (by hand, with a recovery window) is restored: we are about to use it.
-    async fn existing_arn(&self, name: &str) -> CloudResult<Option<String>> {
+    /// deletion (by hand, with a recovery window) is restored: we are about to use it. A
+    /// secret that `owner` (a spec's tags) does not own is refused, never restored.
+    async fn existing_arn(&self, name: &str, owner: &Tags) -> CloudResult<Option<String>> {
         let described = self.client.describe_secret().secret_id(name).send().await;
         let secret = match described.map_err(|e| classify("secretsmanager:DescribeSecret", &e)) {
             Ok(secret) => secret,
@@ -37,6 +40,13 @@ impl AwsSecrets {
                 CloudError::fatal("secretsmanager:DescribeSecret: no ARN in the answer")
             })?
             .to_owned();
+        let tags = secret
+            .tags()
+            .iter()
+            .filter_map(|t| Some((t.key()?, t.value()?)));
+        if !owned_by(tags, owner) {
+            return Err(not_ours(&format!("secret {name}")));
+        }
         if secret.deleted_date().is_some() {
             self.client
                 .restore_secret()
@@ -70,8 +80,8 @@ impl AwsSecrets {
     }
 
     /// Reads and adopts an existing secret, whose value wins over the one in `spec`.
-    async fn adopt(&self, name: &str) -> CloudResult<Option<(String, Secret)>> {
-        let Some(arn) = self.existing_arn(name).await? else {
+    async fn adopt(&self, name: &str, owner: &Tags) -> CloudResult<Option<(String, Secret)>> {
+        let Some(arn) = self.existing_arn(name, owner).await? else {
             return Ok(None);
         };
         let value = self.read_secret(&arn).await?;
@@ -90,14 +100,14 @@ fn carries(entry: &SecretListEntry, tags: &Tags) -> bool {
 #[async_trait]
 impl Secrets for AwsSecrets {
     async fn ensure_secret(&self, spec: &SecretSpec) -> CloudResult<(String, Secret)> {
-        if let Some(adopted) = self.adopt(&spec.name).await? {
+        if let Some(adopted) = self.adopt(&spec.name, &spec.tags).await? {
             return Ok(adopted);
         }
         match self.create(spec).await {
             Ok(arn) => Ok((arn, spec.value.clone())),
             // Another replica created it between our read and our create: its value wins.
             Err(error) if error.kind == ErrorKind::Conflict => {
-                self.adopt(&spec.name).await?.ok_or(error)
+                self.adopt(&spec.name, &spec.tags).await?.ok_or(error)
             }
             Err(error) => Err(error),
         }
@@ -129,6 +139,27 @@ impl Secrets for AwsSecrets {
             .map(drop)
             .map_err(|e| classify("secretsmanager:DeleteSecret", &e));
         gone_is_ok(result)
+    }
+
+    async fn secret_tags(&self, name_or_arn: &str) -> CloudResult<Option<Tags>> {
+        let described = self
+            .client
+            .describe_secret()
+            .secret_id(name_or_arn)
+            .send()
+            .await;
+        match described.map_err(|e| classify("secretsmanager:DescribeSecret", &e)) {
+            Ok(secret) if secret.deleted_date().is_none() => Ok(Some(
+                secret
+                    .tags()
+                    .iter()
+                    .filter_map(|t| Some((t.key()?.to_owned(), t.value()?.to_owned())))
+                    .collect(),
+            )),
+            Ok(_) => Ok(None),
+            Err(error) if error.is_not_found() => Ok(None),
+            Err(error) => Err(error),
+        }
     }
 
     async fn find_tagged(&self, tags: &Tags) -> CloudResult<Vec<String>> {

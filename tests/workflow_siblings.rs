@@ -1,0 +1,326 @@
+//! Resources belong to an instance, not to a (tenant, environment) pair: two instances of one
+//! tenant in one environment (a failed one and its live successor) share resource names, and
+//! neither may touch the other's. And AWS behaviour the emulator does not show (a deleted
+//! ECS service DRAINING for a while), injected around the real adapters.
+//!
+//! Every count is made with the AWS SDK and SQL directly (`platform::inventory`).
+
+mod common;
+mod platform;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use instance_manager::cloud::{
+    CloudEnv, CloudResult, Compute, OneOffTaskSpec, ServiceSpec, ServiceStatus, Tags,
+    TaskDefinitionSpec, TaskStatus,
+};
+use instance_manager::domain::naming::ResourceNames;
+use instance_manager::domain::{Environment, Operation, TenantId};
+use instance_manager::proto::google_longrunning as lro;
+use instance_manager::proto::v1;
+use instance_manager::workflow::{StepError, StepHook, StepResult};
+use mysql_async::prelude::Queryable;
+use platform::{inventory, inventory_of, metadata, provisioned};
+
+fn status(operation: &lro::Operation) -> v1::OperationStatus {
+    metadata(operation).status()
+}
+
+/// Fails `wait_steady` of one instance id, every time.
+struct FailSteady {
+    instance: &'static str,
+}
+
+#[async_trait]
+impl StepHook for FailSteady {
+    async fn before(&self, operation: &Operation, step: &str) -> StepResult<()> {
+        if step == "wait_steady" && operation.target.instance.as_str() == self.instance {
+            return Err(StepError::Fatal(
+                "injected: the service never got steady".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn deleting_a_failed_instance_leaves_its_live_sibling_alone() {
+    let config = platform::config_with_platforms(&[Environment::Dev]).await;
+    let hook = Arc::new(FailSteady { instance: "wp1" });
+    let mut cp = platform::start(config, Some(hook)).await;
+    let tenant = platform::tenant("sib");
+    let cloud = cp.cloud(Environment::Dev).await;
+
+    // wp1 fails at wait_steady and rolls back cleanly.
+    let first = cp.create_named(&tenant, "wp1", v1::Environment::Dev).await;
+    let (events, failed) = cp.watch(&first.name).await;
+    assert_eq!(status(&failed), v1::OperationStatus::Failed, "{events:#?}");
+    assert_eq!(
+        cp.instance_named(&tenant, "wp1").await.state(),
+        v1::InstanceState::Failed
+    );
+    assert!(
+        inventory(&cloud, &tenant).await.is_empty(),
+        "{:?}",
+        inventory(&cloud, &tenant).await
+    );
+
+    // wp2, same tenant and environment, same resource names: ACTIVE, one of everything.
+    let second = cp.create_named(&tenant, "wp2", v1::Environment::Dev).await;
+    let (events, done) = cp.watch(&second.name).await;
+    assert_eq!(status(&done), v1::OperationStatus::Completed, "{events:#?}");
+    assert_eq!(
+        inventory_of(&cloud, &tenant, "wp2").await,
+        provisioned(true)
+    );
+    assert_eq!(inventory(&cloud, &tenant).await, provisioned(true));
+
+    // Deleting wp1 — whose create rolled back cleanly and so owns nothing — completes at
+    // once without a single step (nothing archived, removed or scanned), and every
+    // resource of wp2 is still there.
+    let deleted = cp.delete_named(&tenant, "wp1").await;
+    let (events, done) = cp.watch(&deleted.name).await;
+    assert_eq!(status(&done), v1::OperationStatus::Completed, "{events:#?}");
+    assert!(metadata(&done).steps.is_empty(), "{:#?}", metadata(&done));
+    assert_eq!(
+        cp.instance_named(&tenant, "wp1").await.state(),
+        v1::InstanceState::Deprovisioned
+    );
+    assert_eq!(
+        inventory_of(&cloud, &tenant, "wp2").await,
+        provisioned(true),
+        "wp2 lost resources to wp1's deprovisioning"
+    );
+    assert_eq!(inventory(&cloud, &tenant).await, provisioned(true));
+    assert_eq!(
+        cp.instance_named(&tenant, "wp2").await.state(),
+        v1::InstanceState::Active
+    );
+}
+
+#[tokio::test]
+async fn a_database_that_existed_before_is_never_adopted_or_dropped() {
+    let config = platform::config_with_platforms(&[Environment::Sit]).await;
+    let mut cp = platform::start(config, None).await;
+    let tenant = platform::tenant("predb");
+    let names = ResourceNames::derive(&TenantId::parse(&tenant).unwrap(), Environment::Sit);
+    let mut conn =
+        mysql_async::Conn::new(mysql_async::Opts::from_url(&common::mysql_url()).unwrap())
+            .await
+            .unwrap();
+    conn.query_drop(format!("CREATE DATABASE `{}`", names.database))
+        .await
+        .unwrap();
+    conn.query_drop(format!(
+        "CREATE TABLE `{}`.precious (id INT PRIMARY KEY)",
+        names.database
+    ))
+    .await
+    .unwrap();
+
+    let operation = cp.create(&tenant, v1::Environment::Sit).await;
+    let (events, failed) = cp.watch(&operation.name).await;
+    assert_eq!(status(&failed), v1::OperationStatus::Failed, "{events:#?}");
+    let Some(lro::operation::Result::Error(error)) = &failed.result else {
+        panic!("no error: {failed:?}")
+    };
+    assert!(
+        error.message.contains("already exists"),
+        "{}",
+        error.message
+    );
+    // Rolled back: everything of ours is gone, the foreign database is untouched.
+    let left = inventory(&cp.cloud(Environment::Sit).await, &tenant).await;
+    assert_eq!(
+        left,
+        platform::Inventory {
+            databases: 1,
+            ..Default::default()
+        }
+    );
+    let tables: Vec<String> = conn
+        .query(format!("SHOW TABLES FROM `{}`", names.database))
+        .await
+        .unwrap();
+    assert_eq!(tables, ["precious"]);
+    conn.query_drop(format!("DROP DATABASE `{}`", names.database))
+        .await
+        .unwrap();
+    let _ = conn.disconnect().await;
+}
+
+/// The real adapter, except that a deleted service reports DRAINING for `polls` status
+/// reads before it is gone, as ECS does for up to the deregistration delay (moto never
+/// shows DRAINING).
+struct DrainingCompute {
+    inner: Arc<dyn Compute>,
+    polls: u32,
+    /// Service name → (DRAINING reads left, its tags).
+    draining: Arc<Mutex<HashMap<String, (u32, Tags)>>>,
+    /// DRAINING answers given so far.
+    observed: Arc<Mutex<u32>>,
+}
+
+impl DrainingCompute {
+    fn draining(&self, name: &str) -> Option<Tags> {
+        let mut draining = self.draining.lock().unwrap();
+        match draining.get_mut(name) {
+            Some((left, tags)) if *left > 0 => {
+                *left -= 1;
+                *self.observed.lock().unwrap() += 1;
+                Some(tags.clone())
+            }
+            _ => None,
+        }
+    }
+
+    fn peek(&self, name: &str) -> Option<Tags> {
+        let draining = self.draining.lock().unwrap();
+        match draining.get(name) {
+            Some((left, tags)) if *left > 0 => Some(tags.clone()),
+            _ => None,
+        }
+    }
+}
+
+#[async_trait]
+impl Compute for DrainingCompute {
+    async fn register_task_definition(&self, spec: &TaskDefinitionSpec) -> CloudResult<String> {
+        self.inner.register_task_definition(spec).await
+    }
+    async fn deregister_task_definitions(&self, family: &str) -> CloudResult<()> {
+        self.inner.deregister_task_definitions(family).await
+    }
+    async fn ensure_service(&self, spec: &ServiceSpec) -> CloudResult<String> {
+        if self.peek(&spec.name).is_some() {
+            return Err(instance_manager::cloud::CloudError::new(
+                instance_manager::cloud::ErrorKind::Retryable,
+                format!("ecs:CreateService: service {} is still draining", spec.name),
+            ));
+        }
+        self.inner.ensure_service(spec).await
+    }
+    async fn service_status(
+        &self,
+        cluster: &str,
+        name: &str,
+    ) -> CloudResult<Option<ServiceStatus>> {
+        if self.draining(name).is_some() {
+            return Ok(Some(ServiceStatus {
+                status: "DRAINING".into(),
+                desired: 0,
+                running: 1,
+                pending: 0,
+                rollout_state: None,
+                deployments: 1,
+                task_definition: String::new(),
+            }));
+        }
+        self.inner.service_status(cluster, name).await
+    }
+    async fn update_service(
+        &self,
+        cluster: &str,
+        name: &str,
+        desired_count: Option<u32>,
+        task_definition_arn: Option<&str>,
+        force_new_deployment: bool,
+    ) -> CloudResult<()> {
+        self.inner
+            .update_service(
+                cluster,
+                name,
+                desired_count,
+                task_definition_arn,
+                force_new_deployment,
+            )
+            .await
+    }
+    async fn delete_service(&self, cluster: &str, name: &str) -> CloudResult<()> {
+        let tags = self.inner.service_tags(cluster, name).await?;
+        self.inner.delete_service(cluster, name).await?;
+        if let Some(tags) = tags {
+            self.draining
+                .lock()
+                .unwrap()
+                .insert(name.to_owned(), (self.polls, tags));
+        }
+        Ok(())
+    }
+    async fn run_task(&self, spec: &OneOffTaskSpec) -> CloudResult<String> {
+        self.inner.run_task(spec).await
+    }
+    async fn task_status(&self, cluster: &str, task_arn: &str) -> CloudResult<Option<TaskStatus>> {
+        self.inner.task_status(cluster, task_arn).await
+    }
+    async fn find_tagged(&self, cluster: &str, tags: &Tags) -> CloudResult<Vec<String>> {
+        self.inner.find_tagged(cluster, tags).await
+    }
+    async fn service_tags(&self, cluster: &str, name: &str) -> CloudResult<Option<Tags>> {
+        if let Some(tags) = self.peek(name) {
+            return Ok(Some(tags));
+        }
+        self.inner.service_tags(cluster, name).await
+    }
+    async fn delete_task_definitions(&self, family: &str, owner: &Tags) -> CloudResult<()> {
+        self.inner.delete_task_definitions(family, owner).await
+    }
+}
+
+#[tokio::test]
+async fn a_draining_service_is_waited_for_on_delete_and_on_re_create() {
+    const POLLS: u32 = 8;
+    let config = platform::config_with_platforms(&[Environment::Sit]).await;
+    let draining = Arc::new(Mutex::new(HashMap::new()));
+    let observed = Arc::new(Mutex::new(0));
+    let wrap: platform::CloudWrapper = {
+        let (draining, observed) = (draining.clone(), observed.clone());
+        Arc::new(move |mut cloud: CloudEnv| {
+            cloud.compute = Arc::new(DrainingCompute {
+                inner: cloud.compute.clone(),
+                polls: POLLS,
+                draining: draining.clone(),
+                observed: observed.clone(),
+            });
+            cloud
+        })
+    };
+    let mut cp = platform::start_with(
+        config,
+        instance_manager::workflow::EngineOptions::default(),
+        |store| store,
+        Some(wrap),
+    )
+    .await;
+    let tenant = platform::tenant("drain");
+    let cloud = cp.cloud(Environment::Sit).await;
+    let created = cp.create_named(&tenant, "wp1", v1::Environment::Sit).await;
+    let (events, done) = cp.watch(&created.name).await;
+    assert_eq!(status(&done), v1::OperationStatus::Completed, "{events:#?}");
+
+    // Delete: the service drains for POLLS reads (more than the retry budget of transient
+    // failures), and the deprovisioning waits for it instead of failing.
+    let deleted = cp.delete_named(&tenant, "wp1").await;
+    let (events, done) = cp.watch(&deleted.name).await;
+    assert_eq!(status(&done), v1::OperationStatus::Completed, "{events:#?}");
+    assert_eq!(
+        *observed.lock().unwrap(),
+        POLLS,
+        "DRAINING was never observed"
+    );
+    assert!(inventory(&cloud, &tenant).await.is_empty());
+
+    // Re-create right after a deletion whose service still drains: waits, then succeeds.
+    let stack = ResourceNames::derive(&TenantId::parse(&tenant).unwrap(), Environment::Sit).stack;
+    draining.lock().unwrap().insert(stack, (POLLS, Vec::new()));
+    let again = cp.create_named(&tenant, "wp2", v1::Environment::Sit).await;
+    let (events, done) = cp.watch(&again.name).await;
+    assert_eq!(status(&done), v1::OperationStatus::Completed, "{events:#?}");
+    assert_eq!(*observed.lock().unwrap(), 2 * POLLS);
+    assert_eq!(
+        inventory_of(&cloud, &tenant, "wp2").await,
+        provisioned(false)
+    );
+}
