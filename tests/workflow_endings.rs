@@ -307,15 +307,20 @@ async fn a_write_the_store_always_rejects_ends_stuck_instead_of_looping() {
     let rejecting = Arc::new(std::sync::OnceLock::<Arc<RejectingStore>>::new());
     let slot = rejecting.clone();
     let tenant = poisoned.clone();
-    let mut cp = platform::start_with(config, EngineOptions::default(), move |inner| {
-        let store = Arc::new(RejectingStore {
-            inner,
-            tenant,
-            rejected: AtomicUsize::new(0),
-        });
-        let _ = slot.set(store.clone());
-        store
-    }, None)
+    let mut cp = platform::start_with(
+        config,
+        EngineOptions::default(),
+        move |inner| {
+            let store = Arc::new(RejectingStore {
+                inner,
+                tenant,
+                rejected: AtomicUsize::new(0),
+            });
+            let _ = slot.set(store.clone());
+            store
+        },
+        None,
+    )
     .await;
     let operation = cp.create(&poisoned, v1::Environment::Sit).await;
     let (events, stuck) = cp.watch(&operation.name).await;

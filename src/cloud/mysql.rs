@@ -365,17 +365,25 @@ impl<'a> Session<'a> {
         query: &str,
         params: Vec<Value>,
     ) -> CloudResult<Option<String>> {
-        match self.conn.exec_first::<String, _, _>(query, params).await {
-            Ok(value) => Ok(value),
-            Err(error) => Err(self.fail(what, &error)),
-        }
+        let secrets = self.secrets.clone();
+        bounded(
+            self.query_limit,
+            what,
+            &secrets,
+            self.conn.exec_first::<String, _, _>(query, params),
+        )
+        .await
     }
 
     async fn exec(&mut self, what: &str, statement: &str, params: Vec<Value>) -> CloudResult<()> {
-        match self.conn.exec_drop(statement, params).await {
-            Ok(()) => Ok(()),
-            Err(error) => Err(self.fail(what, &error)),
-        }
+        let secrets = self.secrets.clone();
+        bounded(
+            self.query_limit,
+            what,
+            &secrets,
+            self.conn.exec_drop(statement, params),
+        )
+        .await
     }
 
     /// The server-wide record of which instance created which tenant database (and user):
@@ -560,7 +568,7 @@ impl Database for MySqlDatabase {
     ) -> CloudResult<DatabaseClaim> {
         quote_identifier("database", database)?;
         quote_identifier("user", user)?;
-        let mut session = Session::open(master).await?;
+        let mut session = Session::open(master, self.timeouts).await?;
         let result = async {
             session.ensure_ownership_table().await?;
             if let Some(holder) = session.owner_of(database).await? {
@@ -618,7 +626,7 @@ impl Database for MySqlDatabase {
         database: &str,
     ) -> CloudResult<Option<String>> {
         quote_identifier("database", database)?;
-        let mut session = Session::open(master).await?;
+        let mut session = Session::open(master, self.timeouts).await?;
         let result = async {
             session.ensure_ownership_table().await?;
             session.owner_of(database).await
@@ -635,7 +643,7 @@ impl Database for MySqlDatabase {
         owner: &str,
     ) -> CloudResult<()> {
         quote_identifier("database", database)?;
-        let mut session = Session::open(master).await?;
+        let mut session = Session::open(master, self.timeouts).await?;
         let result = async {
             session.ensure_ownership_table().await?;
             session
