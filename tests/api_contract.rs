@@ -158,7 +158,12 @@ async fn parallel_creates(
     let calls = (0..n).map(|_| {
         let mut client = server.instances.clone();
         let request = request.clone();
-        async move { client.create_instance(request).await.map(|r| r.into_inner()) }
+        async move {
+            client
+                .create_instance(request)
+                .await
+                .map(|r| r.into_inner())
+        }
     });
     futures::future::join_all(calls).await
 }
@@ -429,7 +434,10 @@ async fn a_watcher_follows_a_retried_operation_to_its_latest_attempt() {
         })
     };
     tokio::time::sleep(Duration::from_millis(700)).await;
-    assert!(!watcher.is_finished(), "the stream ended at the first attempt's end");
+    assert!(
+        !watcher.is_finished(),
+        "the stream ended at the first attempt's end"
+    );
     end_operation(&server, &operation.name, OperationStatus::Completed).await;
     let events = tokio::time::timeout(Duration::from_secs(5), watcher)
         .await
@@ -474,7 +482,11 @@ async fn watchers_share_one_feed_per_operation_and_streams_are_capped() {
     for _ in 0..12 {
         watchers.push(open_watch(&server, &operation.name).await.unwrap());
     }
-    assert_eq!(server.api.feeds.active(), 1, "one store reader for 12 watchers");
+    assert_eq!(
+        server.api.feeds.active(),
+        1,
+        "one store reader for 12 watchers"
+    );
 
     let status = open_watch(&server, &operation.name).await.unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
@@ -541,12 +553,7 @@ async fn labels_follow_aws_tag_rules_at_the_api() {
         .await
         .unwrap_err();
     assert_eq!(violated_fields(&status), vec!["instance.labels"]);
-    request
-        .instance
-        .as_mut()
-        .unwrap()
-        .labels
-        .remove("Label 42");
+    request.instance.as_mut().unwrap().labels.remove("Label 42");
     let operation = server
         .instances
         .create_instance(request)

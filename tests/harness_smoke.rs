@@ -78,8 +78,10 @@ fn unique_names_differ_and_keep_prefix() {
 #[test]
 fn logged_addresses_are_read_from_human_and_json_lines() {
     let addr: std::net::SocketAddr = "127.0.0.1:41234".parse().unwrap();
-    let human = "2026-12-01T22:00:00Z  INFO instance_manager::server: serving gRPC address=127.0.0.1:41234";
-    let json = r#"{"timestamp":"x","level":"INFO","address":"127.0.0.1:41234","message":"serving gRPC"}"#;
+    let human =
+        "2026-12-01T22:00:00Z  INFO instance_manager::server: serving gRPC address=127.0.0.1:41234";
+    let json =
+        r#"{"timestamp":"x","level":"INFO","address":"127.0.0.1:41234","message":"serving gRPC"}"#;
     assert_eq!(common::logged_address(human), Some(addr));
     assert_eq!(common::logged_address(json), Some(addr));
     assert_eq!(common::logged_address("serving gRPC"), None);

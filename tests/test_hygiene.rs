@@ -32,11 +32,25 @@ fn a_failed_test_s_tenant_databases_are_dropped() {
     .join()
     .expect_err("the test thread fails");
     let names = created.downcast::<ResourceNames>().unwrap();
-    assert!(names.database.starts_with("tenant_imt_"), "{}", names.database);
+    assert!(
+        names.database.starts_with("tenant_imt_"),
+        "{}",
+        names.database
+    );
     let mysql = MySqlDatabase::new();
     let master = platform::mariadb();
     tokio::runtime::Runtime::new().unwrap().block_on(async {
-        assert!(!mysql.database_exists(&master, &names.database).await.unwrap());
-        assert!(!mysql.user_exists(&master, &names.database_user).await.unwrap());
+        assert!(
+            !mysql
+                .database_exists(&master, &names.database)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !mysql
+                .user_exists(&master, &names.database_user)
+                .await
+                .unwrap()
+        );
     });
 }

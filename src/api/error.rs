@@ -188,10 +188,8 @@ fn bad_request(violations: &Violations) -> ErrorDetails {
         let description = bounded(&violation.description, MAX_DETAIL_BYTES);
         used += field.len() + description.len();
         if used > MAX_VIOLATIONS_BYTES {
-            details.add_bad_request_violation(
-                "",
-                format!("{} more violations not shown", total - i),
-            );
+            details
+                .add_bad_request_violation("", format!("{} more violations not shown", total - i));
             break;
         }
         details.add_bad_request_violation(field, description);
@@ -235,12 +233,7 @@ pub fn detailed_transport_status(status: &Status, max_request_bytes: usize) -> O
             message.to_owned(),
             Vec::new(),
         ),
-        code => (
-            code,
-            code_reason(code),
-            message.to_owned(),
-            Vec::new(),
-        ),
+        code => (code, code_reason(code), message.to_owned(), Vec::new()),
     };
     Some(with_metadata(code, message, reason, metadata))
 }
@@ -270,7 +263,10 @@ fn code_reason(code: Code) -> &'static str {
 
 /// Response hook for the server's layer: a trailers-only error response from tonic itself
 /// (decoding, routing) gets ErrorInfo and the documented code; others pass unchanged.
-pub fn add_error_info<B>(mut response: http::Response<B>, max_request_bytes: usize) -> http::Response<B> {
+pub fn add_error_info<B>(
+    mut response: http::Response<B>,
+    max_request_bytes: usize,
+) -> http::Response<B> {
     let headers = response.headers_mut();
     if headers.contains_key("grpc-status-details-bin") {
         return response;

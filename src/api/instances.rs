@@ -193,12 +193,8 @@ impl Api {
             now,
         );
         let event = operation.next_event(now, None, "operation created");
-        let instance = Instance::new_pending(
-            name.clone(),
-            create.spec.clone(),
-            operation.id.clone(),
-            now,
-        );
+        let instance =
+            Instance::new_pending(name.clone(), create.spec.clone(), operation.id.clone(), now);
         let guard = Guard {
             tenant: create.tenant.clone(),
             environment,

@@ -130,16 +130,17 @@ impl Api {
     /// A permit for one more open stream, or RESOURCE_EXHAUSTED when this replica serves
     /// `max_streams` already. The stream holds it until it ends.
     fn stream_permit(&self) -> ApiResult<OwnedSemaphorePermit> {
-        self.streams.clone().try_acquire_owned().map_err(|_| {
-            ApiError::ResourceExhausted {
+        self.streams
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ApiError::ResourceExhausted {
                 reason: reason::TOO_MANY_STREAMS,
                 message: format!(
                     "this server has {} streams open, its limit; retry later",
                     self.settings.max_streams
                 ),
                 metadata: vec![("max_streams", self.settings.max_streams.to_string())],
-            }
-        })
+            })
     }
 
     /// Has the operation ended with event `next - 1`: done, with no later event (a retry
@@ -170,7 +171,9 @@ impl Api {
             return Ok(Box::pin(futures::stream::empty()));
         }
         let permit = self.stream_permit()?;
-        let mut feed = self.feeds.subscribe(self, &id, operation.last_event_seq + 1);
+        let mut feed = self
+            .feeds
+            .subscribe(self, &id, operation.last_event_seq + 1);
         let (sender, receiver) = mpsc::channel(64);
         let api = self.clone();
         let span = tracing::info_span!("watch_operation", operation = %id);

@@ -524,7 +524,10 @@ mod tests {
         let mut labels = BTreeMap::new();
         labels.insert("team".to_string(), "web".to_string());
         labels.insert("Bad;Key".to_string(), "x".to_string());
-        labels.insert("plan".to_string(), "Gold Plan: Ünïcode +1 @ 2/3".to_string());
+        labels.insert(
+            "plan".to_string(),
+            "Gold Plan: Ünïcode +1 @ 2/3".to_string(),
+        );
         labels.insert("note".to_string(), "a\nb".to_string());
         let input = SpecInput {
             labels,
@@ -570,7 +573,10 @@ mod tests {
         assert!(check(&[(k128.as_str(), v256.as_str()), ("Team Name", "")]).is_empty());
         let k129 = "k".repeat(129);
         let v257 = "v".repeat(257);
-        assert_eq!(check(&[(k129.as_str(), "v")]), vec![format!("labels[{k129:?}]")]);
+        assert_eq!(
+            check(&[(k129.as_str(), "v")]),
+            vec![format!("labels[{k129:?}]")]
+        );
         assert_eq!(check(&[("k", v257.as_str())]), vec!["labels[\"k\"]"]);
         assert_eq!(check(&[("", "v")]), vec!["labels[\"\"]"]);
         for reserved in ["aws:x", "AWS:x", "bbws:tenant-id", "Bbws:x"] {

@@ -98,7 +98,10 @@ pub fn logged_address(line: &str) -> Option<SocketAddr> {
     let start = line
         .find("address=")
         .map(|i| i + "address=".len())
-        .or_else(|| line.find("\"address\":\"").map(|i| i + "\"address\":\"".len()))?;
+        .or_else(|| {
+            line.find("\"address\":\"")
+                .map(|i| i + "\"address\":\"".len())
+        })?;
     let rest = &line[start..];
     let end = rest
         .find(|c: char| c.is_whitespace() || c == '"' || c == ',')
@@ -182,6 +185,7 @@ wait "$pid" 2>/dev/null"#;
         // The wrapper outlives moto (it waits for EOF): a lost port shows in moto's log.
         if read_lossy(&log).contains("in use") {
             let _ = child.kill();
+            let _ = child.wait();
             return None;
         }
         if let Ok(Some(status)) = child.try_wait() {
