@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use instance_manager::api::{Api, ApiSettings, PageTokens};
-use instance_manager::domain::{OperationId, OperationStatus, ScaleBounds, Timestamp};
+use instance_manager::domain::{
+    InstanceName, InstanceState, OperationId, OperationStatus, ScaleBounds, Timestamp,
+};
 use instance_manager::proto::google_longrunning as lro;
 use instance_manager::proto::google_longrunning::operations_client::OperationsClient;
 use instance_manager::proto::v1;
@@ -561,4 +563,43 @@ async fn labels_follow_aws_tag_rules_at_the_api() {
         .unwrap()
         .into_inner();
     assert!(!operation.name.is_empty());
+}
+
+#[tokio::test]
+async fn concurrent_deletes_with_one_request_id_all_get_the_one_operation() {
+    let mut server = start().await;
+    let created = server
+        .instances
+        .create_instance(create_request("delete-race", "wp"))
+        .await
+        .unwrap()
+        .into_inner();
+    end_operation(&server, &created.name, OperationStatus::Completed).await;
+    let name = InstanceName::parse("tenants/delete-race/instances/wp").unwrap();
+    let mut instance = server.store.get_instance(&name).await.unwrap().unwrap();
+    instance.state = InstanceState::Active;
+    instance.current_operation = None;
+    server
+        .store
+        .commit(vec![Write::UpdateInstance(instance)])
+        .await
+        .unwrap();
+
+    let request = v1::DeleteInstanceRequest {
+        name: name.to_string(),
+        request_id: "delete-once".into(),
+        ..Default::default()
+    };
+    let calls = (0..20).map(|_| {
+        let mut client = server.instances.clone();
+        let request = request.clone();
+        async move { client.delete_instance(request).await }
+    });
+    let names: std::collections::BTreeSet<String> = futures::future::join_all(calls)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|s| panic!("{s:?}")).into_inner().name)
+        .collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+    assert_eq!(operation_count(&mut server).await, 2);
 }

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -162,49 +161,65 @@ fn start_tls_mariadb() -> TlsMariaDb {
         ),
     )
     .unwrap();
-    let port = common::free_port();
-    let log = std::fs::File::create(d.join("server.log")).unwrap();
-    let child = Command::new(find_program(&["mariadbd", "mysqld"]))
-        .args([
-            "--no-defaults".to_owned(),
-            format!("--datadir={}", data.display()),
-            format!("--user={user}"),
-            format!("--port={port}"),
-            "--bind-address=127.0.0.1".to_owned(),
-            format!("--socket={}", d.join("mysqld.sock").display()),
-            format!("--pid-file={}", d.join("mysqld.pid").display()),
-            format!("--ssl-ca={}", d.join("ca.pem").display()),
-            format!("--ssl-cert={}", d.join("server.pem").display()),
-            format!("--ssl-key={}", d.join("server.key").display()),
-            "--require-secure-transport=ON".to_owned(),
-            "--skip-log-bin".to_owned(),
-            format!("--init-file={}", d.join("init.sql").display()),
-        ])
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start mariadbd");
-    let mut server = TlsMariaDb {
-        child,
-        port,
-        ca: d.join("ca.pem"),
-        dir,
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if let Ok(Some(status)) = server.child.try_wait() {
-            panic!(
-                "mariadbd exited ({status}):\n{}",
-                std::fs::read_to_string(server.dir.path().join("server.log")).unwrap_or_default()
+    // A free port can be taken before mariadbd binds it (it cannot report a port of its
+    // own choosing): try again on another port when the bind fails.
+    let d = d.to_path_buf();
+    let mut dir = dir;
+    let log_path = d.join("server.log");
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    for _ in 0..4 {
+        let port = common::free_port();
+        let log_file = std::fs::File::create(&log_path).unwrap();
+        let child = Command::new(find_program(&["mariadbd", "mysqld"]))
+            .args([
+                "--no-defaults".to_owned(),
+                format!("--datadir={}", data.display()),
+                format!("--user={user}"),
+                format!("--port={port}"),
+                "--bind-address=127.0.0.1".to_owned(),
+                format!("--socket={}", d.join("mysqld.sock").display()),
+                format!("--pid-file={}", d.join("mysqld.pid").display()),
+                format!("--ssl-ca={}", d.join("ca.pem").display()),
+                format!("--ssl-cert={}", d.join("server.pem").display()),
+                format!("--ssl-key={}", d.join("server.key").display()),
+                "--require-secure-transport=ON".to_owned(),
+                "--skip-log-bin".to_owned(),
+                format!("--init-file={}", d.join("init.sql").display()),
+            ])
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("start mariadbd");
+        let mut server = TlsMariaDb {
+            child,
+            port,
+            ca: d.join("ca.pem"),
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        // "ready for connections" once it listens: a connect alone could reach whoever took
+        // the port.
+        loop {
+            if log().contains("ready for connections") {
+                return server;
+            }
+            if let Ok(Some(status)) = server.child.try_wait() {
+                let text = log();
+                if text.contains("Bind on TCP/IP port") || text.contains("in use") {
+                    break;
+                }
+                panic!("mariadbd exited ({status}):\n{text}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "mariadbd did not listen within 60 s:\n{}",
+                log()
             );
+            std::thread::sleep(Duration::from_millis(100));
         }
-        assert!(
-            Instant::now() < deadline,
-            "mariadbd did not listen within 60 s"
-        );
-        std::thread::sleep(Duration::from_millis(100));
+        dir = std::mem::replace(&mut server.dir, tempfile::tempdir().unwrap());
     }
-    server
+    panic!("mariadbd could not bind a port in 4 attempts");
 }
 
 fn master(port: u16, tls: DbTls, ca_file: Option<PathBuf>) -> MasterCredentials {

@@ -372,3 +372,58 @@ fn into_status(error: ApiError) -> Status {
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounded_cuts_at_a_character_boundary() {
+        assert_eq!(bounded("short", 10), "short");
+        let cut = bounded(&"é".repeat(100), 11);
+        assert!(cut.len() <= 11, "{cut}");
+        assert!(cut.ends_with('…'));
+    }
+
+    #[test]
+    fn every_echo_of_input_is_bounded() {
+        let mut violations = Violations::new();
+        for i in 0..200 {
+            violations.add(format!("f{i}{}", "x".repeat(500)), "y".repeat(5000));
+        }
+        let status = Status::from(ApiError::Invalid(violations));
+        assert!(status.message().len() <= MAX_MESSAGE_BYTES);
+        assert!(
+            status.details().len() < 4 * 1024,
+            "{}",
+            status.details().len()
+        );
+        let info = status.get_details_error_info().unwrap();
+        assert_eq!(info.reason, reason::INVALID_ARGUMENT);
+        let shown = status.get_details_bad_request().unwrap().field_violations;
+        assert!(
+            shown
+                .last()
+                .unwrap()
+                .description
+                .ends_with("more violations not shown")
+        );
+    }
+
+    #[test]
+    fn transport_statuses_get_error_info_and_handler_ones_are_left_alone() {
+        let too_large = Status::out_of_range(
+            "Error, decoded message length too large: found 10485807 bytes, the limit is: 1048576 bytes",
+        );
+        let detailed = detailed_transport_status(&too_large, 1024).unwrap();
+        assert_eq!(detailed.code(), Code::ResourceExhausted);
+        assert_eq!(
+            detailed.get_details_error_info().unwrap().reason,
+            reason::REQUEST_TOO_LARGE
+        );
+        let undecodable = detailed_transport_status(&Status::internal("bad wire type"), 1024);
+        assert_eq!(undecodable.unwrap().code(), Code::InvalidArgument);
+        let ours = Status::from(ApiError::instance_not_found("tenants/a/instances/b"));
+        assert!(detailed_transport_status(&ours, 1024).is_none());
+    }
+}

@@ -185,6 +185,7 @@ wait "$pid" 2>/dev/null"#;
         // The wrapper outlives moto (it waits for EOF): a lost port shows in moto's log.
         if read_lossy(&log).contains("in use") {
             let _ = child.kill();
+            let _ = child.wait();
             return None;
         }
         if let Ok(Some(status)) = child.try_wait() {
