@@ -302,13 +302,14 @@ mod tests {
         let with_labels = ctx.tags("efs");
         assert!(with_labels.contains(&("team".into(), "web".into())));
         assert!(!with_labels.contains(&("bbws:component".into(), "spoof".into())));
-        assert_eq!(with_labels.len(), 8, "{with_labels:?}");
+        // Our own tags and the one label that does not collide with them.
+        assert_eq!(with_labels.len(), 9, "{with_labels:?}");
         let tags = ctx.own_tags("efs");
         assert!(tags.contains(&("bbws:tenant-id".into(), "acme".into())));
         assert!(tags.contains(&("bbws:environment".into(), "SIT".into())));
         assert!(tags.contains(&("bbws:managed-by".into(), "instance-manager".into())));
         assert!(tags.contains(&("bbws:component".into(), "efs".into())));
         assert!(tags.contains(&("bbws:instance-id".into(), "wp".into())));
-        assert_eq!(tags.len(), 8);
+        assert_eq!(tags.len(), crate::domain::spec::OWN_TAGS);
     }
 }
