@@ -1237,6 +1237,42 @@ async fn compute_one_off_task() {
         container.mount_points()[0].container_path(),
         Some(WP_CONTENT_PATH)
     );
+    let efs = td.task_definition().unwrap().volumes()[0]
+        .efs_volume_configuration()
+        .unwrap();
+    let auth = efs.authorization_config().unwrap();
+    assert_eq!(auth.access_point_id(), Some("fsap-1"));
+    assert_eq!(auth.iam().map(|i| i.as_str()), Some("ENABLED"));
+
+    // Without an access point, the task mounts the file system's root (the tenant
+    // directory cleaner), still IAM-authorised and encrypted in transit.
+    let mut root = spec.clone();
+    root.family = format!("{}-cleaner", acme.names.stack);
+    root.access_point_id = String::new();
+    root.client_token = "operation-1/1/cleaner".to_owned();
+    let cleaner = compute.run_task(&root).await.unwrap();
+    let described = ecs
+        .describe_tasks()
+        .cluster(&fixture.cluster)
+        .tasks(&cleaner)
+        .send()
+        .await
+        .unwrap();
+    let td = ecs
+        .describe_task_definition()
+        .task_definition(described.tasks()[0].task_definition_arn().unwrap())
+        .send()
+        .await
+        .unwrap();
+    let efs = td.task_definition().unwrap().volumes()[0]
+        .efs_volume_configuration()
+        .unwrap();
+    assert_eq!(efs.root_directory(), Some("/"));
+    assert_eq!(efs.authorization_config().unwrap().access_point_id(), None);
+    assert_eq!(
+        efs.transit_encryption().map(|t| t.as_str()),
+        Some("ENABLED")
+    );
 
     // A second run (another token) reuses the task definition.
     let mut another = spec.clone();

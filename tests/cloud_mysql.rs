@@ -23,13 +23,47 @@ fn master() -> MasterCredentials {
     }
 }
 
-/// Fresh names: `(database, user)`.
+/// Fresh names: `(database, user)`. Both are dropped when the test's thread ends, whether
+/// the test passed or failed.
 fn names(label: &str) -> (String, String) {
     let id = uuid::Uuid::new_v4().simple().to_string();
-    (
+    let names = (
         format!("it_{label}_{}_db", &id[..10]),
         format!("it_{label}_{}", &id[..10]),
-    )
+    );
+    LEFTOVERS.with(|left| left.borrow_mut().0.push(names.clone()));
+    names
+}
+
+/// The databases and users a test thread named; dropping it (at the thread's end) drops them.
+struct Leftovers(Vec<(String, String)>);
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        let names = std::mem::take(&mut self.0);
+        if names.is_empty() {
+            return;
+        }
+        // Thread-local destructors run while the thread ends: work on a thread of our own.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime for the cleanup");
+            runtime.block_on(async {
+                let master = master();
+                for (database, user) in &names {
+                    cleanup(&master, database, user).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+thread_local! {
+    static LEFTOVERS: std::cell::RefCell<Leftovers> =
+        const { std::cell::RefCell::new(Leftovers(Vec::new())) };
 }
 
 async fn connect(

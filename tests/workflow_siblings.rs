@@ -153,10 +153,13 @@ async fn a_database_that_existed_before_is_never_adopted_or_dropped() {
 
 /// The real adapter, except that a deleted service reports DRAINING for `polls` status
 /// reads before it is gone, as ECS does for up to the deregistration delay (moto never
-/// shows DRAINING).
+/// shows DRAINING); one-off tasks are recorded, and the tenant-directory cleaner's can be
+/// made to stop with `cleaner_exit` (moto runs no container, so reports no exit code).
 struct DrainingCompute {
     inner: Arc<dyn Compute>,
     polls: u32,
+    one_offs: Arc<Mutex<Vec<(OneOffTaskSpec, String)>>>,
+    cleaner_exit: Option<i32>,
     /// Service name → (DRAINING reads left, its tags).
     draining: Arc<Mutex<HashMap<String, (u32, Tags)>>>,
     /// DRAINING answers given so far.
@@ -250,9 +253,26 @@ impl Compute for DrainingCompute {
         Ok(())
     }
     async fn run_task(&self, spec: &OneOffTaskSpec) -> CloudResult<String> {
-        self.inner.run_task(spec).await
+        let task = self.inner.run_task(spec).await?;
+        self.one_offs
+            .lock()
+            .unwrap()
+            .push((spec.clone(), task.clone()));
+        Ok(task)
     }
     async fn task_status(&self, cluster: &str, task_arn: &str) -> CloudResult<Option<TaskStatus>> {
+        let cleaner = self
+            .one_offs
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(spec, task)| task == task_arn && spec.family.ends_with("-cleaner"));
+        if cleaner && let Some(code) = self.cleaner_exit {
+            return Ok(Some(TaskStatus {
+                last_status: "STOPPED".into(),
+                exit_code: Some(code),
+            }));
+        }
         self.inner.task_status(cluster, task_arn).await
     }
     async fn find_tagged(&self, cluster: &str, tags: &Tags) -> CloudResult<Vec<String>> {
@@ -281,6 +301,8 @@ async fn a_draining_service_is_waited_for_on_delete_and_on_re_create() {
             cloud.compute = Arc::new(DrainingCompute {
                 inner: cloud.compute.clone(),
                 polls: POLLS,
+                one_offs: Arc::default(),
+                cleaner_exit: None,
                 draining: draining.clone(),
                 observed: observed.clone(),
             });
@@ -322,5 +344,108 @@ async fn a_draining_service_is_waited_for_on_delete_and_on_re_create() {
     assert_eq!(
         inventory_of(&cloud, &tenant, "wp2").await,
         provisioned(false)
+    );
+}
+
+/// A control plane whose one-off tasks are recorded, and whose directory cleaner stops with
+/// `cleaner_exit`.
+async fn with_recorded_tasks(
+    cleaner_exit: i32,
+) -> (
+    platform::ControlPlane,
+    Arc<Mutex<Vec<(OneOffTaskSpec, String)>>>,
+) {
+    let config = platform::config_with_platforms(&[Environment::Sit]).await;
+    let one_offs = Arc::new(Mutex::new(Vec::new()));
+    let wrap: platform::CloudWrapper = {
+        let one_offs = one_offs.clone();
+        Arc::new(move |mut cloud: CloudEnv| {
+            cloud.compute = Arc::new(DrainingCompute {
+                inner: cloud.compute.clone(),
+                polls: 0,
+                one_offs: one_offs.clone(),
+                cleaner_exit: Some(cleaner_exit),
+                draining: Arc::default(),
+                observed: Arc::default(),
+            });
+            cloud
+        })
+    };
+    let cp = platform::start_with(
+        config,
+        instance_manager::workflow::EngineOptions::default(),
+        |store| store,
+        Some(wrap),
+    )
+    .await;
+    (cp, one_offs)
+}
+
+#[tokio::test]
+async fn deprovisioning_removes_the_tenant_directory_even_without_an_archive() {
+    let (mut cp, one_offs) = with_recorded_tasks(0).await;
+    let tenant = platform::tenant("files");
+    let created = cp.create_named(&tenant, "wp", v1::Environment::Sit).await;
+    let (events, done) = cp.watch(&created.name).await;
+    assert_eq!(status(&done), v1::OperationStatus::Completed, "{events:#?}");
+
+    let deleted = cp
+        .instances
+        .delete_instance(v1::DeleteInstanceRequest {
+            name: format!("tenants/{tenant}/instances/wp"),
+            skip_archive: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (events, done) = cp.watch(&deleted.name).await;
+    assert_eq!(status(&done), v1::OperationStatus::Completed, "{events:#?}");
+    let step = metadata(&done)
+        .steps
+        .into_iter()
+        .find(|s| s.name == "remove_content")
+        .expect("a remove_content step");
+    assert_eq!(step.status(), v1::StepStatus::Succeeded);
+
+    // One cleaner, on the file system's root, removing exactly this tenant's directory.
+    let cleaners: Vec<_> = one_offs
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(spec, _)| spec.family.ends_with("-cleaner"))
+        .map(|(spec, task)| (spec.clone(), task.clone()))
+        .collect();
+    let tasks: std::collections::BTreeSet<_> = cleaners.iter().map(|(_, t)| t).collect();
+    assert_eq!(tasks.len(), 1, "{cleaners:#?}");
+    let (spec, _) = &cleaners[0];
+    assert_eq!(
+        spec.access_point_id, "",
+        "the root is mounted, not the access point"
+    );
+    assert!(
+        spec.environment
+            .contains(&("TENANT_DIR".to_owned(), format!("tenant-{tenant}"))),
+        "{spec:#?}"
+    );
+    // Nothing of it is left behind either (its task definition is deleted).
+    let cloud = cp.cloud(Environment::Sit).await;
+    assert!(inventory(&cloud, &tenant).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_tenant_directory_that_cannot_be_removed_fails_the_deprovisioning() {
+    let (mut cp, _) = with_recorded_tasks(1).await;
+    let tenant = platform::tenant("stuckfiles");
+    let created = cp.create_named(&tenant, "wp", v1::Environment::Sit).await;
+    let (events, done) = cp.watch(&created.name).await;
+    assert_eq!(status(&done), v1::OperationStatus::Completed, "{events:#?}");
+    let deleted = cp.delete_named(&tenant, "wp").await;
+    let (events, done) = cp.watch(&deleted.name).await;
+    assert_eq!(status(&done), v1::OperationStatus::Failed, "{events:#?}");
+    assert!(
+        metadata(&done).status_detail.contains("could not remove"),
+        "{:#?}",
+        metadata(&done)
     );
 }

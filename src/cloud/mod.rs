@@ -319,6 +319,7 @@ pub struct OneOffTaskSpec {
     pub command: Vec<String>,
     pub environment: Vec<(String, String)>,
     pub file_system_id: String,
+    /// The access point the task mounts; empty mounts the file system's root instead.
     pub access_point_id: String,
     pub subnets: Vec<String>,
     pub security_groups: Vec<String>,

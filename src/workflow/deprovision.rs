@@ -20,6 +20,7 @@ use super::{Failure, StepCtx, StepError, StepResult, Workflow};
 pub const ARCHIVE_DATABASE: &str = "archive_database";
 pub const START_CONTENT_ARCHIVE: &str = "start_content_archive";
 pub const AWAIT_CONTENT_ARCHIVE: &str = "await_content_archive";
+pub const REMOVE_CONTENT: &str = "remove_content";
 pub const VERIFY: &str = "verify";
 
 pub struct Deprovision;
@@ -67,7 +68,13 @@ impl Workflow for Deprovision {
             third.push(USER_POOL);
         }
         stages.push(third);
-        stages.push(vec![TARGET_GROUP, DATABASE, SECRET, ACCESS_POINT]);
+        stages.push(vec![
+            TARGET_GROUP,
+            DATABASE,
+            SECRET,
+            ACCESS_POINT,
+            REMOVE_CONTENT,
+        ]);
         stages.push(vec![VERIFY]);
         stages
     }
@@ -77,6 +84,7 @@ impl Workflow for Deprovision {
             ARCHIVE_DATABASE => archive_database(ctx).await.map(Some),
             START_CONTENT_ARCHIVE => start_content_archive(ctx).await.map(Some),
             AWAIT_CONTENT_ARCHIVE => await_content_archive(ctx).await.map(Some),
+            REMOVE_CONTENT => remove_content(ctx).await,
             VERIFY => verify(ctx).await.map(|()| None),
             // The instance recorded what provisioning made; names and tags find the rest.
             other => {
@@ -149,6 +157,97 @@ async fn archive_database(ctx: &StepCtx) -> StepResult<String> {
         .put_object(bucket, &key, body, &ctx.tags("archive"))
         .await?;
     Ok(format!("s3://{bucket}/{key}"))
+}
+
+fn cleaner_family(ctx: &StepCtx) -> String {
+    format!("{}-cleaner", ctx.names.stack)
+}
+
+/// The tenant's directory on the shared file system, as the cleaner sees it: a single path
+/// component `tenant-{id}` (never empty, never a path that climbs out).
+fn tenant_directory(ctx: &StepCtx) -> StepResult<String> {
+    let directory = ctx.names.access_point_root.trim_start_matches('/');
+    let valid = directory.starts_with("tenant-")
+        && directory
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if valid {
+        Ok(directory.to_owned())
+    } else {
+        Err(StepError::Fatal(format!(
+            "refusing to remove {directory:?}: not a tenant directory"
+        )))
+    }
+}
+
+/// Removes `/tenant-{id}` — files and directory — from the shared file system, so that a
+/// later tenant with the same id inherits nothing, and checks it is gone: a one-off task
+/// mounts the file system's root, removes the directory and exits 0 only if it no longer
+/// exists. Runs even when the archive was skipped. Left alone while an access point of
+/// another instance (a live sibling) still uses the directory.
+async fn remove_content(ctx: &StepCtx) -> StepResult<Option<String>> {
+    let platform = &ctx.cloud.platform;
+    let directory = tenant_directory(ctx)?;
+    let ours = ctx
+        .cloud
+        .files
+        .find_tagged(&platform.file_system_id, &ctx.component_tags("efs"))
+        .await?;
+    let all = ctx
+        .cloud
+        .files
+        .find_tagged(&platform.file_system_id, &ctx.tenant_tags())
+        .await?;
+    if all.iter().any(|id| !ours.contains(id)) {
+        return Ok(Some("kept: another instance's access point uses it".into()));
+    }
+    let script = "set -e; case \"$TENANT_DIR\" in tenant-*) ;; *) exit 2 ;; esac; \
+                  rm -rf \"$FS_ROOT/$TENANT_DIR\"; [ ! -e \"$FS_ROOT/$TENANT_DIR\" ]";
+    let spec = OneOffTaskSpec {
+        cluster: platform.cluster.clone(),
+        family: cleaner_family(ctx),
+        image: platform.archiver_image.clone(),
+        command: vec!["sh".into(), "-c".into(), script.into()],
+        environment: vec![
+            ("FS_ROOT".into(), WP_CONTENT_PATH.into()),
+            ("TENANT_DIR".into(), directory.clone()),
+        ],
+        file_system_id: platform.file_system_id.clone(),
+        // The file system's root: the directory itself is what goes.
+        access_point_id: String::new(),
+        subnets: platform.subnets.clone(),
+        security_groups: platform.security_groups.clone(),
+        execution_role_arn: platform.execution_role_arn.clone(),
+        task_role_arn: platform.task_role_arn.clone(),
+        // One task per attempt of this operation, however often the step is resumed.
+        client_token: format!("{}/{}/cleaner", ctx.operation.id, ctx.operation.attempt),
+        tags: ctx.tags("cleaner"),
+    };
+    // Idempotent: a resumed step finds the task it started (client token) and waits for it.
+    let task = ctx.cloud.compute.run_task(&spec).await?;
+    let status = ctx
+        .cloud
+        .compute
+        .task_status(&platform.cluster, &task)
+        .await?
+        .ok_or_else(|| StepError::Fatal(format!("cleaner task {task} is gone")))?;
+    if status.last_status != "STOPPED" {
+        return Err(StepError::NotYet(format!(
+            "cleaner is {}",
+            status.last_status
+        )));
+    }
+    if !ctx.cloud.readiness.task_succeeded(status.exit_code) {
+        return Err(StepError::Fatal(format!(
+            "the cleaner could not remove /{directory} (exit code {:?})",
+            status.exit_code
+        )));
+    }
+    ctx.cloud
+        .compute
+        .delete_task_definitions(&cleaner_family(ctx), &ctx.owner_tags())
+        .await?;
+    Ok(Some(format!("removed /{directory}")))
 }
 
 fn archiver_family(ctx: &StepCtx) -> String {

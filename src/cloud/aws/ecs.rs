@@ -91,15 +91,21 @@ fn family_and_revision(arn: &str) -> Option<(&str, u32)> {
     Some((family, revision.parse().ok()?))
 }
 
+/// The EFS volume through `access_point_id`, or — when it is empty — the file system's root
+/// (IAM-authorised; the task role needs `elasticfilesystem:ClientRootAccess`).
 fn efs_volume(file_system_id: &str, access_point_id: &str) -> CloudResult<Volume> {
-    let authorization = EfsAuthorizationConfig::builder()
-        .access_point_id(access_point_id)
-        .iam(EfsAuthorizationConfigIam::Enabled)
-        .build();
-    let efs = EfsVolumeConfiguration::builder()
+    let mut authorization =
+        EfsAuthorizationConfig::builder().iam(EfsAuthorizationConfigIam::Enabled);
+    let mut efs = EfsVolumeConfiguration::builder()
         .file_system_id(file_system_id)
-        .transit_encryption(EfsTransitEncryption::Enabled)
-        .authorization_config(authorization)
+        .transit_encryption(EfsTransitEncryption::Enabled);
+    if access_point_id.is_empty() {
+        efs = efs.root_directory("/");
+    } else {
+        authorization = authorization.access_point_id(access_point_id);
+    }
+    let efs = efs
+        .authorization_config(authorization.build())
         .build()
         .map_err(invalid("ecs:RegisterTaskDefinition"))?;
     Ok(Volume::builder()
