@@ -45,19 +45,12 @@ impl Drop for Leftovers {
             return;
         }
         // Thread-local destructors run while the thread ends: work on a thread of our own.
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime for the cleanup");
-            runtime.block_on(async {
-                let master = master();
-                for (database, user) in &names {
-                    cleanup(&master, database, user).await;
-                }
-            });
-        })
-        .join();
+        common::run_on_own_thread(move || async move {
+            let master = master();
+            for (database, user) in &names {
+                cleanup(&master, database, user).await;
+            }
+        });
     }
 }
 

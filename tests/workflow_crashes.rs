@@ -104,13 +104,7 @@ async fn a_crash_after_any_provisioning_call_converges_to_one_of_each() {
         let mut client = Client::connect(&addr).await;
         let tenant = platform::tenant("ref");
         let operation = client.create(&tenant, v1::Environment::Dev).await;
-        let (events, done) = client.watch(&operation.name).await;
-        assert_eq!(
-            metadata(&done).status(),
-            v1::OperationStatus::Completed,
-            "{events:#?}"
-        );
-        step_names(&done)
+        step_names(&client.completed(&operation.name).await)
     };
     assert!(steps.len() >= 8, "{steps:?}");
 
@@ -159,15 +153,9 @@ async fn a_crash_after_any_deprovisioning_call_converges_to_nothing() {
         let mut client = Client::connect(&addr).await;
         let tenant = platform::tenant("ref");
         let created = client.create(&tenant, v1::Environment::Dev).await;
-        client.watch(&created.name).await;
+        client.completed(&created.name).await;
         let deleted = client.delete(&tenant).await;
-        let (events, done) = client.watch(&deleted).await;
-        assert_eq!(
-            metadata(&done).status(),
-            v1::OperationStatus::Completed,
-            "{events:#?}"
-        );
-        step_names(&done)
+        step_names(&client.completed(&deleted).await)
     };
     assert!(steps.len() >= 8, "{steps:?}");
 
@@ -182,12 +170,7 @@ async fn a_crash_after_any_deprovisioning_call_converges_to_nothing() {
                 let (_server, addr) = serve_process(&path, "");
                 let mut client = Client::connect(&addr).await;
                 let created = client.create(&tenant, v1::Environment::Dev).await;
-                let (events, done) = client.watch(&created.name).await;
-                assert_eq!(
-                    metadata(&done).status(),
-                    v1::OperationStatus::Completed,
-                    "{events:#?}"
-                );
+                client.completed(&created.name).await;
             }
             let point = format!("{step}=exit-after");
             let (events, done, survivor) = crash_and_resume(&path, &point, |mut client| {

@@ -171,21 +171,8 @@ async fn a_passed_deadline_ends_stuck_and_leaves_resources_for_a_retry() {
     let tenant = platform::tenant("late");
     let operation = cp.create(&tenant, v1::Environment::Dev).await;
     // Every step before `wait_steady` finishes; then the rollout never converges.
-    let mut stream = cp
-        .instances
-        .watch_operation(v1::WatchOperationRequest {
-            name: operation.name.clone(),
-            from_sequence: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    while let Some(event) = stream.message().await.unwrap() {
-        if event.step == "wait_steady" && event.step_status() == v1::StepStatus::Running {
-            break;
-        }
-    }
-    drop(stream);
+    cp.wait_for_step(&operation.name, "wait_steady", v1::StepStatus::Running)
+        .await;
     clock.advance(Duration::from_secs(config.provision_deadline_secs + 1));
 
     let (events, stuck) = cp.watch(&operation.name).await;
@@ -667,16 +654,7 @@ async fn a_resumed_operation_runs_its_persisted_plan_not_the_live_configuration(
     let cloud = cp.cloud(Environment::Dev).await;
     assert_eq!(inventory(&cloud, &tenant).await, provisioned(true));
 
-    let deleted = cp
-        .instances
-        .delete_instance(v1::DeleteInstanceRequest {
-            name: format!("tenants/{tenant}/instances/wp"),
-            skip_archive: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let deleted = cp.delete_skipping_archive(&tenant).await;
     hold.reached.notified().await;
     // The replica stops mid-deletion (its lease handed back), and the next one starts with
     // Cognito switched off for the environment.
@@ -684,8 +662,7 @@ async fn a_resumed_operation_runs_its_persisted_plan_not_the_live_configuration(
     let mut flipped = config.clone();
     flipped.environments[0].platform.cognito_enabled = false;
     let mut cp = platform::start(flipped, None).await;
-    let (events, done) = cp.watch(&deleted.name).await;
-    assert_eq!(status(&done), v1::OperationStatus::Completed, "{events:#?}");
+    let done = cp.completed(&deleted).await;
     assert_eq!(step_status(&done, "user_pool"), v1::StepStatus::Succeeded);
     // Counted on the original platform's view: the pool is gone, not orphaned.
     assert!(

@@ -30,20 +30,9 @@ async fn a_killed_replica_s_operation_is_resumed_without_duplicates() {
     let operation = client.create(&tenant, v1::Environment::Sit).await;
 
     // Wait until the service step has started (the failpoint holds it there), then kill -9.
-    let mut stream = client
-        .instances
-        .watch_operation(v1::WatchOperationRequest {
-            name: operation.name.clone(),
-            from_sequence: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    while let Some(event) = stream.message().await.unwrap() {
-        if event.step == "service" && event.step_status() == v1::StepStatus::Running {
-            break;
-        }
-    }
+    client
+        .wait_for_step(&operation.name, "service", v1::StepStatus::Running)
+        .await;
     first.kill();
 
     let (_second, addr) = serve(&path, "");

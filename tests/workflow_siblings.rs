@@ -389,18 +389,8 @@ async fn deprovisioning_removes_the_tenant_directory_even_without_an_archive() {
     let (events, done) = cp.watch(&created.name).await;
     assert_eq!(status(&done), v1::OperationStatus::Completed, "{events:#?}");
 
-    let deleted = cp
-        .instances
-        .delete_instance(v1::DeleteInstanceRequest {
-            name: format!("tenants/{tenant}/instances/wp"),
-            skip_archive: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let (events, done) = cp.watch(&deleted.name).await;
-    assert_eq!(status(&done), v1::OperationStatus::Completed, "{events:#?}");
+    let deleted = cp.delete_skipping_archive(&tenant).await;
+    let done = cp.completed(&deleted).await;
     let step = metadata(&done)
         .steps
         .into_iter()

@@ -618,3 +618,19 @@ impl RunOutput {
         self
     }
 }
+
+/// Runs the future `make` builds on a thread and runtime of its own and waits for it: for
+/// cleanup in destructors (of thread-locals, say), where the test's runtime is gone.
+pub fn run_on_own_thread<F>(make: impl FnOnce() -> F + Send + 'static)
+where
+    F: std::future::Future<Output = ()>,
+{
+    let _ = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime for the cleanup");
+        runtime.block_on(make());
+    })
+    .join();
+}

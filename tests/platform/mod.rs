@@ -62,14 +62,7 @@ impl Drop for CreatedTenants {
             return;
         }
         // Thread-local destructors run while the thread ends: work on a thread of our own.
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime for the cleanup");
-            runtime.block_on(drop_tenant_databases(&tenants));
-        })
-        .join();
+        common::run_on_own_thread(move || async move { drop_tenant_databases(&tenants).await });
     }
 }
 
@@ -347,6 +340,58 @@ impl Client {
     /// event), and the final state of the operation.
     pub async fn watch(&mut self, operation: &str) -> (Vec<v1::OperationEvent>, lro::Operation) {
         self.watch_from(operation, 0).await
+    }
+
+    /// Watches `operation` to its end and asserts that it COMPLETED; its final state.
+    pub async fn completed(&mut self, operation: &str) -> lro::Operation {
+        let (events, done) = self.watch(operation).await;
+        assert_eq!(
+            metadata(&done).status(),
+            v1::OperationStatus::Completed,
+            "{events:#?}"
+        );
+        done
+    }
+
+    /// Returns once `operation` reported `step` as `status` (at most 120 s).
+    pub async fn wait_for_step(&mut self, operation: &str, step: &str, status: v1::StepStatus) {
+        let mut stream = self
+            .instances
+            .watch_operation(v1::WatchOperationRequest {
+                name: operation.into(),
+                from_sequence: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let reached = tokio::time::timeout(Duration::from_secs(120), async {
+            while let Some(event) = stream.message().await.unwrap() {
+                if event.step == step && event.step_status() == status {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        assert_eq!(
+            reached,
+            Ok(true),
+            "{operation}: {step} never became {status:?}"
+        );
+    }
+
+    /// Deletes the tenant's instance `wp` without the archive; the operation's name.
+    pub async fn delete_skipping_archive(&mut self, tenant: &str) -> String {
+        self.instances
+            .delete_instance(v1::DeleteInstanceRequest {
+                name: format!("tenants/{tenant}/instances/wp"),
+                skip_archive: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .name
     }
 
     /// Like `watch`, from event `from_sequence` on.
