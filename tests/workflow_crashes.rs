@@ -24,14 +24,34 @@ use platform::{Client, exited, inventory, metadata, provisioned, serve_process, 
 /// Short leases: the next process takes over soon after the crash.
 const LEASE_SECS: u64 = 5;
 const CRASH_LIMIT: Duration = Duration::from_secs(180);
+/// Scenarios running at once: each is two or three server processes on one emulator, which
+/// answers one request at a time.
+const AT_ONCE: usize = 4;
+
+/// [`serve_process`] without blocking the runtime while the process starts.
+async fn serve(path: &std::path::Path, failpoints: &str) -> (common::ServerProcess, String) {
+    let (path, failpoints) = (path.to_owned(), failpoints.to_owned());
+    tokio::task::spawn_blocking(move || serve_process(&path, &failpoints))
+        .await
+        .unwrap()
+}
+
+/// Runs `scenarios` at most [`AT_ONCE`] at a time.
+async fn run_all(scenarios: impl Iterator<Item = impl std::future::Future<Output = ()>>) {
+    use futures::StreamExt;
+    futures::stream::iter(scenarios)
+        .buffer_unordered(AT_ONCE)
+        .collect::<Vec<()>>()
+        .await;
+}
 
 /// `config` on a fresh table of its own, written for server processes in `dir`.
 async fn own_table(config: &Config, dir: &std::path::Path) -> std::path::PathBuf {
     std::fs::create_dir_all(dir).unwrap();
     let mut config = config.clone();
     config.table = common::unique_name("crash");
-    // Ten processes poll one emulator: keep their claim loops light.
-    config.poll_interval_ms = 300;
+    // Many processes poll one emulator: keep their claim loops light.
+    config.poll_interval_ms = 500;
     DynamoStore::new(
         aws_sdk_dynamodb::Client::new(&common::test_sdk_config().await),
         config.table.clone(),
@@ -75,7 +95,7 @@ where
     F: FnOnce(Client) -> Fut,
     Fut: std::future::Future<Output = String>,
 {
-    let (mut crashing, addr) = serve_process(path, point);
+    let (mut crashing, addr) = serve(path, point).await;
     let operation = start(Client::connect(&addr).await).await;
     let status = exited(&mut crashing, CRASH_LIMIT)
         .await
@@ -86,7 +106,7 @@ where
         "{point}: {status}\n{}",
         crashing.logs()
     );
-    let (survivor, addr) = serve_process(path, "");
+    let (survivor, addr) = serve(path, "").await;
     let (events, done) = Client::connect(&addr).await.watch(&operation).await;
     (events, done, survivor)
 }
@@ -100,7 +120,7 @@ async fn a_crash_after_any_provisioning_call_converges_to_one_of_each() {
     // The plan, as a clean run records it.
     let path = own_table(&config, &dir.path().join("reference")).await;
     let steps = {
-        let (_server, addr) = serve_process(&path, "");
+        let (_server, addr) = serve(&path, "").await;
         let mut client = Client::connect(&addr).await;
         let tenant = platform::tenant("ref");
         let operation = client.create(&tenant, v1::Environment::Dev).await;
@@ -137,7 +157,7 @@ async fn a_crash_after_any_provisioning_call_converges_to_one_of_each() {
             );
         }
     });
-    futures::future::join_all(scenarios).await;
+    run_all(scenarios).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -149,7 +169,7 @@ async fn a_crash_after_any_deprovisioning_call_converges_to_nothing() {
     // The plan, as a clean deletion records it.
     let path = own_table(&config, &dir.path().join("reference")).await;
     let steps = {
-        let (_server, addr) = serve_process(&path, "");
+        let (_server, addr) = serve(&path, "").await;
         let mut client = Client::connect(&addr).await;
         let tenant = platform::tenant("ref");
         let created = client.create(&tenant, v1::Environment::Dev).await;
@@ -167,7 +187,7 @@ async fn a_crash_after_any_deprovisioning_call_converges_to_nothing() {
             let path = own_table(config, &dir).await;
             let tenant = platform::tenant("crash");
             {
-                let (_server, addr) = serve_process(&path, "");
+                let (_server, addr) = serve(&path, "").await;
                 let mut client = Client::connect(&addr).await;
                 let created = client.create(&tenant, v1::Environment::Dev).await;
                 client.completed(&created.name).await;
@@ -195,7 +215,7 @@ async fn a_crash_after_any_deprovisioning_call_converges_to_nothing() {
             );
         }
     });
-    futures::future::join_all(scenarios).await;
+    run_all(scenarios).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -207,7 +227,7 @@ async fn a_crash_during_a_rollback_resumes_the_rollback() {
     let tenant = platform::tenant("undo");
     // wait_steady fails, the rollback starts from the newest step, and the process dies
     // just before undoing the secret: the secret and the access point still exist.
-    let (mut crashing, addr) = serve_process(&path, "wait_steady=error,undo:secret=exit");
+    let (mut crashing, addr) = serve(&path, "wait_steady=error,undo:secret=exit").await;
     let operation = Client::connect(&addr)
         .await
         .create(&tenant, v1::Environment::Sit)
@@ -224,7 +244,7 @@ async fn a_crash_during_a_rollback_resumes_the_rollback() {
     );
 
     // A process without failpoints resumes: it must go on undoing, not run forward.
-    let (_survivor, addr) = serve_process(&path, "");
+    let (_survivor, addr) = serve(&path, "").await;
     let mut client = Client::connect(&addr).await;
     let (events, done) = client.watch(&operation).await;
     let meta = metadata(&done);
