@@ -256,7 +256,7 @@ const ENVIRONMENT_RECHECK_SECS: u64 = 60;
 
 /// Verifies the environments again while any is unavailable, so that one that failed at
 /// start-up (credentials, network) is served again without a restart.
-async fn recheck_environments(
+pub async fn recheck_environments(
     accounts: Arc<Accounts>,
     served: Arc<std::sync::RwLock<Vec<crate::domain::Environment>>>,
     every: Duration,

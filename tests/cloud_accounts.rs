@@ -612,3 +612,62 @@ async fn role_sessions_are_cached_and_assumed_again_before_they_expire() {
     assert_eq!(actual, account);
     assert!(arn.ends_with("/refresh-test"), "{arn}");
 }
+
+/// A TCP relay to moto that drops every connection while `up` is false (an environment
+/// whose endpoint cannot be reached), and relays once it is true.
+async fn switchable_relay(target: String) -> (String, Arc<std::sync::atomic::AtomicBool>) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let target = target.trim_start_matches("http://").to_owned();
+    let up = Arc::new(AtomicBool::new(false));
+    let switch = up.clone();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            if !switch.load(Ordering::SeqCst) {
+                drop(client);
+                continue;
+            }
+            let target = target.clone();
+            tokio::spawn(async move {
+                if let Ok(mut upstream) = tokio::net::TcpStream::connect(&target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                }
+            });
+        }
+    });
+    (format!("http://{address}"), up)
+}
+
+#[tokio::test]
+async fn an_environment_unreachable_at_start_up_is_served_once_it_verifies() {
+    let (relay, up) = switchable_relay(common::aws_endpoint()).await;
+    let mut sit = environment(Environment::Sit, &random_account());
+    sit.endpoint = Some(relay);
+    let accounts = Arc::new(accounts(&config(vec![sit])).await);
+    let outcomes = accounts.verify().await;
+    assert!(outcomes[0].1.is_err(), "{outcomes:?}");
+    let served = Arc::new(std::sync::RwLock::new(accounts.served()));
+    assert!(served.read().unwrap().is_empty());
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let recheck = tokio::spawn(instance_manager::server::recheck_environments(
+        accounts.clone(),
+        served.clone(),
+        Duration::from_millis(100),
+        stop.clone(),
+    ));
+    // The endpoint comes back: the next re-check serves the environment again.
+    up.store(true, std::sync::atomic::Ordering::SeqCst);
+    let back = tokio::time::timeout(Duration::from_secs(60), async {
+        while !served.read().unwrap().contains(&Environment::Sit) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(back.is_ok(), "SIT was not served again");
+    assert_eq!(accounts.served(), vec![Environment::Sit]);
+    accounts.env(Environment::Sit).await.unwrap();
+    stop.cancel();
+    recheck.await.unwrap();
+}
