@@ -219,6 +219,7 @@ impl Compute for DrainingCompute {
                 rollout_state: None,
                 deployments: 1,
                 task_definition: String::new(),
+                ..ServiceStatus::default()
             }));
         }
         self.inner.service_status(cluster, name).await

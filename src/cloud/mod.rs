@@ -298,7 +298,7 @@ pub struct ServiceSpec {
     pub tags: Tags,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ServiceStatus {
     pub status: String,
     pub desired: u32,
@@ -308,6 +308,10 @@ pub struct ServiceStatus {
     pub rollout_state: Option<String>,
     pub deployments: u32,
     pub task_definition: String,
+    /// Id of the primary deployment (`ecs-svc/…`).
+    pub primary_deployment: Option<String>,
+    /// When the primary deployment was created, in milliseconds since the Unix epoch.
+    pub primary_created_at_ms: Option<i64>,
 }
 
 /// A one-off task (the wp-content archiver).
@@ -578,6 +582,7 @@ mod tests {
             rollout_state: rollout.map(str::to_owned),
             deployments: 1,
             task_definition: "td".into(),
+            ..ServiceStatus::default()
         }
     }
 

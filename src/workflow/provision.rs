@@ -484,16 +484,40 @@ async fn ensure_listener_rule(ctx: &StepCtx) -> StepResult<String> {
 }
 
 async fn register_task_definition(ctx: &StepCtx) -> StepResult<String> {
+    let spec = &ctx.instance.spec;
+    let definition = task_definition_spec(
+        ctx,
+        spec.cpu,
+        spec.memory_mib,
+        ctx.require_output(ACCESS_POINT)?,
+        ctx.require_output(SECRET)?,
+    );
+    Ok(ctx
+        .cloud
+        .compute
+        .register_task_definition(&definition)
+        .await?)
+}
+
+/// The instance's WordPress task definition with the given size, mounting `access_point`
+/// and reading the database credentials from `secret_arn` (shared with scaling).
+pub fn task_definition_spec(
+    ctx: &StepCtx,
+    cpu: u32,
+    memory_mib: u32,
+    access_point: &str,
+    secret_arn: &str,
+) -> TaskDefinitionSpec {
     let platform = &ctx.cloud.platform;
     let spec = &ctx.instance.spec;
-    let definition = TaskDefinitionSpec {
+    TaskDefinitionSpec {
         family: ctx.names.stack.clone(),
-        cpu: spec.cpu,
-        memory_mib: spec.memory_mib,
+        cpu,
+        memory_mib,
         image: format!("{}:{}", spec.wordpress_image, spec.wordpress_version),
         file_system_id: platform.file_system_id.clone(),
-        access_point_id: ctx.require_output(ACCESS_POINT)?.to_owned(),
-        secret_arn: ctx.require_output(SECRET)?.to_owned(),
+        access_point_id: access_point.to_owned(),
+        secret_arn: secret_arn.to_owned(),
         db_host: format!("{}:{}", platform.db_host, platform.db_port),
         db_name: ctx.names.database.clone(),
         log_group: platform.log_group.clone(),
@@ -502,12 +526,7 @@ async fn register_task_definition(ctx: &StepCtx) -> StepResult<String> {
         execution_role_arn: platform.execution_role_arn.clone(),
         task_role_arn: platform.task_role_arn.clone(),
         tags: ctx.tags("task-definition"),
-    };
-    Ok(ctx
-        .cloud
-        .compute
-        .register_task_definition(&definition)
-        .await?)
+    }
 }
 
 async fn ensure_service(ctx: &StepCtx) -> StepResult<String> {
@@ -607,6 +626,7 @@ mod tests {
             rollout_state: rollout.map(str::to_owned),
             deployments,
             task_definition: "td".into(),
+            ..ServiceStatus::default()
         }
     }
 

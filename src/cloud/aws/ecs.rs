@@ -270,6 +270,10 @@ fn to_status(service: &Service) -> ServiceStatus {
             .map(|state| state.as_str().to_owned()),
         deployments: u32::try_from(service.deployments().len()).unwrap_or(u32::MAX),
         task_definition: service.task_definition().unwrap_or_default().to_owned(),
+        primary_deployment: primary.and_then(|deployment| deployment.id().map(str::to_owned)),
+        primary_created_at_ms: primary
+            .and_then(|deployment| deployment.created_at())
+            .and_then(|at| at.to_millis().ok()),
     }
 }
 
