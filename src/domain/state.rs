@@ -65,6 +65,8 @@ pub const TRANSITIONS: &[(InstanceState, InstanceState)] = &[
     (Deprovisioning, Deprovisioned),
     (Deprovisioning, Failed),
     (Failed, Provisioning),
+    // A STUCK scale leaves the instance FAILED; retrying that operation scales again.
+    (Failed, Scaling),
     (Failed, PendingDeprovisioning),
     (Failed, Deprovisioning),
 ];
@@ -159,7 +161,7 @@ mod tests {
             PendingDeprovisioning => &[Deprovisioning, Failed],
             Deprovisioning => &[Deprovisioned, Failed],
             Deprovisioned => &[],
-            Failed => &[Provisioning, PendingDeprovisioning, Deprovisioning],
+            Failed => &[Provisioning, Scaling, PendingDeprovisioning, Deprovisioning],
         }
     }
 

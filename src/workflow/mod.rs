@@ -9,6 +9,8 @@ pub mod engine;
 pub mod events;
 pub mod failpoints;
 pub mod provision;
+pub mod restart;
+pub mod scale;
 
 use std::time::Duration;
 
@@ -239,6 +241,8 @@ pub fn workflow_for(verb: Verb) -> Option<std::sync::Arc<dyn Workflow>> {
     match verb {
         Verb::Create => Some(std::sync::Arc::new(provision::Provision)),
         Verb::Delete => Some(std::sync::Arc::new(deprovision::Deprovision)),
+        Verb::Restart => Some(std::sync::Arc::new(restart::Restart)),
+        Verb::Scale => Some(std::sync::Arc::new(scale::Scale)),
         _ => None,
     }
 }
