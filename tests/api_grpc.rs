@@ -695,7 +695,7 @@ async fn rpcs_of_later_issues_are_unimplemented_with_error_info() {
     let mut server = start().await;
     let status = server
         .instances
-        .restart_instance(v1::RestartInstanceRequest {
+        .suspend_instance(v1::SuspendInstanceRequest {
             name: "tenants/acme/instances/wp".into(),
             ..Default::default()
         })

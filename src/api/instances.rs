@@ -396,16 +396,20 @@ impl InstanceService for Api {
 
     async fn restart_instance(
         &self,
-        _: Request<v1::RestartInstanceRequest>,
+        request: Request<v1::RestartInstanceRequest>,
     ) -> Result<Response<lro::Operation>, Status> {
-        not_implemented("RestartInstance")
+        Ok(Response::new(
+            Api::restart_instance(self, request.into_inner()).await?,
+        ))
     }
 
     async fn scale_instance(
         &self,
-        _: Request<v1::ScaleInstanceRequest>,
+        request: Request<v1::ScaleInstanceRequest>,
     ) -> Result<Response<lro::Operation>, Status> {
-        not_implemented("ScaleInstance")
+        Ok(Response::new(
+            Api::scale_instance(self, request.into_inner()).await?,
+        ))
     }
 
     async fn check_instance_health(

@@ -1,10 +1,11 @@
-//! Lifecycle RPCs that start, cancel or retry operations: DeleteInstance, CancelOperation,
-//! RetryOperation. Each writes the operation and the instance change in one transaction and
+//! Lifecycle RPCs that start, cancel or retry operations: DeleteInstance, RestartInstance,
+//! ScaleInstance, CancelOperation, RetryOperation. Each writes the operation and the instance change in one transaction and
 //! returns at once; a workflow engine (in any replica) does the work.
 
 use sha2::{Digest, Sha256};
 
 use crate::domain::operation::StepStatus;
+use crate::domain::spec::{check_desired_count, check_fargate_size};
 use crate::domain::{
     Environment, Instance, InstanceName, InstanceState, Operation, OperationId, OperationStatus,
     RequestId, Timestamp, Verb, Violations,
@@ -12,6 +13,7 @@ use crate::domain::{
 use crate::proto::google_longrunning as lro;
 use crate::proto::v1;
 use crate::store::{Guard, RequestRecord, StoreError, Write, WriteKind};
+use crate::workflow::scale;
 
 use super::error::{ApiError, ApiResult, reason};
 use super::{Api, convert};
@@ -274,6 +276,169 @@ impl Api {
             .await
     }
 
+    pub async fn restart_instance(
+        &self,
+        request: v1::RestartInstanceRequest,
+    ) -> ApiResult<lro::Operation> {
+        let mut violations = Violations::new();
+        let name = violations.check("name", InstanceName::parse(&request.name));
+        let request_id = if request.request_id.is_empty() {
+            None
+        } else {
+            violations.check("request_id", RequestId::parse(&request.request_id))
+        };
+        let Some(name) = name.filter(|_| violations.is_empty()) else {
+            return Err(ApiError::Invalid(violations));
+        };
+        let fingerprint = fingerprint(&("restart", &name));
+        self.idempotent(
+            request_id.as_ref(),
+            &fingerprint,
+            self.start_on_active(
+                name,
+                Verb::Restart,
+                request_id.as_ref(),
+                &fingerprint,
+                "restart requested",
+                |_| Ok(serde_json::json!({})),
+            ),
+        )
+        .await
+    }
+
+    pub async fn scale_instance(
+        &self,
+        request: v1::ScaleInstanceRequest,
+    ) -> ApiResult<lro::Operation> {
+        let mut violations = Violations::new();
+        let name = violations.check("name", InstanceName::parse(&request.name));
+        let request_id = if request.request_id.is_empty() {
+            None
+        } else {
+            violations.check("request_id", RequestId::parse(&request.request_id))
+        };
+        let desired = if request.desired_count == 0 {
+            None
+        } else {
+            violations.check(
+                "desired_count",
+                check_desired_count(i64::from(request.desired_count), self.settings.scale_bounds),
+            )
+        };
+        for (field, value) in [("cpu", request.cpu), ("memory_mib", request.memory_mib)] {
+            if value < 0 {
+                violations.add(
+                    field,
+                    format!("must be positive, or 0 to leave it unchanged (got {value})"),
+                );
+            }
+        }
+        if request.desired_count == 0 && request.cpu == 0 && request.memory_mib == 0 {
+            violations.add(
+                "desired_count",
+                "nothing to change: set desired_count, cpu and/or memory_mib",
+            );
+        }
+        let Some(name) = name.filter(|_| violations.is_empty()) else {
+            return Err(ApiError::Invalid(violations));
+        };
+        let (cpu, memory) = (request.cpu, request.memory_mib);
+        let fingerprint = fingerprint(&("scale", &name, desired, cpu, memory));
+        let make_params = move |instance: &Instance| -> ApiResult<serde_json::Value> {
+            let previous = scale::Previous::of(instance);
+            let mut target = previous.size;
+            if let Some(count) = desired {
+                target.desired_count = count;
+            }
+            if cpu != 0 || memory != 0 {
+                let want_cpu = if cpu == 0 {
+                    i64::from(target.cpu)
+                } else {
+                    i64::from(cpu)
+                };
+                let want_memory = if memory == 0 {
+                    i64::from(target.memory_mib)
+                } else {
+                    i64::from(memory)
+                };
+                let field = if memory != 0 { "memory_mib" } else { "cpu" };
+                (target.cpu, target.memory_mib) = check_fargate_size(want_cpu, want_memory)
+                    .map_err(|e| ApiError::invalid(field, e))?;
+            }
+            if target == previous.size {
+                return Err(ApiError::invalid(
+                    "desired_count",
+                    format!(
+                        "nothing to change: the instance already runs {} tasks of {} CPU / {} MiB",
+                        target.desired_count, target.cpu, target.memory_mib
+                    ),
+                ));
+            }
+            Ok(scale::params(target, &previous))
+        };
+        self.idempotent(
+            request_id.as_ref(),
+            &fingerprint,
+            self.start_on_active(
+                name,
+                Verb::Scale,
+                request_id.as_ref(),
+                &fingerprint,
+                "scale requested",
+                make_params,
+            ),
+        )
+        .await
+    }
+
+    /// Starts a `verb` operation on an ACTIVE instance that runs none: the instance moves to
+    /// the workflow's running state in the transaction that writes the operation.
+    async fn start_on_active(
+        &self,
+        name: InstanceName,
+        verb: Verb,
+        request_id: Option<&RequestId>,
+        fingerprint: &str,
+        message: &str,
+        params: impl FnOnce(&Instance) -> ApiResult<serde_json::Value>,
+    ) -> ApiResult<lro::Operation> {
+        let workflow = crate::workflow::workflow_for(verb)
+            .ok_or(ApiError::NotImplemented { rpc: "this verb" })?;
+        let mut instance = self
+            .store
+            .get_instance(&name)
+            .await?
+            .ok_or_else(|| ApiError::instance_not_found(name.to_string()))?;
+        if self.is_busy(&instance).await? {
+            return Err(busy(&instance));
+        }
+        if instance.state != InstanceState::Active {
+            return Err(wrong_state(
+                &instance,
+                &format!("only ACTIVE instances can {verb}"),
+            ));
+        }
+        self.check_environment(instance.spec.environment)?;
+        let mut params = params(&instance)?;
+        params["from_state"] = serde_json::json!(instance.state);
+        let now = Timestamp::now();
+        let mut operation = Operation::new(verb, name, Vec::new(), request_id.cloned(), now);
+        operation.params = params;
+        let event = operation.next_event(now, None, message);
+        instance.state = workflow.running_state();
+        instance.state_changed_at = now;
+        instance.updated_at = now;
+        instance.current_operation = Some(operation.id.clone());
+        let mut writes = vec![
+            Write::UpdateInstance(instance),
+            Write::CreateOperation(operation.clone()),
+            Write::AppendEvent(event),
+        ];
+        writes.extend(self.request_write(request_id, fingerprint, &operation, now));
+        self.commit_new_operation(writes, request_id, fingerprint, operation)
+            .await
+    }
+
     pub async fn retry_operation(
         &self,
         request: v1::RetryOperationRequest,
@@ -318,7 +483,10 @@ impl Api {
                 metadata: vec![("status", operation.status.to_string())],
             });
         }
-        if !matches!(operation.verb, Verb::Create | Verb::Delete) {
+        if !matches!(
+            operation.verb,
+            Verb::Create | Verb::Delete | Verb::Restart | Verb::Scale
+        ) {
             return Err(ApiError::NotImplemented {
                 rpc: "RetryOperation for this verb",
             });
@@ -338,6 +506,21 @@ impl Api {
                 &instance,
                 "a deprovisioned instance cannot be changed",
             ));
+        }
+        if matches!(operation.verb, Verb::Restart | Verb::Scale)
+            && let Some(workflow) = crate::workflow::workflow_for(operation.verb)
+            && !instance.state.can_transition_to(workflow.running_state())
+        {
+            return Err(wrong_state(
+                &instance,
+                &format!("only an ACTIVE instance can {} again", operation.verb),
+            ));
+        }
+        if operation.verb == Verb::Scale {
+            // Roll back to what the instance runs now, not to what it ran when the
+            // operation was first requested.
+            operation.params["previous"] =
+                serde_json::to_value(scale::Previous::of(&instance)).unwrap_or_default();
         }
         let environment = instance.spec.environment;
         self.check_environment(environment)?;
