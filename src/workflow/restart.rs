@@ -163,3 +163,70 @@ pub fn rollout_finished(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cloud::{AwsReadiness, EmulatorReadiness};
+
+    fn status(running: u32, deployments: u32, rollout: Option<&str>) -> ServiceStatus {
+        ServiceStatus {
+            status: "ACTIVE".into(),
+            desired: 2,
+            running,
+            rollout_state: rollout.map(str::to_owned),
+            deployments,
+            task_definition: "td:2".into(),
+            primary_deployment: Some("ecs-svc/2".into()),
+            ..ServiceStatus::default()
+        }
+    }
+
+    fn check(status: &ServiceStatus, deployment: Option<&str>, td: Option<&str>) -> StepResult<()> {
+        rollout_finished(status, deployment, td, &AwsReadiness)
+    }
+
+    #[test]
+    fn a_rollout_is_finished_completed_with_every_task_running() {
+        let done = status(2, 1, Some("COMPLETED"));
+        assert_eq!(check(&done, Some("ecs-svc/2"), Some("td:2")), Ok(()));
+        for pending in [
+            status(1, 1, Some("COMPLETED")),
+            status(2, 2, Some("COMPLETED")),
+            status(2, 1, Some("IN_PROGRESS")),
+        ] {
+            assert!(matches!(
+                check(&pending, Some("ecs-svc/2"), None),
+                Err(StepError::NotYet(_))
+            ));
+        }
+        // An emulator shows no tasks; one deployment is enough there.
+        assert_eq!(
+            rollout_finished(
+                &status(0, 1, Some("IN_PROGRESS")),
+                None,
+                None,
+                &EmulatorReadiness
+            ),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn a_failed_or_replaced_rollout_is_fatal() {
+        let fatal = |result: StepResult<()>| matches!(result, Err(StepError::Fatal(_)));
+        assert!(fatal(check(&status(2, 1, Some("FAILED")), None, None)));
+        // The circuit breaker rolled our deployment back: another one is primary.
+        assert!(fatal(check(
+            &status(2, 1, Some("COMPLETED")),
+            Some("ecs-svc/1"),
+            None
+        )));
+        // Or the service went back to another revision.
+        assert!(fatal(check(
+            &status(2, 1, Some("COMPLETED")),
+            None,
+            Some("td:3")
+        )));
+    }
+}
