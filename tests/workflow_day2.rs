@@ -338,3 +338,48 @@ async fn a_failed_rollout_puts_the_service_back() {
     );
     assert_eq!(instance.resources.get("task_definition"), Some(&revision));
 }
+
+/// Fails `wait_rollout` of a scale's first attempt only.
+struct FirstRolloutFails;
+
+#[async_trait]
+impl StepHook for FirstRolloutFails {
+    async fn before(&self, operation: &Operation, step: &str) -> StepResult<()> {
+        if step == "wait_rollout" && operation.verb == Verb::Scale && operation.attempt == 1 {
+            return Err(StepError::Fatal("injected: the rollout failed".into()));
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_failed_scale_can_be_retried() {
+    let config = platform::config_with_platforms(&[Environment::Dev]).await;
+    let mut cp = platform::start(config, Some(Arc::new(FirstRolloutFails))).await;
+    let tenant = provisioned(&mut cp, "scaleretry").await;
+    let operation = scale(&mut cp, scale_request(&tenant, 3, 1024, 2048)).await;
+    let (_, done) = cp.watch(&operation.name).await;
+    assert_eq!(metadata(&done).status(), v1::OperationStatus::Failed);
+    assert_eq!(service(&cp, &tenant).await.0, 2);
+    let retried = cp
+        .instances
+        .retry_operation(v1::RetryOperationRequest {
+            name: operation.name.clone(),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(retried.name, operation.name);
+    let done = cp.completed(&operation.name).await;
+    assert_eq!(metadata(&done).attempt, 2);
+    let (count, revision, _) = service(&cp, &tenant).await;
+    assert_eq!(count, 3);
+    let instance = cp.instance(&tenant).await;
+    assert_eq!(instance.state(), v1::InstanceState::Active);
+    assert_eq!(
+        (instance.desired_count, instance.cpu, instance.memory_mib),
+        (3, 1024, 2048)
+    );
+    assert_eq!(instance.resources.get("task_definition"), Some(&revision));
+}
