@@ -383,3 +383,61 @@ async fn a_failed_scale_can_be_retried() {
     );
     assert_eq!(instance.resources.get("task_definition"), Some(&revision));
 }
+
+/// After the first `force_deployment` has forced its deployment, notes the service's
+/// primary deployment and fails the step as a crash before its outcome was recorded would.
+struct ForgetFirstDeployment {
+    ecs: std::sync::OnceLock<(aws_sdk_ecs::Client, String)>,
+    forced: std::sync::Mutex<Option<String>>,
+}
+
+#[async_trait]
+impl StepHook for ForgetFirstDeployment {
+    async fn after(&self, operation: &Operation, step: &str) -> StepResult<()> {
+        if step != "force_deployment" || self.forced.lock().unwrap().is_some() {
+            return Ok(());
+        }
+        let (ecs, cluster) = self.ecs.get().unwrap();
+        let names = instance_manager::domain::naming::ResourceNames::derive(
+            &operation.target.tenant,
+            Environment::Dev,
+        );
+        let answer = ecs
+            .describe_services()
+            .cluster(cluster)
+            .services(&names.stack)
+            .send()
+            .await
+            .unwrap();
+        let primary = answer.services()[0]
+            .deployments()
+            .iter()
+            .find(|d| d.status() == Some("PRIMARY"))
+            .and_then(|d| d.id())
+            .unwrap()
+            .to_owned();
+        *self.forced.lock().unwrap() = Some(primary);
+        Err(StepError::Transient("injected: lost the outcome".into()))
+    }
+}
+
+#[tokio::test]
+async fn a_repeated_force_deployment_adopts_the_deployment_it_started() {
+    let config = platform::config_with_platforms(&[Environment::Dev]).await;
+    let hook = Arc::new(ForgetFirstDeployment {
+        ecs: std::sync::OnceLock::new(),
+        forced: std::sync::Mutex::new(None),
+    });
+    let mut cp = platform::start(config, Some(hook.clone())).await;
+    let cluster = cp.cloud(Environment::Dev).await.platform.cluster.clone();
+    let _ = hook
+        .ecs
+        .set((aws_sdk_ecs::Client::new(&cp.sdk(Environment::Dev)), cluster));
+    let tenant = provisioned(&mut cp, "adopt").await;
+    let operation = restart(&mut cp, &tenant).await.unwrap();
+    let done = cp.completed(&operation.name).await;
+    let forced = hook.forced.lock().unwrap().clone().expect("the hook ran");
+    // The step ran twice; the second run adopted the first deployment, forcing no other.
+    assert_eq!(step_resource(&done, "force_deployment"), forced);
+    assert_eq!(service(&cp, &tenant).await.2, forced);
+}
