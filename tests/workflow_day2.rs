@@ -337,6 +337,11 @@ async fn a_failed_rollout_puts_the_service_back() {
         (2, 512, 1024)
     );
     assert_eq!(instance.resources.get("task_definition"), Some(&revision));
+    assert!(
+        instance.failure_reason.contains("rollout failed"),
+        "{:?}",
+        instance.failure_reason
+    );
 }
 
 /// Fails `wait_rollout` of a scale's first attempt only.
