@@ -238,7 +238,7 @@ async fn scale_changes_the_count_then_the_size_with_a_new_revision() {
 }
 
 #[tokio::test]
-async fn scale_refuses_nothing_to_change_and_out_of_bounds() {
+async fn scale_refuses_nothing_to_change_out_of_bounds_and_reused_request_ids() {
     let config = platform::config_with_platforms(&[Environment::Dev]).await;
     let mut cp = platform::start(config, None).await;
     let tenant = provisioned(&mut cp, "scalebad").await;
@@ -271,10 +271,22 @@ async fn scale_refuses_nothing_to_change_and_out_of_bounds() {
             .collect();
         assert_eq!(fields, vec![field.to_owned()], "{request:?}: {error:?}");
     }
-    // Nothing was started.
+    // Unknown instances are NOT_FOUND; a request_id reused for another payload is refused.
+    let error = restart(&mut cp, &platform::tenant("nobody"))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::NotFound, "{error:?}");
+    let mut request = scale_request(&tenant, 3, 0, 0);
+    request.request_id = uuid::Uuid::new_v4().to_string();
+    let operation = scale(&mut cp, request.clone()).await;
+    request.desired_count = 4;
+    let error = cp.instances.scale_instance(request).await.unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument, "{error:?}");
+    cp.completed(&operation.name).await;
+    // Nothing else was started.
     let instance = cp.instance(&tenant).await;
     assert_eq!(instance.state(), v1::InstanceState::Active);
-    assert_eq!(instance.desired_count, 2);
+    assert_eq!(instance.desired_count, 3);
 }
 
 #[tokio::test]
