@@ -206,17 +206,7 @@ impl Api {
             Write::CreateOperation(operation.clone()),
             Write::AppendEvent(event),
         ];
-        if let Some(request_id) = &create.request_id {
-            let ttl_millis = i64::try_from(self.settings.idempotency_ttl_secs.saturating_mul(1000))
-                .unwrap_or(i64::MAX);
-            writes.push(Write::PutRequest(RequestRecord {
-                request_id: request_id.clone(),
-                fingerprint: fingerprint.to_owned(),
-                operation: operation.id.clone(),
-                created_at: now,
-                expires_at: now.plus_millis(ttl_millis),
-            }));
-        }
+        writes.extend(self.request_write(create.request_id.as_ref(), fingerprint, &operation, now));
         match self.store.commit(writes).await {
             Ok(()) => {
                 self.wake.notify_one();

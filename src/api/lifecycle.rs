@@ -188,11 +188,7 @@ impl Api {
     ) -> ApiResult<lro::Operation> {
         let mut violations = Violations::new();
         let name = violations.check("name", InstanceName::parse(&request.name));
-        let request_id = if request.request_id.is_empty() {
-            None
-        } else {
-            violations.check("request_id", RequestId::parse(&request.request_id))
-        };
+        let request_id = optional_request_id(&mut violations, &request.request_id);
         let Some(name) = name.filter(|_| violations.is_empty()) else {
             return Err(ApiError::Invalid(violations));
         };
@@ -213,7 +209,7 @@ impl Api {
         fingerprint: &str,
     ) -> ApiResult<lro::Operation> {
         let request_id = request_id.cloned();
-        let mut instance = self
+        let instance = self
             .store
             .get_instance(&name)
             .await?
@@ -262,18 +258,17 @@ impl Api {
                 "deprovisioning requested"
             },
         );
-        instance.state = InstanceState::PendingDeprovisioning;
-        instance.state_changed_at = now;
-        instance.updated_at = now;
-        instance.current_operation = Some(operation.id.clone());
-        let mut writes = vec![
-            Write::UpdateInstance(instance),
-            Write::CreateOperation(operation.clone()),
-            Write::AppendEvent(event),
-        ];
-        writes.extend(self.request_write(request_id.as_ref(), fingerprint, &operation, now));
-        self.commit_new_operation(writes, request_id.as_ref(), fingerprint, operation)
-            .await
+        let state = InstanceState::PendingDeprovisioning;
+        self.start_operation(
+            instance,
+            state,
+            operation,
+            event,
+            request_id.as_ref(),
+            fingerprint,
+            now,
+        )
+        .await
     }
 
     pub async fn restart_instance(
@@ -282,11 +277,7 @@ impl Api {
     ) -> ApiResult<lro::Operation> {
         let mut violations = Violations::new();
         let name = violations.check("name", InstanceName::parse(&request.name));
-        let request_id = if request.request_id.is_empty() {
-            None
-        } else {
-            violations.check("request_id", RequestId::parse(&request.request_id))
-        };
+        let request_id = optional_request_id(&mut violations, &request.request_id);
         let Some(name) = name.filter(|_| violations.is_empty()) else {
             return Err(ApiError::Invalid(violations));
         };
@@ -312,11 +303,7 @@ impl Api {
     ) -> ApiResult<lro::Operation> {
         let mut violations = Violations::new();
         let name = violations.check("name", InstanceName::parse(&request.name));
-        let request_id = if request.request_id.is_empty() {
-            None
-        } else {
-            violations.check("request_id", RequestId::parse(&request.request_id))
-        };
+        let request_id = optional_request_id(&mut violations, &request.request_id);
         let desired = if request.desired_count == 0 {
             None
         } else {
@@ -404,7 +391,7 @@ impl Api {
     ) -> ApiResult<lro::Operation> {
         let workflow = crate::workflow::workflow_for(verb)
             .ok_or(ApiError::NotImplemented { rpc: "this verb" })?;
-        let mut instance = self
+        let instance = self
             .store
             .get_instance(&name)
             .await?
@@ -425,7 +412,33 @@ impl Api {
         let mut operation = Operation::new(verb, name, Vec::new(), request_id.cloned(), now);
         operation.params = params;
         let event = operation.next_event(now, None, message);
-        instance.state = workflow.running_state();
+        let state = workflow.running_state();
+        self.start_operation(
+            instance,
+            state,
+            operation,
+            event,
+            request_id,
+            fingerprint,
+            now,
+        )
+        .await
+    }
+
+    /// Writes a new operation on an existing instance, moving the instance to `state`, in
+    /// one transaction with its first event and the request record.
+    #[allow(clippy::too_many_arguments)]
+    async fn start_operation(
+        &self,
+        mut instance: Instance,
+        state: InstanceState,
+        operation: Operation,
+        event: crate::domain::OperationEvent,
+        request_id: Option<&RequestId>,
+        fingerprint: &str,
+        now: Timestamp,
+    ) -> ApiResult<lro::Operation> {
+        instance.state = state;
         instance.state_changed_at = now;
         instance.updated_at = now;
         instance.current_operation = Some(operation.id.clone());
@@ -445,11 +458,7 @@ impl Api {
     ) -> ApiResult<lro::Operation> {
         let mut violations = Violations::new();
         let id = violations.check("name", OperationId::from_name(&request.name));
-        let request_id = if request.request_id.is_empty() {
-            None
-        } else {
-            violations.check("request_id", RequestId::parse(&request.request_id))
-        };
+        let request_id = optional_request_id(&mut violations, &request.request_id);
         let Some(id) = id.filter(|_| violations.is_empty()) else {
             return Err(ApiError::Invalid(violations));
         };
@@ -677,5 +686,14 @@ impl Api {
         }
         writes.push(Write::UpdateInstance(instance));
         Ok(writes)
+    }
+}
+
+/// An optional AIP-155 request id: empty means none; anything else must be valid.
+fn optional_request_id(violations: &mut Violations, raw: &str) -> Option<RequestId> {
+    if raw.is_empty() {
+        None
+    } else {
+        violations.check("request_id", RequestId::parse(raw))
     }
 }

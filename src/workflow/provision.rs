@@ -590,20 +590,7 @@ pub fn steadiness(
     required: u32,
     readiness: &dyn Readiness,
 ) -> StepResult<()> {
-    if status.rollout_state.as_deref() == Some("FAILED") {
-        return Err(StepError::Fatal(
-            "the deployment failed and ECS rolled it back".into(),
-        ));
-    }
-    if status.status != "ACTIVE" {
-        return Err(StepError::NotYet(format!("service is {}", status.status)));
-    }
-    if status.deployments > 1 || !readiness.rollout_done(status) {
-        return Err(StepError::NotYet(format!(
-            "{}/{} tasks running, {} deployments, rollout {:?}",
-            status.running, status.desired, status.deployments, status.rollout_state,
-        )));
-    }
+    super::restart::rollout_finished(status, None, None, readiness)?;
     if healthy < required {
         return Err(StepError::NotYet(format!(
             "{healthy}/{required} healthy targets"
