@@ -285,9 +285,10 @@ impl Api {
         self.idempotent(
             request_id.as_ref(),
             &fingerprint,
-            self.start_on_active(
+            self.start_on(
                 name,
                 Verb::Restart,
+                &[InstanceState::Active],
                 request_id.as_ref(),
                 &fingerprint,
                 "restart requested",
@@ -366,9 +367,10 @@ impl Api {
         self.idempotent(
             request_id.as_ref(),
             &fingerprint,
-            self.start_on_active(
+            self.start_on(
                 name,
                 Verb::Scale,
+                &[InstanceState::Active],
                 request_id.as_ref(),
                 &fingerprint,
                 "scale requested",
@@ -378,12 +380,15 @@ impl Api {
         .await
     }
 
-    /// Starts a `verb` operation on an ACTIVE instance that runs none: the instance moves to
-    /// the workflow's running state in the transaction that writes the operation.
-    async fn start_on_active(
+    /// Starts a `verb` operation on an instance that runs none and is in one of `from`: the
+    /// instance moves to the workflow's running state in the transaction that writes the
+    /// operation. `params` sees the instance as read and may refuse the request.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn start_on(
         &self,
         name: InstanceName,
         verb: Verb,
+        from: &[InstanceState],
         request_id: Option<&RequestId>,
         fingerprint: &str,
         message: &str,
@@ -399,10 +404,11 @@ impl Api {
         if self.is_busy(&instance).await? {
             return Err(busy(&instance));
         }
-        if instance.state != InstanceState::Active {
+        if !from.contains(&instance.state) {
+            let states: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
             return Err(wrong_state(
                 &instance,
-                &format!("only ACTIVE instances can {verb}"),
+                &format!("only {} instances can {verb}", states.join(" or ")),
             ));
         }
         self.check_environment(instance.spec.environment)?;
@@ -492,14 +498,11 @@ impl Api {
                 metadata: vec![("status", operation.status.to_string())],
             });
         }
-        if !matches!(
-            operation.verb,
-            Verb::Create | Verb::Delete | Verb::Restart | Verb::Scale
-        ) {
+        let Some(workflow) = crate::workflow::workflow_for(operation.verb) else {
             return Err(ApiError::NotImplemented {
                 rpc: "RetryOperation for this verb",
             });
-        }
+        };
         let mut instance = self
             .store
             .get_instance(&operation.target)
@@ -516,21 +519,18 @@ impl Api {
                 "a deprovisioned instance cannot be changed",
             ));
         }
-        if matches!(operation.verb, Verb::Restart | Verb::Scale)
-            && let Some(workflow) = crate::workflow::workflow_for(operation.verb)
+        if !matches!(operation.verb, Verb::Create | Verb::Delete)
+            && instance.state != workflow.running_state()
             && !instance.state.can_transition_to(workflow.running_state())
         {
             return Err(wrong_state(
                 &instance,
-                &format!("only an ACTIVE instance can {} again", operation.verb),
+                &format!("{} cannot be retried from this state", operation.verb),
             ));
         }
-        if operation.verb == Verb::Scale {
-            // Roll back to what the instance runs now, not to what it ran when the
-            // operation was first requested.
-            operation.params["previous"] =
-                serde_json::to_value(scale::Previous::of(&instance)).unwrap_or_default();
-        }
+        // For example a scale rolls back to what the instance runs now, not to what it ran
+        // when the operation was first requested.
+        workflow.on_retry(&mut operation, &instance);
         let environment = instance.spec.environment;
         self.check_environment(environment)?;
         let now = Timestamp::now();

@@ -234,6 +234,10 @@ pub trait Workflow: Send + Sync {
 
     /// How long an attempt may run before it is declared STUCK.
     fn deadline(&self) -> Duration;
+
+    /// Edits a FAILED or STUCK operation that RetryOperation is about to run again, with the
+    /// instance as it is now (for example to roll back to what it runs now).
+    fn on_retry(&self, _operation: &mut Operation, _instance: &Instance) {}
 }
 
 /// The workflow that runs operations of `verb`.

@@ -170,6 +170,13 @@ impl Workflow for Scale {
     fn deadline(&self) -> Duration {
         Duration::from_secs(30 * 60)
     }
+
+    /// A retry rolls back to what the instance runs now, not to what it ran when the
+    /// operation was first requested.
+    fn on_retry(&self, operation: &mut Operation, instance: &Instance) {
+        operation.params["previous"] =
+            serde_json::to_value(Previous::of(instance)).unwrap_or_default();
+    }
 }
 
 /// Registers the revision with the new size (the adapter reuses the family's latest active
