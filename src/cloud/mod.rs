@@ -222,6 +222,26 @@ pub struct HostRuleSpec {
     pub tags: Tags,
 }
 
+/// The most characters ELBv2 accepts in a fixed-response body (FixedResponseActionConfig).
+pub const FIXED_RESPONSE_BODY_MAX: usize = 1024;
+
+/// What a listener rule does with the requests it matches (its final action).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RuleAction {
+    /// Forwards to one target group.
+    Forward { target_group_arn: String },
+    /// Answers itself: `status_code` 2XX, 4XX or 5XX; `content_type` one of text/plain,
+    /// text/css, text/html, application/javascript, application/json; `body` at most
+    /// [`FIXED_RESPONSE_BODY_MAX`] characters.
+    FixedResponse {
+        status_code: u16,
+        content_type: String,
+        body: String,
+    },
+    /// Anything else (a redirect, a weighted forward to several groups, …): `kind` says what.
+    Other { kind: String },
+}
+
 #[async_trait]
 pub trait Routing: Send + Sync {
     /// Returns the target group ARN (ip targets, HTTP 80), creating it if missing.
@@ -233,6 +253,12 @@ pub trait Routing: Send + Sync {
     /// created at `priority`. A priority taken on the listener is `ErrorKind::Conflict`.
     async fn ensure_host_rule(&self, spec: &HostRuleSpec) -> CloudResult<String>;
     async fn delete_rule(&self, rule_arn: &str) -> CloudResult<()>;
+    /// The final action of the rule (after any authenticate actions), `None` if the rule
+    /// does not exist.
+    async fn rule_action(&self, rule_arn: &str) -> CloudResult<Option<RuleAction>>;
+    /// Makes `action` the rule's only action (ModifyRule replaces the whole action list;
+    /// its conditions, priority and tags stay). A missing rule is `ErrorKind::NotFound`.
+    async fn set_rule_action(&self, rule_arn: &str, action: &RuleAction) -> CloudResult<()>;
     /// (target id, state) of every registered target.
     async fn target_health(&self, target_group_arn: &str) -> CloudResult<Vec<(String, String)>>;
     /// ARNs of target groups and rules carrying every tag in `tags`.
@@ -447,6 +473,8 @@ pub trait Readiness: Send + Sync {
     fn rollout_done(&self, status: &ServiceStatus) -> bool;
     /// Whether a STOPPED one-off task that reported `exit_code` succeeded.
     fn task_succeeded(&self, exit_code: Option<i32>) -> bool;
+    /// Whether no task of the service runs any more (after it was scaled to zero).
+    fn tasks_stopped(&self, status: &ServiceStatus) -> bool;
 }
 
 /// AWS: every desired task running, the primary deployment COMPLETED, exit code 0.
@@ -465,6 +493,14 @@ impl Readiness for AwsReadiness {
     fn task_succeeded(&self, exit_code: Option<i32>) -> bool {
         exit_code == Some(0)
     }
+
+    /// Neither RUNNING nor PENDING tasks. A task being stopped leaves `runningCount` when
+    /// ECS deactivates it (deregistering it from the target group first, which takes the
+    /// group's deregistration delay), so `running` falls one task at a time; PENDING tasks
+    /// of a deployment still starting also have to go.
+    fn tasks_stopped(&self, status: &ServiceStatus) -> bool {
+        status.running == 0 && status.pending == 0
+    }
 }
 
 /// An emulator (moto) starts no containers: it never reports running tasks or a finished
@@ -479,6 +515,11 @@ impl Readiness for EmulatorReadiness {
 
     fn task_succeeded(&self, exit_code: Option<i32>) -> bool {
         matches!(exit_code, None | Some(0))
+    }
+
+    /// No container ever runs there, so none is left running.
+    fn tasks_stopped(&self, _: &ServiceStatus) -> bool {
+        true
     }
 }
 

@@ -4,15 +4,15 @@ use async_trait::async_trait;
 use aws_config::SdkConfig;
 use aws_sdk_elasticloadbalancingv2::Client;
 use aws_sdk_elasticloadbalancingv2::types::{
-    Action, ActionTypeEnum, HostHeaderConditionConfig, Matcher, ProtocolEnum, Rule, RuleCondition,
-    Tag, TargetGroup, TargetGroupAttribute, TargetTypeEnum,
+    Action, ActionTypeEnum, FixedResponseActionConfig, HostHeaderConditionConfig, Matcher,
+    ProtocolEnum, Rule, RuleCondition, Tag, TargetGroup, TargetGroupAttribute, TargetTypeEnum,
 };
 
 use super::{gone_is_ok, has_all_tags};
 use crate::cloud::error::classify;
 use crate::cloud::{
-    CloudError, CloudResult, ErrorKind, HostRuleSpec, Routing, Tags, TargetGroupSpec, not_ours,
-    owner_tags,
+    CloudError, CloudResult, ErrorKind, FIXED_RESPONSE_BODY_MAX, HostRuleSpec, Routing, RuleAction,
+    Tags, TargetGroupSpec, not_ours, owner_tags,
 };
 
 /// DescribeTags accepts at most 20 resource ARNs per call.
@@ -181,6 +181,107 @@ fn forwards_to(rule: &Rule, target_group_arn: &str) -> bool {
     })
 }
 
+/// The final action of a rule: the one with the highest `Order` (authenticate actions come
+/// first; the last one forwards, redirects or answers), or the last listed.
+fn final_action(rule: &Rule) -> Option<RuleAction> {
+    let action = rule
+        .actions()
+        .iter()
+        .enumerate()
+        .max_by_key(|(index, action)| (action.order().unwrap_or(i32::MAX), *index))
+        .map(|(_, action)| action)?;
+    Some(to_rule_action(action))
+}
+
+fn to_rule_action(action: &Action) -> RuleAction {
+    let kind = action
+        .r#type()
+        .map(|t| t.as_str().to_owned())
+        .unwrap_or_default();
+    match action.r#type() {
+        Some(ActionTypeEnum::Forward) => {
+            // DescribeRules reports a forward to one group both as TargetGroupArn and as a
+            // ForwardConfig with that one group; several groups is a weighted forward.
+            let groups: Vec<&str> = match action.forward_config() {
+                Some(forward) if !forward.target_groups().is_empty() => forward
+                    .target_groups()
+                    .iter()
+                    .filter_map(|tuple| tuple.target_group_arn())
+                    .collect(),
+                _ => action.target_group_arn().into_iter().collect(),
+            };
+            match groups.as_slice() {
+                [only] => RuleAction::Forward {
+                    target_group_arn: (*only).to_owned(),
+                },
+                _ => RuleAction::Other {
+                    kind: format!("forward to {} target groups", groups.len()),
+                },
+            }
+        }
+        Some(ActionTypeEnum::FixedResponse) => {
+            let config = action.fixed_response_config();
+            let status = config.and_then(|c| c.status_code()).unwrap_or_default();
+            match status.parse() {
+                Ok(status_code) => RuleAction::FixedResponse {
+                    status_code,
+                    content_type: config
+                        .and_then(|c| c.content_type())
+                        .unwrap_or_default()
+                        .to_owned(),
+                    body: config
+                        .and_then(|c| c.message_body())
+                        .unwrap_or_default()
+                        .to_owned(),
+                },
+                Err(_) => RuleAction::Other {
+                    kind: format!("fixed-response with status {status:?}"),
+                },
+            }
+        }
+        _ => RuleAction::Other { kind },
+    }
+}
+
+/// The ELBv2 action for `action`, checked against the API's constraints first (a refused
+/// ModifyRule would only say so after the call).
+fn to_sdk_action(action: &RuleAction) -> CloudResult<Action> {
+    match action {
+        RuleAction::Forward { target_group_arn } => Ok(Action::builder()
+            .r#type(ActionTypeEnum::Forward)
+            .target_group_arn(target_group_arn)
+            .build()),
+        RuleAction::FixedResponse {
+            status_code,
+            content_type,
+            body,
+        } => {
+            if !matches!(status_code / 100, 2 | 4 | 5) || *status_code > 599 {
+                return Err(CloudError::fatal(format!(
+                    "elbv2:ModifyRule: a fixed response needs a 2XX, 4XX or 5XX status, not {status_code}"
+                )));
+            }
+            if body.chars().count() > FIXED_RESPONSE_BODY_MAX {
+                return Err(CloudError::fatal(format!(
+                    "elbv2:ModifyRule: a fixed-response body holds at most {FIXED_RESPONSE_BODY_MAX} characters"
+                )));
+            }
+            let config = FixedResponseActionConfig::builder()
+                .status_code(status_code.to_string())
+                .content_type(content_type)
+                .message_body(body)
+                .build();
+            Ok(Action::builder()
+                .r#type(ActionTypeEnum::FixedResponse)
+                .fixed_response_config(config)
+                .build())
+        }
+        RuleAction::Other { kind } => Err(CloudError::fatal(format!(
+            "elbv2:ModifyRule: cannot set a rule's action to {kind}"
+        ))),
+    }
+}
+
 #[async_trait]
 impl Routing for AwsRouting {
     async fn ensure_target_group(&self, spec: &TargetGroupSpec) -> CloudResult<String> {
@@ -274,6 +375,38 @@ impl Routing for AwsRouting {
         gone_is_ok(result)
     }
 
+    async fn rule_action(&self, rule_arn: &str) -> CloudResult<Option<RuleAction>> {
+        let answer = self
+            .client
+            .describe_rules()
+            .rule_arns(rule_arn)
+            .send()
+            .await
+            .map_err(|e| classify("elbv2:DescribeRules", &e));
+        match answer {
+            Ok(out) => Ok(out
+                .rules()
+                .iter()
+                .find(|rule| rule.rule_arn() == Some(rule_arn))
+                .and_then(final_action)),
+            // RuleNotFound
+            Err(error) if error.is_not_found() => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
+    async fn set_rule_action(&self, rule_arn: &str, action: &RuleAction) -> CloudResult<()> {
+        let action = to_sdk_action(action)?;
+        self.client
+            .modify_rule()
+            .rule_arn(rule_arn)
+            .actions(action)
+            .send()
+            .await
+            .map(drop)
+            .map_err(|e| classify("elbv2:ModifyRule", &e))
+    }
+
     async fn target_health(&self, target_group_arn: &str) -> CloudResult<Vec<(String, String)>> {
         let answer = self
             .client
@@ -316,5 +449,122 @@ impl Routing for AwsRouting {
             .map(str::to_owned)
             .collect();
         self.filter_tagged(arns, tags).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use aws_sdk_elasticloadbalancingv2::types::{ForwardActionConfig, TargetGroupTuple};
+
+    use super::*;
+
+    fn tuple(arn: &str) -> TargetGroupTuple {
+        TargetGroupTuple::builder().target_group_arn(arn).build()
+    }
+
+    #[test]
+    fn a_described_forward_is_read_from_either_field() {
+        // DescribeRules reports a single-group forward both ways; older rules only one.
+        let both = Action::builder()
+            .r#type(ActionTypeEnum::Forward)
+            .target_group_arn("tg-1")
+            .forward_config(
+                ForwardActionConfig::builder()
+                    .target_groups(tuple("tg-1"))
+                    .build(),
+            )
+            .build();
+        let arn_only = Action::builder()
+            .r#type(ActionTypeEnum::Forward)
+            .target_group_arn("tg-1")
+            .build();
+        for action in [both, arn_only] {
+            assert_eq!(
+                to_rule_action(&action),
+                RuleAction::Forward {
+                    target_group_arn: "tg-1".into()
+                }
+            );
+        }
+        let weighted = Action::builder()
+            .r#type(ActionTypeEnum::Forward)
+            .forward_config(
+                ForwardActionConfig::builder()
+                    .target_groups(tuple("tg-1"))
+                    .target_groups(tuple("tg-2"))
+                    .build(),
+            )
+            .build();
+        assert!(matches!(
+            to_rule_action(&weighted),
+            RuleAction::Other { .. }
+        ));
+    }
+
+    #[test]
+    fn the_final_action_follows_authentication() {
+        let page = suspended();
+        let rule = Rule::builder()
+            .actions(
+                Action::builder()
+                    .r#type(ActionTypeEnum::AuthenticateCognito)
+                    .order(1)
+                    .build(),
+            )
+            .actions(
+                Action::builder()
+                    .r#type(ActionTypeEnum::FixedResponse)
+                    .order(2)
+                    .fixed_response_config(
+                        FixedResponseActionConfig::builder()
+                            .status_code("503")
+                            .content_type("text/html")
+                            .message_body("<h1>suspended</h1>")
+                            .build(),
+                    )
+                    .build(),
+            )
+            .build();
+        assert_eq!(final_action(&rule), Some(page));
+        assert_eq!(final_action(&Rule::builder().build()), None);
+    }
+
+    fn suspended() -> RuleAction {
+        RuleAction::FixedResponse {
+            status_code: 503,
+            content_type: "text/html".into(),
+            body: "<h1>suspended</h1>".into(),
+        }
+    }
+
+    #[test]
+    fn fixed_responses_outside_the_api_constraints_are_refused_before_the_call() {
+        let sdk = to_sdk_action(&suspended()).unwrap();
+        let config = sdk.fixed_response_config().unwrap();
+        assert_eq!(config.status_code(), Some("503"));
+        assert_eq!(config.content_type(), Some("text/html"));
+        assert_eq!(to_rule_action(&sdk), suspended());
+        for status_code in [302, 100, 600, 0] {
+            let action = RuleAction::FixedResponse {
+                status_code,
+                content_type: "text/plain".into(),
+                body: String::new(),
+            };
+            assert!(to_sdk_action(&action).is_err(), "{status_code}");
+        }
+        let long = |n: usize| RuleAction::FixedResponse {
+            status_code: 503,
+            content_type: "text/plain".into(),
+            body: "é".repeat(n),
+        };
+        // Characters, not bytes: 1024 two-byte characters fit.
+        assert!(to_sdk_action(&long(FIXED_RESPONSE_BODY_MAX)).is_ok());
+        assert!(to_sdk_action(&long(FIXED_RESPONSE_BODY_MAX + 1)).is_err());
+        assert!(
+            to_sdk_action(&RuleAction::Other {
+                kind: "redirect".into()
+            })
+            .is_err()
+        );
     }
 }
