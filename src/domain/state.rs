@@ -67,6 +67,9 @@ pub const TRANSITIONS: &[(InstanceState, InstanceState)] = &[
     (Failed, Provisioning),
     // A STUCK scale leaves the instance FAILED; retrying that operation scales again.
     (Failed, Scaling),
+    // A STUCK suspend or resume leaves it FAILED too; retrying that operation runs it again.
+    (Failed, Suspending),
+    (Failed, Resuming),
     (Failed, PendingDeprovisioning),
     (Failed, Deprovisioning),
 ];
@@ -161,7 +164,14 @@ mod tests {
             PendingDeprovisioning => &[Deprovisioning, Failed],
             Deprovisioning => &[Deprovisioned, Failed],
             Deprovisioned => &[],
-            Failed => &[Provisioning, Scaling, PendingDeprovisioning, Deprovisioning],
+            Failed => &[
+                Provisioning,
+                Scaling,
+                Suspending,
+                Resuming,
+                PendingDeprovisioning,
+                Deprovisioning,
+            ],
         }
     }
 
