@@ -10,7 +10,9 @@ pub mod events;
 pub mod failpoints;
 pub mod provision;
 pub mod restart;
+pub mod resume;
 pub mod scale;
+pub mod suspend;
 
 use std::time::Duration;
 
@@ -247,6 +249,8 @@ pub fn workflow_for(verb: Verb) -> Option<std::sync::Arc<dyn Workflow>> {
         Verb::Delete => Some(std::sync::Arc::new(deprovision::Deprovision)),
         Verb::Restart => Some(std::sync::Arc::new(restart::Restart)),
         Verb::Scale => Some(std::sync::Arc::new(scale::Scale)),
+        Verb::Suspend => Some(std::sync::Arc::new(suspend::Suspend)),
+        Verb::Resume => Some(std::sync::Arc::new(resume::Resume)),
         _ => None,
     }
 }
