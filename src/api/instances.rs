@@ -372,16 +372,20 @@ impl InstanceService for Api {
 
     async fn suspend_instance(
         &self,
-        _: Request<v1::SuspendInstanceRequest>,
+        request: Request<v1::SuspendInstanceRequest>,
     ) -> Result<Response<lro::Operation>, Status> {
-        not_implemented("SuspendInstance")
+        Ok(Response::new(
+            Api::suspend_instance(self, request.into_inner()).await?,
+        ))
     }
 
     async fn resume_instance(
         &self,
-        _: Request<v1::ResumeInstanceRequest>,
+        request: Request<v1::ResumeInstanceRequest>,
     ) -> Result<Response<lro::Operation>, Status> {
-        not_implemented("ResumeInstance")
+        Ok(Response::new(
+            Api::resume_instance(self, request.into_inner()).await?,
+        ))
     }
 
     async fn restart_instance(

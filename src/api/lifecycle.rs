@@ -1,5 +1,5 @@
 //! Lifecycle RPCs that start, cancel or retry operations: DeleteInstance, RestartInstance,
-//! ScaleInstance, CancelOperation, RetryOperation. Each writes the operation and the instance change in one transaction and
+//! ScaleInstance, SuspendInstance, ResumeInstance, CancelOperation, RetryOperation. Each writes the operation and the instance change in one transaction and
 //! returns at once; a workflow engine (in any replica) does the work.
 
 use sha2::{Digest, Sha256};
@@ -13,7 +13,7 @@ use crate::domain::{
 use crate::proto::google_longrunning as lro;
 use crate::proto::v1;
 use crate::store::{Guard, RequestRecord, StoreError, Write, WriteKind};
-use crate::workflow::scale;
+use crate::workflow::{scale, suspend};
 
 use super::error::{ApiError, ApiResult, reason};
 use super::{Api, convert};
@@ -380,6 +380,69 @@ impl Api {
         .await
     }
 
+    pub async fn suspend_instance(
+        &self,
+        request: v1::SuspendInstanceRequest,
+    ) -> ApiResult<lro::Operation> {
+        let mut violations = Violations::new();
+        let name = violations.check("name", InstanceName::parse(&request.name));
+        let request_id = optional_request_id(&mut violations, &request.request_id);
+        let reason = request.reason.trim().to_owned();
+        if let Err(problem) = check_suspend_reason(&reason) {
+            violations.add("reason", problem);
+        }
+        let Some(name) = name.filter(|_| violations.is_empty()) else {
+            return Err(ApiError::Invalid(violations));
+        };
+        let fingerprint = fingerprint(&("suspend", &name, &reason));
+        let message = if reason.is_empty() {
+            "suspend requested".to_owned()
+        } else {
+            format!("suspend requested: {reason}")
+        };
+        self.idempotent(
+            request_id.as_ref(),
+            &fingerprint,
+            self.start_on(
+                name,
+                Verb::Suspend,
+                &[InstanceState::Active],
+                request_id.as_ref(),
+                &fingerprint,
+                &message,
+                |_| Ok(suspend::params(&reason)),
+            ),
+        )
+        .await
+    }
+
+    pub async fn resume_instance(
+        &self,
+        request: v1::ResumeInstanceRequest,
+    ) -> ApiResult<lro::Operation> {
+        let mut violations = Violations::new();
+        let name = violations.check("name", InstanceName::parse(&request.name));
+        let request_id = optional_request_id(&mut violations, &request.request_id);
+        let Some(name) = name.filter(|_| violations.is_empty()) else {
+            return Err(ApiError::Invalid(violations));
+        };
+        let fingerprint = fingerprint(&("resume", &name));
+        self.idempotent(
+            request_id.as_ref(),
+            &fingerprint,
+            self.start_on(
+                name,
+                Verb::Resume,
+                &[InstanceState::Suspended],
+                request_id.as_ref(),
+                &fingerprint,
+                "resume requested",
+                |_| Ok(serde_json::json!({})),
+            ),
+        )
+        .await
+    }
+
     /// Starts a `verb` operation on an instance that runs none and is in one of `from`: the
     /// instance moves to the workflow's running state in the transaction that writes the
     /// operation. `params` sees the instance as read and may refuse the request.
@@ -687,6 +750,24 @@ impl Api {
         writes.push(Write::UpdateInstance(instance));
         Ok(writes)
     }
+}
+
+/// The longest suspension reason kept, in characters.
+pub const SUSPEND_REASON_MAX: usize = 500;
+
+/// A suspension reason (already trimmed) is free text for the audit trail: at most
+/// [`SUSPEND_REASON_MAX`] characters, on one line, without control characters.
+fn check_suspend_reason(reason: &str) -> Result<(), String> {
+    let length = reason.chars().count();
+    if length > SUSPEND_REASON_MAX {
+        return Err(format!(
+            "at most {SUSPEND_REASON_MAX} characters (got {length})"
+        ));
+    }
+    if reason.chars().any(char::is_control) {
+        return Err("must be one line without control characters".into());
+    }
+    Ok(())
 }
 
 /// An optional AIP-155 request id: empty means none; anything else must be valid.
