@@ -695,7 +695,7 @@ async fn rpcs_of_later_issues_are_unimplemented_with_error_info() {
     let mut server = start().await;
     let status = server
         .instances
-        .suspend_instance(v1::SuspendInstanceRequest {
+        .get_resource_usage(v1::GetResourceUsageRequest {
             name: "tenants/acme/instances/wp".into(),
             ..Default::default()
         })

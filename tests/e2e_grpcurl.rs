@@ -208,7 +208,7 @@ fn grpcurl_lists_describes_checks_health_creates_and_gets() {
 
     let unimplemented = grpcurl.run_with(
         Some(r#"{"name": "tenants/acme/instances/wp-main"}"#),
-        &["bbws.instance.v1.InstanceService/SuspendInstance"],
+        &["bbws.instance.v1.InstanceService/GetResourceUsage"],
     );
     assert!(
         unimplemented.stderr.contains("Code: Unimplemented"),
