@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_credential_types::Credentials;
+use aws_sdk_elasticloadbalancingv2::types::ActionTypeEnum;
 use aws_smithy_runtime_api::box_error::BoxError;
 use aws_smithy_runtime_api::client::interceptors::Intercept;
 use aws_smithy_runtime_api::client::interceptors::context::BeforeTransmitInterceptorContextRef;
@@ -23,8 +24,8 @@ use instance_manager::cloud::aws::{
 use instance_manager::cloud::error::classify;
 use instance_manager::cloud::{
     AccessPointSpec, Compute, ErrorKind, Files, HostRuleSpec, Identity, Objects, OneOffTaskSpec,
-    Routing, SecretSpec, Secrets, ServiceSpec, Tags, TargetGroupSpec, TaskDefinitionSpec,
-    UserPoolSpec,
+    Routing, RuleAction, SecretSpec, Secrets, ServiceSpec, Tags, TargetGroupSpec,
+    TaskDefinitionSpec, UserPoolSpec,
 };
 use instance_manager::config::Secret;
 use instance_manager::domain::naming::{ResourceNames, TagContext};
@@ -692,6 +693,115 @@ async fn routing_target_groups_and_host_rules() {
         classify("elbv2:DescribeTargetGroups", &missing).kind,
         ErrorKind::NotFound
     );
+}
+
+#[tokio::test]
+async fn routing_rule_actions_switch_between_forward_and_fixed_response() {
+    let sdk = fresh_account().await;
+    let elb = aws_sdk_elasticloadbalancingv2::Client::new(&sdk);
+    let routing = AwsRouting::new(&sdk);
+    let net = network(&sdk).await;
+    let listener = listener(&sdk, &net).await;
+    let acme = Tenant::new("acme");
+    let tg = routing
+        .ensure_target_group(&target_group_spec(&acme, &net.vpc))
+        .await
+        .unwrap();
+    let rule = routing
+        .ensure_host_rule(&rule_spec(&acme, &listener, &tg, 10))
+        .await
+        .unwrap();
+    let forward = RuleAction::Forward {
+        target_group_arn: tg.clone(),
+    };
+    assert_eq!(
+        routing.rule_action(&rule).await.unwrap(),
+        Some(forward.clone())
+    );
+
+    let page = RuleAction::FixedResponse {
+        status_code: 503,
+        content_type: "text/html".into(),
+        body: "<h1>This site is suspended</h1>".into(),
+    };
+    routing.set_rule_action(&rule, &page).await.unwrap();
+    let described = elb.describe_rules().rule_arns(&rule).send().await.unwrap();
+    let described = &described.rules()[0];
+    let [action] = described.actions() else {
+        panic!("not one action: {described:?}");
+    };
+    assert_eq!(action.r#type(), Some(&ActionTypeEnum::FixedResponse));
+    let config = action.fixed_response_config().unwrap();
+    assert_eq!(
+        (
+            config.status_code(),
+            config.content_type(),
+            config.message_body()
+        ),
+        (
+            Some("503"),
+            Some("text/html"),
+            Some("<h1>This site is suspended</h1>")
+        )
+    );
+    // Only the action changed: the host condition, the priority and the tags stay.
+    assert_eq!(described.priority(), Some("10"));
+    assert_eq!(
+        described.conditions()[0]
+            .host_header_config()
+            .unwrap()
+            .values(),
+        ["acme.sites.example.com"]
+    );
+    assert_eq!(
+        routing
+            .find_tagged(&listener, &acme.tags("alb"))
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+    assert_eq!(
+        routing.rule_action(&rule).await.unwrap(),
+        Some(page.clone())
+    );
+
+    // Outside ELBv2's constraints: refused before the call, the rule unchanged.
+    let redirect_status = RuleAction::FixedResponse {
+        status_code: 302,
+        content_type: "text/plain".into(),
+        body: String::new(),
+    };
+    let refused = routing
+        .set_rule_action(&rule, &redirect_status)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.kind, ErrorKind::Fatal, "{refused}");
+    assert_eq!(routing.rule_action(&rule).await.unwrap(), Some(page));
+
+    routing.set_rule_action(&rule, &forward).await.unwrap();
+    let described = elb.describe_rules().rule_arns(&rule).send().await.unwrap();
+    assert_eq!(
+        described.rules()[0].actions()[0].target_group_arn(),
+        Some(tg.as_str())
+    );
+    assert_eq!(
+        routing.rule_action(&rule).await.unwrap(),
+        Some(forward.clone())
+    );
+
+    // A deleted rule has no action, and cannot be given one.
+    routing.delete_rule(&rule).await.unwrap();
+    assert_eq!(routing.rule_action(&rule).await.unwrap(), None);
+    assert_eq!(
+        routing
+            .set_rule_action(&rule, &forward)
+            .await
+            .unwrap_err()
+            .kind,
+        ErrorKind::NotFound
+    );
+    routing.delete_target_group(&tg).await.unwrap();
 }
 
 // ---------------------------------------------------------------------------------------
