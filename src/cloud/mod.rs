@@ -637,7 +637,19 @@ mod tests {
         assert!(aws.task_succeeded(Some(0)));
         assert!(!aws.task_succeeded(None));
         assert!(!aws.task_succeeded(Some(1)));
+        // Stopped: nothing RUNNING (tasks being drained still count) and nothing PENDING.
+        let at_zero = |running: u32, pending: u32| ServiceStatus {
+            desired: 0,
+            running,
+            pending,
+            ..service(0, Some("COMPLETED"))
+        };
+        assert!(!aws.tasks_stopped(&at_zero(2, 0)));
+        assert!(!aws.tasks_stopped(&at_zero(1, 0)));
+        assert!(!aws.tasks_stopped(&at_zero(0, 1)));
+        assert!(aws.tasks_stopped(&at_zero(0, 0)));
         let emulator = EmulatorReadiness;
+        assert!(emulator.tasks_stopped(&at_zero(2, 1)));
         assert!(emulator.rollout_done(&service(0, Some("IN_PROGRESS"))));
         assert!(emulator.task_succeeded(None));
         assert!(!emulator.task_succeeded(Some(2)));
