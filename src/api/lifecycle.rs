@@ -1,6 +1,7 @@
 //! Lifecycle RPCs that start, cancel or retry operations: DeleteInstance, RestartInstance,
-//! ScaleInstance, SuspendInstance, ResumeInstance, CancelOperation, RetryOperation. Each writes the operation and the instance change in one transaction and
-//! returns at once; a workflow engine (in any replica) does the work.
+//! ScaleInstance, SuspendInstance, ResumeInstance, CancelOperation, RetryOperation. Each
+//! writes the operation and the instance change in one transaction and returns at once; a
+//! workflow engine (in any replica) does the work.
 
 use sha2::{Digest, Sha256};
 
