@@ -76,6 +76,9 @@ pub struct Config {
     pub provision_deadline_secs: u64,
     /// How long one attempt of a deprovisioning may run before it ends STUCK.
     pub deprovision_deadline_secs: u64,
+    /// How long the new tasks of a scale or update may take to be steady and healthy
+    /// before the rollout is rolled back (the operation ends FAILED).
+    pub rollout_timeout_secs: u64,
     /// AWS SDK: time to establish a connection.
     pub aws_connect_timeout_secs: u64,
     /// AWS SDK: time for one attempt of a call (request and response); the SDK retries a
@@ -124,6 +127,7 @@ impl Default for Config {
             role_refresh_margin_secs: 5 * 60,
             provision_deadline_secs: 30 * 60,
             deprovision_deadline_secs: 20 * 60,
+            rollout_timeout_secs: 15 * 60,
             aws_connect_timeout_secs: 5,
             aws_attempt_timeout_secs: 30,
             aws_operation_timeout_secs: 120,
@@ -182,6 +186,8 @@ pub struct ConfigArgs {
     pub provision_deadline_secs: Option<u64>,
     #[arg(long, env = "IM_DEPROVISION_DEADLINE_SECS")]
     pub deprovision_deadline_secs: Option<u64>,
+    #[arg(long, env = "IM_ROLLOUT_TIMEOUT_SECS")]
+    pub rollout_timeout_secs: Option<u64>,
     #[arg(long, env = "IM_AWS_CONNECT_TIMEOUT_SECS")]
     pub aws_connect_timeout_secs: Option<u64>,
     #[arg(long, env = "IM_AWS_ATTEMPT_TIMEOUT_SECS")]
@@ -247,7 +253,8 @@ impl ConfigArgs {
             lease_secs,
             failpoints,
             provision_deadline_secs,
-            deprovision_deadline_secs
+            deprovision_deadline_secs,
+            rollout_timeout_secs
         );
         overlay!(
             aws_connect_timeout_secs,
@@ -297,6 +304,21 @@ impl Config {
         }
         if self.idempotency_ttl_secs == 0 {
             return invalid("idempotency_ttl_secs must be positive");
+        }
+        // The rollback of a timed-out rollout needs time inside the 30-minute deadline of a
+        // scale or update.
+        if self.rollout_timeout_secs == 0 || self.rollout_timeout_secs > 25 * 60 {
+            return invalid("rollout_timeout_secs must be between 1 and 1500");
+        }
+        for environment in &self.environments {
+            if let Some(bounds) = environment.scale_bounds
+                && (bounds.min == 0 || bounds.min > bounds.max)
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "environments.{}.scale_bounds must satisfy 1 <= min <= max",
+                    environment.name
+                )));
+            }
         }
         if self.workers == 0 || self.lease_secs < 5 || self.poll_interval_ms == 0 {
             return invalid(

@@ -67,6 +67,8 @@ pub const TRANSITIONS: &[(InstanceState, InstanceState)] = &[
     (Failed, Provisioning),
     // A STUCK scale leaves the instance FAILED; retrying that operation scales again.
     (Failed, Scaling),
+    // Likewise a STUCK update.
+    (Failed, Updating),
     (Failed, PendingDeprovisioning),
     (Failed, Deprovisioning),
 ];
@@ -161,7 +163,13 @@ mod tests {
             PendingDeprovisioning => &[Deprovisioning, Failed],
             Deprovisioning => &[Deprovisioned, Failed],
             Deprovisioned => &[],
-            Failed => &[Provisioning, Scaling, PendingDeprovisioning, Deprovisioning],
+            Failed => &[
+                Provisioning,
+                Scaling,
+                Updating,
+                PendingDeprovisioning,
+                Deprovisioning,
+            ],
         }
     }
 

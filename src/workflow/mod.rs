@@ -10,7 +10,9 @@ pub mod events;
 pub mod failpoints;
 pub mod provision;
 pub mod restart;
+pub mod rollout;
 pub mod scale;
+pub mod update;
 
 use std::time::Duration;
 
@@ -81,6 +83,8 @@ pub struct StepCtx {
     pub store: std::sync::Arc<dyn StateStore>,
     pub names: ResourceNames,
     pub tag_settings: TagSettings,
+    /// The engine's clock when this attempt started (deadlines; tests move it).
+    pub now: crate::domain::Timestamp,
 }
 
 impl StepCtx {
@@ -247,6 +251,7 @@ pub fn workflow_for(verb: Verb) -> Option<std::sync::Arc<dyn Workflow>> {
         Verb::Delete => Some(std::sync::Arc::new(deprovision::Deprovision)),
         Verb::Restart => Some(std::sync::Arc::new(restart::Restart)),
         Verb::Scale => Some(std::sync::Arc::new(scale::Scale)),
+        Verb::Update => Some(std::sync::Arc::new(update::Update)),
         _ => None,
     }
 }
