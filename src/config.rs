@@ -517,6 +517,58 @@ mod tests {
     }
 
     #[test]
+    fn rollout_timeout_and_environment_bounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("im.toml");
+        std::fs::write(
+            &path,
+            "rollout_timeout_secs = 300\n[[environments]]\nname = \"PROD\"\naccount_id = \"111122223333\"\nregion = \"eu-west-1\"\nscale_bounds = { min = 3, max = 20 }\n[[environments]]\nname = \"DEV\"\naccount_id = \"111122223334\"\nregion = \"eu-west-1\"\n",
+        )
+        .unwrap();
+        let args = ConfigArgs {
+            config: Some(path.clone()),
+            ..ConfigArgs::default()
+        };
+        let config = args.load().unwrap();
+        assert_eq!(config.rollout_timeout_secs, 300);
+        assert_eq!(
+            config.environments[0].scale_bounds,
+            Some(ScaleBounds { min: 3, max: 20 })
+        );
+        assert_eq!(config.environments[1].scale_bounds, None);
+        assert_eq!(Config::default().rollout_timeout_secs, 900);
+        let flag = ConfigArgs {
+            config: Some(path),
+            rollout_timeout_secs: Some(60),
+            ..ConfigArgs::default()
+        };
+        assert_eq!(flag.load().unwrap().rollout_timeout_secs, 60);
+        for bad in [0, 1501] {
+            let args = ConfigArgs {
+                rollout_timeout_secs: Some(bad),
+                ..ConfigArgs::default()
+            };
+            assert!(
+                matches!(args.load(), Err(ConfigError::Invalid(m)) if m.contains("rollout_timeout_secs")),
+                "{bad}"
+            );
+        }
+        let path = dir.path().join("bounds.toml");
+        std::fs::write(
+            &path,
+            "[[environments]]\nname = \"SIT\"\naccount_id = \"111122223333\"\nregion = \"eu-west-1\"\nscale_bounds = { min = 5, max = 4 }\n",
+        )
+        .unwrap();
+        let args = ConfigArgs {
+            config: Some(path),
+            ..ConfigArgs::default()
+        };
+        assert!(
+            matches!(args.load(), Err(ConfigError::Invalid(m)) if m.contains("environments.SIT.scale_bounds"))
+        );
+    }
+
+    #[test]
     fn timeouts_have_defaults_layer_and_reach_the_cloud_settings() {
         let defaults = Config::default().cloud_settings();
         assert_eq!(defaults.sdk_timeouts, SdkTimeouts::default());
