@@ -76,6 +76,9 @@ pub struct Config {
     pub provision_deadline_secs: u64,
     /// How long one attempt of a deprovisioning may run before it ends STUCK.
     pub deprovision_deadline_secs: u64,
+    /// How long the new tasks of a scale or update may take to be steady and healthy
+    /// before the rollout is rolled back (the operation ends FAILED).
+    pub rollout_timeout_secs: u64,
     /// AWS SDK: time to establish a connection.
     pub aws_connect_timeout_secs: u64,
     /// AWS SDK: time for one attempt of a call (request and response); the SDK retries a
@@ -124,6 +127,7 @@ impl Default for Config {
             role_refresh_margin_secs: 5 * 60,
             provision_deadline_secs: 30 * 60,
             deprovision_deadline_secs: 20 * 60,
+            rollout_timeout_secs: 15 * 60,
             aws_connect_timeout_secs: 5,
             aws_attempt_timeout_secs: 30,
             aws_operation_timeout_secs: 120,
@@ -182,6 +186,8 @@ pub struct ConfigArgs {
     pub provision_deadline_secs: Option<u64>,
     #[arg(long, env = "IM_DEPROVISION_DEADLINE_SECS")]
     pub deprovision_deadline_secs: Option<u64>,
+    #[arg(long, env = "IM_ROLLOUT_TIMEOUT_SECS")]
+    pub rollout_timeout_secs: Option<u64>,
     #[arg(long, env = "IM_AWS_CONNECT_TIMEOUT_SECS")]
     pub aws_connect_timeout_secs: Option<u64>,
     #[arg(long, env = "IM_AWS_ATTEMPT_TIMEOUT_SECS")]
@@ -247,7 +253,8 @@ impl ConfigArgs {
             lease_secs,
             failpoints,
             provision_deadline_secs,
-            deprovision_deadline_secs
+            deprovision_deadline_secs,
+            rollout_timeout_secs
         );
         overlay!(
             aws_connect_timeout_secs,
@@ -297,6 +304,21 @@ impl Config {
         }
         if self.idempotency_ttl_secs == 0 {
             return invalid("idempotency_ttl_secs must be positive");
+        }
+        // The rollback of a timed-out rollout needs time inside the 30-minute deadline of a
+        // scale or update.
+        if self.rollout_timeout_secs == 0 || self.rollout_timeout_secs > 25 * 60 {
+            return invalid("rollout_timeout_secs must be between 1 and 1500");
+        }
+        for environment in &self.environments {
+            if let Some(bounds) = environment.scale_bounds
+                && (bounds.min == 0 || bounds.min > bounds.max)
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "environments.{}.scale_bounds must satisfy 1 <= min <= max",
+                    environment.name
+                )));
+            }
         }
         if self.workers == 0 || self.lease_secs < 5 || self.poll_interval_ms == 0 {
             return invalid(
@@ -492,6 +514,58 @@ mod tests {
         assert_eq!(config.role_refresh_margin_secs, 120);
         assert_eq!(config.metrics_listen, Some("0.0.0.0:9090".parse().unwrap()));
         assert_eq!(Config::default().metrics_listen, None);
+    }
+
+    #[test]
+    fn rollout_timeout_and_environment_bounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("im.toml");
+        std::fs::write(
+            &path,
+            "rollout_timeout_secs = 300\n[[environments]]\nname = \"PROD\"\naccount_id = \"111122223333\"\nregion = \"eu-west-1\"\nscale_bounds = { min = 3, max = 20 }\n[[environments]]\nname = \"DEV\"\naccount_id = \"111122223334\"\nregion = \"eu-west-1\"\n",
+        )
+        .unwrap();
+        let args = ConfigArgs {
+            config: Some(path.clone()),
+            ..ConfigArgs::default()
+        };
+        let config = args.load().unwrap();
+        assert_eq!(config.rollout_timeout_secs, 300);
+        assert_eq!(
+            config.environments[0].scale_bounds,
+            Some(ScaleBounds { min: 3, max: 20 })
+        );
+        assert_eq!(config.environments[1].scale_bounds, None);
+        assert_eq!(Config::default().rollout_timeout_secs, 900);
+        let flag = ConfigArgs {
+            config: Some(path),
+            rollout_timeout_secs: Some(60),
+            ..ConfigArgs::default()
+        };
+        assert_eq!(flag.load().unwrap().rollout_timeout_secs, 60);
+        for bad in [0, 1501] {
+            let args = ConfigArgs {
+                rollout_timeout_secs: Some(bad),
+                ..ConfigArgs::default()
+            };
+            assert!(
+                matches!(args.load(), Err(ConfigError::Invalid(m)) if m.contains("rollout_timeout_secs")),
+                "{bad}"
+            );
+        }
+        let path = dir.path().join("bounds.toml");
+        std::fs::write(
+            &path,
+            "[[environments]]\nname = \"SIT\"\naccount_id = \"111122223333\"\nregion = \"eu-west-1\"\nscale_bounds = { min = 5, max = 4 }\n",
+        )
+        .unwrap();
+        let args = ConfigArgs {
+            config: Some(path),
+            ..ConfigArgs::default()
+        };
+        assert!(
+            matches!(args.load(), Err(ConfigError::Invalid(m)) if m.contains("environments.SIT.scale_bounds"))
+        );
     }
 
     #[test]

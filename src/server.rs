@@ -210,6 +210,12 @@ pub async fn run(
             max_page_size: config.max_page_size,
             max_request_bytes: config.max_request_bytes,
             max_streams: config.max_streams,
+            environment_scale_bounds: config
+                .environments
+                .iter()
+                .filter_map(|env| env.scale_bounds.map(|bounds| (env.name, bounds)))
+                .collect(),
+            rollout_timeout: Duration::from_secs(config.rollout_timeout_secs),
         },
         tokens,
     )

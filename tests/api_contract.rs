@@ -603,3 +603,51 @@ async fn concurrent_deletes_with_one_request_id_all_get_the_one_operation() {
     assert_eq!(names.len(), 1, "{names:?}");
     assert_eq!(operation_count(&mut server).await, 2);
 }
+
+#[tokio::test]
+async fn an_environment_may_set_its_own_task_count_bounds() {
+    let server = start_with(ApiSettings {
+        environment_scale_bounds: vec![(
+            instance_manager::domain::Environment::Prod,
+            ScaleBounds { min: 3, max: 20 },
+        )],
+        ..settings()
+    })
+    .await;
+    let mut client = server.instances.clone();
+    let with = |tenant: &str, environment: v1::Environment, count: i32| {
+        let mut request = create_request(tenant, "wp");
+        let instance = request.instance.as_mut().unwrap();
+        instance.environment = environment.into();
+        instance.desired_count = count;
+        request
+    };
+    // 15 tasks: within PROD's own bounds, beyond the deployment's (2–10) used by DEV.
+    client
+        .create_instance(with("bounds-prod", v1::Environment::Prod, 15))
+        .await
+        .expect("PROD allows 15 tasks");
+    let status = client
+        .create_instance(with("bounds-dev", v1::Environment::Dev, 15))
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&status), vec!["instance.desired_count"]);
+    // PROD's minimum is 3: 2 is refused there, and the default count is raised to it.
+    let status = client
+        .create_instance(with("bounds-prod2", v1::Environment::Prod, 2))
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&status), vec!["instance.desired_count"]);
+    client
+        .create_instance(with("bounds-prod3", v1::Environment::Prod, 0))
+        .await
+        .unwrap();
+    let instance = client
+        .get_instance(v1::GetInstanceRequest {
+            name: "tenants/bounds-prod3/instances/wp".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(instance.desired_count, 3);
+}

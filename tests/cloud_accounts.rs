@@ -31,6 +31,7 @@ fn environment(name: Environment, account: &str) -> EnvironmentConfig {
         external_id: Secret::default(),
         endpoint: None,
         platform: Platform::default(),
+        scale_bounds: None,
     }
 }
 

@@ -44,6 +44,7 @@ fn settings(endpoint: &str) -> CloudSettings {
             external_id: Secret::default(),
             endpoint: None,
             platform: Platform::default(),
+            scale_bounds: None,
         }],
         ..CloudSettings::default()
     }

@@ -19,7 +19,9 @@ use instance_manager::domain::Environment;
 use instance_manager::proto::v1;
 use instance_manager::store::DynamoStore;
 use instance_manager::workflow::failpoints::EXIT_STATUS;
-use platform::{Client, exited, inventory, metadata, provisioned, serve_process, write_config};
+use platform::{
+    Client, Inventory, exited, inventory, metadata, provisioned, serve_process, write_config,
+};
 
 /// Short leases: the next process takes over soon after the crash.
 const LEASE_SECS: u64 = 5;
@@ -276,4 +278,199 @@ async fn a_crash_during_a_rollback_resumes_the_rollback() {
         meta.status_detail.contains("wait_steady"),
         "the original failure is kept: {meta:?}"
     );
+}
+
+/// A day-2 operation whose every step gets a crash window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Day2 {
+    Restart,
+    /// Count and size: a new revision.
+    Scale,
+    /// A new image tag: a new revision.
+    Update,
+}
+
+impl Day2 {
+    const ALL: [Day2; 3] = [Day2::Restart, Day2::Scale, Day2::Update];
+
+    /// Starts the operation on the provisioned instance of `tenant`; its name.
+    async fn start(self, client: &mut Client, tenant: &str) -> String {
+        let name = format!("tenants/{tenant}/instances/wp");
+        let instances = &mut client.instances;
+        let operation = match self {
+            Day2::Restart => instances
+                .restart_instance(v1::RestartInstanceRequest {
+                    name,
+                    request_id: String::new(),
+                })
+                .await
+                .unwrap(),
+            Day2::Scale => instances
+                .scale_instance(v1::ScaleInstanceRequest {
+                    name,
+                    desired_count: 3,
+                    cpu: 1024,
+                    memory_mib: 2048,
+                    request_id: String::new(),
+                })
+                .await
+                .unwrap(),
+            Day2::Update => instances
+                .update_instance(v1::UpdateInstanceRequest {
+                    instance: Some(v1::Instance {
+                        name,
+                        wordpress_version: "6.8-php8.3-apache".into(),
+                        ..v1::Instance::default()
+                    }),
+                    update_mask: Some(prost_types::FieldMask {
+                        paths: vec!["wordpress_version".into()],
+                    }),
+                    request_id: String::new(),
+                })
+                .await
+                .unwrap(),
+        };
+        operation.into_inner().name
+    }
+
+    /// Task-definition revisions of the family once the operation completed: one per size
+    /// or image the service ever ran, never a duplicate from a replayed step.
+    fn revisions(self) -> usize {
+        match self {
+            Day2::Restart => 1,
+            Day2::Scale | Day2::Update => 2,
+        }
+    }
+}
+
+/// The service as ECS reports it, and the ACTIVE revisions of its family.
+async fn ecs_service(
+    cloud: &instance_manager::cloud::CloudEnv,
+    tenant: &str,
+) -> (i32, String, String, usize) {
+    let ecs = aws_sdk_ecs::Client::new(&platform::account_sdk(cloud).await);
+    let names = instance_manager::domain::naming::ResourceNames::derive(
+        &instance_manager::domain::TenantId::parse(tenant).unwrap(),
+        cloud.environment,
+    );
+    let answer = ecs
+        .describe_services()
+        .cluster(&cloud.platform.cluster)
+        .services(&names.stack)
+        .send()
+        .await
+        .unwrap();
+    let service = &answer.services()[0];
+    let definition = service.task_definition().unwrap().to_owned();
+    let image = ecs
+        .describe_task_definition()
+        .task_definition(&definition)
+        .send()
+        .await
+        .unwrap()
+        .task_definition()
+        .unwrap()
+        .container_definitions()[0]
+        .image()
+        .unwrap()
+        .to_owned();
+    let revisions = ecs
+        .list_task_definitions()
+        .family_prefix(&names.stack)
+        .status(aws_sdk_ecs::types::TaskDefinitionStatus::Active)
+        .send()
+        .await
+        .unwrap()
+        .task_definition_arns()
+        .len();
+    (service.desired_count(), definition, image, revisions)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_any_day2_call_converges() {
+    let config = platform::config_with_platforms(&[Environment::Dev]).await;
+    let cloud = cloud(&config, Environment::Dev).await;
+    let dir = tempfile::tempdir().unwrap();
+
+    // The plans, as clean runs record them (one instance, one operation after another).
+    let path = own_table(&config, &dir.path().join("reference")).await;
+    let mut plans = Vec::new();
+    {
+        let (_server, addr) = serve(&path, "").await;
+        let mut client = Client::connect(&addr).await;
+        let tenant = platform::tenant("ref");
+        let created = client.create(&tenant, v1::Environment::Dev).await;
+        client.completed(&created.name).await;
+        for day2 in Day2::ALL {
+            let operation = day2.start(&mut client, &tenant).await;
+            for step in step_names(&client.completed(&operation).await) {
+                plans.push((day2, step));
+            }
+        }
+    }
+    assert!(plans.len() >= 8, "{plans:?}");
+
+    let scenarios = plans.iter().map(|(day2, step)| {
+        let dir = dir.path().join(format!("{day2:?}-{step}"));
+        let (config, cloud, day2) = (&config, &cloud, *day2);
+        async move {
+            let path = own_table(config, &dir).await;
+            let tenant = platform::tenant("crash2");
+            {
+                let (_server, addr) = serve(&path, "").await;
+                let mut client = Client::connect(&addr).await;
+                let created = client.create(&tenant, v1::Environment::Dev).await;
+                client.completed(&created.name).await;
+            }
+            let point = format!("{step}=exit-after");
+            let (events, done, survivor) = crash_and_resume(&path, &point, |mut client| {
+                let tenant = tenant.clone();
+                async move { day2.start(&mut client, &tenant).await }
+            })
+            .await;
+            let what = format!("{day2:?} {point}");
+            assert_eq!(
+                metadata(&done).status(),
+                v1::OperationStatus::Completed,
+                "{what}: {events:#?}"
+            );
+            assert!(
+                events.iter().any(|e| e.message.starts_with("resumed by ")),
+                "{what}: {events:#?}"
+            );
+            // ECS and the record agree, with no revision registered twice.
+            let mut client = Client::connect(survivor.addr.unwrap().to_string().as_str()).await;
+            let instance = client.instance(&tenant).await;
+            assert_eq!(instance.state(), v1::InstanceState::Active, "{what}");
+            let (count, definition, image, revisions) = ecs_service(cloud, &tenant).await;
+            assert_eq!(count, instance.desired_count, "{what}");
+            assert_eq!(
+                instance.resources.get("task_definition"),
+                Some(&definition),
+                "{what}"
+            );
+            assert!(
+                image.ends_with(&format!(":{}", instance.wordpress_version)),
+                "{what}: {image}"
+            );
+            assert_eq!(revisions, day2.revisions(), "{what}");
+            match day2 {
+                Day2::Restart => {}
+                Day2::Scale => assert_eq!(
+                    (instance.desired_count, instance.cpu, instance.memory_mib),
+                    (3, 1024, 2048),
+                    "{what}"
+                ),
+                Day2::Update => assert_eq!(instance.wordpress_version, "6.8-php8.3-apache"),
+            }
+            // Nothing of the tenant was made twice or lost (a new revision is a task
+            // definition more).
+            let expected = Inventory {
+                task_definitions: day2.revisions(),
+                ..provisioned(true)
+            };
+            assert_eq!(inventory(cloud, &tenant).await, expected, "{what}");
+        }
+    });
+    run_all(scenarios).await;
 }

@@ -63,7 +63,10 @@ fn parse_create(api: &Api, request: &v1::CreateInstanceRequest) -> ApiResult<Cre
         }
         Some(instance) => {
             let input = convert::spec_input(instance, "instance", &mut violations);
-            match InstanceSpec::parse(input, api.settings.scale_bounds) {
+            let bounds = input.environment.map_or(api.settings.scale_bounds, |env| {
+                api.settings.scale_bounds_for(env)
+            });
+            match InstanceSpec::parse(input, bounds) {
                 Ok(spec) => Some(spec),
                 Err(errors) => {
                     violations.extend_prefixed("instance", errors);
@@ -356,9 +359,11 @@ impl InstanceService for Api {
 
     async fn update_instance(
         &self,
-        _: Request<v1::UpdateInstanceRequest>,
+        request: Request<v1::UpdateInstanceRequest>,
     ) -> Result<Response<lro::Operation>, Status> {
-        not_implemented("UpdateInstance")
+        Ok(Response::new(
+            Api::update_instance(self, request.into_inner()).await?,
+        ))
     }
 
     async fn delete_instance(

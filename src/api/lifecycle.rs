@@ -19,13 +19,13 @@ use crate::workflow::{scale, suspend};
 use super::error::{ApiError, ApiResult, reason};
 use super::{Api, convert};
 
-fn fingerprint(parts: &impl serde::Serialize) -> String {
+pub(super) fn fingerprint(parts: &impl serde::Serialize) -> String {
     hex::encode(Sha256::digest(
         serde_json::to_vec(parts).expect("serialisable"),
     ))
 }
 
-fn busy(instance: &Instance) -> ApiError {
+pub(super) fn busy(instance: &Instance) -> ApiError {
     let operation = instance
         .current_operation
         .as_ref()
@@ -40,7 +40,7 @@ fn busy(instance: &Instance) -> ApiError {
     }
 }
 
-fn wrong_state(instance: &Instance, wanted: &str) -> ApiError {
+pub(super) fn wrong_state(instance: &Instance, wanted: &str) -> ApiError {
     ApiError::FailedPrecondition {
         reason: reason::WRONG_STATE,
         message: format!("{} is {}; {wanted}", instance.name, instance.state),
@@ -148,7 +148,7 @@ impl Api {
         }
     }
 
-    async fn is_busy(&self, instance: &Instance) -> ApiResult<bool> {
+    pub(super) async fn is_busy(&self, instance: &Instance) -> ApiResult<bool> {
         let Some(id) = &instance.current_operation else {
             return Ok(false);
         };
@@ -158,7 +158,7 @@ impl Api {
         })
     }
 
-    async fn commit_new_operation(
+    pub(super) async fn commit_new_operation(
         &self,
         writes: Vec<Write>,
         request_id: Option<&RequestId>,
@@ -306,15 +306,13 @@ impl Api {
         let mut violations = Violations::new();
         let name = violations.check("name", InstanceName::parse(&request.name));
         let request_id = optional_request_id(&mut violations, &request.request_id);
-        let desired = if request.desired_count == 0 {
-            None
-        } else {
-            violations.check(
-                "desired_count",
-                check_desired_count(i64::from(request.desired_count), self.settings.scale_bounds),
-            )
-        };
-        for (field, value) in [("cpu", request.cpu), ("memory_mib", request.memory_mib)] {
+        // Checked against the instance's environment's bounds once it is read.
+        let desired = (request.desired_count != 0).then_some(i64::from(request.desired_count));
+        for (field, value) in [
+            ("desired_count", request.desired_count),
+            ("cpu", request.cpu),
+            ("memory_mib", request.memory_mib),
+        ] {
             if value < 0 {
                 violations.add(
                     field,
@@ -333,11 +331,15 @@ impl Api {
         };
         let (cpu, memory) = (request.cpu, request.memory_mib);
         let fingerprint = fingerprint(&("scale", &name, desired, cpu, memory));
+        let bounds =
+            |instance: &Instance| self.settings.scale_bounds_for(instance.spec.environment);
+        let timeout = self.settings.rollout_timeout;
         let make_params = move |instance: &Instance| -> ApiResult<serde_json::Value> {
             let previous = scale::Previous::of(instance);
             let mut target = previous.size;
             if let Some(count) = desired {
-                target.desired_count = count;
+                target.desired_count = check_desired_count(count, bounds(instance))
+                    .map_err(|e| ApiError::invalid("desired_count", e))?;
             }
             if cpu != 0 || memory != 0 {
                 let want_cpu = if cpu == 0 {
@@ -363,7 +365,7 @@ impl Api {
                     ),
                 ));
             }
-            Ok(scale::params(target, &previous))
+            Ok(scale::params(target, &previous, Some(timeout)))
         };
         self.idempotent(
             request_id.as_ref(),
@@ -498,7 +500,7 @@ impl Api {
     /// Writes a new operation on an existing instance, moving the instance to `state`, in
     /// one transaction with its first event and the request record.
     #[allow(clippy::too_many_arguments)]
-    async fn start_operation(
+    pub(super) async fn start_operation(
         &self,
         mut instance: Instance,
         state: InstanceState,
@@ -772,7 +774,7 @@ fn check_suspend_reason(reason: &str) -> Result<(), String> {
 }
 
 /// An optional AIP-155 request id: empty means none; anything else must be valid.
-fn optional_request_id(violations: &mut Violations, raw: &str) -> Option<RequestId> {
+pub(super) fn optional_request_id(violations: &mut Violations, raw: &str) -> Option<RequestId> {
     if raw.is_empty() {
         None
     } else {

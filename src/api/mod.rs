@@ -8,6 +8,7 @@ pub mod lifecycle;
 pub mod operations;
 pub mod page_token;
 pub mod streams;
+pub mod update;
 
 use std::sync::Arc;
 
@@ -33,6 +34,21 @@ pub struct ApiSettings {
     /// Server streams (WatchOperation, WatchInstance) one replica keeps open at once; past
     /// it a new one is refused with RESOURCE_EXHAUSTED (TOO_MANY_STREAMS).
     pub max_streams: usize,
+    /// Task-count bounds of environments that set their own (others use `scale_bounds`).
+    pub environment_scale_bounds: Vec<(Environment, ScaleBounds)>,
+    /// How long the new tasks of a scale or update may take to be steady and healthy before
+    /// the rollout is rolled back.
+    pub rollout_timeout: std::time::Duration,
+}
+
+impl ApiSettings {
+    /// The task-count bounds in `environment`.
+    pub fn scale_bounds_for(&self, environment: Environment) -> ScaleBounds {
+        self.environment_scale_bounds
+            .iter()
+            .find(|(env, _)| *env == environment)
+            .map_or(self.scale_bounds, |(_, bounds)| *bounds)
+    }
 }
 
 impl Default for ApiSettings {
@@ -44,6 +60,8 @@ impl Default for ApiSettings {
             max_page_size: 1000,
             max_request_bytes: 1024 * 1024,
             max_streams: 1000,
+            environment_scale_bounds: Vec::new(),
+            rollout_timeout: std::time::Duration::from_secs(15 * 60),
         }
     }
 }

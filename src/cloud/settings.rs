@@ -58,6 +58,10 @@ pub struct EnvironmentConfig {
     pub endpoint: Option<String>,
     #[serde(default)]
     pub platform: Platform,
+    /// Bounds on an instance's task count in this environment; the deployment's
+    /// `scale_bounds` when unset.
+    #[serde(default)]
+    pub scale_bounds: Option<crate::domain::ScaleBounds>,
 }
 
 /// How role sessions are assumed and refreshed.

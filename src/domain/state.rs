@@ -70,6 +70,8 @@ pub const TRANSITIONS: &[(InstanceState, InstanceState)] = &[
     // A STUCK suspend or resume leaves it FAILED too; retrying that operation runs it again.
     (Failed, Suspending),
     (Failed, Resuming),
+    // Likewise a STUCK update.
+    (Failed, Updating),
     (Failed, PendingDeprovisioning),
     (Failed, Deprovisioning),
 ];
@@ -169,6 +171,7 @@ mod tests {
                 Scaling,
                 Suspending,
                 Resuming,
+                Updating,
                 PendingDeprovisioning,
                 Deprovisioning,
             ],

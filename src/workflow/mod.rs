@@ -11,8 +11,10 @@ pub mod failpoints;
 pub mod provision;
 pub mod restart;
 pub mod resume;
+pub mod rollout;
 pub mod scale;
 pub mod suspend;
+pub mod update;
 
 use std::time::Duration;
 
@@ -83,6 +85,8 @@ pub struct StepCtx {
     pub store: std::sync::Arc<dyn StateStore>,
     pub names: ResourceNames,
     pub tag_settings: TagSettings,
+    /// The engine's clock when this attempt started (deadlines; tests move it).
+    pub now: crate::domain::Timestamp,
 }
 
 impl StepCtx {
@@ -251,6 +255,7 @@ pub fn workflow_for(verb: Verb) -> Option<std::sync::Arc<dyn Workflow>> {
         Verb::Scale => Some(std::sync::Arc::new(scale::Scale)),
         Verb::Suspend => Some(std::sync::Arc::new(suspend::Suspend)),
         Verb::Resume => Some(std::sync::Arc::new(resume::Resume)),
+        Verb::Update => Some(std::sync::Arc::new(update::Update)),
         _ => None,
     }
 }

@@ -126,6 +126,7 @@ pub async fn config_with_platforms(environments: &[Environment]) -> Config {
                     external_id: Secret::default(),
                     endpoint: None,
                     platform: Platform::default(),
+                    scale_bounds: None,
                 }
             })
             .collect(),
@@ -285,6 +286,12 @@ pub async fn start_with(
             idempotency_ttl_secs: 3600,
             default_page_size: 50,
             max_page_size: 1000,
+            environment_scale_bounds: config
+                .environments
+                .iter()
+                .filter_map(|env| env.scale_bounds.map(|bounds| (env.name, bounds)))
+                .collect(),
+            rollout_timeout: std::time::Duration::from_secs(config.rollout_timeout_secs),
             ..ApiSettings::default()
         },
         PageTokens::new(b"test"),

@@ -224,6 +224,7 @@ impl Engine {
             store: self.store.clone(),
             names: run.names.clone(),
             tag_settings: self.settings.tags.clone(),
+            now: self.clock.now(),
         }
     }
 }
