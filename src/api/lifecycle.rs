@@ -14,7 +14,7 @@ use crate::domain::{
 use crate::proto::google_longrunning as lro;
 use crate::proto::v1;
 use crate::store::{Guard, RequestRecord, StoreError, Write, WriteKind};
-use crate::workflow::{scale, suspend};
+use crate::workflow::{resume, scale, suspend};
 
 use super::error::{ApiError, ApiResult, reason};
 use super::{Api, convert};
@@ -430,6 +430,7 @@ impl Api {
             return Err(ApiError::Invalid(violations));
         };
         let fingerprint = fingerprint(&("resume", &name));
+        let timeout = self.settings.rollout_timeout;
         self.idempotent(
             request_id.as_ref(),
             &fingerprint,
@@ -440,7 +441,7 @@ impl Api {
                 request_id.as_ref(),
                 &fingerprint,
                 "resume requested",
-                |_| Ok(serde_json::json!({})),
+                |_| Ok(resume::params(Some(timeout))),
             ),
         )
         .await

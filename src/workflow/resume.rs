@@ -10,7 +10,10 @@
 //!   with every desired task running — the same decision as restart and provisioning) and
 //!   enough targets are healthy (the platform's `min_healthy_targets`, else every desired
 //!   task). A desired count other than the instance's means someone changed the service
-//!   meanwhile: fatal.
+//!   meanwhile: fatal. So is the rollout timeout (`rollout_timeout_ms` in the params, the
+//!   server's `rollout_timeout` as for scale and update) passing with the tasks still not
+//!   steady and healthy: the resume then rolls back to SUSPENDED instead of waiting for the
+//!   operation's deadline.
 //! - `serve_site`: the rule forwards to the instance's target group again — only now, with
 //!   healthy targets, so visitors go from the suspended page straight to the site, never to
 //!   an error. Idempotent: it reads the rule's action, replaces only a fixed response (a
@@ -33,6 +36,7 @@ use crate::cloud::CloudEnv;
 use crate::domain::{Instance, InstanceState, Operation, Verb};
 
 use super::restart::WAIT_ROLLOUT;
+use super::rollout::rollout_deadline;
 use super::suspend::{
     RECORD_DURATION, duration_note, serve_site, show_page, start_tasks, steady, stop_and_wait,
 };
@@ -64,7 +68,7 @@ impl Workflow for Resume {
     async fn run(&self, ctx: &StepCtx, step: &str) -> StepResult<Option<String>> {
         match step {
             START_TASKS => start_tasks(ctx).await.map(|()| None),
-            WAIT_ROLLOUT => steady(ctx).await.map(|()| None),
+            WAIT_ROLLOUT => wait_rollout(ctx).await.map(|()| None),
             SERVE_SITE => serve_site(ctx).await.map(Some),
             RECORD_DURATION => Ok(Some(duration_note(ctx, "resumed", RESUME_TARGET))),
             other => Err(StepError::Fatal(format!("unknown step {other}"))),
@@ -105,5 +109,36 @@ impl Workflow for Resume {
 
     fn deadline(&self) -> Duration {
         Duration::from_secs(30 * 60)
+    }
+}
+
+/// The params of a resume operation: `{"rollout_timeout_ms": …}` when there is a timeout.
+pub fn params(rollout_timeout: Option<Duration>) -> serde_json::Value {
+    let mut params = serde_json::json!({});
+    if let Some(timeout) = rollout_timeout {
+        params["rollout_timeout_ms"] =
+            serde_json::json!(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
+    }
+    params
+}
+
+/// Steady and healthy, or fatal once the rollout timeout (if any) has passed without.
+async fn wait_rollout(ctx: &StepCtx) -> StepResult<()> {
+    match steady(ctx).await {
+        Err(StepError::NotYet(detail)) => {
+            if let Some(deadline) = rollout_deadline(&ctx.operation)
+                && ctx.now >= deadline
+            {
+                let secs = ctx.operation.params["rollout_timeout_ms"]
+                    .as_i64()
+                    .unwrap_or_default()
+                    / 1000;
+                return Err(StepError::Fatal(format!(
+                    "the tasks did not become steady and healthy within {secs} s ({detail})"
+                )));
+            }
+            Err(StepError::NotYet(detail))
+        }
+        other => other,
     }
 }

@@ -258,7 +258,7 @@ async fn update_service(ctx: &StepCtx) -> StepResult<String> {
 }
 
 /// When the rollout of this attempt must have finished, if the operation sets a timeout.
-fn rollout_deadline(operation: &Operation) -> Option<Timestamp> {
+pub(super) fn rollout_deadline(operation: &Operation) -> Option<Timestamp> {
     let timeout = operation.params.get("rollout_timeout_ms")?.as_i64()?;
     let started = operation
         .params

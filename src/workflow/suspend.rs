@@ -43,7 +43,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::cloud::{CloudEnv, RuleAction};
-use crate::domain::{Instance, InstanceState, Operation, Timestamp, Verb};
+use crate::domain::{Instance, InstanceState, Operation, Verb};
 
 use super::provision::{LISTENER_RULE, TARGET_GROUP, steadiness};
 use super::restart::current_status;
@@ -307,8 +307,8 @@ pub(super) async fn stop_and_wait(ctx: &StepCtx) -> StepResult<()> {
     stopped(&status, ctx.cloud.readiness.as_ref())
 }
 
-/// "`done` in 12.3 s, target 120 s", measured from the start of this attempt; logs a
-/// warning when the target was missed.
+/// "`done` in 12.3 s, target 120 s", measured on the engine's clock from the start of this
+/// attempt; logs a warning when the target was missed.
 pub(super) fn duration_note(ctx: &StepCtx, done: &str, target: Duration) -> String {
     let started = ctx
         .operation
@@ -316,7 +316,7 @@ pub(super) fn duration_note(ctx: &StepCtx, done: &str, target: Duration) -> Stri
         .get("attempt_started_at")
         .and_then(serde_json::Value::as_i64)
         .unwrap_or(ctx.operation.created_at.millis());
-    let millis = (Timestamp::now().millis() - started).max(0);
+    let millis = (ctx.now.millis() - started).max(0);
     let seconds = millis as f64 / 1000.0;
     let note = format!("{done} in {seconds:.1} s, target {} s", target.as_secs());
     if millis > i64::try_from(target.as_millis()).unwrap_or(i64::MAX) {
