@@ -6,6 +6,7 @@ mod common;
 mod platform;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -17,7 +18,7 @@ use instance_manager::cloud::{
 use instance_manager::domain::{Environment, Operation, Verb};
 use instance_manager::proto::google_longrunning as lro;
 use instance_manager::proto::v1;
-use instance_manager::workflow::{EngineOptions, StepError, StepHook, StepResult};
+use instance_manager::workflow::{EngineOptions, ManualClock, StepError, StepHook, StepResult};
 use mysql_async::prelude::Queryable;
 use platform::{ControlPlane, metadata};
 use tokio::sync::Notify;
@@ -766,13 +767,15 @@ async fn deleting_a_suspended_instance_leaves_nothing() {
     );
 }
 
-/// ECS as AWS shows a service scaled to zero: its two tasks drain one after the other
+/// ECS as AWS shows it. A service scaled to zero: its two tasks drain one after the other
 /// (each waits out the deregistration delay), so successive DescribeServices report
-/// `runningCount` 2, 2, 1, 1, 0.
+/// `runningCount` 2, 2, 1, 1, 0. With `never_steady` set, a service with tasks to run
+/// never gets them running (they fail their health checks): the rollout stays IN_PROGRESS.
 struct DrainingCompute {
     inner: Arc<dyn Compute>,
     /// The running counts reported for the service at desired 0, in order.
     reported: Arc<std::sync::Mutex<Vec<u32>>>,
+    never_steady: Arc<AtomicBool>,
 }
 
 const DRAINING: [u32; 5] = [2, 2, 1, 1, 0];
@@ -801,6 +804,15 @@ impl Compute for DrainingCompute {
             status.running = DRAINING[reported.len().min(DRAINING.len() - 1)];
             status.pending = 0;
             reported.push(status.running);
+        }
+        if let Some(status) = &mut status
+            && status.desired > 0
+            && self.never_steady.load(Ordering::SeqCst)
+        {
+            status.running = 0;
+            status.pending = status.desired;
+            status.rollout_state = Some("IN_PROGRESS".into());
+            status.deployments = 2;
         }
         Ok(status)
     }
@@ -867,6 +879,7 @@ async fn on_aws_a_suspend_waits_until_the_last_task_has_drained() {
         cloud.compute = Arc::new(DrainingCompute {
             inner: cloud.compute.clone(),
             reported: shared.clone(),
+            never_steady: Arc::new(AtomicBool::new(false)),
         });
         cloud.readiness = Arc::new(AwsStoppedRule);
         cloud
@@ -891,4 +904,72 @@ async fn on_aws_a_suspend_waits_until_the_last_task_has_drained() {
         ]
     );
     assert_suspended(&cp, &tenant).await;
+}
+
+#[tokio::test]
+async fn a_resume_never_healthy_goes_back_to_suspended_at_the_rollout_timeout() {
+    let mut config = platform::config_with_platforms(&[Environment::Dev]).await;
+    config.rollout_timeout_secs = 600;
+    let never_steady = Arc::new(AtomicBool::new(false));
+    let flag = never_steady.clone();
+    let wrap: platform::CloudWrapper = Arc::new(move |mut cloud: CloudEnv| {
+        cloud.compute = Arc::new(DrainingCompute {
+            inner: cloud.compute.clone(),
+            reported: Arc::new(std::sync::Mutex::new(Vec::new())),
+            never_steady: flag.clone(),
+        });
+        cloud
+    });
+    // The engine's clock is ours: the timeout passes when the test says so.
+    let clock = ManualClock::new();
+    let options = EngineOptions {
+        clock: clock.clone(),
+        ..EngineOptions::default()
+    };
+    let mut cp = platform::start_with(config, options, |store| store, Some(wrap)).await;
+    let tenant = provisioned(&mut cp, "resumetimeout").await;
+    let operation = suspend(&mut cp, suspend_request(&tenant, "non-payment"))
+        .await
+        .unwrap();
+    cp.completed(&operation.name).await;
+    // From now on the tasks never pass their health checks.
+    never_steady.store(true, Ordering::SeqCst);
+    let operation = resume(&mut cp, &tenant).await.unwrap();
+    cp.wait_for_step(&operation.name, "wait_rollout", v1::StepStatus::Running)
+        .await;
+    // Still waiting, with the page up: nothing has given up yet.
+    assert_eq!(
+        cp.instance(&tenant).await.state(),
+        v1::InstanceState::Resuming
+    );
+    assert_eq!(
+        observe(&cp, &tenant).await.action,
+        ActionTypeEnum::FixedResponse
+    );
+    clock.advance(Duration::from_secs(601));
+    let (events, done) = cp.watch(&operation.name).await;
+    assert_eq!(
+        metadata(&done).status(),
+        v1::OperationStatus::Failed,
+        "{events:#?}"
+    );
+    let failed = metadata(&done)
+        .steps
+        .into_iter()
+        .find(|s| s.name == "wait_rollout")
+        .unwrap();
+    assert!(failed.error.contains("within 600 s"), "{:?}", failed.error);
+    assert!(
+        undone(&done).contains(&"start_tasks".to_owned()),
+        "{done:?}"
+    );
+    // Back to SUSPENDED: the page stays, the count is 0 again.
+    assert_suspended(&cp, &tenant).await;
+    let instance = cp.instance(&tenant).await;
+    assert_eq!(instance.state(), v1::InstanceState::Suspended);
+    assert!(
+        instance.failure_reason.contains("within 600 s"),
+        "{:?}",
+        instance.failure_reason
+    );
 }
