@@ -288,10 +288,35 @@ enum Day2 {
     Scale,
     /// A new image tag: a new revision.
     Update,
+    Suspend,
+    /// Of an instance suspended beforehand.
+    Resume,
 }
 
 impl Day2 {
-    const ALL: [Day2; 3] = [Day2::Restart, Day2::Scale, Day2::Update];
+    const ALL: [Day2; 5] = [
+        Day2::Restart,
+        Day2::Scale,
+        Day2::Update,
+        Day2::Suspend,
+        Day2::Resume,
+    ];
+
+    /// Brings a freshly provisioned instance to where the operation starts from.
+    async fn prepare(self, client: &mut Client, tenant: &str) {
+        if self == Day2::Resume {
+            let operation = Day2::Suspend.start(client, tenant).await;
+            client.completed(&operation).await;
+        }
+    }
+
+    /// The instance's state once the operation completed.
+    fn ends(self) -> v1::InstanceState {
+        match self {
+            Day2::Suspend => v1::InstanceState::Suspended,
+            _ => v1::InstanceState::Active,
+        }
+    }
 
     /// Starts the operation on the provisioned instance of `tenant`; its name.
     async fn start(self, client: &mut Client, tenant: &str) -> String {
@@ -329,6 +354,21 @@ impl Day2 {
                 })
                 .await
                 .unwrap(),
+            Day2::Suspend => instances
+                .suspend_instance(v1::SuspendInstanceRequest {
+                    name,
+                    reason: "non-payment".into(),
+                    request_id: String::new(),
+                })
+                .await
+                .unwrap(),
+            Day2::Resume => instances
+                .resume_instance(v1::ResumeInstanceRequest {
+                    name,
+                    request_id: String::new(),
+                })
+                .await
+                .unwrap(),
         };
         operation.into_inner().name
     }
@@ -337,10 +377,28 @@ impl Day2 {
     /// or image the service ever ran, never a duplicate from a replayed step.
     fn revisions(self) -> usize {
         match self {
-            Day2::Restart => 1,
             Day2::Scale | Day2::Update => 2,
+            Day2::Restart | Day2::Suspend | Day2::Resume => 1,
         }
     }
+}
+
+/// The type of the only action of the listener rule `rule_arn`, as ELBv2 reports it.
+async fn rule_action(cloud: &instance_manager::cloud::CloudEnv, rule_arn: &str) -> String {
+    let elb = aws_sdk_elasticloadbalancingv2::Client::new(&platform::account_sdk(cloud).await);
+    let rules = elb
+        .describe_rules()
+        .rule_arns(rule_arn)
+        .send()
+        .await
+        .unwrap();
+    let [rule] = rules.rules() else {
+        panic!("not one rule: {rules:?}");
+    };
+    let [action] = rule.actions() else {
+        panic!("not one action: {rule:?}");
+    };
+    action.r#type().unwrap().as_str().to_owned()
 }
 
 /// The service as ECS reports it, and the ACTIVE revisions of its family.
@@ -388,6 +446,7 @@ async fn ecs_service(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_after_any_day2_call_converges() {
+    // restart, scale, update, suspend and resume: every step of each.
     let config = platform::config_with_platforms(&[Environment::Dev]).await;
     let cloud = cloud(&config, Environment::Dev).await;
     let dir = tempfile::tempdir().unwrap();
@@ -402,6 +461,7 @@ async fn a_crash_after_any_day2_call_converges() {
         let created = client.create(&tenant, v1::Environment::Dev).await;
         client.completed(&created.name).await;
         for day2 in Day2::ALL {
+            // Suspend leaves the instance where Resume starts from.
             let operation = day2.start(&mut client, &tenant).await;
             for step in step_names(&client.completed(&operation).await) {
                 plans.push((day2, step));
@@ -421,6 +481,7 @@ async fn a_crash_after_any_day2_call_converges() {
                 let mut client = Client::connect(&addr).await;
                 let created = client.create(&tenant, v1::Environment::Dev).await;
                 client.completed(&created.name).await;
+                day2.prepare(&mut client, &tenant).await;
             }
             let point = format!("{step}=exit-after");
             let (events, done, survivor) = crash_and_resume(&path, &point, |mut client| {
@@ -441,9 +502,16 @@ async fn a_crash_after_any_day2_call_converges() {
             // ECS and the record agree, with no revision registered twice.
             let mut client = Client::connect(survivor.addr.unwrap().to_string().as_str()).await;
             let instance = client.instance(&tenant).await;
-            assert_eq!(instance.state(), v1::InstanceState::Active, "{what}");
+            assert_eq!(instance.state(), day2.ends(), "{what}");
             let (count, definition, image, revisions) = ecs_service(cloud, &tenant).await;
-            assert_eq!(count, instance.desired_count, "{what}");
+            let action = rule_action(cloud, &instance.resources["listener_rule"]).await;
+            if day2 == Day2::Suspend {
+                // No task, and the host answers the suspended page.
+                assert_eq!((count, action.as_str()), (0, "fixed-response"), "{what}");
+            } else {
+                assert_eq!(count, instance.desired_count, "{what}");
+                assert_eq!(action, "forward", "{what}");
+            }
             assert_eq!(
                 instance.resources.get("task_definition"),
                 Some(&definition),
@@ -455,7 +523,7 @@ async fn a_crash_after_any_day2_call_converges() {
             );
             assert_eq!(revisions, day2.revisions(), "{what}");
             match day2 {
-                Day2::Restart => {}
+                Day2::Restart | Day2::Suspend | Day2::Resume => {}
                 Day2::Scale => assert_eq!(
                     (instance.desired_count, instance.cpu, instance.memory_mib),
                     (3, 1024, 2048),
