@@ -415,6 +415,46 @@ pub trait Objects: Send + Sync {
     ) -> CloudResult<()>;
     /// Keys under `prefix`.
     async fn list_objects(&self, bucket: &str, prefix: &str) -> CloudResult<Vec<String>>;
+    /// Uploads everything `source` yields as one object, in parts of `part_size` bytes
+    /// (multipart upload), holding at most one part in memory. Any failure — of the source
+    /// or of S3 — aborts the upload: no object, no pending parts.
+    async fn upload_stream(
+        &self,
+        bucket: &str,
+        key: &str,
+        source: ByteChunks<'_>,
+        tags: &Tags,
+        part_size: usize,
+    ) -> CloudResult<UploadSummary>;
+    /// The object's body as a stream (never read whole into memory).
+    async fn download_stream(&self, bucket: &str, key: &str) -> CloudResult<ByteReader>;
+}
+
+/// The source of a streaming upload: chunks of any size; an error aborts the upload.
+pub type ByteChunks<'a> = futures::stream::BoxStream<'a, std::io::Result<Vec<u8>>>;
+
+/// The body of a streamed download.
+pub type ByteReader = std::pin::Pin<Box<dyn tokio::io::AsyncBufRead + Send>>;
+
+/// S3's smallest part (all but the last), its largest part count, and our default part:
+/// with 8 MiB parts an object may reach 10 000 × 8 MiB = 78.1 GiB.
+pub const MIN_PART_SIZE: usize = 5 * 1024 * 1024;
+pub const MAX_PARTS: usize = 10_000;
+pub const DEFAULT_PART_SIZE: usize = 8 * 1024 * 1024;
+
+/// What a streaming upload stored: its size and sha256 (hex), whole and per part.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UploadSummary {
+    pub bytes: u64,
+    pub sha256: String,
+    pub parts: Vec<PartSummary>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PartSummary {
+    pub number: i32,
+    pub bytes: u64,
+    pub sha256: String,
 }
 
 /// The shared infrastructure of one environment, inside which tenants get their resources.
