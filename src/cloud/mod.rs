@@ -485,6 +485,10 @@ pub struct Platform {
     pub task_role_arn: String,
     /// Image of the one-off task that archives wp-content to S3.
     pub archiver_image: String,
+    /// The dump program backups run (`mariadb-dump` if empty; or `mysqldump`, a path).
+    pub db_dump_command: String,
+    /// The client program restores run (`mariadb` if empty; or `mysql`, a path).
+    pub db_client_command: String,
     /// Healthy ALB targets required before an instance counts as ACTIVE; `None` means the
     /// instance's desired count. (An emulator runs no tasks, so it registers no targets.)
     pub min_healthy_targets: Option<u32>,

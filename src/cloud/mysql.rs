@@ -234,6 +234,29 @@ fn limits_statement(timeouts: &DbTimeouts, statement_limit: Option<bool>) -> Str
     sql
 }
 
+/// Connection options for the master user, with the platform's TLS settings.
+pub(crate) fn master_opts(master: &MasterCredentials) -> OptsBuilder {
+    let opts = OptsBuilder::default()
+        .ip_or_hostname(master.host.clone())
+        .tcp_port(master.port)
+        .user(Some(master.username.clone()))
+        .pass(Some(master.password.expose().to_owned()))
+        // Without this a loopback host makes the driver switch to the Unix socket, where
+        // the server may authenticate differently than over TCP.
+        .prefer_socket(false)
+        .init(vec!["SET NAMES utf8mb4"]);
+    match master.tls {
+        DbTls::Disabled => opts,
+        DbTls::Verified => {
+            let mut ssl = SslOpts::default();
+            if let Some(ca) = &master.ca_file {
+                ssl = ssl.with_root_certs(vec![ca.clone().into()]);
+            }
+            opts.ssl_opts(ssl)
+        }
+    }
+}
+
 /// The master connection of one call; `secrets` are what its errors must never show.
 struct Session<'a> {
     conn: Conn,
@@ -245,25 +268,7 @@ struct Session<'a> {
 
 impl<'a> Session<'a> {
     async fn open(master: &'a MasterCredentials, timeouts: DbTimeouts) -> CloudResult<Session<'a>> {
-        let opts = OptsBuilder::default()
-            .ip_or_hostname(master.host.clone())
-            .tcp_port(master.port)
-            .user(Some(master.username.clone()))
-            .pass(Some(master.password.expose().to_owned()))
-            // Without this a loopback host makes the driver switch to the Unix socket, where
-            // the server may authenticate differently than over TCP.
-            .prefer_socket(false)
-            .init(vec!["SET NAMES utf8mb4"]);
-        let opts = match master.tls {
-            DbTls::Disabled => opts,
-            DbTls::Verified => {
-                let mut ssl = SslOpts::default();
-                if let Some(ca) = &master.ca_file {
-                    ssl = ssl.with_root_certs(vec![ca.clone().into()]);
-                }
-                opts.ssl_opts(ssl)
-            }
-        };
+        let opts = master_opts(master);
         let secrets = vec![master.password.expose()];
         let endpoint = format!("{}:{}", master.host, master.port);
         let conn = match tokio::time::timeout(timeouts.connect, Conn::new(opts)).await {

@@ -133,6 +133,9 @@ pub async fn ensure_platform(
         execution_role_arn: format!("arn:aws:iam::{account}:role/bbws-{env}-task-execution"),
         task_role_arn: format!("arn:aws:iam::{account}:role/bbws-{env}-task"),
         archiver_image: ARCHIVER_IMAGE.to_owned(),
+        // The defaults: the MariaDB client programs on this host's PATH.
+        db_dump_command: String::new(),
+        db_client_command: String::new(),
         // The emulator starts no tasks, so no target ever registers with the target groups:
         // requiring healthy targets would keep every instance from becoming ACTIVE.
         min_healthy_targets: Some(0),
