@@ -297,6 +297,45 @@ async fn provision_then_deprovision_leaves_nothing_but_the_archive() {
     let mut sql = String::new();
     std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&body[..]), &mut sql).unwrap();
     assert!(sql.contains("wp_probe"), "{sql}");
+    // The standard dump program made it (its header), and database.json beside it records
+    // the object's size and sha256 as stored.
+    assert!(
+        sql.lines()
+            .take(3)
+            .any(|l| l.starts_with("-- MariaDB dump")),
+        "{}",
+        &sql[..sql.len().min(200)]
+    );
+    let manifest_key = key.replace("database.sql.gz", "database.json");
+    let manifest = s3
+        .get_object()
+        .bucket(&cloud.platform.archive_bucket)
+        .key(&manifest_key)
+        .send()
+        .await
+        .unwrap()
+        .body
+        .collect()
+        .await
+        .unwrap()
+        .into_bytes();
+    let manifest: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+    assert_eq!(manifest["dumped"], true, "{manifest}");
+    assert_eq!(
+        manifest["summary"]["sha256"],
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&body)),
+        "{manifest}"
+    );
+    assert_eq!(
+        manifest["summary"]["compressed_bytes"],
+        body.len(),
+        "{manifest}"
+    );
+    assert_eq!(
+        manifest["summary"]["uncompressed_bytes"],
+        sql.len(),
+        "{manifest}"
+    );
 
     // The slot is free again: the tenant can have a new instance in DEV, under a new name
     // (the deprovisioned record keeps its name for the audit trail).

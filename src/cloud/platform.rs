@@ -796,9 +796,9 @@ async fn ensure_bucket(
     region: &str,
 ) -> CloudResult<String> {
     use aws_sdk_s3::types::{
-        BucketLifecycleConfiguration, BucketLocationConstraint, CreateBucketConfiguration,
-        ExpirationStatus, LifecycleExpiration, LifecycleRule, LifecycleRuleFilter,
-        PublicAccessBlockConfiguration, Tag, Tagging,
+        AbortIncompleteMultipartUpload, BucketLifecycleConfiguration, BucketLocationConstraint,
+        CreateBucketConfiguration, ExpirationStatus, LifecycleExpiration, LifecycleRule,
+        LifecycleRuleFilter, PublicAccessBlockConfiguration, Tag, Tagging,
     };
     let s3 = aws_sdk_s3::Client::new(sdk);
     let bucket = format!("{}-archive-{account}", names.base);
@@ -846,6 +846,12 @@ async fn ensure_bucket(
         .status(ExpirationStatus::Enabled)
         .filter(LifecycleRuleFilter::builder().prefix("").build())
         .expiration(LifecycleExpiration::builder().days(90).build())
+        // Parts of a streamed upload whose uploader died (kill -9) before it could abort.
+        .abort_incomplete_multipart_upload(
+            AbortIncompleteMultipartUpload::builder()
+                .days_after_initiation(1)
+                .build(),
+        )
         .build()
         .map_err(|e| invalid("s3:PutBucketLifecycleConfiguration", e))?;
     s3.put_bucket_lifecycle_configuration()

@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+use crate::backup::{self, DumpTools};
 use crate::cloud::aws::WP_CONTENT_PATH;
-use crate::cloud::{CloudEnv, OneOffTaskSpec};
+use crate::cloud::{CloudEnv, DEFAULT_PART_SIZE, OneOffTaskSpec};
 use crate::domain::{Instance, InstanceState, Operation, Verb};
 
 use super::provision::{
@@ -24,6 +25,9 @@ pub const REMOVE_CONTENT: &str = "remove_content";
 pub const VERIFY: &str = "verify";
 
 pub struct Deprovision;
+
+/// The summary of the database dump, beside it in the archive.
+pub const DATABASE_MANIFEST: &str = "database.json";
 
 /// Where a deprovisioning's archive goes: `archives/{env}/{tenant}/{instance}/{operation}/`.
 pub fn archive_prefix(ctx: &StepCtx) -> String {
@@ -125,36 +129,72 @@ impl Workflow for Deprovision {
     }
 }
 
+/// The tenant database, dumped by the standard dump program and streamed through gzip into
+/// a multipart upload (`crate::backup::dump_to`): memory stays bounded by the part size,
+/// whatever the database's size. `database.json` beside it records the dump's summary
+/// (sizes, sha256 of the object and of each part, server version). Idempotent: a retry
+/// dumps again over the same keys; a failed or interrupted dump leaves no object (the
+/// upload is aborted; parts of a killed process expire by the bucket's lifecycle rule).
 async fn archive_database(ctx: &StepCtx) -> StepResult<String> {
     let master = master_credentials(ctx).await?;
     let database = &ctx.cloud.database;
+    let platform = &ctx.cloud.platform;
     let key = format!("{}database.sql.gz", archive_prefix(ctx));
+    let bucket = &platform.archive_bucket;
     // Only this instance's database: one of the same name may belong to a sibling.
     let ours = database
         .database_owner(&master, &ctx.names.database)
         .await?
         .is_some_and(|owner| owner == ctx.owner());
-    let dump = if ours
+    let manifest = if ours
         && database
             .database_exists(&master, &ctx.names.database)
             .await?
     {
-        database.dump_database(&master, &ctx.names.database).await?
+        let tools = DumpTools::from_platform(platform);
+        let summary = backup::dump_to(
+            &tools,
+            &master,
+            &ctx.names.database,
+            ctx.cloud.objects.as_ref(),
+            bucket,
+            &key,
+            &ctx.tags("archive"),
+            DEFAULT_PART_SIZE,
+        )
+        .await?;
+        serde_json::json!({
+            "object": format!("s3://{bucket}/{key}"),
+            "dumped": true,
+            "dump_program": tools.dump_command,
+            "summary": summary,
+        })
     } else {
-        b"-- this instance had no database at deprovisioning\n".to_vec()
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        encoder
+            .write_all(b"-- this instance had no database at deprovisioning\n")
+            .map_err(|e| StepError::Fatal(format!("cannot compress the placeholder: {e}")))?;
+        let body = encoder
+            .finish()
+            .map_err(|e| StepError::Fatal(format!("cannot compress the placeholder: {e}")))?;
+        ctx.cloud
+            .objects
+            .put_object(bucket, &key, body, &ctx.tags("archive"))
+            .await?;
+        serde_json::json!({
+            "object": format!("s3://{bucket}/{key}"),
+            "dumped": false,
+            "reason": "this instance had no database at deprovisioning",
+        })
     };
-    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    encoder
-        .write_all(&dump)
-        .and_then(|()| encoder.try_finish())
-        .map_err(|e| StepError::Fatal(format!("cannot compress the dump: {e}")))?;
-    let body = encoder
-        .finish()
-        .map_err(|e| StepError::Fatal(format!("cannot compress the dump: {e}")))?;
-    let bucket = &ctx.cloud.platform.archive_bucket;
     ctx.cloud
         .objects
-        .put_object(bucket, &key, body, &ctx.tags("archive"))
+        .put_object(
+            bucket,
+            &format!("{}{DATABASE_MANIFEST}", archive_prefix(ctx)),
+            manifest.to_string().into_bytes(),
+            &ctx.tags("archive"),
+        )
         .await?;
     Ok(format!("s3://{bucket}/{key}"))
 }
@@ -355,6 +395,11 @@ async fn await_content_archive(ctx: &StepCtx) -> StepResult<String> {
         "instance": ctx.instance.name.to_string(),
         "operation": ctx.operation.id.to_string(),
         "database": ctx.output(ARCHIVE_DATABASE),
+        "database_manifest": ctx.output(ARCHIVE_DATABASE).map(|_| format!(
+            "s3://{}/{}{DATABASE_MANIFEST}",
+            platform.archive_bucket,
+            archive_prefix(ctx)
+        )),
         "content": content,
         "archiver_task": (task != NO_CONTENT).then_some(task),
         "retention_days": 90,
