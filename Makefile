@@ -1,6 +1,6 @@
 # One-command entry points (see README). Everything runs through bash scripts
 # in scripts/ so that it works the same from a shell, make, and CI.
-.PHONY: dev test check bootstrap fmt clippy
+.PHONY: dev test check bootstrap fmt clippy bench
 
 ifdef CI
 export CARGO_TERM_COLOR := never
@@ -17,6 +17,10 @@ bootstrap:
 # Whole test suite (unit, integration, doc) against a fresh moto.
 test:
 	bash scripts/test.sh
+
+# Backup/restore throughput and peak RSS for two database sizes (not a test).
+bench:
+	bash scripts/bench.sh
 
 # Formatting and lints.
 check: fmt clippy
