@@ -91,6 +91,11 @@ pub struct Config {
     /// MySQL: how long one statement may run (MariaDB `max_statement_time`; MySQL
     /// `max_execution_time`, SELECTs only). The client gives up a few seconds later.
     pub db_statement_timeout_secs: u64,
+    /// CheckInstanceHealth: the whole report (its checks run in parallel) is bounded by this.
+    pub health_timeout_ms: u64,
+    /// CheckInstanceHealth: one check (AWS calls, the database login, the HTTP probe); a
+    /// check that takes longer is UNHEALTHY, "timed out".
+    pub health_check_timeout_ms: u64,
     /// Deliberate faults for tests (`STEP=pause|error|error-after`); never set in production.
     pub failpoints: Vec<String>,
     pub environments: Vec<EnvironmentConfig>,
@@ -130,6 +135,8 @@ impl Default for Config {
             db_connect_timeout_secs: 5,
             db_lock_wait_timeout_secs: 30,
             db_statement_timeout_secs: 300,
+            health_timeout_ms: 5000,
+            health_check_timeout_ms: 4000,
             failpoints: Vec::new(),
             environments: Vec::new(),
         }
@@ -333,6 +340,13 @@ impl Config {
             return invalid(
                 "db_connect_timeout_secs and db_statement_timeout_secs must be positive, \
                  db_lock_wait_timeout_secs 1..=31536000",
+            );
+        }
+        if self.health_check_timeout_ms == 0
+            || self.health_check_timeout_ms > self.health_timeout_ms
+        {
+            return invalid(
+                "health timeouts must satisfy 1 <= health_check_timeout_ms <= health_timeout_ms",
             );
         }
         for (i, env) in self.environments.iter().enumerate() {

@@ -210,11 +210,13 @@ pub async fn run(
             max_page_size: config.max_page_size,
             max_request_bytes: config.max_request_bytes,
             max_streams: config.max_streams,
+            health: crate::health::HealthSettings::from_config(config),
         },
         tokens,
     )
     .with_engine(bus, engine.waker())
-    .with_shutdown(shutdown.clone());
+    .with_shutdown(shutdown.clone())
+    .with_clouds(accounts.clone());
     if !config.environments.is_empty() {
         let served = Arc::new(std::sync::RwLock::new(accounts.served()));
         api = api.with_served_environments(served.clone());

@@ -3,6 +3,7 @@
 
 pub mod convert;
 pub mod error;
+pub mod health;
 pub mod instances;
 pub mod lifecycle;
 pub mod operations;
@@ -33,6 +34,8 @@ pub struct ApiSettings {
     /// Server streams (WatchOperation, WatchInstance) one replica keeps open at once; past
     /// it a new one is refused with RESOURCE_EXHAUSTED (TOO_MANY_STREAMS).
     pub max_streams: usize,
+    /// CheckInstanceHealth's time limits.
+    pub health: crate::health::HealthSettings,
 }
 
 impl Default for ApiSettings {
@@ -44,6 +47,7 @@ impl Default for ApiSettings {
             max_page_size: 1000,
             max_request_bytes: 1024 * 1024,
             max_streams: 1000,
+            health: crate::health::HealthSettings::default(),
         }
     }
 }
@@ -67,6 +71,9 @@ pub struct Api {
     pub feeds: streams::OperationFeeds,
     /// Open server streams, at most `settings.max_streams`.
     pub streams: Arc<Semaphore>,
+    /// The environments' adapters, for the reads that look at the cloud directly
+    /// (CheckInstanceHealth); `None`: such RPCs answer UNAVAILABLE.
+    pub clouds: Option<Arc<dyn crate::health::CloudEnvs>>,
 }
 
 impl Api {
@@ -81,7 +88,14 @@ impl Api {
             wake: Arc::new(Notify::new()),
             shutdown: CancellationToken::new(),
             environments: None,
+            clouds: None,
         }
+    }
+
+    /// Gives the API the environments' adapters (see [`Api::clouds`]).
+    pub fn with_clouds(mut self, clouds: Arc<dyn crate::health::CloudEnvs>) -> Self {
+        self.clouds = Some(clouds);
+        self
     }
 
     pub fn with_engine(mut self, bus: EventBus, wake: Arc<Notify>) -> Self {
