@@ -427,8 +427,7 @@ pub trait Objects: Send + Sync {
     async fn list_objects(&self, bucket: &str, prefix: &str) -> CloudResult<Vec<String>>;
 }
 
-/// An RDS DB instance as DescribeDBInstances (and DescribePendingMaintenanceActions)
-/// report it.
+/// An RDS DB instance as DescribeDBInstances reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct DbInstanceStatus {
     pub identifier: String,
@@ -438,8 +437,11 @@ pub struct DbInstanceStatus {
     pub allocated_storage_gib: Option<i32>,
     /// The storage autoscaling limit, if autoscaling is on.
     pub max_allocated_storage_gib: Option<i32>,
-    /// Pending maintenance actions (`system-update: <description>`, …).
+    /// Changes RDS applies in the next maintenance window (`PendingModifiedValues`), e.g.
+    /// `instance class -> db.t3.large`.
     pub pending_maintenance: Vec<String>,
+    /// `PreferredMaintenanceWindow`, e.g. `sun:03:00-sun:03:30` (UTC).
+    pub maintenance_window: Option<String>,
 }
 
 #[async_trait]

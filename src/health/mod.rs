@@ -23,8 +23,10 @@
 //! - `db_instance`: the environment's RDS DB instance (`db_instance_identifier`):
 //!   `available` is HEALTHY; transitional states that keep serving (`backing-up`,
 //!   `modifying`, `maintenance`, `upgrading`, `configuring-*`, `storage-optimization`, …) and
-//!   pending maintenance actions are DEGRADED; anything else (`stopped`, `rebooting`,
-//!   `storage-full`, `failed`, missing, …) is UNHEALTHY.
+//!   changes pending for the next maintenance window (`PendingModifiedValues`: they may
+//!   reboot it) are DEGRADED; anything else (`stopped`, `rebooting`, `storage-full`,
+//!   `failed`, missing, …) is UNHEALTHY. Storage is reported as allocated (free space is a
+//!   CloudWatch metric, not read here).
 //! - `efs_access_point`: the access point's lifecycle state: `available` HEALTHY,
 //!   `creating`/`updating` DEGRADED, anything else or missing UNHEALTHY.
 //!
@@ -330,6 +332,9 @@ pub fn db_instance_check(identifier: &str, instance: Option<&DbInstanceStatus>) 
             "; pending maintenance: {}",
             db.pending_maintenance.join(", ")
         ));
+        if let Some(window) = &db.maintenance_window {
+            detail.push_str(&format!(" (window {window} UTC)"));
+        }
     }
     let status = db.status.as_str();
     if status == "available" {

@@ -259,6 +259,7 @@ fn rds(status: &str, maintenance: &[&str]) -> DbInstanceStatus {
         allocated_storage_gib: Some(20),
         max_allocated_storage_gib: Some(100),
         pending_maintenance: maintenance.iter().map(|m| m.to_string()).collect(),
+        maintenance_window: Some("sun:03:00-sun:03:30".into()),
     }
 }
 
@@ -272,14 +273,13 @@ fn rds_states() {
     );
     let (status, reason) = db_instance_check(
         "bbws-dev",
-        Some(&rds(
-            "available",
-            &["system-update: New Operating System update is available"],
-        )),
+        Some(&rds("available", &["instance class -> db.t3.large"])),
     );
     assert_eq!(status, Status::Degraded);
     assert!(
-        reason.contains("pending maintenance: system-update"),
+        reason.ends_with(
+            "pending maintenance: instance class -> db.t3.large (window sun:03:00-sun:03:30 UTC)"
+        ),
         "{reason}"
     );
     for serving in [

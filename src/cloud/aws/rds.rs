@@ -3,7 +3,7 @@
 use async_trait::async_trait;
 use aws_config::SdkConfig;
 use aws_sdk_rds::Client;
-use aws_sdk_rds::types::Filter;
+use aws_sdk_rds::types::PendingModifiedValues;
 
 use crate::cloud::error::classify;
 use crate::cloud::{CloudResult, DbInstanceStatus, DbInstances};
@@ -17,34 +17,6 @@ impl AwsDbInstances {
         Self {
             client: Client::new(sdk),
         }
-    }
-
-    /// Pending maintenance actions of the instance `arn` (`action: description`, with the
-    /// date it will be applied when one is set).
-    async fn pending_maintenance(&self, arn: &str) -> CloudResult<Vec<String>> {
-        let answer = self
-            .client
-            .describe_pending_maintenance_actions()
-            .filters(Filter::builder().name("db-instance-id").values(arn).build())
-            .send()
-            .await
-            .map_err(|e| classify("rds:DescribePendingMaintenanceActions", &e))?;
-        Ok(answer
-            .pending_maintenance_actions()
-            .iter()
-            .flat_map(|resource| resource.pending_maintenance_action_details())
-            .map(|action| {
-                let mut text = action.action().unwrap_or("maintenance").to_owned();
-                if let Some(description) = action.description() {
-                    text.push_str(": ");
-                    text.push_str(description);
-                }
-                if let Some(at) = action.current_apply_date() {
-                    text.push_str(&format!(" (applied {at})"));
-                }
-                text
-            })
-            .collect())
     }
 }
 
@@ -66,10 +38,6 @@ impl DbInstances for AwsDbInstances {
             Err(error) if error.is_not_found() => return Ok(None),
             Err(error) => return Err(error),
         };
-        let pending_maintenance = match instance.db_instance_arn() {
-            Some(arn) => self.pending_maintenance(arn).await?,
-            None => Vec::new(),
-        };
         Ok(Some(DbInstanceStatus {
             identifier: instance
                 .db_instance_identifier()
@@ -79,7 +47,49 @@ impl DbInstances for AwsDbInstances {
             engine: instance.engine().unwrap_or_default().to_owned(),
             allocated_storage_gib: instance.allocated_storage(),
             max_allocated_storage_gib: instance.max_allocated_storage(),
-            pending_maintenance,
+            pending_maintenance: instance
+                .pending_modified_values()
+                .map(pending_changes)
+                .unwrap_or_default(),
+            maintenance_window: instance.preferred_maintenance_window().map(str::to_owned),
         }))
     }
+}
+
+/// The changes RDS will apply in the next maintenance window (`PendingModifiedValues`), one
+/// entry per changed setting; secrets are named, never shown.
+fn pending_changes(pending: &PendingModifiedValues) -> Vec<String> {
+    let mut changes = Vec::new();
+    let mut add = |what: &str, value: Option<String>| {
+        if let Some(value) = value {
+            changes.push(format!("{what} -> {value}"));
+        }
+    };
+    add(
+        "instance class",
+        pending.db_instance_class().map(str::to_owned),
+    );
+    add(
+        "engine version",
+        pending.engine_version().map(str::to_owned),
+    );
+    add(
+        "storage GiB",
+        pending.allocated_storage().map(|v| v.to_string()),
+    );
+    add("storage type", pending.storage_type().map(str::to_owned));
+    add("iops", pending.iops().map(|v| v.to_string()));
+    add("multi-AZ", pending.multi_az().map(|v| v.to_string()));
+    add(
+        "backup retention days",
+        pending.backup_retention_period().map(|v| v.to_string()),
+    );
+    add(
+        "CA certificate",
+        pending.ca_certificate_identifier().map(str::to_owned),
+    );
+    if pending.master_user_password().is_some() {
+        changes.push("master password change".to_owned());
+    }
+    changes
 }
