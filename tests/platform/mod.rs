@@ -269,6 +269,14 @@ pub async fn start_with(
     )));
     let bus = EventBus::new();
     let settings = fast_settings(&config);
+    // The API's reads of the cloud (CheckInstanceHealth) see the same adapters.
+    let clouds: Arc<dyn instance_manager::health::CloudEnvs> = match &wrap_cloud {
+        Some(wrap) => Arc::new(instance_manager::health::WrappedCloudEnvs {
+            inner: accounts.clone(),
+            wrap: wrap.clone(),
+        }),
+        None => accounts.clone(),
+    };
     let resolver: Arc<dyn CloudResolver> = match wrap_cloud {
         Some(wrap) => Arc::new(WrappingResolver {
             accounts: accounts.clone(),
@@ -285,12 +293,14 @@ pub async fn start_with(
             idempotency_ttl_secs: 3600,
             default_page_size: 50,
             max_page_size: 1000,
+            health: instance_manager::health::HealthSettings::from_config(&config),
             ..ApiSettings::default()
         },
         PageTokens::new(b"test"),
     )
     .with_engine(bus, engine.waker())
     .with_shutdown(shutdown.clone())
+    .with_clouds(clouds)
     .with_environments(accounts.served());
     tokio::spawn(engine.clone().run(shutdown.clone()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
