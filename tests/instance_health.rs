@@ -386,7 +386,11 @@ async fn a_probe_to_a_closed_port_fails_http() {
     let report = w.health().await.unwrap();
     let reason = only_failing(&report, "http");
     assert!(
-        reason.contains(&format!("connect to http://{closed}")),
+        reason.starts_with(&format!(
+            "GET / (Host: {}.dev.{}) at http://{closed}: connect: ",
+            w.tenant,
+            platform::DOMAIN
+        )),
         "{reason}"
     );
     assert_eq!(report.overall(), v1::HealthStatus::Unhealthy);

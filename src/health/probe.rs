@@ -160,10 +160,9 @@ fn tls_config() -> Result<Arc<ClientConfig>, String> {
 
 /// `GET path` with `Host: host` at `target`. Not bounded here: the caller bounds it.
 pub async fn get(target: &ProbeTarget, host: &str, path: &str) -> Result<ProbeAnswer, String> {
-    let address = target.url();
     let tcp = TcpStream::connect((target.host.as_str(), target.port))
         .await
-        .map_err(|e| format!("connect to {address}: {e}"))?;
+        .map_err(|e| format!("connect: {e}"))?;
     let _ = tcp.set_nodelay(true);
     if target.https {
         let name = ServerName::try_from(host.to_owned())
@@ -171,20 +170,21 @@ pub async fn get(target: &ProbeTarget, host: &str, path: &str) -> Result<ProbeAn
         let tls = TlsConnector::from(tls_config()?)
             .connect(name, tcp)
             .await
-            .map_err(|e| format!("TLS with {address} as {host}: {e}"))?;
-        send(TokioIo::new(tls), host, path, &address).await
+            .map_err(|e| format!("TLS as {host}: {e}"))?;
+        send(TokioIo::new(tls), host, path).await
     } else {
-        send(TokioIo::new(tcp), host, path, &address).await
+        send(TokioIo::new(tcp), host, path).await
     }
 }
 
-async fn send<T>(io: T, host: &str, path: &str, address: &str) -> Result<ProbeAnswer, String>
+/// The caller names the address and the request in its message; errors say what failed.
+async fn send<T>(io: T, host: &str, path: &str) -> Result<ProbeAnswer, String>
 where
     T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let (mut sender, connection) = hyper::client::conn::http1::handshake(io)
         .await
-        .map_err(|e| format!("HTTP handshake with {address}: {e}"))?;
+        .map_err(|e| format!("HTTP handshake: {e}"))?;
     // The connection is driven until the response head arrives; dropping the task (with
     // the sender) closes it.
     let driver = tokio::spawn(async move {
@@ -198,7 +198,7 @@ where
         .map_err(|e| format!("invalid probe request: {e}"))?;
     let answer = sender.send_request(request).await;
     driver.abort();
-    let response = answer.map_err(|e| format!("GET {path} from {address}: {e}"))?;
+    let response = answer.map_err(|e| format!("no response: {e}"))?;
     Ok(ProbeAnswer {
         status: response.status().as_u16(),
         location: response
