@@ -523,3 +523,46 @@ async fn errors_and_what_the_emulator_shows() {
         error.message()
     );
 }
+
+/// Suspend/Resume is built elsewhere; this puts the instance where a suspension leaves it
+/// (the service scaled to 0 with the ECS SDK, the record SUSPENDED in the store).
+#[tokio::test]
+async fn a_suspended_instance_says_so() {
+    let mut w = world("hsus", |_| {}).await;
+    let cloud = w.cp.cloud(Environment::Dev).await;
+    aws_sdk_ecs::Client::new(&w.cp.sdk(Environment::Dev))
+        .update_service()
+        .cluster(&cloud.platform.cluster)
+        .service(&w.names.stack)
+        .desired_count(0)
+        .send()
+        .await
+        .unwrap();
+    let name = instance_manager::domain::InstanceName::parse(&w.name()).unwrap();
+    let mut instance = w.cp.store.get_instance(&name).await.unwrap().unwrap();
+    instance.state = instance_manager::domain::InstanceState::Suspended;
+    w.cp.store
+        .commit(vec![instance_manager::store::Write::UpdateInstance(
+            instance,
+        )])
+        .await
+        .unwrap();
+    // The site would answer the listener's fixed response; the probe must not hit it.
+    let (url, hits) = site().await;
+    *w.probe.lock().unwrap() = url;
+
+    let report = w.health().await.unwrap();
+    let (status, reason) = status_of(&report, "ecs_service");
+    assert_eq!(status, v1::HealthStatus::Healthy);
+    assert!(reason.starts_with("suspended: scaled to 0"), "{reason}");
+    for skipped in ["alb_targets", "http"] {
+        let (status, reason) = status_of(&report, skipped);
+        assert_eq!(status, v1::HealthStatus::Unspecified, "{skipped}");
+        assert!(reason.contains("SUSPENDED"), "{reason}");
+    }
+    for checked in ["database", "db_instance", "efs_access_point"] {
+        assert_eq!(status_of(&report, checked).0, v1::HealthStatus::Healthy);
+    }
+    assert_eq!(report.overall(), v1::HealthStatus::Healthy);
+    assert!(hits.lock().unwrap().is_empty());
+}
