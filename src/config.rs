@@ -610,4 +610,23 @@ mod tests {
         };
         assert!(args.load().is_ok());
     }
+
+    #[test]
+    fn health_timeouts_come_from_the_file_and_must_nest() {
+        let config: Config =
+            toml::from_str("health_timeout_ms = 8000\nhealth_check_timeout_ms = 3000\n").unwrap();
+        assert_eq!(config.health_timeout_ms, 8000);
+        assert_eq!(config.health_check_timeout_ms, 3000);
+        assert!(config.validate().is_ok());
+        for (overall, each) in [(5000, 6000), (5000, 0)] {
+            let config = Config {
+                health_timeout_ms: overall,
+                health_check_timeout_ms: each,
+                ..Config::default()
+            };
+            let error = config.validate().unwrap_err().to_string();
+            assert!(error.contains("health"), "{error}");
+        }
+        assert!(Config::default().validate().is_ok());
+    }
 }
