@@ -241,6 +241,98 @@ mod tests {
         }
     }
 
+    /// A one-connection server answering `response` (after reading the request head if
+    /// `read_head`); returns its port and, at the end, the head it read and how many more
+    /// connections came.
+    async fn answer_once(
+        response: &'static str,
+        read_head: bool,
+    ) -> (u16, tokio::task::JoinHandle<(String, usize)>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let served = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut buffer = [0u8; 512];
+            while read_head && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = socket.read(&mut buffer).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                head.extend_from_slice(&buffer[..n]);
+            }
+            let _ = socket.write_all(response.as_bytes()).await;
+            let _ = socket.shutdown().await;
+            // Count further connections for a moment: a followed redirect would make one.
+            let more =
+                tokio::time::timeout(std::time::Duration::from_millis(200), listener.accept())
+                    .await
+                    .map_or(0, |_| 1);
+            (String::from_utf8_lossy(&head).into_owned(), more)
+        });
+        (port, served)
+    }
+
+    /// The probe is bounded by its caller; so are these tests.
+    async fn bounded<T>(probe: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(std::time::Duration::from_secs(10), probe)
+            .await
+            .expect("the probe hung")
+    }
+
+    #[tokio::test]
+    async fn a_get_carries_the_host_and_path_and_does_not_follow_redirects() {
+        let (port, served) = answer_once(
+            "HTTP/1.1 301 Moved Permanently\r\nLocation: /wp-admin/\r\nContent-Length: 0\r\n\r\n",
+            true,
+        )
+        .await;
+        let target = ProbeTarget::parse(&format!("http://127.0.0.1:{port}")).unwrap();
+        let answer = bounded(get(&target, "acme.sites.example", "/wp-login.php"))
+            .await
+            .unwrap();
+        assert_eq!(
+            answer,
+            ProbeAnswer {
+                status: 301,
+                location: Some("/wp-admin/".into())
+            }
+        );
+        let (head, more) = served.await.unwrap();
+        assert!(head.starts_with("GET /wp-login.php HTTP/1.1\r\n"), "{head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("\r\nhost: acme.sites.example\r\n"),
+            "{head}"
+        );
+        assert_eq!(more, 0, "the redirect was followed");
+    }
+
+    #[tokio::test]
+    async fn https_speaks_tls_and_a_non_tls_answer_fails() {
+        let (port, _served) =
+            answer_once("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", false).await;
+        let target = ProbeTarget::parse(&format!("https://127.0.0.1:{port}")).unwrap();
+        let error = bounded(get(&target, "acme.sites.example", "/"))
+            .await
+            .unwrap_err();
+        assert!(error.starts_with("TLS as acme.sites.example: "), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_closed_port_is_a_connect_error() {
+        let port = {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            listener.local_addr().unwrap().port()
+        };
+        let target = ProbeTarget::parse(&format!("http://127.0.0.1:{port}")).unwrap();
+        let error = bounded(get(&target, "acme.sites.example", "/"))
+            .await
+            .unwrap_err();
+        assert!(error.starts_with("connect: "), "{error}");
+    }
+
     #[test]
     fn accepted_codes() {
         let codes = AcceptedCodes::parse("200-399").unwrap();
