@@ -524,29 +524,32 @@ async fn errors_and_what_the_emulator_shows() {
     );
 }
 
-/// Suspend/Resume is built elsewhere; this puts the instance where a suspension leaves it
-/// (the service scaled to 0 with the ECS SDK, the record SUSPENDED in the store).
+/// Suspended by SuspendInstance: the service at 0, the host answering the suspended page.
 #[tokio::test]
 async fn a_suspended_instance_says_so() {
     let mut w = world("hsus", |_| {}).await;
-    let cloud = w.cp.cloud(Environment::Dev).await;
-    aws_sdk_ecs::Client::new(&w.cp.sdk(Environment::Dev))
-        .update_service()
-        .cluster(&cloud.platform.cluster)
-        .service(&w.names.stack)
-        .desired_count(0)
+    let name = w.name();
+    let suspended =
+        w.cp.instances
+            .suspend_instance(v1::SuspendInstanceRequest {
+                name,
+                reason: "non-payment".into(),
+                request_id: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+    w.cp.completed(&suspended.name).await;
+    let desired = aws_sdk_ecs::Client::new(&w.cp.sdk(Environment::Dev))
+        .describe_services()
+        .cluster(&w.cp.cloud(Environment::Dev).await.platform.cluster)
+        .services(&w.names.stack)
         .send()
         .await
-        .unwrap();
-    let name = instance_manager::domain::InstanceName::parse(&w.name()).unwrap();
-    let mut instance = w.cp.store.get_instance(&name).await.unwrap().unwrap();
-    instance.state = instance_manager::domain::InstanceState::Suspended;
-    w.cp.store
-        .commit(vec![instance_manager::store::Write::UpdateInstance(
-            instance,
-        )])
-        .await
-        .unwrap();
+        .unwrap()
+        .services()[0]
+        .desired_count();
+    assert_eq!(desired, 0);
     // The site would answer the listener's fixed response; the probe must not hit it.
     let (url, hits) = site().await;
     *w.probe.lock().unwrap() = url;
