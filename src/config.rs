@@ -94,6 +94,11 @@ pub struct Config {
     /// MySQL: how long one statement may run (MariaDB `max_statement_time`; MySQL
     /// `max_execution_time`, SELECTs only). The client gives up a few seconds later.
     pub db_statement_timeout_secs: u64,
+    /// CheckInstanceHealth: the whole report (its checks run in parallel) is bounded by this.
+    pub health_timeout_ms: u64,
+    /// CheckInstanceHealth: one check (AWS calls, the database login, the HTTP probe); a
+    /// check that takes longer is UNHEALTHY, "timed out".
+    pub health_check_timeout_ms: u64,
     /// Deliberate faults for tests (`STEP=pause|error|error-after`); never set in production.
     pub failpoints: Vec<String>,
     pub environments: Vec<EnvironmentConfig>,
@@ -134,6 +139,8 @@ impl Default for Config {
             db_connect_timeout_secs: 5,
             db_lock_wait_timeout_secs: 30,
             db_statement_timeout_secs: 300,
+            health_timeout_ms: 5000,
+            health_check_timeout_ms: 4000,
             failpoints: Vec::new(),
             environments: Vec::new(),
         }
@@ -355,6 +362,13 @@ impl Config {
             return invalid(
                 "db_connect_timeout_secs and db_statement_timeout_secs must be positive, \
                  db_lock_wait_timeout_secs 1..=31536000",
+            );
+        }
+        if self.health_check_timeout_ms == 0
+            || self.health_check_timeout_ms > self.health_timeout_ms
+        {
+            return invalid(
+                "health timeouts must satisfy 1 <= health_check_timeout_ms <= health_timeout_ms",
             );
         }
         for (i, env) in self.environments.iter().enumerate() {
@@ -669,5 +683,24 @@ mod tests {
             ..ConfigArgs::default()
         };
         assert!(args.load().is_ok());
+    }
+
+    #[test]
+    fn health_timeouts_come_from_the_file_and_must_nest() {
+        let config: Config =
+            toml::from_str("health_timeout_ms = 8000\nhealth_check_timeout_ms = 3000\n").unwrap();
+        assert_eq!(config.health_timeout_ms, 8000);
+        assert_eq!(config.health_check_timeout_ms, 3000);
+        assert!(config.validate().is_ok());
+        for (overall, each) in [(5000, 6000), (5000, 0)] {
+            let config = Config {
+                health_timeout_ms: overall,
+                health_check_timeout_ms: each,
+                ..Config::default()
+            };
+            let error = config.validate().unwrap_err().to_string();
+            assert!(error.contains("health"), "{error}");
+        }
+        assert!(Config::default().validate().is_ok());
     }
 }

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod cloud;
 pub mod config;
 pub mod domain;
+pub mod health;
 pub mod metrics;
 pub mod proto;
 pub mod server;

@@ -216,11 +216,13 @@ pub async fn run(
                 .filter_map(|env| env.scale_bounds.map(|bounds| (env.name, bounds)))
                 .collect(),
             rollout_timeout: Duration::from_secs(config.rollout_timeout_secs),
+            health: crate::health::HealthSettings::from_config(config),
         },
         tokens,
     )
     .with_engine(bus, engine.waker())
-    .with_shutdown(shutdown.clone());
+    .with_shutdown(shutdown.clone())
+    .with_clouds(accounts.clone());
     if !config.environments.is_empty() {
         let served = Arc::new(std::sync::RwLock::new(accounts.served()));
         api = api.with_served_environments(served.clone());

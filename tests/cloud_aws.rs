@@ -1655,3 +1655,78 @@ async fn identity_pools_duplicated_by_a_race_collapse_to_one_and_a_sibling_s_is_
     );
     assert_eq!(identity.ensure_user_pool(&spec).await.unwrap(), pool);
 }
+
+#[tokio::test]
+async fn routing_target_health_details() {
+    use aws_sdk_elasticloadbalancingv2::types::TargetDescription;
+    let sdk = fresh_account().await;
+    let elb = aws_sdk_elasticloadbalancingv2::Client::new(&sdk);
+    let routing = AwsRouting::new(&sdk);
+    let net = network(&sdk).await;
+    let acme = Tenant::new("acme");
+    let tg = routing
+        .ensure_target_group(&target_group_spec(&acme, &net.vpc))
+        .await
+        .unwrap();
+    assert!(routing.target_health_details(&tg).await.unwrap().is_empty());
+    let target = |ip: &str| TargetDescription::builder().id(ip).port(80).build();
+    elb.register_targets()
+        .target_group_arn(&tg)
+        .targets(target("10.0.1.7"))
+        .targets(target("10.0.2.7"))
+        .send()
+        .await
+        .unwrap();
+    let mut targets = routing.target_health_details(&tg).await.unwrap();
+    targets.sort_by(|a, b| a.id.cmp(&b.id));
+    let ids: Vec<(&str, Option<u16>)> = targets.iter().map(|t| (t.id.as_str(), t.port)).collect();
+    assert_eq!(ids, [("10.0.1.7", Some(80)), ("10.0.2.7", Some(80))]);
+    // moto reports registered IP targets healthy, with no reason.
+    assert!(
+        targets
+            .iter()
+            .all(|t| t.state == "healthy" && t.reason.is_none())
+    );
+    elb.deregister_targets()
+        .target_group_arn(&tg)
+        .targets(target("10.0.1.7"))
+        .send()
+        .await
+        .unwrap();
+    let left = routing.target_health_details(&tg).await.unwrap();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0].id, "10.0.2.7");
+    routing.delete_target_group(&tg).await.unwrap();
+    assert_eq!(
+        routing.target_health_details(&tg).await.unwrap_err().kind,
+        ErrorKind::NotFound
+    );
+}
+
+#[tokio::test]
+async fn rds_db_instance_as_described() {
+    use instance_manager::cloud::DbInstances;
+    use instance_manager::cloud::aws::AwsDbInstances;
+    let sdk = fresh_account().await;
+    let rds = aws_sdk_rds::Client::new(&sdk);
+    let adapter = AwsDbInstances::new(&sdk);
+    assert_eq!(adapter.db_instance("bbws-dev").await.unwrap(), None);
+    rds.create_db_instance()
+        .db_instance_identifier("bbws-dev")
+        .engine("mysql")
+        .db_instance_class("db.t3.micro")
+        .allocated_storage(20)
+        .max_allocated_storage(100)
+        .master_username("admin")
+        .manage_master_user_password(true)
+        .send()
+        .await
+        .unwrap();
+    let described = adapter.db_instance("bbws-dev").await.unwrap().unwrap();
+    assert_eq!(described.identifier, "bbws-dev");
+    assert_eq!(described.status, "available");
+    assert_eq!(described.engine, "mysql");
+    assert_eq!(described.allocated_storage_gib, Some(20));
+    assert_eq!(described.max_allocated_storage_gib, Some(100));
+    assert!(described.pending_maintenance.is_empty(), "{described:?}");
+}

@@ -592,3 +592,53 @@ async fn database_names_are_claimed_by_one_owner() {
     );
     cleanup(&master, &database, &user).await;
 }
+
+#[tokio::test]
+async fn a_tenant_login_is_checked_with_its_own_password() {
+    let master = master();
+    let db = MySqlDatabase::new();
+    let (database, user) = names("login");
+    let password = Secret::new("Tenant-Pass'word-42");
+    db.ensure_database(&master, &database, &user, &password)
+        .await
+        .unwrap();
+    let login = |password: &str| MasterCredentials {
+        username: user.clone(),
+        password: Secret::new(password),
+        ..master.clone()
+    };
+    db.check_login(&login(password.expose()), &database)
+        .await
+        .unwrap();
+
+    // The password changed on the server behind the secret's back.
+    let mut root = Conn::new(OptsBuilder::from_opts(
+        Opts::from_url(&common::mysql_url()).unwrap(),
+    ))
+    .await
+    .unwrap();
+    root.query_drop(format!(
+        "ALTER USER '{user}'@'%' IDENTIFIED BY 'another-secret-77'"
+    ))
+    .await
+    .unwrap();
+    root.disconnect().await.unwrap();
+    let error = db
+        .check_login(&login(password.expose()), &database)
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind, ErrorKind::Fatal, "{error}");
+    assert!(error.message.contains("1045"), "{error}");
+    assert!(!error.message.contains(password.expose()), "{error}");
+    assert!(!error.message.contains("another-secret-77"), "{error}");
+    db.check_login(&login("another-secret-77"), &database)
+        .await
+        .unwrap();
+
+    // A database the user has no grant on.
+    let error = db
+        .check_login(&login("another-secret-77"), "mysql")
+        .await
+        .unwrap_err();
+    assert!(error.message.contains("use database mysql"), "{error}");
+}

@@ -94,6 +94,9 @@ pub enum ApiError {
         message: String,
     },
     Unavailable(String),
+    /// This replica cannot reach the cloud for a read that needs it (it has no environments
+    /// configured); another replica may.
+    NoCloudAccess(String),
     /// The server is shutting down; the client may retry (another replica) or resume.
     ShuttingDown(String),
     /// A limit of this server was reached (for example the number of open streams).
@@ -335,6 +338,12 @@ fn into_status(error: ApiError) -> Status {
                     Vec::new(),
                 )
             }
+            ApiError::NoCloudAccess(message) => with_metadata(
+                Code::Unavailable,
+                message,
+                reason::ENVIRONMENT_UNAVAILABLE,
+                Vec::new(),
+            ),
             ApiError::ShuttingDown(message) => with_metadata(
                 Code::Unavailable,
                 message,

@@ -413,9 +413,11 @@ impl InstanceService for Api {
 
     async fn check_instance_health(
         &self,
-        _: Request<v1::CheckInstanceHealthRequest>,
+        request: Request<v1::CheckInstanceHealthRequest>,
     ) -> Result<Response<v1::HealthReport>, Status> {
-        not_implemented("CheckInstanceHealth")
+        Ok(Response::new(
+            Api::check_instance_health(self, request.into_inner()).await?,
+        ))
     }
 
     async fn get_resource_usage(

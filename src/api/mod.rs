@@ -3,6 +3,7 @@
 
 pub mod convert;
 pub mod error;
+pub mod health;
 pub mod instances;
 pub mod lifecycle;
 pub mod operations;
@@ -34,6 +35,8 @@ pub struct ApiSettings {
     /// Server streams (WatchOperation, WatchInstance) one replica keeps open at once; past
     /// it a new one is refused with RESOURCE_EXHAUSTED (TOO_MANY_STREAMS).
     pub max_streams: usize,
+    /// CheckInstanceHealth's time limits.
+    pub health: crate::health::HealthSettings,
     /// Task-count bounds of environments that set their own (others use `scale_bounds`).
     pub environment_scale_bounds: Vec<(Environment, ScaleBounds)>,
     /// How long the new tasks of a scale or update may take to be steady and healthy before
@@ -62,6 +65,7 @@ impl Default for ApiSettings {
             max_streams: 1000,
             environment_scale_bounds: Vec::new(),
             rollout_timeout: std::time::Duration::from_secs(15 * 60),
+            health: crate::health::HealthSettings::default(),
         }
     }
 }
@@ -85,6 +89,9 @@ pub struct Api {
     pub feeds: streams::OperationFeeds,
     /// Open server streams, at most `settings.max_streams`.
     pub streams: Arc<Semaphore>,
+    /// The environments' adapters, for the reads that look at the cloud directly
+    /// (CheckInstanceHealth); `None`: such RPCs answer UNAVAILABLE.
+    pub clouds: Option<Arc<dyn crate::health::CloudEnvs>>,
 }
 
 impl Api {
@@ -99,7 +106,14 @@ impl Api {
             wake: Arc::new(Notify::new()),
             shutdown: CancellationToken::new(),
             environments: None,
+            clouds: None,
         }
+    }
+
+    /// Gives the API the environments' adapters (see [`Api::clouds`]).
+    pub fn with_clouds(mut self, clouds: Arc<dyn crate::health::CloudEnvs>) -> Self {
+        self.clouds = Some(clouds);
+        self
     }
 
     pub fn with_engine(mut self, bus: EventBus, wake: Arc<Notify>) -> Self {

@@ -16,7 +16,9 @@ use aws_credential_types::provider::SharedCredentialsProvider;
 
 use super::credentials::RefreshingCredentials;
 
-use super::aws::{AwsCompute, AwsFiles, AwsIdentity, AwsObjects, AwsRouting, AwsSecrets};
+use super::aws::{
+    AwsCompute, AwsDbInstances, AwsFiles, AwsIdentity, AwsObjects, AwsRouting, AwsSecrets,
+};
 use super::mysql::MySqlDatabase;
 pub use super::settings::SessionSettings;
 use super::settings::{CloudSettings, EnvironmentConfig, SdkTimeouts};
@@ -325,6 +327,7 @@ fn cloud_env(env: &EnvironmentConfig, sdk: &SdkConfig, database: Arc<MySqlDataba
         identity: Arc::new(AwsIdentity::new(sdk)),
         compute: Arc::new(AwsCompute::new(sdk)),
         objects: Arc::new(AwsObjects::new(sdk)),
+        db_instances: Arc::new(AwsDbInstances::new(sdk)),
         readiness: crate::cloud::readiness_for(&env.platform),
     }
 }

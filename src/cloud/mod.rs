@@ -176,6 +176,10 @@ pub trait Database: Send + Sync {
         database: &str,
     ) -> CloudResult<bool>;
     async fn user_exists(&self, master: &MasterCredentials, user: &str) -> CloudResult<bool>;
+    /// Logs in as `login` (any user: host, port, TLS and CA as for the master connection)
+    /// to `database` and runs `SELECT 1`, bounded by the connect and statement time limits.
+    /// A refused password is `ErrorKind::Fatal`; the password never appears in the error.
+    async fn check_login(&self, login: &MasterCredentials, database: &str) -> CloudResult<()>;
     /// Records `owner` as the owner of `database` and `user` in the server's ownership
     /// table (schema `instance_manager`), unless someone else holds them or they already
     /// exist unrecorded. Call before `ensure_database`.
@@ -242,6 +246,20 @@ pub enum RuleAction {
     Other { kind: String },
 }
 
+/// One registered target as DescribeTargetHealth reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TargetHealth {
+    /// IP address or instance id.
+    pub id: String,
+    pub port: Option<u16>,
+    /// `initial`, `healthy`, `unhealthy`, `unhealthy.draining`, `unused`, `draining` or
+    /// `unavailable`.
+    pub state: String,
+    /// For example `Target.ResponseCodeMismatch`, `Elb.RegistrationInProgress`.
+    pub reason: Option<String>,
+    pub description: Option<String>,
+}
+
 #[async_trait]
 pub trait Routing: Send + Sync {
     /// Returns the target group ARN (ip targets, HTTP 80), creating it if missing.
@@ -261,6 +279,10 @@ pub trait Routing: Send + Sync {
     async fn set_rule_action(&self, rule_arn: &str, action: &RuleAction) -> CloudResult<()>;
     /// (target id, state) of every registered target.
     async fn target_health(&self, target_group_arn: &str) -> CloudResult<Vec<(String, String)>>;
+    /// Every registered target with its state and, unless healthy, ELB's reason code and
+    /// description (DescribeTargetHealth).
+    async fn target_health_details(&self, target_group_arn: &str)
+    -> CloudResult<Vec<TargetHealth>>;
     /// ARNs of target groups and rules carrying every tag in `tags`.
     async fn find_tagged(&self, listener_arn: &str, tags: &Tags) -> CloudResult<Vec<String>>;
 }
@@ -338,6 +360,20 @@ pub struct ServiceStatus {
     pub primary_deployment: Option<String>,
     /// When the primary deployment was created, in milliseconds since the Unix epoch.
     pub primary_created_at_ms: Option<i64>,
+    /// The service's latest events (DescribeServices `events`), newest first, at most
+    /// [`SERVICE_EVENTS_KEPT`].
+    pub recent_events: Vec<ServiceEvent>,
+}
+
+/// How many of a service's events [`ServiceStatus`] keeps.
+pub const SERVICE_EVENTS_KEPT: usize = 5;
+
+/// One ECS service event.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ServiceEvent {
+    /// Milliseconds since the Unix epoch.
+    pub created_at_ms: Option<i64>,
+    pub message: String,
 }
 
 /// A one-off task (the wp-content archiver).
@@ -457,6 +493,29 @@ pub struct PartSummary {
     pub sha256: String,
 }
 
+/// An RDS DB instance as DescribeDBInstances reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DbInstanceStatus {
+    pub identifier: String,
+    /// `DBInstanceStatus`: `available`, `backing-up`, `modifying`, `storage-full`, …
+    pub status: String,
+    pub engine: String,
+    pub allocated_storage_gib: Option<i32>,
+    /// The storage autoscaling limit, if autoscaling is on.
+    pub max_allocated_storage_gib: Option<i32>,
+    /// Changes RDS applies in the next maintenance window (`PendingModifiedValues`), e.g.
+    /// `instance class -> db.t3.large`.
+    pub pending_maintenance: Vec<String>,
+    /// `PreferredMaintenanceWindow`, e.g. `sun:03:00-sun:03:30` (UTC).
+    pub maintenance_window: Option<String>,
+}
+
+#[async_trait]
+pub trait DbInstances: Send + Sync {
+    /// The DB instance `identifier`, or `None` if RDS does not know it.
+    async fn db_instance(&self, identifier: &str) -> CloudResult<Option<DbInstanceStatus>>;
+}
+
 /// The shared infrastructure of one environment, inside which tenants get their resources.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
@@ -501,6 +560,17 @@ pub struct Platform {
     /// again. `None` means [`DEFAULT_DEREGISTRATION_DELAY_SECS`] (AWS's own default, 300 s,
     /// would make every deprovisioning wait five minutes).
     pub deregistration_delay_secs: Option<u32>,
+    /// The RDS DB instance holding the tenants' databases (the health check's `db_instance`
+    /// check); empty: not checked.
+    pub db_instance_identifier: String,
+    /// Where the health check's HTTP probe connects, `http://host[:port]` or
+    /// `https://host[:port]` (for example the ALB's DNS name); the request's Host header is
+    /// always the instance's host. Empty: `https://{tenant}.{domain}`.
+    pub health_probe_url: String,
+    /// Path the probe requests; empty: `/`.
+    pub health_probe_path: String,
+    /// Status codes that count as serving, e.g. `200-399` or `200,301,302`; empty: `200-399`.
+    pub health_probe_codes: String,
 }
 
 /// The target groups' deregistration delay unless the platform sets one: long enough for
@@ -590,6 +660,7 @@ pub struct CloudEnv {
     pub identity: Arc<dyn Identity>,
     pub compute: Arc<dyn Compute>,
     pub objects: Arc<dyn Objects>,
+    pub db_instances: Arc<dyn DbInstances>,
     /// What counts as a finished rollout or a successful task here.
     pub readiness: Arc<dyn Readiness>,
 }

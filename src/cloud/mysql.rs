@@ -678,6 +678,36 @@ impl Database for MySqlDatabase {
         session.close().await;
         Ok(result? > 0)
     }
+
+    async fn check_login(&self, login: &MasterCredentials, database: &str) -> CloudResult<()> {
+        let quoted = quote_identifier("database", database)?;
+        let mut session = Session::open(login, self.timeouts).await?;
+        let limit = session.query_limit;
+        let secrets = session.secrets.clone();
+        let result = async {
+            bounded(
+                limit,
+                &format!("use database {database}"),
+                &secrets,
+                session.conn.query_drop(format!("USE {quoted}")),
+            )
+            .await?;
+            let one: Option<i64> = bounded(
+                limit,
+                "SELECT 1",
+                &secrets,
+                session.conn.query_first("SELECT 1"),
+            )
+            .await?;
+            match one {
+                Some(1) => Ok(()),
+                other => Err(CloudError::fatal(format!("SELECT 1 answered {other:?}"))),
+            }
+        }
+        .await;
+        session.close().await;
+        result
+    }
 }
 
 /// Header of every dump: the restoring session gets the settings the dump was written for

@@ -141,6 +141,8 @@ pub async fn ensure_platform(
         min_healthy_targets: Some(0),
         emulator: true,
         deregistration_delay_secs: None,
+        db_instance_identifier: names.base.clone(),
+        ..Platform::default()
     })
 }
 

@@ -281,9 +281,14 @@ pub fn target_tmpdir() -> PathBuf {
     dir
 }
 
-/// Path of the `instance-manager` binary under test.
+/// Path of the `instance-manager` binary under test: the one cargo built for this test
+/// run, or `IM_TEST_BIN` when set (a copy of it, or a release build of the same source —
+/// for example while other checkouts share the target directory and rebuild its binary).
 pub fn bin_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_instance-manager"))
+    match std::env::var_os("IM_TEST_BIN") {
+        Some(path) if !path.is_empty() => PathBuf::from(path),
+        _ => PathBuf::from(env!("CARGO_BIN_EXE_instance-manager")),
+    }
 }
 
 fn read_lossy(path: &Path) -> String {

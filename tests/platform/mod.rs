@@ -270,6 +270,14 @@ pub async fn start_with(
     )));
     let bus = EventBus::new();
     let settings = fast_settings(&config);
+    // The API's reads of the cloud (CheckInstanceHealth) see the same adapters.
+    let clouds: Arc<dyn instance_manager::health::CloudEnvs> = match &wrap_cloud {
+        Some(wrap) => Arc::new(instance_manager::health::WrappedCloudEnvs {
+            inner: accounts.clone(),
+            wrap: wrap.clone(),
+        }),
+        None => accounts.clone(),
+    };
     let resolver: Arc<dyn CloudResolver> = match wrap_cloud {
         Some(wrap) => Arc::new(WrappingResolver {
             accounts: accounts.clone(),
@@ -292,12 +300,14 @@ pub async fn start_with(
                 .filter_map(|env| env.scale_bounds.map(|bounds| (env.name, bounds)))
                 .collect(),
             rollout_timeout: std::time::Duration::from_secs(config.rollout_timeout_secs),
+            health: instance_manager::health::HealthSettings::from_config(&config),
             ..ApiSettings::default()
         },
         PageTokens::new(b"test"),
     )
     .with_engine(bus, engine.waker())
     .with_shutdown(shutdown.clone())
+    .with_clouds(clouds)
     .with_environments(accounts.served());
     tokio::spawn(engine.clone().run(shutdown.clone()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -274,6 +274,16 @@ fn to_status(service: &Service) -> ServiceStatus {
         primary_created_at_ms: primary
             .and_then(|deployment| deployment.created_at())
             .and_then(|at| at.to_millis().ok()),
+        // ECS lists events newest first.
+        recent_events: service
+            .events()
+            .iter()
+            .take(crate::cloud::SERVICE_EVENTS_KEPT)
+            .map(|event| crate::cloud::ServiceEvent {
+                created_at_ms: event.created_at().and_then(|at| at.to_millis().ok()),
+                message: event.message().unwrap_or_default().to_owned(),
+            })
+            .collect(),
     }
 }
 

@@ -12,7 +12,7 @@ use super::{gone_is_ok, has_all_tags};
 use crate::cloud::error::classify;
 use crate::cloud::{
     CloudError, CloudResult, ErrorKind, FIXED_RESPONSE_BODY_MAX, HostRuleSpec, Routing, RuleAction,
-    Tags, TargetGroupSpec, not_ours, owner_tags,
+    Tags, TargetGroupSpec, TargetHealth, not_ours, owner_tags,
 };
 
 /// DescribeTags accepts at most 20 resource ARNs per call.
@@ -422,6 +422,39 @@ impl Routing for AwsRouting {
                 let id = description.target()?.id()?;
                 let state = description.target_health()?.state()?;
                 Some((id.to_owned(), state.as_str().to_owned()))
+            })
+            .collect())
+    }
+
+    async fn target_health_details(
+        &self,
+        target_group_arn: &str,
+    ) -> CloudResult<Vec<TargetHealth>> {
+        let answer = self
+            .client
+            .describe_target_health()
+            .target_group_arn(target_group_arn)
+            .send()
+            .await
+            .map_err(|e| classify("elbv2:DescribeTargetHealth", &e))?;
+        Ok(answer
+            .target_health_descriptions()
+            .iter()
+            .filter_map(|description| {
+                let target = description.target()?;
+                let health = description.target_health();
+                Some(TargetHealth {
+                    id: target.id()?.to_owned(),
+                    port: target.port().and_then(|port| u16::try_from(port).ok()),
+                    state: health
+                        .and_then(|h| h.state())
+                        .map(|state| state.as_str().to_owned())
+                        .unwrap_or_default(),
+                    reason: health
+                        .and_then(|h| h.reason())
+                        .map(|reason| reason.as_str().to_owned()),
+                    description: health.and_then(|h| h.description()).map(str::to_owned),
+                })
             })
             .collect())
     }

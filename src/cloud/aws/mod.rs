@@ -6,6 +6,7 @@ mod cognito;
 mod ecs;
 mod efs;
 mod elb;
+mod rds;
 mod s3;
 mod secrets;
 
@@ -13,6 +14,7 @@ pub use cognito::{APP_CLIENT_SUFFIX, AwsIdentity, GROUPS};
 pub use ecs::{AwsCompute, CONTAINER_NAME, FINGERPRINT_LABEL, WP_CONTENT_PATH};
 pub use efs::AwsFiles;
 pub use elb::AwsRouting;
+pub use rds::AwsDbInstances;
 pub use s3::AwsObjects;
 pub use secrets::AwsSecrets;
 
