@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use instance_manager::cloud::aws::AwsObjects;
-use instance_manager::cloud::{ByteChunks, MIN_PART_SIZE, Objects, Tags};
+use instance_manager::cloud::{ByteChunks, MAX_PART_SIZE, MIN_PART_SIZE, Objects, Tags};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 
@@ -208,12 +208,18 @@ async fn a_cancelled_upload_is_aborted() {
 }
 
 #[tokio::test]
-async fn parts_below_the_s3_minimum_are_refused_before_any_request() {
+async fn parts_outside_the_s3_limits_are_refused_before_any_request() {
     let (s3, objects, bucket) = bucket().await;
     let error = objects
         .upload_stream(&bucket, "z", source(1, 10), &Vec::new(), MIN_PART_SIZE - 1)
         .await
         .unwrap_err();
     assert!(error.message.contains("minimum"), "{error}");
+    let error = objects
+        .upload_stream(&bucket, "z", source(1, 10), &Vec::new(), MAX_PART_SIZE + 1)
+        .await
+        .unwrap_err();
+    assert!(error.message.contains("limits"), "{error}");
     assert!(pending_uploads(&s3, &bucket).await.is_empty());
+    assert!(keys(&s3, &bucket).await.is_empty());
 }

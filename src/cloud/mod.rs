@@ -475,6 +475,8 @@ pub type ByteReader = std::pin::Pin<Box<dyn tokio::io::AsyncBufRead + Send>>;
 /// S3's smallest part (all but the last), its largest part count, and our default part:
 /// with 8 MiB parts an object may reach 10 000 × 8 MiB = 78.1 GiB.
 pub const MIN_PART_SIZE: usize = 5 * 1024 * 1024;
+/// S3's largest part (5 GiB).
+pub const MAX_PART_SIZE: usize = 5 * 1024 * 1024 * 1024;
 pub const MAX_PARTS: usize = 10_000;
 pub const DEFAULT_PART_SIZE: usize = 8 * 1024 * 1024;
 

@@ -10,8 +10,8 @@ use sha2::{Digest, Sha256};
 
 use crate::cloud::error::classify;
 use crate::cloud::{
-    ByteChunks, ByteReader, CloudError, CloudResult, MAX_PARTS, MIN_PART_SIZE, Objects,
-    PartSummary, Tags, UploadSummary,
+    ByteChunks, ByteReader, CloudError, CloudResult, MAX_PART_SIZE, MAX_PARTS, MIN_PART_SIZE,
+    Objects, PartSummary, Tags, UploadSummary,
 };
 
 pub struct AwsObjects {
@@ -260,9 +260,9 @@ impl Objects for AwsObjects {
         tags: &Tags,
         part_size: usize,
     ) -> CloudResult<UploadSummary> {
-        if part_size < MIN_PART_SIZE {
+        if !(MIN_PART_SIZE..=MAX_PART_SIZE).contains(&part_size) {
             return Err(CloudError::fatal(format!(
-                "part size {part_size} is below S3's minimum of {MIN_PART_SIZE} bytes"
+                "part size {part_size} is outside S3's limits: {MIN_PART_SIZE} (the minimum) to {MAX_PART_SIZE} bytes"
             )));
         }
         let tagging = (!tags.is_empty()).then(|| tagging(tags));
