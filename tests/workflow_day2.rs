@@ -458,3 +458,57 @@ async fn a_repeated_force_deployment_adopts_the_deployment_it_started() {
     assert_eq!(step_resource(&done, "force_deployment"), forced);
     assert_eq!(service(&cp, &tenant).await.2, forced);
 }
+
+#[tokio::test]
+async fn scale_goes_through_scaling_in_watch_instance() {
+    let config = platform::config_with_platforms(&[Environment::Dev]).await;
+    let hold = Arc::new(HoldRollout {
+        verb: Verb::Scale,
+        reached: Notify::new(),
+        release: Notify::new(),
+    });
+    let mut cp = platform::start(config, Some(hold.clone())).await;
+    let tenant = provisioned(&mut cp, "scalewatch").await;
+    let mut stream = cp
+        .instances
+        .watch_instance(v1::WatchInstanceRequest {
+            name: name(&tenant),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    let mut seen = vec![first.instance.unwrap().state()];
+    let operation = scale(&mut cp, scale_request(&tenant, 4, 0, 0)).await;
+    // Held in wait_rollout: the watcher sees SCALING before the operation can end.
+    hold.reached.notified().await;
+    let mut released = false;
+    let mut counts = Vec::new();
+    while seen.len() < 3 {
+        let change = tokio::time::timeout(Duration::from_secs(60), stream.message())
+            .await
+            .expect("a state change")
+            .unwrap()
+            .unwrap()
+            .instance
+            .unwrap();
+        seen.push(change.state());
+        counts.push(change.desired_count);
+        if !released {
+            hold.release.notify_one();
+            released = true;
+        }
+    }
+    assert_eq!(
+        seen,
+        vec![
+            v1::InstanceState::Active,
+            v1::InstanceState::Scaling,
+            v1::InstanceState::Active
+        ]
+    );
+    // The record takes the new count when the scale completes, not before.
+    assert_eq!(counts, vec![2, 4]);
+    cp.completed(&operation.name).await;
+    assert_eq!(service(&cp, &tenant).await.0, 4);
+}
