@@ -512,3 +512,59 @@ async fn scale_goes_through_scaling_in_watch_instance() {
     cp.completed(&operation.name).await;
     assert_eq!(service(&cp, &tenant).await.0, 4);
 }
+
+/// Fails `wait_rollout` of a restart's first attempt only, as ECS's circuit breaker would.
+struct FirstRestartFails;
+
+#[async_trait]
+impl StepHook for FirstRestartFails {
+    async fn before(&self, operation: &Operation, step: &str) -> StepResult<()> {
+        if step == "wait_rollout" && operation.verb == Verb::Restart && operation.attempt == 1 {
+            return Err(StepError::Fatal("injected: the deployment failed".into()));
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_failed_restart_leaves_the_site_active_and_can_be_retried() {
+    let config = platform::config_with_platforms(&[Environment::Dev]).await;
+    let mut cp = platform::start(config, Some(Arc::new(FirstRestartFails))).await;
+    let tenant = provisioned(&mut cp, "restartretry").await;
+    let operation = restart(&mut cp, &tenant).await.unwrap();
+    let (events, done) = cp.watch(&operation.name).await;
+    assert_eq!(
+        metadata(&done).status(),
+        v1::OperationStatus::Failed,
+        "{events:#?}"
+    );
+    let instance = cp.instance(&tenant).await;
+    assert_eq!(instance.state(), v1::InstanceState::Active);
+    assert!(
+        instance.failure_reason.starts_with("restart:")
+            && instance.failure_reason.contains("deployment failed"),
+        "{:?}",
+        instance.failure_reason
+    );
+    let (_, _, first_deployment) = service(&cp, &tenant).await;
+    let retried = cp
+        .instances
+        .retry_operation(v1::RetryOperationRequest {
+            name: operation.name.clone(),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(retried.name, operation.name);
+    let done = cp.completed(&operation.name).await;
+    assert_eq!(metadata(&done).attempt, 2);
+    // The first attempt's deployment failed: the retry forced one of its own and waited
+    // for that one.
+    let (_, _, deployment) = service(&cp, &tenant).await;
+    assert_ne!(deployment, first_deployment);
+    assert_eq!(step_resource(&done, "force_deployment"), deployment);
+    let instance = cp.instance(&tenant).await;
+    assert_eq!(instance.state(), v1::InstanceState::Active);
+    assert!(instance.failure_reason.is_empty());
+}
