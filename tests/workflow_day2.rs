@@ -458,3 +458,113 @@ async fn a_repeated_force_deployment_adopts_the_deployment_it_started() {
     assert_eq!(step_resource(&done, "force_deployment"), forced);
     assert_eq!(service(&cp, &tenant).await.2, forced);
 }
+
+#[tokio::test]
+async fn scale_goes_through_scaling_in_watch_instance() {
+    let config = platform::config_with_platforms(&[Environment::Dev]).await;
+    let hold = Arc::new(HoldRollout {
+        verb: Verb::Scale,
+        reached: Notify::new(),
+        release: Notify::new(),
+    });
+    let mut cp = platform::start(config, Some(hold.clone())).await;
+    let tenant = provisioned(&mut cp, "scalewatch").await;
+    let mut stream = cp
+        .instances
+        .watch_instance(v1::WatchInstanceRequest {
+            name: name(&tenant),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    let mut seen = vec![first.instance.unwrap().state()];
+    let operation = scale(&mut cp, scale_request(&tenant, 4, 0, 0)).await;
+    // Held in wait_rollout: the watcher sees SCALING before the operation can end.
+    hold.reached.notified().await;
+    let mut released = false;
+    let mut counts = Vec::new();
+    while seen.len() < 3 {
+        let change = tokio::time::timeout(Duration::from_secs(60), stream.message())
+            .await
+            .expect("a state change")
+            .unwrap()
+            .unwrap()
+            .instance
+            .unwrap();
+        seen.push(change.state());
+        counts.push(change.desired_count);
+        if !released {
+            hold.release.notify_one();
+            released = true;
+        }
+    }
+    assert_eq!(
+        seen,
+        vec![
+            v1::InstanceState::Active,
+            v1::InstanceState::Scaling,
+            v1::InstanceState::Active
+        ]
+    );
+    // The record takes the new count when the scale completes, not before.
+    assert_eq!(counts, vec![2, 4]);
+    cp.completed(&operation.name).await;
+    assert_eq!(service(&cp, &tenant).await.0, 4);
+}
+
+/// Fails `wait_rollout` of a restart's first attempt only, as ECS's circuit breaker would.
+struct FirstRestartFails;
+
+#[async_trait]
+impl StepHook for FirstRestartFails {
+    async fn before(&self, operation: &Operation, step: &str) -> StepResult<()> {
+        if step == "wait_rollout" && operation.verb == Verb::Restart && operation.attempt == 1 {
+            return Err(StepError::Fatal("injected: the deployment failed".into()));
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_failed_restart_leaves_the_site_active_and_can_be_retried() {
+    let config = platform::config_with_platforms(&[Environment::Dev]).await;
+    let mut cp = platform::start(config, Some(Arc::new(FirstRestartFails))).await;
+    let tenant = provisioned(&mut cp, "restartretry").await;
+    let operation = restart(&mut cp, &tenant).await.unwrap();
+    let (events, done) = cp.watch(&operation.name).await;
+    assert_eq!(
+        metadata(&done).status(),
+        v1::OperationStatus::Failed,
+        "{events:#?}"
+    );
+    let instance = cp.instance(&tenant).await;
+    assert_eq!(instance.state(), v1::InstanceState::Active);
+    assert!(
+        instance.failure_reason.starts_with("restart:")
+            && instance.failure_reason.contains("deployment failed"),
+        "{:?}",
+        instance.failure_reason
+    );
+    let (_, _, first_deployment) = service(&cp, &tenant).await;
+    let retried = cp
+        .instances
+        .retry_operation(v1::RetryOperationRequest {
+            name: operation.name.clone(),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(retried.name, operation.name);
+    let done = cp.completed(&operation.name).await;
+    assert_eq!(metadata(&done).attempt, 2);
+    // The first attempt's deployment failed: the retry forced one of its own and waited
+    // for that one.
+    let (_, _, deployment) = service(&cp, &tenant).await;
+    assert_ne!(deployment, first_deployment);
+    assert_eq!(step_resource(&done, "force_deployment"), deployment);
+    let instance = cp.instance(&tenant).await;
+    assert_eq!(instance.state(), v1::InstanceState::Active);
+    assert!(instance.failure_reason.is_empty());
+}

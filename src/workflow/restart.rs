@@ -3,8 +3,8 @@
 //!
 //! Idempotence of `force_deployment`: the step records the id of the deployment it started.
 //! Before forcing one, it looks at the service's primary deployment: one created at or after
-//! the moment the restart was requested (the operation's creation time) already replaces
-//! every task that ran before the request, so a resumed step (a crash between the
+//! the moment this attempt of the restart started already replaces every task that ran
+//! before it, so a resumed step (a crash between the
 //! UpdateService call and the recording of its outcome) adopts it instead of forcing a
 //! second one. Clock skew between the control plane and ECS: with ECS's clock behind, a
 //! resumed step may force one more deployment (harmless); with it ahead by more than the
@@ -15,7 +15,8 @@
 //! Ending: success or failure, the instance returns to ACTIVE — a restart changes nothing
 //! the instance records, and the site keeps running on whatever ECS has (ECS's circuit
 //! breaker rolls a failed deployment back). A failure is reported in `failure_reason`.
-//! There is nothing to undo (`rolls_back` is false).
+//! There is nothing to undo (`rolls_back` is false). A retry (RetryOperation) forces a new
+//! deployment rather than waiting again for the one that failed.
 
 use std::time::Duration;
 
@@ -81,6 +82,18 @@ impl Workflow for Restart {
     fn deadline(&self) -> Duration {
         Duration::from_secs(20 * 60)
     }
+
+    /// A retried restart forces a deployment of its own: the one the failed attempt forced
+    /// was rolled back or never finished, and waiting for it again would fail again.
+    fn on_retry(&self, operation: &mut Operation, _: &Instance) {
+        for step in &mut operation.steps {
+            if step.name == FORCE_DEPLOYMENT {
+                step.status = crate::domain::StepStatus::Pending;
+                step.resource_id = None;
+                step.error = None;
+            }
+        }
+    }
 }
 
 /// The instance's service as ECS reports it now; its absence is fatal.
@@ -95,7 +108,13 @@ pub async fn current_status(ctx: &StepCtx) -> StepResult<ServiceStatus> {
 
 async fn force_deployment(ctx: &StepCtx) -> StepResult<String> {
     let cluster = &ctx.cloud.platform.cluster;
-    let requested_at = ctx.operation.created_at.millis();
+    // The start of this attempt (a retry's deployment must be newer than the retry).
+    let requested_at = ctx
+        .operation
+        .params
+        .get("attempt_started_at")
+        .and_then(serde_json::Value::as_i64)
+        .unwrap_or(ctx.operation.created_at.millis());
     let before = current_status(ctx).await?;
     if let (Some(id), Some(created)) = (&before.primary_deployment, before.primary_created_at_ms)
         && created >= requested_at
