@@ -276,25 +276,13 @@ impl Api {
         &self,
         request: v1::RestartInstanceRequest,
     ) -> ApiResult<lro::Operation> {
-        let mut violations = Violations::new();
-        let name = violations.check("name", InstanceName::parse(&request.name));
-        let request_id = optional_request_id(&mut violations, &request.request_id);
-        let Some(name) = name.filter(|_| violations.is_empty()) else {
-            return Err(ApiError::Invalid(violations));
-        };
-        let fingerprint = fingerprint(&("restart", &name));
-        self.idempotent(
-            request_id.as_ref(),
-            &fingerprint,
-            self.start_on(
-                name,
-                Verb::Restart,
-                &[InstanceState::Active],
-                request_id.as_ref(),
-                &fingerprint,
-                "restart requested",
-                |_| Ok(serde_json::json!({})),
-            ),
+        self.start_named(
+            &request.name,
+            &request.request_id,
+            Verb::Restart,
+            InstanceState::Active,
+            "restart requested",
+            serde_json::json!({}),
         )
         .await
     }
@@ -423,25 +411,46 @@ impl Api {
         &self,
         request: v1::ResumeInstanceRequest,
     ) -> ApiResult<lro::Operation> {
+        self.start_named(
+            &request.name,
+            &request.request_id,
+            Verb::Resume,
+            InstanceState::Suspended,
+            "resume requested",
+            resume::params(Some(self.settings.rollout_timeout)),
+        )
+        .await
+    }
+
+    /// A request that names an instance (and an optional request id) and nothing else to
+    /// check: starts `verb` on it from `from`, with `params`, under its request id.
+    async fn start_named(
+        &self,
+        raw_name: &str,
+        raw_request_id: &str,
+        verb: Verb,
+        from: InstanceState,
+        message: &str,
+        params: serde_json::Value,
+    ) -> ApiResult<lro::Operation> {
         let mut violations = Violations::new();
-        let name = violations.check("name", InstanceName::parse(&request.name));
-        let request_id = optional_request_id(&mut violations, &request.request_id);
+        let name = violations.check("name", InstanceName::parse(raw_name));
+        let request_id = optional_request_id(&mut violations, raw_request_id);
         let Some(name) = name.filter(|_| violations.is_empty()) else {
             return Err(ApiError::Invalid(violations));
         };
-        let fingerprint = fingerprint(&("resume", &name));
-        let timeout = self.settings.rollout_timeout;
+        let fingerprint = fingerprint(&(verb.as_str(), &name));
         self.idempotent(
             request_id.as_ref(),
             &fingerprint,
             self.start_on(
                 name,
-                Verb::Resume,
-                &[InstanceState::Suspended],
+                verb,
+                &[from],
                 request_id.as_ref(),
                 &fingerprint,
-                "resume requested",
-                |_| Ok(resume::params(Some(timeout))),
+                message,
+                |_| Ok(params),
             ),
         )
         .await
