@@ -15,13 +15,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use instance_manager::domain::spec::SpecInput;
 use instance_manager::domain::{
-    Environment, Instance, InstanceId, InstanceName, InstanceSpec, Operation, OperationEvent,
+    Backup, BackupName, Environment, Instance, InstanceId, InstanceName, InstanceSpec, Operation, OperationEvent,
     OperationId, OperationStatus, RequestId, ScaleBounds, StepStatus, TenantId, Timestamp, Verb,
 };
 use instance_manager::proto::google_longrunning as lro;
 use instance_manager::proto::v1;
 use instance_manager::store::{
-    Guard, InstanceCursor, InstanceQuery, OperationCursor, OperationQuery, Page, PriorityClaim,
+    BackupCursor, Guard, InstanceCursor, InstanceQuery, OperationCursor, OperationQuery, Page, PriorityClaim,
     RequestRecord, StateStore, StoreError, StoreResult, Write,
 };
 use instance_manager::workflow::{EngineOptions, ManualClock, StepError, StepHook, StepResult};
@@ -264,6 +264,20 @@ impl StateStore for RejectingStore {
     }
     async fn listener_priorities(&self, listener_arn: &str) -> StoreResult<Vec<PriorityClaim>> {
         self.inner.listener_priorities(listener_arn).await
+    }
+    async fn get_backup(&self, name: &BackupName) -> StoreResult<Option<Backup>> {
+        self.inner.get_backup(name).await
+    }
+    async fn list_backups(
+        &self,
+        instance: &InstanceName,
+        after: Option<&BackupCursor>,
+        limit: usize,
+    ) -> StoreResult<Page<Backup, BackupCursor>> {
+        self.inner.list_backups(instance, after, limit).await
+    }
+    async fn expired_backups(&self, now: Timestamp, limit: usize) -> StoreResult<Vec<Backup>> {
+        self.inner.expired_backups(now, limit).await
     }
     async fn commit(&self, writes: Vec<Write>) -> StoreResult<()> {
         let poisoned = writes.iter().any(|write| match write {

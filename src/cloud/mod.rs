@@ -451,6 +451,9 @@ pub trait Objects: Send + Sync {
     ) -> CloudResult<()>;
     /// Keys under `prefix`.
     async fn list_objects(&self, bucket: &str, prefix: &str) -> CloudResult<Vec<String>>;
+    /// Removes the objects (DeleteObjects, up to 1000 keys a call). A missing key is not an
+    /// error (S3 answers success for it), so a repeat after a crash succeeds.
+    async fn delete_objects(&self, bucket: &str, keys: &[String]) -> CloudResult<()>;
     /// Uploads everything `source` yields as one object, in parts of `part_size` bytes
     /// (multipart upload), holding at most one part in memory. Any failure — of the source
     /// or of S3 — aborts the upload: no object, no pending parts.

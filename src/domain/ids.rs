@@ -91,6 +91,10 @@ string_id!(
     InstanceId
 );
 string_id!(
+    /// A backup of an instance: 1–63 characters in the instance id's alphabet (AIP-122).
+    BackupId
+);
+string_id!(
     /// An operation: 1–64 lower-case letters, digits and hyphens (server generated).
     OperationId
 );
@@ -121,6 +125,22 @@ impl InstanceId {
     pub fn generate() -> Self {
         let hex = uuid::Uuid::new_v4().simple().to_string();
         Self(format!("wp-{}", &hex[..12]))
+    }
+}
+
+impl BackupId {
+    pub const MAX_LEN: usize = 63;
+
+    pub fn parse(value: &str) -> Result<Self, IdError> {
+        check_label(value, 1, Self::MAX_LEN)?;
+        Ok(Self(value.to_owned()))
+    }
+
+    /// A fresh id for callers that did not choose one: `bk-`, the UTC time to the second
+    /// and 6 random hex digits (ids sort roughly by time, and never collide in practice).
+    pub fn generate(now: super::time::Timestamp) -> Self {
+        let hex = uuid::Uuid::new_v4().simple().to_string();
+        Self(format!("bk-{}-{}", now.utc_compact(), &hex[..6]))
     }
 }
 
@@ -206,6 +226,33 @@ impl InstanceName {
 impl fmt::Display for InstanceName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "tenants/{}/instances/{}", self.tenant, self.instance)
+    }
+}
+
+/// The full name of a backup: `tenants/{tenant}/instances/{instance}/backups/{backup}`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct BackupName {
+    pub instance: InstanceName,
+    pub backup: BackupId,
+}
+
+impl BackupName {
+    pub fn new(instance: InstanceName, backup: BackupId) -> Self {
+        Self { instance, backup }
+    }
+
+    pub fn parse(name: &str) -> Result<Self, IdError> {
+        let shape = || err("must have the form tenants/{tenant}/instances/{instance}/backups/{backup}");
+        let (instance, backup) = name.rsplit_once("/backups/").ok_or_else(shape)?;
+        let instance = InstanceName::parse(instance).map_err(|_| shape())?;
+        let backup = BackupId::parse(backup).map_err(|e| err(format!("backup id {e}")))?;
+        Ok(Self { instance, backup })
+    }
+}
+
+impl fmt::Display for BackupName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/backups/{}", self.instance, self.backup)
     }
 }
 

@@ -2,6 +2,7 @@
 //! Nothing here knows about tonic, protobuf or AWS: the API layer parses requests into
 //! these types, and the store and workflows work only with them.
 
+pub mod backup;
 pub mod ids;
 pub mod instance;
 pub mod naming;
@@ -11,7 +12,8 @@ pub mod state;
 pub mod time;
 pub mod violation;
 
-pub use ids::{InstanceId, InstanceName, OperationId, RequestId, TenantId};
+pub use backup::{Backup, BackupOrigin, BackupState};
+pub use ids::{BackupId, BackupName, InstanceId, InstanceName, OperationId, RequestId, TenantId};
 pub use instance::Instance;
 pub use operation::{Operation, OperationEvent, OperationStatus, Phase, Step, StepStatus, Verb};
 pub use spec::{Environment, InstanceSpec, ScaleBounds, Tier};

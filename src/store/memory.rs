@@ -8,11 +8,11 @@ use std::sync::{Mutex, MutexGuard};
 use async_trait::async_trait;
 
 use super::{
-    Guard, InstanceCursor, InstanceQuery, OperationCursor, OperationQuery, Page, PriorityClaim,
+    BackupCursor, Guard, InstanceCursor, InstanceQuery, OperationCursor, OperationQuery, Page, PriorityClaim,
     RequestRecord, StateStore, StoreError, StoreResult, Write,
 };
 use crate::domain::{
-    Environment, Instance, InstanceName, Operation, OperationEvent, OperationId, OperationStatus,
+    Backup, BackupName, Environment, Instance, InstanceName, Operation, OperationEvent, OperationId, OperationStatus,
     RequestId, TenantId, Timestamp,
 };
 
@@ -27,6 +27,7 @@ struct State {
     events: BTreeMap<(OperationId, u64), OperationEvent>,
     requests: HashMap<RequestId, RequestRecord>,
     priorities: BTreeMap<(String, u32), PriorityClaim>,
+    backups: BTreeMap<BackupName, Backup>,
 }
 
 /// The identity of the stored item a write touches, to refuse two writes to one item.
@@ -38,6 +39,7 @@ enum ItemKey {
     Event(OperationId, u64),
     Request(RequestId),
     Priority(String, u32),
+    Backup(BackupName),
 }
 
 fn item_key(write: &Write) -> ItemKey {
@@ -55,6 +57,9 @@ fn item_key(write: &Write) -> ItemKey {
         Write::PutRequest(record) => ItemKey::Request(record.request_id.clone()),
         Write::ClaimPriority(claim) | Write::ReleasePriority(claim) => {
             ItemKey::Priority(claim.listener_arn.clone(), claim.priority)
+        }
+        Write::CreateBackup(backup) | Write::UpdateBackup(backup) | Write::DeleteBackup(backup) => {
+            ItemKey::Backup(backup.name.clone())
         }
     }
 }
@@ -116,6 +121,11 @@ impl State {
                 .priorities
                 .get(&(claim.listener_arn.clone(), claim.priority))
                 .is_some_and(|stored| stored.owner == claim.owner),
+            Write::CreateBackup(backup) => !self.backups.contains_key(&backup.name),
+            Write::UpdateBackup(backup) | Write::DeleteBackup(backup) => self
+                .backups
+                .get(&backup.name)
+                .is_some_and(|stored| stored.version == backup.version),
         }
     }
 
@@ -159,6 +169,17 @@ impl State {
             Write::ReleasePriority(claim) => {
                 self.priorities
                     .remove(&(claim.listener_arn, claim.priority));
+            }
+            Write::CreateBackup(mut backup) => {
+                backup.version = 1;
+                self.backups.insert(backup.name.clone(), backup);
+            }
+            Write::UpdateBackup(mut backup) => {
+                backup.version = backup.version.saturating_add(1);
+                self.backups.insert(backup.name.clone(), backup);
+            }
+            Write::DeleteBackup(backup) => {
+                self.backups.remove(&backup.name);
             }
         }
     }
@@ -293,6 +314,51 @@ impl StateStore for MemoryStore {
             .guards
             .get(&(tenant.clone(), environment))
             .cloned())
+    }
+
+    async fn get_backup(&self, name: &BackupName) -> StoreResult<Option<Backup>> {
+        Ok(self.lock().backups.get(name).cloned())
+    }
+
+    async fn list_backups(
+        &self,
+        instance: &InstanceName,
+        after: Option<&BackupCursor>,
+        limit: usize,
+    ) -> StoreResult<Page<Backup, BackupCursor>> {
+        let limit = limit.max(1);
+        let state = self.lock();
+        let mut matches: Vec<&Backup> = state
+            .backups
+            .values()
+            .filter(|backup| {
+                &backup.name.instance == instance
+                    && after.is_none_or(|after| {
+                        (backup.created_at, &backup.name.backup) < (after.created_at, &after.backup)
+                    })
+            })
+            .collect();
+        // Newest first: (created_at, id) descending.
+        matches.sort_by(|a, b| {
+            (b.created_at, &b.name.backup).cmp(&(a.created_at, &a.name.backup))
+        });
+        let items: Vec<Backup> = matches.into_iter().take(limit + 1).cloned().collect();
+        drop(state);
+        Ok(page(items, limit, |backup| BackupCursor {
+            created_at: backup.created_at,
+            backup: backup.name.backup.clone(),
+        }))
+    }
+
+    async fn expired_backups(&self, now: Timestamp, limit: usize) -> StoreResult<Vec<Backup>> {
+        let state = self.lock();
+        let mut matches: Vec<&Backup> = state
+            .backups
+            .values()
+            .filter(|backup| backup.expire_at <= now)
+            .collect();
+        matches.sort_by(|a, b| (a.expire_at, &a.name).cmp(&(b.expire_at, &b.name)));
+        Ok(matches.into_iter().take(limit.max(1)).cloned().collect())
     }
 
     async fn get_operation(&self, id: &OperationId) -> StoreResult<Option<Operation>> {

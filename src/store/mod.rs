@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::domain::{
-    Environment, Instance, InstanceId, InstanceName, InstanceState, Operation, OperationEvent,
+    Backup, BackupName, Environment, Instance, InstanceId, InstanceName, InstanceState, Operation, OperationEvent,
     OperationId, OperationStatus, RequestId, TenantId, Timestamp,
 };
 
@@ -80,6 +80,12 @@ pub enum Write {
     ClaimPriority(PriorityClaim),
     /// Precondition: the claim exists and has the same owner. Deletes it.
     ReleasePriority(PriorityClaim),
+    /// Precondition: no backup with this name exists. Stored with version 1.
+    CreateBackup(Backup),
+    /// Precondition: the stored version equals `backup.version`. Stored with version + 1.
+    UpdateBackup(Backup),
+    /// Precondition: the stored version equals `backup.version`. Deletes it.
+    DeleteBackup(Backup),
 }
 
 impl Write {
@@ -95,6 +101,9 @@ impl Write {
             Write::PutRequest(_) => WriteKind::PutRequest,
             Write::ClaimPriority(_) => WriteKind::ClaimPriority,
             Write::ReleasePriority(_) => WriteKind::ReleasePriority,
+            Write::CreateBackup(_) => WriteKind::CreateBackup,
+            Write::UpdateBackup(_) => WriteKind::UpdateBackup,
+            Write::DeleteBackup(_) => WriteKind::DeleteBackup,
         }
     }
 }
@@ -111,6 +120,9 @@ pub enum WriteKind {
     PutRequest,
     ClaimPriority,
     ReleasePriority,
+    CreateBackup,
+    UpdateBackup,
+    DeleteBackup,
 }
 
 #[derive(Debug, Error)]
@@ -173,6 +185,14 @@ pub struct OperationQuery {
     pub limit: usize,
 }
 
+/// Position after the last backup of a page; backups are listed newest first, by
+/// (created_at, backup id) descending.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupCursor {
+    pub created_at: Timestamp,
+    pub backup: crate::domain::BackupId,
+}
+
 /// A page of results. `next` is set only when at least one more matching item exists.
 #[derive(Debug, Clone)]
 pub struct Page<T, C> {
@@ -227,6 +247,21 @@ pub trait StateStore: Send + Sync + 'static {
         now: Timestamp,
         limit: usize,
     ) -> StoreResult<Vec<Operation>>;
+
+    async fn get_backup(&self, name: &BackupName) -> StoreResult<Option<Backup>>;
+
+    /// The backups of one instance, newest first (created_at, then id, descending), after
+    /// `after`, at most `limit` (≥ 1).
+    async fn list_backups(
+        &self,
+        instance: &InstanceName,
+        after: Option<&BackupCursor>,
+        limit: usize,
+    ) -> StoreResult<Page<Backup, BackupCursor>>;
+
+    /// Backups whose `expire_at` is at or before `now`, any instance, oldest expiry first,
+    /// at most `limit` (for the retention sweeper).
+    async fn expired_backups(&self, now: Timestamp, limit: usize) -> StoreResult<Vec<Backup>>;
 
     /// Every priority claimed on `listener_arn`, by priority.
     async fn listener_priorities(&self, listener_arn: &str) -> StoreResult<Vec<PriorityClaim>>;

@@ -252,6 +252,49 @@ impl Objects for AwsObjects {
             .collect())
     }
 
+    async fn delete_objects(&self, bucket: &str, keys: &[String]) -> CloudResult<()> {
+        for chunk in keys.chunks(1000) {
+            let objects = chunk
+                .iter()
+                .map(|key| {
+                    aws_sdk_s3::types::ObjectIdentifier::builder()
+                        .key(key)
+                        .build()
+                        .map_err(|e| CloudError::fatal(format!("bad object key {key:?}: {e}")))
+                })
+                .collect::<CloudResult<Vec<_>>>()?;
+            let delete = aws_sdk_s3::types::Delete::builder()
+                .set_objects(Some(objects))
+                .quiet(true)
+                .build()
+                .map_err(|e| CloudError::fatal(format!("cannot build DeleteObjects: {e}")))?;
+            let output = self
+                .client
+                .delete_objects()
+                .bucket(bucket)
+                .delete(delete)
+                .send()
+                .await
+                .map_err(|e| classify("s3:DeleteObjects", &e))?;
+            // DeleteObjects answers 200 with per-key errors (AccessDenied, InternalError,
+            // SlowDown): any of them means the objects are not all gone.
+            if let Some(error) = output.errors().first() {
+                let code = error.code().unwrap_or("unknown");
+                let message = format!(
+                    "s3:DeleteObjects could not remove {}: {code}: {}",
+                    error.key().unwrap_or("?"),
+                    error.message().unwrap_or("")
+                );
+                return Err(if matches!(code, "InternalError" | "SlowDown" | "ServiceUnavailable") {
+                    CloudError::new(crate::cloud::ErrorKind::Retryable, message)
+                } else {
+                    CloudError::fatal(message)
+                });
+            }
+        }
+        Ok(())
+    }
+
     async fn upload_stream(
         &self,
         bucket: &str,

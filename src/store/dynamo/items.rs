@@ -9,6 +9,7 @@
 //! | event | `OP#{id}` | `EVENT#{seq:020}` | |
 //! | request | `REQ#{request_id}` | `REQ` | TTL `expires_at` |
 //! | listener priority | `LISTENER#{arn}` | `PRIORITY#{n:010}` | |
+//! | backup | `TENANT#{tenant}` | `BACKUP#{instance}#{backup}` | gsi1 `BACKUPS#{tenant}#{instance}` / `{created_at:015}#{backup}`; gsi2 `BACKUP_EXPIRY` / `{expire_at:015}#{tenant}#{instance}#{backup}` |
 //!
 //! Ids are lower-case letters, digits and `-` (request ids also `_ . :`), all of which sort
 //! above `#`, so `{tenant}#{instance}` sorts like the tuple (tenant, instance). Numbers are
@@ -23,7 +24,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::domain::{
-    Environment, Instance, InstanceName, Operation, OperationEvent, OperationId, RequestId,
+    Backup, BackupName, Environment, Instance, InstanceName, Operation, OperationEvent, OperationId, RequestId,
     TenantId, Timestamp,
 };
 use crate::store::{Guard, PriorityClaim, RequestRecord, StoreError, StoreResult, Write};
@@ -51,6 +52,7 @@ pub(super) const INSTANCE_SK_END: &str = "INSTANCE#~";
 pub(super) const PRIORITY_SK_PREFIX: &str = "PRIORITY#";
 pub(super) const OPERATIONS_PARTITION: &str = "OPERATIONS";
 pub(super) const RUNNABLE_PARTITION: &str = "RUNNABLE";
+pub(super) const BACKUP_EXPIRY_PARTITION: &str = "BACKUP_EXPIRY";
 
 pub(super) fn s(value: impl Into<String>) -> AttributeValue {
     AttributeValue::S(value.into())
@@ -118,6 +120,52 @@ pub(super) fn request_key(request_id: &RequestId) -> Item {
 
 pub(super) fn listener_pk(listener_arn: &str) -> String {
     format!("LISTENER#{listener_arn}")
+}
+
+pub(super) fn backup_key(name: &BackupName) -> Item {
+    key(
+        tenant_pk(&name.instance.tenant),
+        format!("BACKUP#{}#{}", name.instance.instance, name.backup),
+    )
+}
+
+pub(super) fn backups_partition(instance: &InstanceName) -> String {
+    format!("BACKUPS#{}#{}", instance.tenant, instance.instance)
+}
+
+pub(super) fn backup_sort_key(created_at: Timestamp, backup: &crate::domain::BackupId) -> String {
+    format!("{}#{backup}", millis_key(created_at))
+}
+
+/// Sorts after every expiry key of the instant `at` (ids use only `[a-z0-9-]` and `#`).
+pub(super) fn expiry_bound(at: Timestamp) -> String {
+    format!("{}#~", millis_key(at))
+}
+
+fn backup_item(backup: &Backup) -> StoreResult<Item> {
+    let mut item = backup_key(&backup.name);
+    item.extend([
+        (GSI1PK.to_owned(), s(backups_partition(&backup.name.instance))),
+        (
+            GSI1SK.to_owned(),
+            s(backup_sort_key(backup.created_at, &backup.name.backup)),
+        ),
+        (GSI2PK.to_owned(), s(BACKUP_EXPIRY_PARTITION)),
+        (
+            GSI2SK.to_owned(),
+            s(format!(
+                "{}#{}#{}#{}",
+                millis_key(backup.expire_at),
+                backup.name.instance.tenant,
+                backup.name.instance.instance,
+                backup.name.backup
+            )),
+        ),
+        ("state".to_owned(), s(backup.state.as_str())),
+        (VERSION.to_owned(), n(backup.version)),
+        (BODY.to_owned(), body(backup)?),
+    ]);
+    Ok(item)
 }
 
 /// Zero-padded so that a listener's claims come back in priority order.
@@ -382,6 +430,24 @@ pub(super) fn plan(write: &Write) -> StoreResult<PlannedWrite> {
             },
         ),
         Write::ClaimPriority(claim) => put(priority_item(claim)?, Condition::not_exists()),
+        Write::CreateBackup(backup) => {
+            let stored = Backup {
+                version: 1,
+                ..backup.clone()
+            };
+            put(backup_item(&stored)?, Condition::not_exists())
+        }
+        Write::UpdateBackup(backup) => {
+            let stored = Backup {
+                version: backup.version.saturating_add(1),
+                ..backup.clone()
+            };
+            put(backup_item(&stored)?, Condition::version_is(backup.version))
+        }
+        Write::DeleteBackup(backup) => PlannedWrite {
+            action: Action::Delete(backup_key(&backup.name)),
+            condition: Condition::version_is(backup.version),
+        },
         Write::ReleasePriority(claim) => PlannedWrite {
             action: Action::Delete(priority_key(&claim.listener_arn, claim.priority)),
             condition: Condition {

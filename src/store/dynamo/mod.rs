@@ -32,11 +32,11 @@ use serde::de::DeserializeOwned;
 use self::errors::{cancellation_error, classify};
 use self::items::{Action, Condition, Item, PlannedWrite};
 use super::{
-    Guard, InstanceCursor, InstanceQuery, OperationCursor, OperationQuery, Page, PriorityClaim,
+    BackupCursor, Guard, InstanceCursor, InstanceQuery, OperationCursor, OperationQuery, Page, PriorityClaim,
     RequestRecord, StateStore, StoreError, StoreResult, Write,
 };
 use crate::domain::{
-    Environment, Instance, InstanceName, Operation, OperationEvent, OperationId, RequestId,
+    Backup, BackupName, Environment, Instance, InstanceName, Operation, OperationEvent, OperationId, RequestId,
     TenantId, Timestamp,
 };
 
@@ -425,6 +425,51 @@ impl StateStore for DynamoStore {
                 id: operation.id.clone(),
             }
         }))
+    }
+
+    async fn get_backup(&self, name: &BackupName) -> StoreResult<Option<Backup>> {
+        self.get_decoded(items::backup_key(name)).await
+    }
+
+    async fn list_backups(
+        &self,
+        instance: &InstanceName,
+        after: Option<&BackupCursor>,
+        limit: usize,
+    ) -> StoreResult<Page<Backup, BackupCursor>> {
+        let limit = limit.max(1);
+        // Newest first from the index (eventually consistent, like listing operations).
+        let mut spec = QuerySpec::new(Some(items::GSI1), false);
+        spec.name("#pk", items::GSI1PK)
+            .value(":pk", items::s(items::backups_partition(instance)));
+        spec.key_condition = "#pk = :pk".to_owned();
+        if let Some(after) = after {
+            spec.key_condition.push_str(" AND #sk < :after");
+            spec.name("#sk", items::GSI1SK).value(
+                ":after",
+                items::s(items::backup_sort_key(after.created_at, &after.backup)),
+            );
+        }
+        let mut found = Vec::new();
+        self.query_into(&spec, limit + 1, &mut found).await?;
+        Ok(page(decode_all(&found)?, limit, |backup: &Backup| {
+            BackupCursor {
+                created_at: backup.created_at,
+                backup: backup.name.backup.clone(),
+            }
+        }))
+    }
+
+    async fn expired_backups(&self, now: Timestamp, limit: usize) -> StoreResult<Vec<Backup>> {
+        let mut spec = QuerySpec::new(Some(items::GSI2), true);
+        spec.key_condition = "#pk = :pk AND #sk < :bound".to_owned();
+        spec.name("#pk", items::GSI2PK)
+            .name("#sk", items::GSI2SK)
+            .value(":pk", items::s(items::BACKUP_EXPIRY_PARTITION))
+            .value(":bound", items::s(items::expiry_bound(now)));
+        let mut found = Vec::new();
+        self.query_into(&spec, limit.max(1), &mut found).await?;
+        decode_all(&found)
     }
 
     async fn read_events(
