@@ -13,6 +13,7 @@
 //! client programs must be in the control plane's image.
 
 mod client;
+pub mod content;
 mod dump;
 mod restore;
 mod verify;
