@@ -216,6 +216,7 @@ pub async fn run(
                 .filter_map(|env| env.scale_bounds.map(|bounds| (env.name, bounds)))
                 .collect(),
             rollout_timeout: Duration::from_secs(config.rollout_timeout_secs),
+            backup_retention: ApiSettings::default().backup_retention,
             health: crate::health::HealthSettings::from_config(config),
         },
         tokens,

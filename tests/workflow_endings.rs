@@ -15,14 +15,15 @@ use std::time::Duration;
 use async_trait::async_trait;
 use instance_manager::domain::spec::SpecInput;
 use instance_manager::domain::{
-    Backup, BackupName, Environment, Instance, InstanceId, InstanceName, InstanceSpec, Operation, OperationEvent,
-    OperationId, OperationStatus, RequestId, ScaleBounds, StepStatus, TenantId, Timestamp, Verb,
+    Backup, BackupName, Environment, Instance, InstanceId, InstanceName, InstanceSpec, Operation,
+    OperationEvent, OperationId, OperationStatus, RequestId, ScaleBounds, StepStatus, TenantId,
+    Timestamp, Verb,
 };
 use instance_manager::proto::google_longrunning as lro;
 use instance_manager::proto::v1;
 use instance_manager::store::{
-    BackupCursor, Guard, InstanceCursor, InstanceQuery, OperationCursor, OperationQuery, Page, PriorityClaim,
-    RequestRecord, StateStore, StoreError, StoreResult, Write,
+    BackupCursor, Guard, InstanceCursor, InstanceQuery, OperationCursor, OperationQuery, Page,
+    PriorityClaim, RequestRecord, StateStore, StoreError, StoreResult, Write,
 };
 use instance_manager::workflow::{EngineOptions, ManualClock, StepError, StepHook, StepResult};
 use platform::{inventory, metadata, provisioned};

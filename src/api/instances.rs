@@ -429,9 +429,11 @@ impl InstanceService for Api {
 
     async fn create_backup(
         &self,
-        _: Request<v1::CreateBackupRequest>,
+        request: Request<v1::CreateBackupRequest>,
     ) -> Result<Response<lro::Operation>, Status> {
-        not_implemented("CreateBackup")
+        Ok(Response::new(
+            Api::create_backup(self, request.into_inner()).await?,
+        ))
     }
 
     async fn restore_instance(

@@ -268,6 +268,7 @@ impl Api {
             request_id.as_ref(),
             fingerprint,
             now,
+            Vec::new(),
         )
         .await
     }
@@ -494,7 +495,7 @@ impl Api {
         let mut operation = Operation::new(verb, name, Vec::new(), request_id.cloned(), now);
         operation.params = params;
         let event = operation.next_event(now, None, message);
-        let state = workflow.running_state();
+        let state = workflow.running_state_for(instance.state);
         self.start_operation(
             instance,
             state,
@@ -503,6 +504,7 @@ impl Api {
             request_id,
             fingerprint,
             now,
+            Vec::new(),
         )
         .await
     }
@@ -519,6 +521,7 @@ impl Api {
         request_id: Option<&RequestId>,
         fingerprint: &str,
         now: Timestamp,
+        extra: Vec<Write>,
     ) -> ApiResult<lro::Operation> {
         instance.state = state;
         instance.state_changed_at = now;
@@ -529,6 +532,7 @@ impl Api {
             Write::CreateOperation(operation.clone()),
             Write::AppendEvent(event),
         ];
+        writes.extend(extra);
         writes.extend(self.request_write(request_id, fingerprint, &operation, now));
         self.commit_new_operation(writes, request_id, fingerprint, operation)
             .await
@@ -596,8 +600,10 @@ impl Api {
             ));
         }
         if !matches!(operation.verb, Verb::Create | Verb::Delete)
-            && instance.state != workflow.running_state()
-            && !instance.state.can_transition_to(workflow.running_state())
+            && instance.state != workflow.running_state_for(instance.state)
+            && !instance
+                .state
+                .can_transition_to(workflow.running_state_for(instance.state))
         {
             return Err(wrong_state(
                 &instance,

@@ -1,6 +1,7 @@
 //! gRPC services: request validation, domain ↔ proto mapping, errors as `Status`. This and
 //! `server` are the only modules that know about tonic.
 
+pub mod backup_ops;
 pub mod convert;
 pub mod error;
 pub mod health;
@@ -42,6 +43,8 @@ pub struct ApiSettings {
     /// How long the new tasks of a scale or update may take to be steady and healthy before
     /// the rollout is rolled back.
     pub rollout_timeout: std::time::Duration,
+    /// How long a backup is kept before the retention sweeper removes it.
+    pub backup_retention: std::time::Duration,
 }
 
 impl ApiSettings {
@@ -65,6 +68,9 @@ impl Default for ApiSettings {
             max_streams: 1000,
             environment_scale_bounds: Vec::new(),
             rollout_timeout: std::time::Duration::from_secs(15 * 60),
+            backup_retention: std::time::Duration::from_secs(
+                backup_ops::DEFAULT_RETENTION_DAYS * 24 * 60 * 60,
+            ),
             health: crate::health::HealthSettings::default(),
         }
     }

@@ -315,6 +315,7 @@ impl Api {
             request_id,
             fingerprint,
             now,
+            Vec::new(),
         )
         .await
     }

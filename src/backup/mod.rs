@@ -21,4 +21,4 @@ mod verify;
 pub use client::{DefaultsFile, DumpTools, Flavour, STDERR_LIMIT, option_file};
 pub use dump::{DumpSummary, dump_arguments, dump_to};
 pub use restore::{RestoreSummary, restore_from, verify_object};
-pub use verify::{DatabaseFacts, TableFacts, database_facts, verify_copy};
+pub use verify::{DatabaseFacts, TableFacts, database_facts, differences, verify_copy};

@@ -10,7 +10,7 @@ use mysql_async::prelude::Queryable;
 use crate::cloud::mysql::{master_opts, quote_identifier};
 use crate::cloud::{CloudError, CloudResult, ErrorKind, MasterCredentials};
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TableFacts {
     pub rows: u64,
     pub checksum: Option<u64>,
@@ -18,7 +18,7 @@ pub struct TableFacts {
 }
 
 /// What [`verify_copy`] compares, for one database.
-#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct DatabaseFacts {
     pub tables: BTreeMap<String, TableFacts>,
     pub views: BTreeSet<String>,
@@ -151,7 +151,7 @@ pub async fn verify_copy(
     }
 }
 
-fn differences(a: &DatabaseFacts, b: &DatabaseFacts) -> Vec<String> {
+pub fn differences(a: &DatabaseFacts, b: &DatabaseFacts) -> Vec<String> {
     let mut out = Vec::new();
     let tables: BTreeSet<&String> = a.tables.keys().chain(b.tables.keys()).collect();
     for table in tables {

@@ -203,6 +203,24 @@ pub trait Database: Send + Sync {
         database: &str,
         owner: &str,
     ) -> CloudResult<()>;
+    /// Claims a further database name for `owner`, whose `user` already exists (a restore's
+    /// fresh database): only a name no database uses and nobody claimed. Repeating a claim
+    /// `owner` holds answers `Ours`.
+    async fn claim_schema(
+        &self,
+        master: &MasterCredentials,
+        database: &str,
+        user: &str,
+        owner: &str,
+    ) -> CloudResult<DatabaseClaim>;
+    /// Drops the database if it exists, leaving users alone.
+    async fn drop_schema(&self, master: &MasterCredentials, database: &str) -> CloudResult<()>;
+    /// Every database name `owner` has claimed, sorted.
+    async fn databases_owned_by(
+        &self,
+        master: &MasterCredentials,
+        owner: &str,
+    ) -> CloudResult<Vec<String>>;
 }
 
 #[derive(Debug, Clone)]
@@ -594,6 +612,11 @@ pub trait Readiness: Send + Sync {
     fn task_succeeded(&self, exit_code: Option<i32>) -> bool;
     /// Whether no task of the service runs any more (after it was scaled to zero).
     fn tasks_stopped(&self, status: &ServiceStatus) -> bool;
+    /// Whether a one-off task that succeeded must have written its output (on AWS it must;
+    /// an emulator runs no task, so nothing is written).
+    fn task_output_required(&self) -> bool {
+        true
+    }
 }
 
 /// AWS: every desired task running, the primary deployment COMPLETED, exit code 0.
@@ -639,6 +662,10 @@ impl Readiness for EmulatorReadiness {
     /// No container ever runs there, so none is left running.
     fn tasks_stopped(&self, _: &ServiceStatus) -> bool {
         true
+    }
+
+    fn task_output_required(&self) -> bool {
+        false
     }
 }
 

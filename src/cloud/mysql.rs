@@ -664,6 +664,97 @@ impl Database for MySqlDatabase {
         result
     }
 
+    async fn claim_schema(
+        &self,
+        master: &MasterCredentials,
+        database: &str,
+        user: &str,
+        owner: &str,
+    ) -> CloudResult<DatabaseClaim> {
+        quote_identifier("database", database)?;
+        quote_identifier("user", user)?;
+        let mut session = Session::open(master, self.timeouts).await?;
+        let result = async {
+            session.ensure_ownership_table().await?;
+            if let Some(holder) = session.owner_of(database).await? {
+                return Ok(if holder == owner {
+                    DatabaseClaim::Ours
+                } else {
+                    DatabaseClaim::Theirs(holder)
+                });
+            }
+            let databases = session
+                .count(
+                    &format!("look up database {database}"),
+                    "SELECT COUNT(*) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = ?",
+                    vec![database.into()],
+                )
+                .await?;
+            if databases > 0 {
+                return Ok(DatabaseClaim::Theirs(
+                    "nobody recorded (it existed before)".into(),
+                ));
+            }
+            session
+                .exec(
+                    &format!("claim database {database}"),
+                    &format!(
+                        "INSERT IGNORE INTO {OWNERSHIP_TABLE} (database_name, user_name, owner) VALUES (?, ?, ?)"
+                    ),
+                    vec![database.into(), user.into(), owner.into()],
+                )
+                .await?;
+            Ok(match session.owner_of(database).await? {
+                Some(holder) if holder == owner => DatabaseClaim::Ours,
+                Some(holder) => DatabaseClaim::Theirs(holder),
+                None => DatabaseClaim::Theirs("nobody (the claim vanished)".into()),
+            })
+        }
+        .await;
+        session.close().await;
+        result
+    }
+
+    async fn drop_schema(&self, master: &MasterCredentials, database: &str) -> CloudResult<()> {
+        let db = quote_identifier("database", database)?;
+        let mut session = Session::open(master, self.timeouts).await?;
+        let result = session
+            .run(
+                &format!("drop database {database}"),
+                &format!("DROP DATABASE IF EXISTS {db}"),
+            )
+            .await;
+        session.close().await;
+        result
+    }
+
+    async fn databases_owned_by(
+        &self,
+        master: &MasterCredentials,
+        owner: &str,
+    ) -> CloudResult<Vec<String>> {
+        let mut session = Session::open(master, self.timeouts).await?;
+        let result = async {
+            session.ensure_ownership_table().await?;
+            let secrets = session.secrets.clone();
+            bounded(
+                session.query_limit,
+                "list the databases of an owner",
+                &secrets,
+                session.conn.exec::<String, _, _>(
+                    format!(
+                        "SELECT database_name FROM {OWNERSHIP_TABLE} WHERE owner = ? ORDER BY database_name"
+                    ),
+                    (owner,),
+                ),
+            )
+            .await
+        }
+        .await;
+        session.close().await;
+        result
+    }
+
     /// Whether `user@'%'` (the account `ensure_database` makes) exists.
     async fn user_exists(&self, master: &MasterCredentials, user: &str) -> CloudResult<bool> {
         quote_identifier("user", user)?;

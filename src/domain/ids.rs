@@ -242,7 +242,8 @@ impl BackupName {
     }
 
     pub fn parse(name: &str) -> Result<Self, IdError> {
-        let shape = || err("must have the form tenants/{tenant}/instances/{instance}/backups/{backup}");
+        let shape =
+            || err("must have the form tenants/{tenant}/instances/{instance}/backups/{backup}");
         let (instance, backup) = name.rsplit_once("/backups/").ok_or_else(shape)?;
         let instance = InstanceName::parse(instance).map_err(|_| shape())?;
         let backup = BackupId::parse(backup).map_err(|e| err(format!("backup id {e}")))?;

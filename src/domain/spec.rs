@@ -359,7 +359,7 @@ pub fn check_tag_value(value: &str, max: usize) -> Result<(), String> {
 }
 
 /// Labels are applied as AWS tags, so they follow AWS's tag rules.
-fn check_labels(labels: &BTreeMap<String, String>, violations: &mut Violations) {
+pub(crate) fn check_labels(labels: &BTreeMap<String, String>, violations: &mut Violations) {
     if labels.len() > MAX_LABELS {
         violations.add(
             "labels",

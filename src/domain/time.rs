@@ -57,8 +57,14 @@ mod tests {
     fn compact_utc_matches_known_instants() {
         assert_eq!(Timestamp(0).utc_compact(), "19700101-000000");
         // 2026-12-02T05:41:32Z
-        assert_eq!(Timestamp(1_796_190_092_000).utc_compact(), "20261202-054132");
+        assert_eq!(
+            Timestamp(1_796_190_092_000).utc_compact(),
+            "20261202-054132"
+        );
         // 2024-02-29T23:59:59Z (leap day)
-        assert_eq!(Timestamp(1_709_251_199_000).utc_compact(), "20240229-235959");
+        assert_eq!(
+            Timestamp(1_709_251_199_000).utc_compact(),
+            "20240229-235959"
+        );
     }
 }

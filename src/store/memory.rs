@@ -8,12 +8,12 @@ use std::sync::{Mutex, MutexGuard};
 use async_trait::async_trait;
 
 use super::{
-    BackupCursor, Guard, InstanceCursor, InstanceQuery, OperationCursor, OperationQuery, Page, PriorityClaim,
-    RequestRecord, StateStore, StoreError, StoreResult, Write,
+    BackupCursor, Guard, InstanceCursor, InstanceQuery, OperationCursor, OperationQuery, Page,
+    PriorityClaim, RequestRecord, StateStore, StoreError, StoreResult, Write,
 };
 use crate::domain::{
-    Backup, BackupName, Environment, Instance, InstanceName, Operation, OperationEvent, OperationId, OperationStatus,
-    RequestId, TenantId, Timestamp,
+    Backup, BackupName, Environment, Instance, InstanceName, Operation, OperationEvent,
+    OperationId, OperationStatus, RequestId, TenantId, Timestamp,
 };
 
 /// The most writes one [`StateStore::commit`] accepts (DynamoDB's transaction limit).
@@ -339,9 +339,7 @@ impl StateStore for MemoryStore {
             })
             .collect();
         // Newest first: (created_at, id) descending.
-        matches.sort_by(|a, b| {
-            (b.created_at, &b.name.backup).cmp(&(a.created_at, &a.name.backup))
-        });
+        matches.sort_by(|a, b| (b.created_at, &b.name.backup).cmp(&(a.created_at, &a.name.backup)));
         let items: Vec<Backup> = matches.into_iter().take(limit + 1).cloned().collect();
         drop(state);
         Ok(page(items, limit, |backup| BackupCursor {

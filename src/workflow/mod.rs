@@ -4,6 +4,7 @@
 //! fails for good. A replica that dies stops renewing its lease, and another replica resumes
 //! the operation from its recorded steps — so every step is idempotent (`ensure`).
 
+pub mod backup;
 pub mod deprovision;
 pub mod engine;
 pub mod events;
@@ -226,6 +227,11 @@ pub trait Workflow: Send + Sync {
     /// The instance's state while the operation runs (set when a worker claims it).
     fn running_state(&self) -> InstanceState;
 
+    /// The running state for an instance now in `current` (a backup keeps the state).
+    fn running_state_for(&self, _current: InstanceState) -> InstanceState {
+        self.running_state()
+    }
+
     /// Edits the instance when an attempt starts (not when a crashed one is resumed).
     fn on_start(&self, _instance: &mut Instance) {}
 
@@ -256,6 +262,7 @@ pub fn workflow_for(verb: Verb) -> Option<std::sync::Arc<dyn Workflow>> {
         Verb::Suspend => Some(std::sync::Arc::new(suspend::Suspend)),
         Verb::Resume => Some(std::sync::Arc::new(resume::Resume)),
         Verb::Update => Some(std::sync::Arc::new(update::Update)),
+        Verb::Backup => Some(std::sync::Arc::new(backup::BackupWorkflow)),
         _ => None,
     }
 }

@@ -285,11 +285,13 @@ impl Objects for AwsObjects {
                     error.key().unwrap_or("?"),
                     error.message().unwrap_or("")
                 );
-                return Err(if matches!(code, "InternalError" | "SlowDown" | "ServiceUnavailable") {
-                    CloudError::new(crate::cloud::ErrorKind::Retryable, message)
-                } else {
-                    CloudError::fatal(message)
-                });
+                return Err(
+                    if matches!(code, "InternalError" | "SlowDown" | "ServiceUnavailable") {
+                        CloudError::new(crate::cloud::ErrorKind::Retryable, message)
+                    } else {
+                        CloudError::fatal(message)
+                    },
+                );
             }
         }
         Ok(())

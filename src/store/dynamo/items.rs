@@ -24,8 +24,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::domain::{
-    Backup, BackupName, Environment, Instance, InstanceName, Operation, OperationEvent, OperationId, RequestId,
-    TenantId, Timestamp,
+    Backup, BackupName, Environment, Instance, InstanceName, Operation, OperationEvent,
+    OperationId, RequestId, TenantId, Timestamp,
 };
 use crate::store::{Guard, PriorityClaim, RequestRecord, StoreError, StoreResult, Write};
 
@@ -145,7 +145,10 @@ pub(super) fn expiry_bound(at: Timestamp) -> String {
 fn backup_item(backup: &Backup) -> StoreResult<Item> {
     let mut item = backup_key(&backup.name);
     item.extend([
-        (GSI1PK.to_owned(), s(backups_partition(&backup.name.instance))),
+        (
+            GSI1PK.to_owned(),
+            s(backups_partition(&backup.name.instance)),
+        ),
         (
             GSI1SK.to_owned(),
             s(backup_sort_key(backup.created_at, &backup.name.backup)),

@@ -32,12 +32,12 @@ use serde::de::DeserializeOwned;
 use self::errors::{cancellation_error, classify};
 use self::items::{Action, Condition, Item, PlannedWrite};
 use super::{
-    BackupCursor, Guard, InstanceCursor, InstanceQuery, OperationCursor, OperationQuery, Page, PriorityClaim,
-    RequestRecord, StateStore, StoreError, StoreResult, Write,
+    BackupCursor, Guard, InstanceCursor, InstanceQuery, OperationCursor, OperationQuery, Page,
+    PriorityClaim, RequestRecord, StateStore, StoreError, StoreResult, Write,
 };
 use crate::domain::{
-    Backup, BackupName, Environment, Instance, InstanceName, Operation, OperationEvent, OperationId, RequestId,
-    TenantId, Timestamp,
+    Backup, BackupName, Environment, Instance, InstanceName, Operation, OperationEvent,
+    OperationId, RequestId, TenantId, Timestamp,
 };
 
 /// DynamoDB's limit on the items of one `TransactWriteItems`.

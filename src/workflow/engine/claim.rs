@@ -165,7 +165,7 @@ impl Engine {
         if !resumed {
             workflow.on_start(&mut instance);
         }
-        let running = workflow.running_state();
+        let running = workflow.running_state_for(instance.state);
         if instance.state != running {
             instance.state = running;
             instance.state_changed_at = now;

@@ -1,0 +1,232 @@
+//! CreateBackup (and, with it, the Backup record a backup operation fills in).
+
+use std::collections::BTreeMap;
+
+use crate::domain::{
+    Backup, BackupId, BackupName, BackupOrigin, BackupState, InstanceName, InstanceState,
+    Operation, RequestId, Timestamp, Verb, Violations,
+};
+use crate::proto::google_longrunning as lro;
+use crate::proto::v1;
+use crate::store::Write;
+use crate::workflow::backup;
+
+use super::Api;
+use super::error::{ApiError, ApiResult};
+use super::lifecycle::{busy, fingerprint, optional_request_id, wrong_state};
+
+/// At most this many characters of description.
+pub const MAX_DESCRIPTION_CHARS: usize = 500;
+
+/// The retention of a backup unless the deployment sets one.
+pub const DEFAULT_RETENTION_DAYS: u64 = 90;
+
+const BACKUP_ALREADY_EXISTS: &str = "BACKUP_ALREADY_EXISTS";
+
+struct BackupRequest {
+    parent: InstanceName,
+    backup_id: Option<BackupId>,
+    description: String,
+    labels: BTreeMap<String, String>,
+    request_id: Option<RequestId>,
+}
+
+fn parse(request: v1::CreateBackupRequest) -> ApiResult<BackupRequest> {
+    let mut violations = Violations::new();
+    let parent = violations.check("parent", InstanceName::parse(&request.parent));
+    let backup_id = if request.backup_id.is_empty() {
+        None
+    } else {
+        violations.check("backup_id", BackupId::parse(&request.backup_id))
+    };
+    let body = request.backup.unwrap_or_default();
+    if body.description.chars().count() > MAX_DESCRIPTION_CHARS {
+        violations.add(
+            "backup.description",
+            format!("must be at most {MAX_DESCRIPTION_CHARS} characters"),
+        );
+    }
+    if body
+        .description
+        .chars()
+        .any(|c| c.is_control() && c != '\n')
+    {
+        violations.add("backup.description", "must not contain control characters");
+    }
+    let labels: BTreeMap<String, String> = body.labels.into_iter().collect();
+    let mut label_violations = Violations::new();
+    crate::domain::spec::check_labels(&labels, &mut label_violations);
+    violations.extend_prefixed("backup", label_violations);
+    let request_id = optional_request_id(&mut violations, &request.request_id);
+    match parent {
+        Some(parent) if violations.is_empty() => Ok(BackupRequest {
+            parent,
+            backup_id,
+            description: body.description,
+            labels,
+            request_id,
+        }),
+        _ => Err(ApiError::Invalid(violations)),
+    }
+}
+
+impl Api {
+    /// How long a new backup is kept.
+    pub fn backup_retention_millis(&self) -> i64 {
+        i64::try_from(self.settings.backup_retention.as_millis()).unwrap_or(i64::MAX)
+    }
+
+    pub async fn create_backup(
+        &self,
+        request: v1::CreateBackupRequest,
+    ) -> ApiResult<lro::Operation> {
+        let request = parse(request)?;
+        let fingerprint = fingerprint(&(
+            "backup",
+            &request.parent,
+            &request.backup_id,
+            &request.description,
+            &request.labels,
+        ));
+        self.idempotent(
+            request.request_id.as_ref(),
+            &fingerprint,
+            self.create_backup_once(&request, &fingerprint),
+        )
+        .await
+    }
+
+    async fn create_backup_once(
+        &self,
+        request: &BackupRequest,
+        fingerprint: &str,
+    ) -> ApiResult<lro::Operation> {
+        let now = Timestamp::now();
+        let instance = self
+            .store
+            .get_instance(&request.parent)
+            .await?
+            .ok_or_else(|| ApiError::instance_not_found(request.parent.to_string()))?;
+        if self.is_busy(&instance).await? {
+            return Err(busy(&instance));
+        }
+        if !matches!(
+            instance.state,
+            InstanceState::Active | InstanceState::Suspended
+        ) {
+            return Err(wrong_state(
+                &instance,
+                "only ACTIVE or SUSPENDED instances can be backed up",
+            ));
+        }
+        self.check_environment(instance.spec.environment)?;
+        let backup_id = request
+            .backup_id
+            .clone()
+            .unwrap_or_else(|| BackupId::generate(now));
+        let name = BackupName::new(request.parent.clone(), backup_id);
+        if self.store.get_backup(&name).await?.is_some() {
+            return Err(backup_exists(&name));
+        }
+        let mut operation = Operation::new(
+            Verb::Backup,
+            request.parent.clone(),
+            Vec::new(),
+            request.request_id.clone(),
+            now,
+        );
+        operation.params = backup::params(&name);
+        operation.params["from_state"] = serde_json::json!(instance.state);
+        let record = self
+            .new_backup(
+                &instance,
+                name.clone(),
+                BackupOrigin::Requested,
+                &operation,
+                now,
+            )
+            .await?;
+        let mut record = record;
+        record.description = request.description.clone();
+        record.labels = request.labels.clone();
+        let event = operation.next_event(now, None, format!("backup requested: {name}"));
+        let state = instance.state;
+        self.start_operation(
+            instance,
+            state,
+            operation,
+            event,
+            request.request_id.as_ref(),
+            fingerprint,
+            now,
+            vec![Write::CreateBackup(record)],
+        )
+        .await
+        .map_err(|error| match error {
+            // The record was taken between the read and the commit.
+            ApiError::Aborted { .. } | ApiError::Unavailable { .. } => error,
+            other => other,
+        })
+    }
+
+    /// The cloud adapters of `environment`, as this replica reaches them.
+    pub(crate) async fn cloud_for(
+        &self,
+        environment: crate::domain::Environment,
+    ) -> ApiResult<crate::cloud::CloudEnv> {
+        let Some(clouds) = &self.clouds else {
+            return Err(ApiError::NoCloudAccess(
+                "this replica has no cloud access (no environments configured); try another".into(),
+            ));
+        };
+        clouds
+            .env(environment)
+            .await
+            .map_err(|error| ApiError::FailedPrecondition {
+                reason: super::error::reason::ENVIRONMENT_UNAVAILABLE,
+                message: format!("environment {environment} cannot be reached: {error}"),
+                metadata: vec![("environment", environment.to_string())],
+            })
+    }
+
+    /// A CREATING backup record of `instance`, written by `operation`.
+    pub(crate) async fn new_backup(
+        &self,
+        instance: &crate::domain::Instance,
+        name: BackupName,
+        origin: BackupOrigin,
+        operation: &Operation,
+        now: Timestamp,
+    ) -> ApiResult<Backup> {
+        let cloud = self.cloud_for(instance.spec.environment).await?;
+        let bucket = cloud.platform.archive_bucket.clone();
+        let prefix = Backup::key_prefix(instance.spec.environment, &name);
+        Ok(Backup {
+            name,
+            environment: instance.spec.environment,
+            description: String::new(),
+            labels: BTreeMap::new(),
+            state: BackupState::Creating,
+            origin,
+            operation: operation.id.clone(),
+            created_at: now,
+            expire_at: now.plus_millis(self.backup_retention_millis()),
+            updated_at: now,
+            location: format!("s3://{bucket}/{prefix}"),
+            database_uri: None,
+            content_uri: None,
+            manifest_uri: None,
+            size_bytes: 0,
+            failure_reason: None,
+            version: 0,
+        })
+    }
+}
+
+fn backup_exists(name: &BackupName) -> ApiError {
+    ApiError::AlreadyExists {
+        reason: BACKUP_ALREADY_EXISTS,
+        message: format!("{name} already exists; choose another backup_id"),
+        metadata: vec![("backup", name.to_string())],
+    }
+}

@@ -1,0 +1,372 @@
+//! CreateBackup end to end, in process, on moto and MariaDB: the objects checked with the S3
+//! SDK, the manifest's facts against the test's own SQL on the live database, ABORTED while
+//! another operation runs, and a failed backup leaving no object and no scratch database.
+
+mod common;
+mod platform;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use instance_manager::domain::naming::ResourceNames;
+use instance_manager::domain::{BackupName, BackupState, Environment, Operation, TenantId, Verb};
+use instance_manager::proto::v1;
+use instance_manager::workflow::{StepError, StepHook, StepResult};
+use mysql_async::prelude::Queryable;
+use platform::ControlPlane;
+use tokio::sync::Notify;
+use tonic::Code;
+
+fn instance_name(tenant: &str) -> String {
+    format!("tenants/{tenant}/instances/wp")
+}
+
+async fn provisioned(cp: &mut ControlPlane, prefix: &str) -> String {
+    let tenant = platform::tenant(prefix);
+    let created = cp.create(&tenant, v1::Environment::Dev).await;
+    cp.completed(&created.name).await;
+    tenant
+}
+
+fn database(tenant: &str) -> String {
+    ResourceNames::derive(&TenantId::parse(tenant).unwrap(), Environment::Dev).database
+}
+
+async fn master_conn() -> mysql_async::Conn {
+    let master = platform::mariadb();
+    mysql_async::Conn::new(
+        mysql_async::OptsBuilder::default()
+            .ip_or_hostname(master.host.clone())
+            .tcp_port(master.port)
+            .user(Some(master.username.clone()))
+            .pass(Some(master.password.expose().to_owned())),
+    )
+    .await
+    .unwrap()
+}
+
+/// A small WordPress-like schema with a view, a trigger and a routine, in the tenant's
+/// (existing) database.
+async fn fill(db: &str) {
+    let mut conn = master_conn().await;
+    for statement in [
+        format!("USE `{db}`"),
+        "CREATE TABLE wp_posts (ID bigint unsigned NOT NULL AUTO_INCREMENT PRIMARY KEY, \
+         post_title text NOT NULL, comment_count bigint NOT NULL DEFAULT 0) ENGINE=InnoDB"
+            .into(),
+        "CREATE TABLE wp_postmeta (meta_id bigint unsigned NOT NULL AUTO_INCREMENT PRIMARY KEY, \
+         post_id bigint unsigned NOT NULL, meta_value longtext NULL) ENGINE=InnoDB"
+            .into(),
+        "INSERT INTO wp_posts (post_title) SELECT CONCAT('Post ', seq, ' 🎉 עברית') FROM seq_1_to_2000"
+            .into(),
+        "CREATE VIEW wp_titles AS SELECT ID, post_title FROM wp_posts".into(),
+        "CREATE TRIGGER wp_meta_count AFTER INSERT ON wp_postmeta FOR EACH ROW \
+         UPDATE wp_posts SET comment_count = comment_count + 1 WHERE ID = NEW.post_id"
+            .into(),
+        "INSERT INTO wp_postmeta (post_id, meta_value) SELECT seq % 2000 + 1, \
+         IF(seq % 5 = 0, NULL, REPEAT('m', seq % 50)) FROM seq_1_to_5000"
+            .into(),
+        "CREATE PROCEDURE wp_count(OUT n BIGINT) SELECT COUNT(*) INTO n FROM wp_posts".into(),
+    ] {
+        conn.query_drop(&statement)
+            .await
+            .unwrap_or_else(|e| panic!("{statement}: {e}"));
+    }
+}
+
+/// (COUNT(*), CHECKSUM TABLE) per table, by the test's own SQL.
+async fn table_sums(db: &str) -> BTreeMap<String, (u64, Option<u64>)> {
+    let mut conn = master_conn().await;
+    let tables: Vec<String> = conn
+        .exec(
+            "SELECT TABLE_NAME FROM information_schema.TABLES \
+             WHERE TABLE_SCHEMA = ? AND TABLE_TYPE = 'BASE TABLE'",
+            (db,),
+        )
+        .await
+        .unwrap();
+    let mut sums = BTreeMap::new();
+    for table in tables {
+        let count: u64 = conn
+            .query_first(format!("SELECT COUNT(*) FROM `{db}`.`{table}`"))
+            .await
+            .unwrap()
+            .unwrap();
+        let (_, sum): (String, Option<u64>) = conn
+            .query_first(format!("CHECKSUM TABLE `{db}`.`{table}`"))
+            .await
+            .unwrap()
+            .unwrap();
+        sums.insert(table, (count, sum));
+    }
+    sums
+}
+
+/// Databases whose name starts with `prefix`.
+async fn databases_like(prefix: &str) -> Vec<String> {
+    let mut conn = master_conn().await;
+    let all: Vec<String> = conn
+        .query("SELECT SCHEMA_NAME FROM information_schema.SCHEMATA")
+        .await
+        .unwrap();
+    all.into_iter().filter(|d| d.starts_with(prefix)).collect()
+}
+
+/// Keys under `prefix` in the environment's archive bucket, listed with the S3 SDK.
+async fn keys_under(cp: &ControlPlane, prefix: &str) -> Vec<String> {
+    let cloud = cp.cloud(Environment::Dev).await;
+    let sdk = platform::account_sdk(&cloud).await;
+    let s3 = aws_sdk_s3::Client::new(&sdk);
+    let listed = s3
+        .list_objects_v2()
+        .bucket(&cloud.platform.archive_bucket)
+        .prefix(prefix)
+        .send()
+        .await
+        .unwrap();
+    let mut keys: Vec<String> = listed
+        .contents()
+        .iter()
+        .filter_map(|o| o.key().map(str::to_owned))
+        .collect();
+    keys.sort();
+    keys
+}
+
+async fn object_json(cp: &ControlPlane, key: &str) -> serde_json::Value {
+    let cloud = cp.cloud(Environment::Dev).await;
+    let sdk = platform::account_sdk(&cloud).await;
+    let s3 = aws_sdk_s3::Client::new(&sdk);
+    let body = s3
+        .get_object()
+        .bucket(&cloud.platform.archive_bucket)
+        .key(key)
+        .send()
+        .await
+        .unwrap()
+        .body
+        .collect()
+        .await
+        .unwrap()
+        .into_bytes();
+    serde_json::from_slice(&body).unwrap()
+}
+
+fn backup_request(tenant: &str, id: &str) -> v1::CreateBackupRequest {
+    v1::CreateBackupRequest {
+        parent: instance_name(tenant),
+        backup_id: id.into(),
+        backup: Some(v1::Backup {
+            description: "before the theme change".into(),
+            ..Default::default()
+        }),
+        request_id: String::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_holds_the_dump_its_facts_and_a_manifest() {
+    let config = platform::config_with_platforms(&[Environment::Dev]).await;
+    let mut cp = platform::start(config, None).await;
+    let tenant = provisioned(&mut cp, "bk").await;
+    let db = database(&tenant);
+    fill(&db).await;
+    let expected = table_sums(&db).await;
+
+    let operation = cp
+        .instances
+        .create_backup(backup_request(&tenant, "first"))
+        .await
+        .unwrap()
+        .into_inner();
+    let done = cp.completed(&operation.name).await;
+    assert!(done.done);
+
+    let name = BackupName::parse(&format!("{}/backups/first", instance_name(&tenant))).unwrap();
+    let backup = cp.store.get_backup(&name).await.unwrap().expect("recorded");
+    assert_eq!(backup.state, BackupState::Ready);
+    assert_eq!(backup.description, "before the theme change");
+    let prefix = format!("backups/dev/{tenant}/wp/first/");
+    assert_eq!(
+        keys_under(&cp, &prefix).await,
+        [
+            "database.json",
+            "database.sql.gz",
+            "facts.json",
+            "manifest.json"
+        ]
+        .map(|k| format!("{prefix}{k}"))
+    );
+    assert!(backup.size_bytes > 0);
+    assert!(backup.expire_at.millis() - backup.created_at.millis() >= 89 * 24 * 3600 * 1000);
+
+    // The manifest's facts (measured on a restored copy of the dump) are the live
+    // database's, table by table, as the test's own SQL sees them.
+    let manifest = object_json(&cp, &format!("{prefix}manifest.json")).await;
+    let tables = manifest["database"]["facts"]["tables"].as_object().unwrap();
+    let found: BTreeMap<String, (u64, Option<u64>)> = tables
+        .iter()
+        .map(|(t, f)| {
+            (
+                t.clone(),
+                (f["rows"].as_u64().unwrap(), f["checksum"].as_u64()),
+            )
+        })
+        .collect();
+    assert_eq!(found, expected);
+    assert_eq!(
+        manifest["database"]["facts"]["views"],
+        serde_json::json!(["wp_titles"])
+    );
+    assert_eq!(
+        manifest["database"]["facts"]["triggers"],
+        serde_json::json!(["wp_meta_count"])
+    );
+    assert_eq!(
+        manifest["database"]["facts"]["routines"],
+        serde_json::json!(["PROCEDURE wp_count"])
+    );
+    let parts = manifest["database"]["summary"]["parts"].as_array().unwrap();
+    assert!(
+        !parts.is_empty()
+            && parts
+                .iter()
+                .all(|p| p["sha256"].as_str().unwrap().len() == 64)
+    );
+    assert_eq!(
+        manifest["wordpress_image"].as_str().unwrap().is_empty(),
+        false
+    );
+    // No scratch database is left, and the instance is still ACTIVE.
+    assert_eq!(
+        databases_like(&format!("{db}_")).await,
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        cp.instance(&tenant).await.state(),
+        v1::InstanceState::Active
+    );
+
+    // The same id again is ALREADY_EXISTS.
+    let again = cp
+        .instances
+        .create_backup(backup_request(&tenant, "first"))
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), Code::AlreadyExists, "{again:?}");
+}
+
+/// Holds one step of every operation of `verb` until released.
+struct Hold {
+    verb: Verb,
+    step: &'static str,
+    reached: Notify,
+    release: Notify,
+}
+
+#[async_trait]
+impl StepHook for Hold {
+    async fn before(&self, operation: &Operation, step: &str) -> StepResult<()> {
+        if step == self.step && operation.verb == self.verb {
+            self.reached.notify_one();
+            self.release.notified().await;
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_while_another_operation_runs_is_aborted() {
+    let config = platform::config_with_platforms(&[Environment::Dev]).await;
+    let hold = Arc::new(Hold {
+        verb: Verb::Restart,
+        step: "wait_rollout",
+        reached: Notify::new(),
+        release: Notify::new(),
+    });
+    let mut cp = platform::start(config, Some(hold.clone())).await;
+    let tenant = provisioned(&mut cp, "bkbusy").await;
+    let restart = cp
+        .instances
+        .restart_instance(v1::RestartInstanceRequest {
+            name: instance_name(&tenant),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    hold.reached.notified().await;
+    let refused = cp
+        .instances
+        .create_backup(backup_request(&tenant, "busy"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Aborted, "{refused:?}");
+    let name = BackupName::parse(&format!("{}/backups/busy", instance_name(&tenant))).unwrap();
+    assert!(
+        cp.store.get_backup(&name).await.unwrap().is_none(),
+        "nothing written"
+    );
+    hold.release.notify_one();
+    cp.completed(&restart.name).await;
+}
+
+/// Fails `verify_dump` of backups for good, after its action ran.
+struct VerifyFails;
+
+#[async_trait]
+impl StepHook for VerifyFails {
+    async fn after(&self, operation: &Operation, step: &str) -> StepResult<()> {
+        if operation.verb == Verb::Backup && step == "verify_dump" {
+            return Err(StepError::Fatal("injected: verify_dump failed".into()));
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_backup_leaves_no_object_and_no_scratch_database() {
+    let config = platform::config_with_platforms(&[Environment::Dev]).await;
+    let mut cp = platform::start(config, Some(Arc::new(VerifyFails))).await;
+    let tenant = provisioned(&mut cp, "bkfail").await;
+    let db = database(&tenant);
+    fill(&db).await;
+    let operation = cp
+        .instances
+        .create_backup(backup_request(&tenant, "doomed"))
+        .await
+        .unwrap()
+        .into_inner();
+    let (_, done) = cp.watch(&operation.name).await;
+    assert!(
+        matches!(
+            done.result,
+            Some(instance_manager::proto::google_longrunning::operation::Result::Error(_))
+        ),
+        "{done:?}"
+    );
+    let name = BackupName::parse(&format!("{}/backups/doomed", instance_name(&tenant))).unwrap();
+    let backup = cp.store.get_backup(&name).await.unwrap().expect("kept");
+    assert_eq!(backup.state, BackupState::Failed);
+    assert!(
+        backup
+            .failure_reason
+            .as_deref()
+            .unwrap_or_default()
+            .contains("verify_dump"),
+        "{backup:?}"
+    );
+    assert_eq!(
+        keys_under(&cp, &format!("backups/dev/{tenant}/wp/doomed/")).await,
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        databases_like(&format!("{db}_")).await,
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        cp.instance(&tenant).await.state(),
+        v1::InstanceState::Active
+    );
+}
