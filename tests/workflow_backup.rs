@@ -370,3 +370,53 @@ async fn a_failed_backup_leaves_no_object_and_no_scratch_database() {
         v1::InstanceState::Active
     );
 }
+
+/// Before the archive of a deletion, reads the service's desired count with the ECS SDK.
+struct SeeCountAtArchive {
+    ecs: std::sync::OnceLock<(aws_sdk_ecs::Client, String, String)>,
+    seen: std::sync::Mutex<Vec<i32>>,
+}
+
+#[async_trait]
+impl StepHook for SeeCountAtArchive {
+    async fn before(&self, operation: &Operation, step: &str) -> StepResult<()> {
+        if operation.verb == Verb::Delete && step == "archive_database" {
+            let (ecs, cluster, service) = self.ecs.get().expect("set before the delete");
+            let found = ecs
+                .describe_services()
+                .cluster(cluster)
+                .services(service)
+                .send()
+                .await
+                .unwrap();
+            let count = found.services()[0].desired_count();
+            self.seen.lock().unwrap().push(count);
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offboarding_stops_the_site_before_its_archive() {
+    let config = platform::config_with_platforms(&[Environment::Dev]).await;
+    let hook = Arc::new(SeeCountAtArchive {
+        ecs: std::sync::OnceLock::new(),
+        seen: std::sync::Mutex::new(Vec::new()),
+    });
+    let mut cp = platform::start(config, Some(hook.clone())).await;
+    let tenant = provisioned(&mut cp, "bkoff").await;
+    let cloud = cp.cloud(Environment::Dev).await;
+    let sdk = platform::account_sdk(&cloud).await;
+    let stack = ResourceNames::derive(&TenantId::parse(&tenant).unwrap(), Environment::Dev).stack;
+    hook.ecs
+        .set((
+            aws_sdk_ecs::Client::new(&sdk),
+            cloud.platform.cluster.clone(),
+            stack,
+        ))
+        .unwrap();
+    assert!(cp.instance(&tenant).await.desired_count > 0);
+    let operation = cp.delete(&tenant).await;
+    cp.completed(&operation).await;
+    assert_eq!(*hook.seen.lock().unwrap(), vec![0]);
+}

@@ -18,6 +18,7 @@ use super::provision::{
 };
 use super::{Failure, StepCtx, StepError, StepResult, Workflow};
 
+pub const STOP_SITE: &str = "stop_site";
 pub const ARCHIVE_DATABASE: &str = "archive_database";
 pub const START_CONTENT_ARCHIVE: &str = "start_content_archive";
 pub const AWAIT_CONTENT_ARCHIVE: &str = "await_content_archive";
@@ -63,6 +64,8 @@ impl Workflow for Deprovision {
         }
         let mut stages = Vec::new();
         if !skip_archive(operation) {
+            // The site stops first, so the database and the files archived agree.
+            stages.push(vec![STOP_SITE]);
             stages.push(vec![ARCHIVE_DATABASE, START_CONTENT_ARCHIVE]);
             stages.push(vec![AWAIT_CONTENT_ARCHIVE]);
         }
@@ -85,6 +88,7 @@ impl Workflow for Deprovision {
 
     async fn run(&self, ctx: &StepCtx, step: &str) -> StepResult<Option<String>> {
         match step {
+            STOP_SITE => stop_site(ctx).await.map(Some),
             ARCHIVE_DATABASE => archive_database(ctx).await.map(Some),
             START_CONTENT_ARCHIVE => start_content_archive(ctx).await.map(Some),
             AWAIT_CONTENT_ARCHIVE => await_content_archive(ctx).await.map(Some),
@@ -127,6 +131,33 @@ impl Workflow for Deprovision {
     fn deadline(&self) -> Duration {
         Duration::from_secs(20 * 60)
     }
+}
+
+/// Stops the instance's tasks (desired count 0) and waits until none runs, so nothing
+/// writes to the database or wp-content while they are archived. An instance without a
+/// service of its own (a failed provisioning) has nothing to stop.
+async fn stop_site(ctx: &StepCtx) -> StepResult<String> {
+    let platform = &ctx.cloud.platform;
+    let compute = &ctx.cloud.compute;
+    let ours = compute
+        .service_tags(&platform.cluster, &ctx.names.stack)
+        .await?
+        .is_some_and(|tags| ctx.owns(&tags));
+    let Some(status) = compute
+        .service_status(&platform.cluster, &ctx.names.stack)
+        .await?
+        .filter(|status| ours && status.status == "ACTIVE")
+    else {
+        return Ok("no service of this instance runs".into());
+    };
+    if status.desired != 0 {
+        compute
+            .update_service(&platform.cluster, &ctx.names.stack, Some(0), None, false)
+            .await?;
+        return Err(StepError::NotYet("stopping the tasks".into()));
+    }
+    super::suspend::stopped(&status, ctx.cloud.readiness.as_ref())?;
+    Ok("stopped".into())
 }
 
 /// The tenant database, dumped by the standard dump program and streamed through gzip into
