@@ -420,3 +420,258 @@ async fn offboarding_stops_the_site_before_its_archive() {
     cp.completed(&operation).await;
     assert_eq!(*hook.seen.lock().unwrap(), vec![0]);
 }
+
+async fn restore(cp: &mut ControlPlane, tenant: &str, backup: &str) -> String {
+    cp.instances
+        .restore_instance(v1::RestoreInstanceRequest {
+            name: instance_name(tenant),
+            backup: format!("{}/backups/{backup}", instance_name(tenant)),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .name
+}
+
+async fn backed_up(cp: &mut ControlPlane, tenant: &str, id: &str) {
+    let operation = cp
+        .instances
+        .create_backup(backup_request(tenant, id))
+        .await
+        .unwrap()
+        .into_inner();
+    cp.completed(&operation.name).await;
+}
+
+/// The live data changed after the backup: rows updated, deleted and added, a view dropped.
+async fn damage(db: &str) {
+    let mut conn = master_conn().await;
+    for statement in [
+        format!("UPDATE `{db}`.wp_posts SET post_title = 'defaced' WHERE ID % 3 = 0"),
+        format!("DELETE FROM `{db}`.wp_postmeta WHERE meta_id % 2 = 0"),
+        format!("INSERT INTO `{db}`.wp_posts (post_title) VALUES ('spam')"),
+        format!("DROP VIEW `{db}`.wp_titles"),
+    ] {
+        conn.query_drop(&statement).await.unwrap();
+    }
+}
+
+async fn task_definition_database(cp: &ControlPlane, arn: &str) -> String {
+    let cloud = cp.cloud(Environment::Dev).await;
+    let sdk = platform::account_sdk(&cloud).await;
+    let ecs = aws_sdk_ecs::Client::new(&sdk);
+    let found = ecs
+        .describe_task_definition()
+        .task_definition(arn)
+        .send()
+        .await
+        .unwrap();
+    let definition = found.task_definition().unwrap();
+    definition.container_definitions()[0]
+        .environment()
+        .iter()
+        .find(|e| e.name() == Some("WORDPRESS_DB_NAME"))
+        .and_then(|e| e.value())
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_switches_to_a_verified_copy_and_drops_the_old_database() {
+    let config = platform::config_with_platforms(&[Environment::Dev]).await;
+    let mut cp = platform::start(config, None).await;
+    let tenant = provisioned(&mut cp, "rs").await;
+    let db = database(&tenant);
+    fill(&db).await;
+    let original = table_sums(&db).await;
+    backed_up(&mut cp, &tenant, "good").await;
+    damage(&db).await;
+    assert_ne!(table_sums(&db).await, original);
+    let before = cp.instance(&tenant).await;
+
+    let operation = restore(&mut cp, &tenant, "good").await;
+    cp.completed(&operation).await;
+
+    let after = cp.instance(&tenant).await;
+    assert_eq!(after.state(), v1::InstanceState::Active);
+    let live = after.resources["database"].clone();
+    assert!(live.starts_with(&format!("{db}_r")), "{live}");
+    assert_eq!(table_sums(&live).await, original);
+    let mut conn = master_conn().await;
+    let views: Vec<String> = conn
+        .exec(
+            "SELECT TABLE_NAME FROM information_schema.VIEWS WHERE TABLE_SCHEMA = ?",
+            (&live,),
+        )
+        .await
+        .unwrap();
+    assert_eq!(views, ["wp_titles"]);
+    let triggers: Vec<String> = conn
+        .exec(
+            "SELECT TRIGGER_NAME FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA = ?",
+            (&live,),
+        )
+        .await
+        .unwrap();
+    assert_eq!(triggers, ["wp_meta_count"]);
+    let routines: Vec<String> = conn
+        .exec(
+            "SELECT ROUTINE_NAME FROM information_schema.ROUTINES WHERE ROUTINE_SCHEMA = ?",
+            (&live,),
+        )
+        .await
+        .unwrap();
+    assert_eq!(routines, ["wp_count"]);
+    // The old database is gone; the service runs a new revision on the restored one.
+    assert_eq!(databases_like(&db).await, vec![live.clone()]);
+    assert_ne!(after.resources["task_definition"], before.resources["task_definition"]);
+    assert_eq!(
+        task_definition_database(&cp, &after.resources["task_definition"]).await,
+        live
+    );
+    // The tenant's own login reads the restored database.
+    let cloud = cp.cloud(Environment::Dev).await;
+    let secret = cloud
+        .secrets
+        .read_secret(&after.resources["secret"])
+        .await
+        .unwrap();
+    let value: serde_json::Value = serde_json::from_str(secret.expose()).unwrap();
+    let master = platform::mariadb();
+    let mut tenant_conn = mysql_async::Conn::new(
+        mysql_async::OptsBuilder::default()
+            .ip_or_hostname(master.host.clone())
+            .tcp_port(master.port)
+            .user(value["username"].as_str())
+            .pass(value["password"].as_str())
+            .db_name(Some(live.clone())),
+    )
+    .await
+    .unwrap();
+    let posts: u64 = tenant_conn
+        .query_first("SELECT COUNT(*) FROM wp_posts")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(posts, original["wp_posts"].0);
+
+    // A later scale keeps the restored database, and deleting the instance drops it.
+    let deleted = cp.delete(&tenant).await;
+    cp.completed(&deleted).await;
+    assert_eq!(databases_like(&db).await, Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_backup_fails_the_restore_before_the_live_database_is_touched() {
+    let config = platform::config_with_platforms(&[Environment::Dev]).await;
+    let mut cp = platform::start(config, None).await;
+    let tenant = provisioned(&mut cp, "rsbad").await;
+    let db = database(&tenant);
+    fill(&db).await;
+    backed_up(&mut cp, &tenant, "spoiled").await;
+    damage(&db).await;
+    let live = table_sums(&db).await;
+    let before = cp.instance(&tenant).await;
+    // One byte of the dump changes in the bucket.
+    let cloud = cp.cloud(Environment::Dev).await;
+    let sdk = platform::account_sdk(&cloud).await;
+    let s3 = aws_sdk_s3::Client::new(&sdk);
+    let key = format!("backups/dev/{tenant}/wp/spoiled/database.sql.gz");
+    let mut body = s3
+        .get_object()
+        .bucket(&cloud.platform.archive_bucket)
+        .key(&key)
+        .send()
+        .await
+        .unwrap()
+        .body
+        .collect()
+        .await
+        .unwrap()
+        .into_bytes()
+        .to_vec();
+    let middle = body.len() / 2;
+    body[middle] ^= 0x01;
+    s3.put_object()
+        .bucket(&cloud.platform.archive_bucket)
+        .key(&key)
+        .body(body.into())
+        .send()
+        .await
+        .unwrap();
+
+    let operation = restore(&mut cp, &tenant, "spoiled").await;
+    let (events, done) = cp.watch(&operation).await;
+    let Some(instance_manager::proto::google_longrunning::operation::Result::Error(error)) =
+        done.result
+    else {
+        panic!("not failed: {done:?}");
+    };
+    assert!(error.message.contains("sha256"), "{error:?}");
+    assert!(
+        events.iter().all(|e| e.step != "restore_database" || e.step_status() != v1::StepStatus::Running),
+        "the database step never started: {events:#?}"
+    );
+    let after = cp.instance(&tenant).await;
+    assert_eq!(after.state(), v1::InstanceState::Active);
+    assert_eq!(after.resources, before.resources);
+    assert_eq!(table_sums(&db).await, live);
+    assert_eq!(databases_like(&format!("{db}_")).await, Vec::<String>::new());
+}
+
+/// Fails `wait_rollout` of restores for good, after the service was switched.
+struct RolloutFails;
+
+#[async_trait]
+impl StepHook for RolloutFails {
+    async fn after(&self, operation: &Operation, step: &str) -> StepResult<()> {
+        if operation.verb == Verb::Restore && step == "wait_rollout" {
+            return Err(StepError::Fatal("injected: the new tasks never became healthy".into()));
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_that_fails_after_the_switch_puts_everything_back() {
+    let config = platform::config_with_platforms(&[Environment::Dev]).await;
+    let mut cp = platform::start(config, Some(Arc::new(RolloutFails))).await;
+    let tenant = provisioned(&mut cp, "rsback").await;
+    let db = database(&tenant);
+    fill(&db).await;
+    backed_up(&mut cp, &tenant, "b1").await;
+    damage(&db).await;
+    let live = table_sums(&db).await;
+    let before = cp.instance(&tenant).await;
+
+    let operation = restore(&mut cp, &tenant, "b1").await;
+    let (events, done) = cp.watch(&operation).await;
+    assert!(
+        matches!(
+            done.result,
+            Some(instance_manager::proto::google_longrunning::operation::Result::Error(_))
+        ),
+        "{events:#?}"
+    );
+    let after = cp.instance(&tenant).await;
+    assert_eq!(after.state(), v1::InstanceState::Active);
+    assert!(after.failure_reason.starts_with("restore: "), "{after:?}");
+    assert_eq!(after.resources, before.resources);
+    // The service is back on the revision that names the live database, which is as it was.
+    let cloud = cp.cloud(Environment::Dev).await;
+    let sdk = platform::account_sdk(&cloud).await;
+    let ecs = aws_sdk_ecs::Client::new(&sdk);
+    let services = ecs
+        .describe_services()
+        .cluster(&cloud.platform.cluster)
+        .services(&before.resources["service"])
+        .send()
+        .await
+        .unwrap();
+    let running = services.services()[0].task_definition().unwrap().to_owned();
+    assert_eq!(running, before.resources["task_definition"]);
+    assert_eq!(task_definition_database(&cp, &running).await, db);
+    assert_eq!(table_sums(&db).await, live);
+    assert_eq!(databases_like(&format!("{db}_")).await, Vec::<String>::new());
+}

@@ -22,6 +22,8 @@ pub const MAX_DESCRIPTION_CHARS: usize = 500;
 pub const DEFAULT_RETENTION_DAYS: u64 = 90;
 
 const BACKUP_ALREADY_EXISTS: &str = "BACKUP_ALREADY_EXISTS";
+const BACKUP_NOT_FOUND: &str = "BACKUP_NOT_FOUND";
+const BACKUP_NOT_READY: &str = "BACKUP_NOT_READY";
 
 struct BackupRequest {
     parent: InstanceName,
@@ -220,6 +222,86 @@ impl Api {
             failure_reason: None,
             version: 0,
         })
+    }
+}
+
+impl Api {
+    pub async fn restore_instance(
+        &self,
+        request: v1::RestoreInstanceRequest,
+    ) -> ApiResult<lro::Operation> {
+        let mut violations = Violations::new();
+        let name = violations.check("name", InstanceName::parse(&request.name));
+        let backup = violations.check("backup", BackupName::parse(&request.backup));
+        let request_id = optional_request_id(&mut violations, &request.request_id);
+        if let (Some(name), Some(backup)) = (&name, &backup)
+            && name.tenant != backup.instance.tenant
+        {
+            violations.add(
+                "backup",
+                format!("must be a backup of an instance of tenant {}", name.tenant),
+            );
+        }
+        let (Some(name), Some(backup)) = (name, backup) else {
+            return Err(ApiError::Invalid(violations));
+        };
+        if !violations.is_empty() {
+            return Err(ApiError::Invalid(violations));
+        }
+        let fingerprint = fingerprint(&("restore", &name, &backup));
+        self.idempotent(
+            request_id.as_ref(),
+            &fingerprint,
+            self.restore_instance_once(name, backup, request_id.as_ref(), &fingerprint),
+        )
+        .await
+    }
+
+    async fn restore_instance_once(
+        &self,
+        name: InstanceName,
+        backup_name: BackupName,
+        request_id: Option<&RequestId>,
+        fingerprint: &str,
+    ) -> ApiResult<lro::Operation> {
+        let backup = self
+            .store
+            .get_backup(&backup_name)
+            .await?
+            .ok_or_else(|| ApiError::NotFound {
+                reason: BACKUP_NOT_FOUND,
+                resource: backup_name.to_string(),
+            })?;
+        if backup.state != BackupState::Ready {
+            return Err(ApiError::FailedPrecondition {
+                reason: BACKUP_NOT_READY,
+                message: format!("{backup_name} is {}; only a READY backup can be restored", backup.state.as_str()),
+                metadata: vec![("state", backup.state.as_str().to_owned())],
+            });
+        }
+        let timeout = self.settings.rollout_timeout;
+        self.start_on(
+            name,
+            Verb::Restore,
+            &[InstanceState::Active, InstanceState::Suspended],
+            request_id,
+            fingerprint,
+            &format!("restore requested from {backup_name}"),
+            |instance| {
+                if instance.spec.environment != backup.environment {
+                    return Err(ApiError::FailedPrecondition {
+                        reason: BACKUP_NOT_READY,
+                        message: format!(
+                            "{backup_name} is in {}, the instance in {}: a backup restores only within its environment",
+                            backup.environment, instance.spec.environment
+                        ),
+                        metadata: vec![("environment", backup.environment.to_string())],
+                    });
+                }
+                Ok(crate::workflow::restore::params(&backup_name, instance, Some(timeout)))
+            },
+        )
+        .await
     }
 }
 

@@ -438,9 +438,11 @@ impl InstanceService for Api {
 
     async fn restore_instance(
         &self,
-        _: Request<v1::RestoreInstanceRequest>,
+        request: Request<v1::RestoreInstanceRequest>,
     ) -> Result<Response<lro::Operation>, Status> {
-        not_implemented("RestoreInstance")
+        Ok(Response::new(
+            Api::restore_instance(self, request.into_inner()).await?,
+        ))
     }
 
     async fn get_backup(

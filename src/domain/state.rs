@@ -60,6 +60,8 @@ pub const TRANSITIONS: &[(InstanceState, InstanceState)] = &[
     (Resuming, Failed),
     (Restoring, Active),
     (Restoring, Failed),
+    (Suspended, Restoring),
+    (Restoring, Suspended),
     (PendingDeprovisioning, Deprovisioning),
     (PendingDeprovisioning, Failed),
     (Deprovisioning, Deprovisioned),
@@ -72,6 +74,8 @@ pub const TRANSITIONS: &[(InstanceState, InstanceState)] = &[
     (Failed, Resuming),
     // Likewise a STUCK update.
     (Failed, Updating),
+    // And a STUCK restore.
+    (Failed, Restoring),
     (Failed, PendingDeprovisioning),
     (Failed, Deprovisioning),
 ];
@@ -159,9 +163,10 @@ mod tests {
                 Restoring,
                 PendingDeprovisioning,
             ],
-            Scaling | Restarting | Updating | Restoring => &[Active, Failed],
+            Scaling | Restarting | Updating => &[Active, Failed],
+            Restoring => &[Active, Suspended, Failed],
             Suspending => &[Suspended, Active, Failed],
-            Suspended => &[Resuming, PendingDeprovisioning],
+            Suspended => &[Resuming, Restoring, PendingDeprovisioning],
             Resuming => &[Active, Suspended, Failed],
             PendingDeprovisioning => &[Deprovisioning, Failed],
             Deprovisioning => &[Deprovisioned, Failed],
@@ -172,6 +177,7 @@ mod tests {
                 Suspending,
                 Resuming,
                 Updating,
+                Restoring,
                 PendingDeprovisioning,
                 Deprovisioning,
             ],

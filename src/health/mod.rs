@@ -532,6 +532,12 @@ async fn check_database(instance: &Instance, cloud: &CloudEnv, names: &ResourceN
         Ok(login) => login,
         Err(error) => return unhealthy(error),
     };
+    // A restore switches the instance to another database: the one it recorded serves.
+    let database = instance
+        .resources
+        .get(crate::workflow::provision::DATABASE)
+        .cloned()
+        .unwrap_or(database);
     let what = format!(
         "login as {} to {database} at {}:{}",
         login.username, login.host, login.port

@@ -173,20 +173,17 @@ async fn archive_database(ctx: &StepCtx) -> StepResult<String> {
     let key = format!("{}database.sql.gz", archive_prefix(ctx));
     let bucket = &platform.archive_bucket;
     // Only this instance's database: one of the same name may belong to a sibling.
+    let live = super::backup::live_database(ctx);
     let ours = database
-        .database_owner(&master, &ctx.names.database)
+        .database_owner(&master, &live)
         .await?
         .is_some_and(|owner| owner == ctx.owner());
-    let manifest = if ours
-        && database
-            .database_exists(&master, &ctx.names.database)
-            .await?
-    {
+    let manifest = if ours && database.database_exists(&master, &live).await? {
         let tools = DumpTools::from_platform(platform);
         let summary = backup::dump_to(
             &tools,
             &master,
-            &ctx.names.database,
+            &live,
             ctx.cloud.objects.as_ref(),
             bucket,
             &key,
@@ -493,13 +490,13 @@ async fn verify(ctx: &StepCtx) -> StepResult<()> {
         left.extend(cloud.identity.find_tagged(&tags).await?);
     }
     let master = master_credentials(ctx).await?;
-    let owner = cloud
+    // A claim is released only after the drop; either way something is left.
+    for database in cloud
         .database
-        .database_owner(&master, &ctx.names.database)
-        .await?;
-    if owner.as_deref() == Some(ctx.owner().as_str()) {
-        // The claim is released only after the drop; either way something is left.
-        left.push(format!("database {} (claimed)", ctx.names.database));
+        .databases_owned_by(&master, &ctx.owner())
+        .await?
+    {
+        left.push(format!("database {database} (claimed)"));
     }
     if left.is_empty() {
         Ok(())

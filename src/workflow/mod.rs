@@ -11,6 +11,7 @@ pub mod events;
 pub mod failpoints;
 pub mod provision;
 pub mod restart;
+pub mod restore;
 pub mod resume;
 pub mod rollout;
 pub mod scale;
@@ -195,6 +196,8 @@ pub struct Failure<'a> {
     pub message: &'a str,
     /// True when the workflow's undos all ran and succeeded (nothing it made is left).
     pub rolled_back: bool,
+    /// The instance's state when the operation was requested (its params' `from_state`).
+    pub from_state: Option<InstanceState>,
 }
 
 /// One kind of operation: its steps, grouped in stages (the steps of a stage run in
@@ -263,7 +266,7 @@ pub fn workflow_for(verb: Verb) -> Option<std::sync::Arc<dyn Workflow>> {
         Verb::Resume => Some(std::sync::Arc::new(resume::Resume)),
         Verb::Update => Some(std::sync::Arc::new(update::Update)),
         Verb::Backup => Some(std::sync::Arc::new(backup::BackupWorkflow)),
-        _ => None,
+        Verb::Restore => Some(std::sync::Arc::new(restore::Restore)),
     }
 }
 

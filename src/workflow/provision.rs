@@ -181,22 +181,25 @@ pub async fn remove(ctx: &StepCtx, step: &str, _recorded: Option<&str>) -> StepR
             }
         }
         DATABASE => {
+            // Every database this instance claimed: the provisioned one, and any a restore
+            // made (the live one after a restore, or one a killed restore left behind).
             let master = master_credentials(ctx).await?;
-            let owner = cloud
+            let owned = cloud
                 .database
-                .database_owner(&master, &ctx.names.database)
+                .databases_owned_by(&master, &ctx.owner())
                 .await?;
-            if owner.as_deref() == Some(ctx.owner().as_str()) {
+            if owned.is_empty() {
+                tracing::info!(database = %ctx.names.database, "this instance owns no database; dropping none");
+            }
+            for database in &owned {
                 cloud
                     .database
-                    .drop_database(&master, &ctx.names.database, &ctx.names.database_user)
+                    .drop_database(&master, database, &ctx.names.database_user)
                     .await?;
                 cloud
                     .database
-                    .release_database(&master, &ctx.names.database, &ctx.owner())
+                    .release_database(&master, database, &ctx.owner())
                     .await?;
-            } else {
-                tracing::info!(database = %ctx.names.database, ?owner, "not dropping a database this instance does not own");
             }
         }
         LISTENER_RULE => {
@@ -519,7 +522,8 @@ pub fn task_definition_spec(
         access_point_id: access_point.to_owned(),
         secret_arn: secret_arn.to_owned(),
         db_host: format!("{}:{}", platform.db_host, platform.db_port),
-        db_name: ctx.names.database.clone(),
+        // After a restore the instance serves from the restored database.
+        db_name: super::backup::live_database(ctx),
         log_group: platform.log_group.clone(),
         log_region: ctx.cloud.region.clone(),
         log_stream_prefix: ctx.names.log_stream_prefix.clone(),

@@ -135,14 +135,17 @@ impl Engine {
                 &ending.message,
             );
         }
-        let failure = Failure {
-            status: ending.status,
-            reason: &ending.reason,
-            message: &ending.message,
-            rolled_back,
-        };
         let workflow = run.workflow.clone();
-        self.finish(run, ending.status, Some(ending.error()), |instance, _| {
+        self.finish(run, ending.status, Some(ending.error()), |instance, operation| {
+            let failure = Failure {
+                status: ending.status,
+                reason: &ending.reason,
+                message: &ending.message,
+                rolled_back,
+                from_state: operation.params["from_state"]
+                    .as_str()
+                    .and_then(|s| serde_json::from_value(serde_json::json!(s)).ok()),
+            };
             workflow.on_fail(instance, &failure)
         })
         .await
