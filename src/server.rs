@@ -217,6 +217,7 @@ pub async fn run(
                 .collect(),
             rollout_timeout: Duration::from_secs(config.rollout_timeout_secs),
             health: crate::health::HealthSettings::from_config(config),
+            logs: crate::logs::LogSettings::from_config(config),
         },
         tokens,
     )

@@ -206,14 +206,14 @@ fn grpcurl_lists_describes_checks_health_creates_and_gets() {
     );
     assert!(bad.stderr.contains("parent"), "{}", bad.stderr);
 
-    let unimplemented = grpcurl.run_with(
+    let missing = grpcurl.run_with(
         Some(r#"{"name": "tenants/acme/instances/wp-main"}"#),
         &["bbws.instance.v1.InstanceService/GetResourceUsage"],
     );
     assert!(
-        unimplemented.stderr.contains("Code: Unimplemented"),
+        missing.stderr.contains("Code: NotFound"),
         "{}",
-        unimplemented.stderr
+        missing.stderr
     );
 
     let status = server.terminate();

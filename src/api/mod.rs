@@ -6,6 +6,7 @@ pub mod error;
 pub mod health;
 pub mod instances;
 pub mod lifecycle;
+pub mod observe;
 pub mod operations;
 pub mod page_token;
 pub mod streams;
@@ -42,6 +43,8 @@ pub struct ApiSettings {
     /// How long the new tasks of a scale or update may take to be steady and healthy before
     /// the rollout is rolled back.
     pub rollout_timeout: std::time::Duration,
+    /// QueryLogs' and TailLogs' tuning.
+    pub logs: crate::logs::LogSettings,
 }
 
 impl ApiSettings {
@@ -66,6 +69,7 @@ impl Default for ApiSettings {
             environment_scale_bounds: Vec::new(),
             rollout_timeout: std::time::Duration::from_secs(15 * 60),
             health: crate::health::HealthSettings::default(),
+            logs: crate::logs::LogSettings::default(),
         }
     }
 }
