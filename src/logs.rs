@@ -167,7 +167,11 @@ pub async fn query_page(
             Err(error) if error.is_not_found() => return Ok((events, None)),
             Err(error) => return Err(error),
         };
-        events.extend(page.events);
+        let mut page_events = page.events;
+        // CloudWatch interleaves the streams by time; an emulator may not.
+        page_events
+            .sort_by(|a, b| (a.timestamp_ms, &a.event_id).cmp(&(b.timestamp_ms, &b.event_id)));
+        events.extend(page_events);
         match page.next_token {
             Some(next) if token.as_deref() != Some(next.as_str()) => token = Some(next),
             _ => return Ok((events, None)),

@@ -128,7 +128,7 @@ impl World {
         let mut sorted = lines.to_vec();
         sorted.sort_by_key(|(ts, _)| *ts);
         // PutLogEvents takes at most 10 000 events and 1 MiB per call.
-        for chunk in sorted.chunks(500) {
+        for chunk in sorted.chunks(200) {
             client
                 .put_log_events()
                 .log_group_name(&self.group)
@@ -266,11 +266,14 @@ async fn query_logs_pages_without_duplicates_and_the_filter_narrows() {
     };
     let (entries, pages) = w.query_all(request.clone()).await;
     assert!(pages >= 3, "{pages} pages");
-    let got: Vec<(i64, String)> = entries
+    // Every line once. (Each page is oldest first; across pages the order is CloudWatch's,
+    // which interleaves streams by time, while moto answers stream by stream.)
+    let mut got: Vec<(i64, String)> = entries
         .iter()
         .map(|e| (millis(e.time.as_ref().unwrap()), e.message.clone()))
         .collect();
-    assert_eq!(got, written, "every line once, oldest first");
+    got.sort();
+    assert_eq!(got, written, "every line once");
     let ids: HashSet<&str> = entries.iter().map(|e| e.event_id.as_str()).collect();
     assert_eq!(ids.len(), entries.len(), "event ids are unique");
     assert!(
@@ -289,7 +292,9 @@ async fn query_logs_pages_without_duplicates_and_the_filter_narrows() {
         .filter(|(_, m)| m.starts_with("ERROR"))
         .map(|(_, m)| m.as_str())
         .collect();
-    assert_eq!(messages(&filtered), want);
+    let mut narrowed = messages(&filtered);
+    narrowed.sort_by_key(|m| m[m.find("line").unwrap()..].to_owned());
+    assert_eq!(narrowed, want);
     assert!(want.len() < written.len() && !want.is_empty());
 
     // A token belongs to its query: another filter with it is refused.
@@ -502,9 +507,10 @@ async fn a_tail_whose_client_stops_reading_stops_reading_the_log_store() {
     )
     .await;
     let t = now_ms() - 60_000;
-    let total = 3000;
-    // 1 KiB lines: the HTTP/2 windows between server and client hold a few batches.
-    let padding = "x".repeat(1000);
+    // 2 KiB lines, 8 MiB in all: the client's HTTP/2 stream window (2 MiB with tonic's
+    // defaults) holds a quarter of them; the server may hold only its small channel more.
+    let total = 4000;
+    let padding = "x".repeat(2000);
     let lines: Vec<(i64, String)> = (0..total)
         .map(|i| (t + i as i64, format!("{i:05} {padding}")))
         .collect();

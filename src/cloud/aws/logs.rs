@@ -49,9 +49,17 @@ impl Logs for AwsLogs {
             .send()
             .await
             .map_err(|e| classify("logs:FilterLogEvents", &e))?;
+        // A stream outside the prefix is never the instance's, whatever the service
+        // answered (moto ignores the prefix).
         let events = out
             .events()
             .iter()
+            .filter(|event| {
+                event
+                    .log_stream_name()
+                    .unwrap_or_default()
+                    .starts_with(&query.stream_prefix)
+            })
             .map(|event| LogEvent {
                 timestamp_ms: event.timestamp().unwrap_or_default(),
                 ingestion_ms: event.ingestion_time().unwrap_or_default(),
