@@ -218,10 +218,11 @@ struct Seen {
 }
 
 impl Seen {
-    /// Records the event; false if it was seen before.
+    /// Records the event; false if it was seen before. The stream is part of the key:
+    /// ids are unique in a log group on AWS, but moto numbers them per stream.
     fn first_time(&mut self, event: &LogEvent) -> bool {
-        self.ids
-            .insert((event.timestamp_ms, event.event_id.clone()))
+        let key = format!("{}\u{0}{}", event.stream, event.event_id);
+        self.ids.insert((event.timestamp_ms, key))
     }
 
     /// Forgets events before `floor` (never read again); if more than `max` remain, also
@@ -393,8 +394,14 @@ mod tests {
                 .iter()
                 .map(|(_, id)| id.as_str())
                 .collect::<Vec<_>>(),
-            ["d", "e"]
+            ["\u{0}d", "\u{0}e"]
         );
+        // The same id in another stream is another event.
+        let other = LogEvent {
+            stream: "s2".into(),
+            ..event(30, "d")
+        };
+        assert!(seen.first_time(&other));
     }
 
     #[test]
