@@ -99,6 +99,16 @@ pub struct Config {
     /// CheckInstanceHealth: one check (AWS calls, the database login, the HTTP probe); a
     /// check that takes longer is UNHEALTHY, "timed out".
     pub health_check_timeout_ms: u64,
+    /// TailLogs: how often a following tail polls the log store.
+    pub tail_poll_interval_ms: u64,
+    /// TailLogs: how late (behind the newest line sent) a line may reach the log store and
+    /// still be tailed.
+    pub tail_lookback_secs: u64,
+    /// TailLogs: lines per log-store call, and so at most per streamed message (1..=10000).
+    pub tail_page_events: u32,
+    /// TailLogs: messages kept ready for a client that is not reading; past them the tail
+    /// stops polling until the client reads (memory stays bounded).
+    pub tail_buffer: usize,
     /// Deliberate faults for tests (`STEP=pause|error|error-after`); never set in production.
     pub failpoints: Vec<String>,
     pub environments: Vec<EnvironmentConfig>,
@@ -141,6 +151,10 @@ impl Default for Config {
             db_statement_timeout_secs: 300,
             health_timeout_ms: 5000,
             health_check_timeout_ms: 4000,
+            tail_poll_interval_ms: 1000,
+            tail_lookback_secs: 300,
+            tail_page_events: 500,
+            tail_buffer: 8,
             failpoints: Vec::new(),
             environments: Vec::new(),
         }
@@ -369,6 +383,14 @@ impl Config {
         {
             return invalid(
                 "health timeouts must satisfy 1 <= health_check_timeout_ms <= health_timeout_ms",
+            );
+        }
+        if self.tail_poll_interval_ms == 0
+            || !(1..=10_000).contains(&self.tail_page_events)
+            || self.tail_buffer == 0
+        {
+            return invalid(
+                "tail settings must satisfy tail_poll_interval_ms >= 1, 1 <= tail_page_events <= 10000, tail_buffer >= 1",
             );
         }
         for (i, env) in self.environments.iter().enumerate() {

@@ -218,6 +218,7 @@ pub async fn run(
             rollout_timeout: Duration::from_secs(config.rollout_timeout_secs),
             backup_retention: ApiSettings::default().backup_retention,
             health: crate::health::HealthSettings::from_config(config),
+            logs: crate::logs::LogSettings::from_config(config),
         },
         tokens,
     )

@@ -691,7 +691,7 @@ async fn list_operations_filters_and_pages() {
 }
 
 #[tokio::test]
-async fn rpcs_of_later_issues_are_unimplemented_with_error_info() {
+async fn reads_of_a_missing_instance_and_unsupported_methods_carry_error_info() {
     let mut server = start().await;
     let status = server
         .instances
@@ -703,7 +703,7 @@ async fn rpcs_of_later_issues_are_unimplemented_with_error_info() {
         .unwrap_err();
     assert_eq!(
         (status.code(), reason(&status).as_str()),
-        (Code::Unimplemented, "NOT_IMPLEMENTED")
+        (Code::NotFound, "INSTANCE_NOT_FOUND")
     );
     let status = server
         .operations

@@ -206,14 +206,16 @@ fn grpcurl_lists_describes_checks_health_creates_and_gets() {
     );
     assert!(bad.stderr.contains("parent"), "{}", bad.stderr);
 
-    let unimplemented = grpcurl.run_with(
+    // Nothing provisions here (no environment): the instance has nothing to measure yet.
+    let pending = grpcurl.run_with(
         Some(r#"{"name": "tenants/acme/instances/wp-main"}"#),
         &["bbws.instance.v1.InstanceService/GetResourceUsage"],
     );
     assert!(
-        unimplemented.stderr.contains("Code: Unimplemented"),
+        pending.stderr.contains("Code: FailedPrecondition")
+            && pending.stderr.contains("PENDING_PROVISIONING"),
         "{}",
-        unimplemented.stderr
+        pending.stderr
     );
 
     let status = server.terminate();

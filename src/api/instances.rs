@@ -422,9 +422,11 @@ impl InstanceService for Api {
 
     async fn get_resource_usage(
         &self,
-        _: Request<v1::GetResourceUsageRequest>,
+        request: Request<v1::GetResourceUsageRequest>,
     ) -> Result<Response<v1::ResourceUsage>, Status> {
-        not_implemented("GetResourceUsage")
+        Ok(Response::new(
+            Api::get_resource_usage(self, request.into_inner()).await?,
+        ))
     }
 
     async fn create_backup(
@@ -468,18 +470,22 @@ impl InstanceService for Api {
 
     async fn query_logs(
         &self,
-        _: Request<v1::QueryLogsRequest>,
+        request: Request<v1::QueryLogsRequest>,
     ) -> Result<Response<v1::QueryLogsResponse>, Status> {
-        not_implemented("QueryLogs")
+        Ok(Response::new(
+            Api::query_logs(self, request.into_inner()).await?,
+        ))
     }
 
     type TailLogsStream = RpcStream<v1::TailLogsResponse>;
 
     async fn tail_logs(
         &self,
-        _: Request<v1::TailLogsRequest>,
+        request: Request<v1::TailLogsRequest>,
     ) -> Result<Response<Self::TailLogsStream>, Status> {
-        not_implemented("TailLogs")
+        Ok(Response::new(
+            Api::tail_logs(self, request.into_inner()).await?,
+        ))
     }
 
     type WatchOperationStream = RpcStream<v1::OperationEvent>;

@@ -7,6 +7,7 @@ pub mod error;
 pub mod health;
 pub mod instances;
 pub mod lifecycle;
+pub mod observe;
 pub mod operations;
 pub mod page_token;
 pub mod streams;
@@ -45,6 +46,8 @@ pub struct ApiSettings {
     pub rollout_timeout: std::time::Duration,
     /// How long a backup is kept before the retention sweeper removes it.
     pub backup_retention: std::time::Duration,
+    /// QueryLogs' and TailLogs' tuning.
+    pub logs: crate::logs::LogSettings,
 }
 
 impl ApiSettings {
@@ -72,6 +75,7 @@ impl Default for ApiSettings {
                 backup_ops::DEFAULT_RETENTION_DAYS * 24 * 60 * 60,
             ),
             health: crate::health::HealthSettings::default(),
+            logs: crate::logs::LogSettings::default(),
         }
     }
 }

@@ -129,7 +129,7 @@ impl Api {
 
     /// A permit for one more open stream, or RESOURCE_EXHAUSTED when this replica serves
     /// `max_streams` already. The stream holds it until it ends.
-    fn stream_permit(&self) -> ApiResult<OwnedSemaphorePermit> {
+    pub(super) fn stream_permit(&self) -> ApiResult<OwnedSemaphorePermit> {
         self.streams
             .clone()
             .try_acquire_owned()

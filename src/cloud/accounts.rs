@@ -17,7 +17,8 @@ use aws_credential_types::provider::SharedCredentialsProvider;
 use super::credentials::RefreshingCredentials;
 
 use super::aws::{
-    AwsCompute, AwsDbInstances, AwsFiles, AwsIdentity, AwsObjects, AwsRouting, AwsSecrets,
+    AwsCompute, AwsDbInstances, AwsFiles, AwsIdentity, AwsLogs, AwsMetrics, AwsObjects, AwsRouting,
+    AwsSecrets,
 };
 use super::mysql::MySqlDatabase;
 pub use super::settings::SessionSettings;
@@ -328,6 +329,8 @@ fn cloud_env(env: &EnvironmentConfig, sdk: &SdkConfig, database: Arc<MySqlDataba
         compute: Arc::new(AwsCompute::new(sdk)),
         objects: Arc::new(AwsObjects::new(sdk)),
         db_instances: Arc::new(AwsDbInstances::new(sdk)),
+        logs: Arc::new(AwsLogs::new(sdk)),
+        metrics: Arc::new(AwsMetrics::new(sdk)),
         readiness: crate::cloud::readiness_for(&env.platform),
     }
 }

@@ -196,6 +196,14 @@ pub trait Database: Send + Sync {
         master: &MasterCredentials,
         database: &str,
     ) -> CloudResult<Option<String>>;
+    /// Bytes `database` takes (data and indexes of its tables, as information_schema
+    /// reports them; InnoDB's figures are estimates), `None` if it does not exist. `login`
+    /// may be any user that can see the database's tables (the tenant's own).
+    async fn database_size(
+        &self,
+        login: &MasterCredentials,
+        database: &str,
+    ) -> CloudResult<Option<u64>>;
     /// Forgets `owner`'s claim on `database` (after dropping it).
     async fn release_database(
         &self,
@@ -539,6 +547,76 @@ pub trait DbInstances: Send + Sync {
     async fn db_instance(&self, identifier: &str) -> CloudResult<Option<DbInstanceStatus>>;
 }
 
+/// One log event as CloudWatch Logs stores it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LogEvent {
+    /// When the line was emitted, in milliseconds since the Unix epoch.
+    pub timestamp_ms: i64,
+    /// When CloudWatch Logs ingested it (may be much later than `timestamp_ms`).
+    pub ingestion_ms: i64,
+    pub stream: String,
+    pub message: String,
+    /// Unique within the log group.
+    pub event_id: String,
+}
+
+/// One FilterLogEvents call.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LogQuery {
+    pub group: String,
+    /// Only streams whose name starts with this (an instance's streams).
+    pub stream_prefix: String,
+    /// Events from this time (inclusive), milliseconds since the Unix epoch.
+    pub start_ms: i64,
+    /// Events before this time (exclusive); `None`: up to now.
+    pub end_ms: Option<i64>,
+    /// CloudWatch Logs filter pattern; empty matches everything.
+    pub filter: String,
+    /// At most this many events (FilterLogEvents allows 1 to 10 000).
+    pub limit: u32,
+    /// The `next_token` of the previous page of the same query.
+    pub token: Option<String>,
+}
+
+/// One page of FilterLogEvents. A page may be empty and still carry a token (CloudWatch
+/// scans the time range a slice at a time); no token means the scan is complete.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LogPage {
+    pub events: Vec<LogEvent>,
+    pub next_token: Option<String>,
+}
+
+#[async_trait]
+pub trait Logs: Send + Sync {
+    /// One page of the events matching `query`, oldest first. A missing log group is
+    /// `ErrorKind::NotFound`; a filter pattern or token CloudWatch refuses is
+    /// `ErrorKind::Fatal`.
+    async fn filter_events(&self, query: &LogQuery) -> CloudResult<LogPage>;
+}
+
+/// CPU and memory utilisation of an ECS service, in percent, one point per period.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ServiceUtilization {
+    /// (start of the period in milliseconds since the Unix epoch, average), oldest first.
+    pub cpu: Vec<(i64, f64)>,
+    pub memory: Vec<(i64, f64)>,
+}
+
+#[async_trait]
+pub trait Metrics: Send + Sync {
+    /// The `AWS/ECS` `CPUUtilization` and `MemoryUtilization` averages of the service over
+    /// `[start_ms, end_ms)`, one point per `period_secs` (a multiple of 60). Periods without
+    /// data have no point.
+    async fn service_utilization(
+        &self,
+        cluster: &str,
+        service: &str,
+        start_ms: i64,
+        end_ms: i64,
+        period_secs: u32,
+    ) -> CloudResult<ServiceUtilization>;
+}
+
 /// The shared infrastructure of one environment, inside which tenants get their resources.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
@@ -693,6 +771,10 @@ pub struct CloudEnv {
     pub compute: Arc<dyn Compute>,
     pub objects: Arc<dyn Objects>,
     pub db_instances: Arc<dyn DbInstances>,
+    /// The environment's log group (the instances' container logs).
+    pub logs: Arc<dyn Logs>,
+    /// CloudWatch metrics.
+    pub metrics: Arc<dyn Metrics>,
     /// What counts as a finished rollout or a successful task here.
     pub readiness: Arc<dyn Readiness>,
 }

@@ -493,7 +493,7 @@ async fn check_http(instance: &Instance, cloud: &CloudEnv, suspended: bool) -> O
 
 /// The tenant's login from its secret (JSON `username`, `password`, `dbname`), to the
 /// platform's database server with the platform's TLS settings.
-fn tenant_login(
+pub(crate) fn tenant_login(
     secret: &Secret,
     cloud: &CloudEnv,
     names: &ResourceNames,

@@ -301,6 +301,7 @@ pub async fn start_with(
                 .collect(),
             rollout_timeout: std::time::Duration::from_secs(config.rollout_timeout_secs),
             health: instance_manager::health::HealthSettings::from_config(&config),
+            logs: instance_manager::logs::LogSettings::from_config(&config),
             ..ApiSettings::default()
         },
         PageTokens::new(b"test"),
