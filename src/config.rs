@@ -762,7 +762,11 @@ mod tests {
             ..ConfigArgs::default()
         };
         assert!(none.load().unwrap().cors_allowed_origins.is_empty());
-        for good in ["https://a.example", "http://[::1]:8080", "http://localhost:1"] {
+        for good in [
+            "https://a.example",
+            "http://[::1]:8080",
+            "http://localhost:1",
+        ] {
             assert!(check_origin(good).is_ok(), "{good}");
         }
         for bad in [

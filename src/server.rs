@@ -214,7 +214,8 @@ const GRPC_WEB_REQUEST_HEADERS: [&str; 7] = [
 
 /// Response headers a browser script must be allowed to read: the status travels in them
 /// when the response has no body (trailers-only).
-const GRPC_WEB_EXPOSED_HEADERS: [&str; 3] = ["grpc-status", "grpc-message", "grpc-status-details-bin"];
+const GRPC_WEB_EXPOSED_HEADERS: [&str; 3] =
+    ["grpc-status", "grpc-message", "grpc-status-details-bin"];
 
 fn cors_layer(allowed: &[http::HeaderValue]) -> tower_http::cors::CorsLayer {
     use tower_http::cors::{AllowOrigin, CorsLayer};
@@ -266,10 +267,8 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = futures::future::Either<
-        futures::future::Ready<Result<S::Response, S::Error>>,
-        S::Future,
-    >;
+    type Future =
+        futures::future::Either<futures::future::Ready<Result<S::Response, S::Error>>, S::Future>;
 
     fn poll_ready(
         &mut self,
@@ -282,7 +281,8 @@ where
         if let Some(origin) = request.headers().get(http::header::ORIGIN)
             && !self.allowed.contains(origin)
         {
-            let shown = crate::api::error::bounded(&String::from_utf8_lossy(origin.as_bytes()), 256);
+            let shown =
+                crate::api::error::bounded(&String::from_utf8_lossy(origin.as_bytes()), 256);
             tracing::info!(origin = %shown, path = %request.uri().path(), "refused: origin not allowed");
             let mut response = http::Response::new(ResBody::default());
             *response.status_mut() = http::StatusCode::FORBIDDEN;

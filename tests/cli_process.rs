@@ -97,12 +97,18 @@ fn the_cli_drives_an_instance_from_create_to_delete() {
     let create_op = created["name"].as_str().unwrap().to_owned();
     assert!(create_op.starts_with("operations/"), "{create_op}");
     // Not a terminal: one plain line per event, the steps in them, the end announced.
-    assert!(out.stderr.contains(&format!("watching {create_op}")), "{}", out.stderr);
+    assert!(
+        out.stderr.contains(&format!("watching {create_op}")),
+        "{}",
+        out.stderr
+    );
     for line in ["database SUCCEEDED", "service SUCCEEDED", "[100%]"] {
         assert!(out.stderr.contains(line), "{line}\n{}", out.stderr);
     }
     assert!(
-        out.stderr.trim_end().ends_with(&format!("{create_op}: COMPLETED")),
+        out.stderr
+            .trim_end()
+            .ends_with(&format!("{create_op}: COMPLETED")),
         "{}",
         out.stderr
     );
@@ -165,7 +171,13 @@ fn the_cli_drives_an_instance_from_create_to_delete() {
         .iter()
         .map(|c| c["name"].as_str().unwrap())
         .collect();
-    for check in ["ecs_service", "alb_targets", "http", "database", "db_instance"] {
+    for check in [
+        "ecs_service",
+        "alb_targets",
+        "http",
+        "database",
+        "db_instance",
+    ] {
         assert!(checks.contains(&check), "{check}: {health}");
     }
     let table = cli.ok(&["health", &name]);
@@ -188,7 +200,11 @@ fn the_cli_drives_an_instance_from_create_to_delete() {
     for verb in ["create", "scale", "restart"] {
         assert!(verbs.contains(&verb), "{verb}: {operations}");
     }
-    let got = cli.ok(&["operations", "get", create_op.trim_start_matches("operations/")]);
+    let got = cli.ok(&[
+        "operations",
+        "get",
+        create_op.trim_start_matches("operations/"),
+    ]);
     assert!(got.contains("access_point"), "{got}");
 
     // delete --watch: DEPROVISIONED after.
@@ -218,7 +234,11 @@ fn the_cli_drives_an_instance_from_create_to_delete() {
         "{}",
         bad.stderr
     );
-    assert!(bad.stderr.contains("reason: INVALID_ARGUMENT"), "{}", bad.stderr);
+    assert!(
+        bad.stderr.contains("reason: INVALID_ARGUMENT"),
+        "{}",
+        bad.stderr
+    );
     assert!(!bad.stderr.contains("Status {"), "{}", bad.stderr);
     let missing = cli.run(&["get", &format!("tenants/{tenant}/instances/nothere")]);
     assert_eq!(exit_code(&missing), Some(1), "{missing:?}");
@@ -250,7 +270,17 @@ fn a_failing_operation_exits_non_zero_and_says_why() {
     let tenant = platform::tenant("clifail");
     let name = format!("{tenant}/wp");
 
-    let out = cli.run(&["create", &name, "-e", "sit", "--watch"]);
+    let out = cli.run(&[
+        "create",
+        &name,
+        "-e",
+        "sit",
+        "--organization",
+        "Fail Ltd",
+        "--contact-email",
+        "ops@example.com",
+        "--watch",
+    ]);
     assert_eq!(exit_code(&out), Some(3), "{out:?}");
     assert!(
         out.stdout
@@ -311,7 +341,8 @@ fn bad_command_lines_and_unreachable_servers_exit_non_zero() {
     let out = cli.run(&["get", "acme/wp"]);
     assert_eq!(exit_code(&out), Some(1), "{out:?}");
     assert!(
-        out.stderr.starts_with("error: cannot connect to http://127.0.0.1:9"),
+        out.stderr
+            .starts_with("error: cannot connect to http://127.0.0.1:9"),
         "{}",
         out.stderr
     );

@@ -660,7 +660,8 @@ async fn list(conn: &Conn, args: ListArgs) -> Result<(), CliError> {
             next_page_token: token.clone(),
         })),
         Format::Table => {
-            let mut table = Table::new(&["NAME", "ENV", "STATE", "TASKS", "SIZE", "URL", "OPERATION"]);
+            let mut table =
+                Table::new(&["NAME", "ENV", "STATE", "TASKS", "SIZE", "URL", "OPERATION"]);
             for i in &all {
                 table.row(vec![
                     i.name.clone(),
@@ -1172,13 +1173,20 @@ fn print_instance(conn: &Conn, i: &v1::Instance) {
         return;
     }
     let labels: Vec<String> = i.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    let resources: Vec<String> = i.resources.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let resources: Vec<String> = i
+        .resources
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
     print!(
         "{}",
         fields(&[
             ("name", i.name.clone()),
             ("state", short(i.state().as_str_name(), "INSTANCE_STATE_")),
-            ("environment", short(i.environment().as_str_name(), "ENVIRONMENT_")),
+            (
+                "environment",
+                short(i.environment().as_str_name(), "ENVIRONMENT_")
+            ),
             ("tier", short(i.tier().as_str_name(), "TIER_")),
             ("url", i.url.clone()),
             ("tasks", i.desired_count.to_string()),
@@ -1210,7 +1218,10 @@ fn print_health(conn: &Conn, report: &v1::HealthReport) {
         "{}",
         fields(&[
             ("name", report.name.clone()),
-            ("overall", short(report.overall().as_str_name(), "HEALTH_STATUS_")),
+            (
+                "overall",
+                short(report.overall().as_str_name(), "HEALTH_STATUS_")
+            ),
             ("checked", output::time(report.check_time.as_ref())),
         ])
     );
@@ -1245,7 +1256,10 @@ fn print_usage(conn: &Conn, usage: &v1::ResourceUsage) {
             ("period", output::duration(usage.period.as_ref())),
             (
                 "tasks",
-                format!("{} running / {} desired", usage.running_tasks, usage.desired_tasks)
+                format!(
+                    "{} running / {} desired",
+                    usage.running_tasks, usage.desired_tasks
+                )
             ),
             ("database", format!("{} bytes", usage.database_size_bytes)),
         ])
@@ -1412,7 +1426,9 @@ fn parse_time(value: &str) -> Result<prost_types::Timestamp, String> {
         .map_err(|_| "expected an RFC 3339 time (2026-12-01T10:00:00Z) or an age (15m, 2h)")?;
     let now = std::time::SystemTime::now();
     let then = now
-        .checked_sub(std::time::Duration::from_secs(u64::try_from(age).unwrap_or(0)))
+        .checked_sub(std::time::Duration::from_secs(
+            u64::try_from(age).unwrap_or(0),
+        ))
         .unwrap_or(std::time::UNIX_EPOCH);
     Ok(prost_types::Timestamp::from(then))
 }

@@ -40,9 +40,7 @@ impl std::fmt::Display for CliError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             CliError::Rpc(status) => f.write_str(&describe_status(status)),
-            CliError::Local(message) | CliError::OperationFailed(message) => {
-                f.write_str(message)
-            }
+            CliError::Local(message) | CliError::OperationFailed(message) => f.write_str(message),
         }
     }
 }
@@ -206,7 +204,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("\n  resource: tenants/x"), "{text}");
-        assert!(!text.contains('\u{1b}'), "control characters escaped: {text}");
+        assert!(
+            !text.contains('\u{1b}'),
+            "control characters escaped: {text}"
+        );
         assert!(!text.contains("Status {"), "no debug dump: {text}");
     }
 
