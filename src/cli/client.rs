@@ -13,7 +13,7 @@ use crate::proto::google_longrunning as lro;
 use crate::proto::v1;
 
 use super::connect::{ClientArgs, Conn};
-use super::output::{self, Format, Table, clean, fields, json, print_json, print_json_line, short};
+use super::output::{self, Format, Table, clean, fields, print_message, print_message_line, short};
 use super::progress::{self, metadata, status_name, step_name};
 use super::report::CliError;
 
@@ -655,10 +655,10 @@ async fn list(conn: &Conn, args: ListArgs) -> Result<(), CliError> {
         }
     }
     match conn.format {
-        Format::Json => print_json(&json(&v1::ListInstancesResponse {
+        Format::Json => print_message(&v1::ListInstancesResponse {
             instances: all,
             next_page_token: token.clone(),
-        })),
+        }),
         Format::Table => {
             let mut table =
                 Table::new(&["NAME", "ENV", "STATE", "TASKS", "SIZE", "URL", "OPERATION"]);
@@ -777,7 +777,7 @@ async fn logs(conn: &Conn, args: LogsArgs) -> Result<(), CliError> {
         .await?
         .into_inner();
     match conn.format {
-        Format::Json => print_json(&json(&page)),
+        Format::Json => print_message(&page),
         Format::Table => {
             for entry in &page.entries {
                 print_log_entry(conn, entry);
@@ -792,7 +792,7 @@ async fn logs(conn: &Conn, args: LogsArgs) -> Result<(), CliError> {
 
 fn print_log_entry(conn: &Conn, entry: &v1::LogEntry) {
     match conn.format {
-        Format::Json => print_json_line(&json(entry)),
+        Format::Json => print_message_line(entry),
         Format::Table => println!(
             "{}  {}  {}",
             output::time(entry.time.as_ref()),
@@ -831,7 +831,7 @@ async fn backups(conn: &Conn, command: BackupsCommand) -> Result<(), CliError> {
                 .await?
                 .into_inner();
             match conn.format {
-                Format::Json => print_json(&json(&backup)),
+                Format::Json => print_message(&backup),
                 Format::Table => print!("{}", backup_fields(&backup)),
             }
             Ok(())
@@ -848,7 +848,7 @@ async fn backups(conn: &Conn, command: BackupsCommand) -> Result<(), CliError> {
                 .await?
                 .into_inner();
             match conn.format {
-                Format::Json => print_json(&json(&page)),
+                Format::Json => print_message(&page),
                 Format::Table => {
                     let mut table =
                         Table::new(&["NAME", "STATE", "SIZE", "CREATED", "EXPIRES", "DESCRIPTION"]);
@@ -883,7 +883,7 @@ async fn backups(conn: &Conn, command: BackupsCommand) -> Result<(), CliError> {
                 }))
                 .await?;
             match conn.format {
-                Format::Json => print_json(&serde_json::json!({})),
+                Format::Json => println!("{{}}"),
                 Format::Table => println!("deleted {}", clean(&args.name)),
             }
             Ok(())
@@ -935,7 +935,7 @@ async fn operations(conn: &Conn, command: OperationsCommand) -> Result<(), CliEr
                 .await?
                 .into_inner();
             match conn.format {
-                Format::Json => print_json(&json(&page)),
+                Format::Json => print_message(&page),
                 Format::Table => {
                     let mut table =
                         Table::new(&["NAME", "VERB", "TARGET", "STATUS", "DONE%", "UPDATED"]);
@@ -982,7 +982,7 @@ async fn operations(conn: &Conn, command: OperationsCommand) -> Result<(), CliEr
                 .delete_operation(conn.unary(lro::DeleteOperationRequest { name: name.clone() }))
                 .await?;
             match conn.format {
-                Format::Json => print_json(&serde_json::json!({})),
+                Format::Json => println!("{{}}"),
                 Format::Table => println!("deleted {}", clean(&name)),
             }
             Ok(())
@@ -997,7 +997,7 @@ async fn cancel(conn: &Conn, name: &str) -> Result<(), CliError> {
         .cancel_operation(conn.unary(lro::CancelOperationRequest { name: name.clone() }))
         .await?;
     match conn.format {
-        Format::Json => print_json(&serde_json::json!({})),
+        Format::Json => println!("{{}}"),
         Format::Table => println!(
             "cancellation of {} requested (follow it: watch {})",
             clean(&name),
@@ -1026,7 +1026,7 @@ async fn watch(conn: &Conn, args: WatchArgs) -> Result<(), CliError> {
             .into_inner();
         while let Some(event) = stream.message().await? {
             match conn.format {
-                Format::Json => print_json_line(&json(&event)),
+                Format::Json => print_message_line(&event),
                 Format::Table => println!(
                     "{:>4} {} [{:>3}%] {} {} {}",
                     event.sequence,
@@ -1060,7 +1060,7 @@ async fn watch_instance(conn: &Conn, name: &str) -> Result<(), CliError> {
         .into_inner();
     while let Some(change) = stream.message().await? {
         match conn.format {
-            Format::Json => print_json_line(&json(&change)),
+            Format::Json => print_message_line(&change),
             Format::Table => {
                 let instance = change.instance.clone().unwrap_or_default();
                 let state = short(instance.state().as_str_name(), "INSTANCE_STATE_");
@@ -1134,7 +1134,7 @@ async fn finish_operation(
 
 fn print_operation(conn: &Conn, operation: &lro::Operation) {
     if conn.format == Format::Json {
-        print_json(&json(operation));
+        print_message(operation);
         return;
     }
     let m = metadata(operation).unwrap_or_default();
@@ -1169,15 +1169,10 @@ fn print_operation(conn: &Conn, operation: &lro::Operation) {
 
 fn print_instance(conn: &Conn, i: &v1::Instance) {
     if conn.format == Format::Json {
-        print_json(&json(i));
+        print_message(i);
         return;
     }
     let labels: Vec<String> = i.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    let resources: Vec<String> = i
-        .resources
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
     print!(
         "{}",
         fields(&[
@@ -1204,14 +1199,21 @@ fn print_instance(conn: &Conn, i: &v1::Instance) {
             ("created", output::time(i.create_time.as_ref())),
             ("updated", output::time(i.update_time.as_ref())),
             ("etag", i.etag.clone()),
-            ("resources", resources.join("\n            ")),
         ])
     );
+    if !i.resources.is_empty() {
+        let mut table = Table::new(&["RESOURCE", "ID"]);
+        for (kind, id) in &i.resources {
+            table.row(vec![kind.clone(), id.clone()]);
+        }
+        println!();
+        print!("{}", table.render());
+    }
 }
 
 fn print_health(conn: &Conn, report: &v1::HealthReport) {
     if conn.format == Format::Json {
-        print_json(&json(report));
+        print_message(report);
         return;
     }
     print!(
@@ -1244,7 +1246,7 @@ fn print_health(conn: &Conn, report: &v1::HealthReport) {
 
 fn print_usage(conn: &Conn, usage: &v1::ResourceUsage) {
     if conn.format == Format::Json {
-        print_json(&json(usage));
+        print_message(usage);
         return;
     }
     print!(

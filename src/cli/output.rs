@@ -124,30 +124,37 @@ fn pool() -> &'static DescriptorPool {
     })
 }
 
-/// `message` in the protobuf JSON mapping. Any fields (an operation's metadata, response,
-/// error details) are expanded with their `@type`.
-pub fn json<M: prost::Message + prost::Name>(message: &M) -> serde_json::Value {
-    let Some(descriptor) = pool().get_message_by_name(&M::full_name()) else {
-        return serde_json::json!({ "error": format!("no descriptor for {}", M::full_name()) });
-    };
-    match DynamicMessage::decode(descriptor, message.encode_to_vec().as_slice()) {
-        Ok(dynamic) => serde_json::to_value(&dynamic)
-            .unwrap_or_else(|e| serde_json::json!({ "error": format!("cannot render: {e}") })),
-        Err(e) => serde_json::json!({ "error": format!("cannot render: {e}") }),
-    }
+/// `message` as a message of the descriptor pool, for the JSON mapping.
+fn dynamic<M: prost::Message + prost::Name>(message: &M) -> Result<DynamicMessage, String> {
+    let descriptor = pool()
+        .get_message_by_name(&M::full_name())
+        .ok_or_else(|| format!("no descriptor for {}", M::full_name()))?;
+    DynamicMessage::decode(descriptor, message.encode_to_vec().as_slice())
+        .map_err(|e| format!("cannot render {}: {e}", M::full_name()))
 }
 
-/// Prints `value` as pretty JSON on stdout.
-pub fn print_json(value: &serde_json::Value) {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string())
-    );
+/// `message` in the protobuf JSON mapping, in the order of its fields. Any fields (an
+/// operation's metadata, response, error details) are expanded with their `@type`.
+pub fn json_text<M: prost::Message + prost::Name>(message: &M, pretty: bool) -> String {
+    let rendered = dynamic(message).and_then(|dynamic| {
+        if pretty {
+            serde_json::to_string_pretty(&dynamic)
+        } else {
+            serde_json::to_string(&dynamic)
+        }
+        .map_err(|e| format!("cannot render {}: {e}", M::full_name()))
+    });
+    rendered.unwrap_or_else(|error| serde_json::json!({ "error": error }).to_string())
 }
 
-/// Prints `value` as one JSON line (for streams: one object per event).
-pub fn print_json_line(value: &serde_json::Value) {
-    println!("{value}");
+/// Prints `message` as pretty JSON on stdout.
+pub fn print_message<M: prost::Message + prost::Name>(message: &M) {
+    println!("{}", json_text(message, true));
+}
+
+/// Prints `message` as one JSON line (for streams: one object per event).
+pub fn print_message_line<M: prost::Message + prost::Name>(message: &M) {
+    println!("{}", json_text(message, false));
 }
 
 #[cfg(test)]
@@ -181,7 +188,12 @@ mod tests {
             done: true,
             result: None,
         };
-        let value = json(&operation);
+        let text = json_text(&operation, true);
+        assert!(
+            text.starts_with("{\n  \"name\": \"operations/x\""),
+            "field order: {text}"
+        );
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(value["name"], "operations/x");
         assert_eq!(value["done"], true);
         assert_eq!(

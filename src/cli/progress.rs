@@ -125,6 +125,12 @@ impl Progress {
     }
 
     fn event(&mut self, event: &v1::OperationEvent) {
+        // Step events' messages start with the step's name, which the line or bar shows.
+        let message = event
+            .message
+            .strip_prefix(&format!("{}: ", event.step))
+            .filter(|_| !event.step.is_empty())
+            .unwrap_or(&event.message);
         match self.view {
             View::Lines => {
                 let what = if event.step.is_empty() {
@@ -135,18 +141,14 @@ impl Progress {
                 eprintln!(
                     "[{:>3}%] {what}: {}",
                     event.progress_percent.clamp(0, 100),
-                    clean(&event.message)
+                    clean(message)
                 );
             }
             View::Bars { .. } => {
                 if !event.step.is_empty() {
-                    self.step(&event.step, event.step_status(), &event.message);
+                    self.step(&event.step, event.step_status(), message);
                 }
-                let detail = if event.step.is_empty() {
-                    event.message.as_str()
-                } else {
-                    ""
-                };
+                let detail = if event.step.is_empty() { message } else { "" };
                 self.overall(event.progress_percent, event.status(), detail);
             }
         }
