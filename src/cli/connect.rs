@@ -174,5 +174,14 @@ mod tests {
         assert!(bearer(None).unwrap().is_none());
         let error = bearer(Some("bad\ns3cr3t")).unwrap_err().to_string();
         assert!(!error.contains("s3cr3t"), "{error}");
+
+        let mut auth = Auth(bearer(Some("s3cr3t")).unwrap());
+        let request = auth.call(tonic::Request::new(())).unwrap();
+        assert_eq!(
+            request.metadata().get("authorization").unwrap(),
+            "Bearer s3cr3t"
+        );
+        let request = Auth(None).call(tonic::Request::new(())).unwrap();
+        assert!(request.metadata().get("authorization").is_none());
     }
 }

@@ -184,7 +184,11 @@ mod tests {
         };
         let operation = crate::proto::google_longrunning::Operation {
             name: "operations/x".into(),
-            metadata: Some(prost_types::Any::from_msg(&metadata).unwrap()),
+            // Packed as the server packs it.
+            metadata: Some(prost_types::Any {
+                type_url: "type.googleapis.com/bbws.instance.v1.OperationMetadata".into(),
+                value: prost::Message::encode_to_vec(&metadata),
+            }),
             done: true,
             result: None,
         };
