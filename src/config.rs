@@ -111,6 +111,11 @@ pub struct Config {
     pub tail_buffer: usize,
     /// Deliberate faults for tests (`STEP=pause|error|error-after`); never set in production.
     pub failpoints: Vec<String>,
+    /// Browser origins allowed to call the API with gRPC-Web, exactly as browsers send them
+    /// in `Origin`: `scheme://host[:port]`, lower case, no path. A request with any other
+    /// `Origin` is refused (HTTP 403); requests without one (native gRPC, non-browser
+    /// gRPC-Web clients) are unaffected. Empty (the default): no browser may call.
+    pub cors_allowed_origins: Vec<String>,
     pub environments: Vec<EnvironmentConfig>,
 }
 
@@ -156,6 +161,7 @@ impl Default for Config {
             tail_page_events: 500,
             tail_buffer: 8,
             failpoints: Vec::new(),
+            cors_allowed_origins: Vec::new(),
             environments: Vec::new(),
         }
     }
@@ -224,6 +230,10 @@ pub struct ConfigArgs {
     /// Deliberate faults for tests, comma separated (`STEP=pause|error|error-after`).
     #[arg(long, env = "IM_FAILPOINTS", value_delimiter = ',')]
     pub failpoints: Option<Vec<String>>,
+    /// Browser origins allowed to use gRPC-Web, comma separated
+    /// (`https://admin.example.com,http://localhost:8080`); an empty value allows none.
+    #[arg(long, env = "IM_CORS_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub cors_allowed_origins: Option<Vec<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -285,6 +295,14 @@ impl ConfigArgs {
             db_lock_wait_timeout_secs,
             db_statement_timeout_secs
         );
+        if let Some(origins) = &self.cors_allowed_origins {
+            // `IM_CORS_ALLOWED_ORIGINS=` (empty) means none.
+            config.cors_allowed_origins = origins
+                .iter()
+                .map(|origin| origin.trim().to_owned())
+                .filter(|origin| !origin.is_empty())
+                .collect();
+        }
         if let Some(endpoint) = &self.aws_endpoint {
             config.aws_endpoint = Some(endpoint.clone());
         }
@@ -393,6 +411,13 @@ impl Config {
                 "tail settings must satisfy tail_poll_interval_ms >= 1, 1 <= tail_page_events <= 10000, tail_buffer >= 1",
             );
         }
+        for origin in &self.cors_allowed_origins {
+            if let Err(why) = check_origin(origin) {
+                return Err(ConfigError::Invalid(format!(
+                    "cors_allowed_origins: {origin:?} {why}"
+                )));
+            }
+        }
         for (i, env) in self.environments.iter().enumerate() {
             if self.environments[..i].iter().any(|e| e.name == env.name) {
                 return Err(ConfigError::Invalid(format!(
@@ -458,6 +483,36 @@ impl Config {
             .unwrap_or_else(|_| "replica".into());
         format!("{host}-{}", std::process::id())
     }
+}
+
+/// Whether `origin` is one a browser can send in `Origin`: `http(s)://host[:port]`, lower
+/// case (browsers serialise origins so, and they are compared byte for byte), nothing after.
+fn check_origin(origin: &str) -> Result<(), &'static str> {
+    let Some(rest) = origin
+        .strip_prefix("https://")
+        .or_else(|| origin.strip_prefix("http://"))
+    else {
+        return Err("must start with https:// or http://");
+    };
+    if rest.is_empty() || rest.starts_with(':') {
+        return Err("has no host");
+    }
+    if rest.contains(['/', '?', '#', '@']) {
+        return Err("must be scheme://host[:port] with no path, query or user (no trailing /)");
+    }
+    if !rest
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-.:[]".contains(c))
+    {
+        return Err("may hold only lower-case letters, digits, '-', '.', ':' and brackets");
+    }
+    if let Some((_, port)) = rest.rsplit_once(':')
+        && !rest.ends_with(']')
+        && port.parse::<u16>().is_err()
+    {
+        return Err("has an invalid port");
+    }
+    Ok(())
 }
 
 impl From<&Config> for CloudSettings {
@@ -705,6 +760,59 @@ mod tests {
             ..ConfigArgs::default()
         };
         assert!(args.load().is_ok());
+    }
+
+    #[test]
+    fn cors_origins_layer_and_are_validated() {
+        assert!(Config::default().cors_allowed_origins.is_empty());
+        let config: Config = toml::from_str(
+            "cors_allowed_origins = [\"https://admin.example.com\", \"http://localhost:8080\"]\n",
+        )
+        .unwrap();
+        assert!(config.validate().is_ok());
+        assert_eq!(config.cors_allowed_origins.len(), 2);
+        let flag = ConfigArgs {
+            cors_allowed_origins: Some(vec!["http://127.0.0.1:3000".into(), " ".into()]),
+            ..ConfigArgs::default()
+        };
+        assert_eq!(
+            flag.load().unwrap().cors_allowed_origins,
+            ["http://127.0.0.1:3000"]
+        );
+        let none = ConfigArgs {
+            cors_allowed_origins: Some(vec![String::new()]),
+            ..ConfigArgs::default()
+        };
+        assert!(none.load().unwrap().cors_allowed_origins.is_empty());
+        for good in [
+            "https://a.example",
+            "http://[::1]:8080",
+            "http://localhost:1",
+        ] {
+            assert!(check_origin(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "*",
+            "admin.example.com",
+            "https://",
+            "https://admin.example.com/",
+            "https://Admin.example.com",
+            "https://a.example:99999",
+            "https://a.example:x",
+            "ftp://a.example",
+            "https://a.example/path",
+            "https://user@a.example",
+            "https://a b",
+        ] {
+            let args = ConfigArgs {
+                cors_allowed_origins: Some(vec![bad.into()]),
+                ..ConfigArgs::default()
+            };
+            assert!(
+                matches!(args.load(), Err(ConfigError::Invalid(ref m)) if m.contains("cors_allowed_origins")),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

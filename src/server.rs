@@ -1,6 +1,6 @@
 //! Server wiring: the API services, `grpc.health.v1`, reflection (v1 and v1alpha, since
-//! grpcurl 1.8 speaks only v1alpha), a span per RPC carrying a request id, and graceful
-//! shutdown.
+//! grpcurl 1.8 speaks only v1alpha), gRPC-Web for browsers on the same port (with a CORS
+//! allow-list of origins), a span per RPC carrying a request id, and graceful shutdown.
 
 use std::time::Duration;
 
@@ -82,13 +82,29 @@ fn rpc_span(request: &http::Request<()>) -> tracing::Span {
     tracing::info_span!("rpc", method = %request.uri().path(), %request_id)
 }
 
-/// Serves until `shutdown` is cancelled. Health turns NOT_SERVING at once; in-flight calls
-/// and open streams then get `grace` to finish before the server stops regardless.
+/// Serves until `shutdown` is cancelled, with gRPC-Web open to no browser origin (see
+/// [`serve_with`]).
 pub async fn serve(
     api: Api,
     listener: TcpListener,
     shutdown: CancellationToken,
     grace: Duration,
+) -> Result<(), ServeError> {
+    serve_with(api, listener, shutdown, grace, &WebSettings::default()).await
+}
+
+/// Serves until `shutdown` is cancelled. Health turns NOT_SERVING at once; in-flight calls
+/// and open streams then get `grace` to finish before the server stops regardless.
+///
+/// The port speaks native gRPC (HTTP/2) and gRPC-Web (HTTP/1.1 or HTTP/2,
+/// `application/grpc-web[-text][+proto]`), so the Admin Portal's browsers call the same
+/// services as every other client.
+pub async fn serve_with(
+    api: Api,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    grace: Duration,
+    web: &WebSettings,
 ) -> Result<(), ServeError> {
     let (reporter, health_service) = tonic_health::server::health_reporter();
     set_health(&reporter, ServingStatus::NotServing).await;
@@ -122,7 +138,15 @@ pub async fn serve(
     };
     let max_request_bytes = api.settings.max_request_bytes;
     let server = Server::builder()
+        // gRPC-Web from browsers comes over HTTP/1.1 as well as HTTP/2.
+        .accept_http1(true)
         .trace_fn(rpc_span)
+        // Outermost: a browser origin that is not allowed gets 403 before anything runs,
+        // then CORS answers preflights and marks responses for the allowed ones, then
+        // gRPC-Web is translated to gRPC for everything inside.
+        .layer(OriginGateLayer::new(web.allowed_origins.clone()))
+        .layer(cors_layer(&web.allowed_origins))
+        .layer(tonic_web::GrpcWebLayer::new())
         // Statuses tonic answers before a handler runs (too large, undecodable, unknown
         // method) get ErrorInfo like every other error.
         .layer(tower::util::MapResponseLayer::new(
@@ -153,6 +177,119 @@ pub async fn serve(
     }
     tracing::info!("server stopped");
     Ok(())
+}
+
+/// Browser access (gRPC-Web) settings of the server.
+#[derive(Debug, Clone, Default)]
+pub struct WebSettings {
+    /// Origins (`scheme://host[:port]`) whose pages may call the API. A request carrying an
+    /// `Origin` header that is not listed is refused with HTTP 403; requests without one
+    /// (native gRPC clients, gRPC-Web from non-browser programs) are not affected.
+    pub allowed_origins: Vec<http::HeaderValue>,
+}
+
+impl WebSettings {
+    /// From the configuration's `cors_allowed_origins` (validated by `Config::validate`).
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            allowed_origins: config
+                .cors_allowed_origins
+                .iter()
+                .filter_map(|origin| http::HeaderValue::from_str(origin).ok())
+                .collect(),
+        }
+    }
+}
+
+/// Request headers a gRPC-Web client sends (asked for in a preflight).
+const GRPC_WEB_REQUEST_HEADERS: [&str; 7] = [
+    "content-type",
+    "x-grpc-web",
+    "x-user-agent",
+    "grpc-timeout",
+    "grpc-accept-encoding",
+    "authorization",
+    "x-request-id",
+];
+
+/// Response headers a browser script must be allowed to read: the status travels in them
+/// when the response has no body (trailers-only).
+const GRPC_WEB_EXPOSED_HEADERS: [&str; 3] =
+    ["grpc-status", "grpc-message", "grpc-status-details-bin"];
+
+fn cors_layer(allowed: &[http::HeaderValue]) -> tower_http::cors::CorsLayer {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::list(allowed.iter().cloned()))
+        .allow_methods([http::Method::POST])
+        .allow_headers(GRPC_WEB_REQUEST_HEADERS.map(http::HeaderName::from_static))
+        .expose_headers(GRPC_WEB_EXPOSED_HEADERS.map(http::HeaderName::from_static))
+        // Browsers cap the preflight cache (Chromium at 2 h).
+        .max_age(Duration::from_secs(2 * 60 * 60))
+}
+
+/// Refuses (HTTP 403, nothing run) a request whose `Origin` is not in the allow-list. CORS
+/// alone only keeps a browser from reading the answer; this also keeps a page of another
+/// origin from starting a mutating call at all.
+#[derive(Debug, Clone)]
+struct OriginGateLayer {
+    allowed: Arc<[http::HeaderValue]>,
+}
+
+impl OriginGateLayer {
+    fn new(allowed: Vec<http::HeaderValue>) -> Self {
+        Self {
+            allowed: allowed.into(),
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for OriginGateLayer {
+    type Service = OriginGate<S>;
+    fn layer(&self, inner: S) -> OriginGate<S> {
+        OriginGate {
+            inner,
+            allowed: self.allowed.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct OriginGate<S> {
+    inner: S,
+    allowed: Arc<[http::HeaderValue]>,
+}
+
+impl<S, B, ResBody> tower::Service<http::Request<B>> for OriginGate<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<ResBody>>,
+    ResBody: Default,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future =
+        futures::future::Either<futures::future::Ready<Result<S::Response, S::Error>>, S::Future>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if let Some(origin) = request.headers().get(http::header::ORIGIN)
+            && !self.allowed.contains(origin)
+        {
+            let shown =
+                crate::api::error::bounded(&String::from_utf8_lossy(origin.as_bytes()), 256);
+            tracing::info!(origin = %shown, path = %request.uri().path(), "refused: origin not allowed");
+            let mut response = http::Response::new(ResBody::default());
+            *response.status_mut() = http::StatusCode::FORBIDDEN;
+            return futures::future::Either::Left(futures::future::ready(Ok(response)));
+        }
+        futures::future::Either::Right(self.inner.call(request))
+    }
 }
 
 /// Everything a replica runs, from its configuration: the state store, the environments'
@@ -254,7 +391,14 @@ pub async fn run(
             .run(shutdown.clone())
             .instrument(tracing::info_span!("engine")),
     );
-    serve(api, listener, shutdown, grace).await?;
+    serve_with(
+        api,
+        listener,
+        shutdown,
+        grace,
+        &WebSettings::from_config(config),
+    )
+    .await?;
     if tokio::time::timeout(grace, engine_task).await.is_err() {
         tracing::warn!("workflow engine did not stop within the grace period");
     }

@@ -1,4 +1,11 @@
-//! Command line: `serve`, `bootstrap` (and, later, client subcommands).
+//! Command line: `serve`, `bootstrap`, and the client subcommands (`create`, `get`,
+//! `list`, ..., one per RPC; see `client`), all in the one binary.
+
+mod client;
+mod connect;
+mod output;
+mod progress;
+mod report;
 
 use std::process::ExitCode;
 
@@ -39,10 +46,20 @@ enum Command {
         #[command(flatten)]
         args: BootstrapArgs,
     },
+    #[command(flatten)]
+    Client(client::ClientCommand),
 }
 
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            let usage = error.use_stderr();
+            let _ = error.print();
+            // `--help` and `--version` are not errors.
+            return ExitCode::from(if usage { report::EXIT_USAGE } else { 0 });
+        }
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -50,7 +67,16 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    runtime.block_on(run(cli.command))
+}
+
+async fn run(command: Command) -> ExitCode {
+    let outcome = match command {
+        // Client commands print their own errors and choose their exit codes.
+        Command::Client(command) => return client::run(command).await,
+        command => serve_or_bootstrap(command).await,
+    };
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
@@ -59,8 +85,8 @@ pub fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
+async fn serve_or_bootstrap(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Serve {
             config,
             dump_config,
@@ -73,6 +99,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             serve(config).await
         }
         Command::Bootstrap { config, args } => bootstrap(config.load()?, args).await,
+        Command::Client(_) => anyhow::bail!("not a server command"),
     }
 }
 

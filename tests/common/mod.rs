@@ -299,7 +299,18 @@ fn read_lossy(path: &Path) -> String {
 
 /// Variables the binary reads as defaults for its flags: removed from child
 /// environments so that a developer's shell cannot change a test.
-const BIN_ENV_VARS: &[&str] = &["IM_AWS_ENDPOINT", "IM_TABLE", "IM_LISTEN"];
+const BIN_ENV_VARS: &[&str] = &[
+    "IM_AWS_ENDPOINT",
+    "IM_TABLE",
+    "IM_LISTEN",
+    "IM_CORS_ALLOWED_ORIGINS",
+    // The client subcommands' settings.
+    "IM_SERVER",
+    "IM_TOKEN",
+    "IM_OUTPUT",
+    "IM_CA_FILE",
+    "IM_TIMEOUT_SECS",
+];
 
 /// AWS variables that could point a child at real AWS or another identity.
 const AWS_ENV_VARS_REMOVED: &[&str] = &[
@@ -328,8 +339,8 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Spawn the binary with `args`. The child gets the AWS test env (region,
     /// credentials; no profile, session token or AWS_ENDPOINT_URL), then
-    /// `envs` on top; `IM_AWS_ENDPOINT`, `IM_TABLE` and `IM_LISTEN` are
-    /// cleared unless given in `envs`.
+    /// `envs` on top; `IM_AWS_ENDPOINT`, `IM_TABLE`, `IM_LISTEN` and the client
+    /// settings (`IM_SERVER`, `IM_TOKEN`, ...) are cleared unless given in `envs`.
     pub fn spawn<I, S>(args: I, envs: &[(&str, &str)]) -> Self
     where
         I: IntoIterator<Item = S>,
