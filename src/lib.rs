@@ -12,6 +12,7 @@ pub mod domain;
 pub mod health;
 pub mod metrics;
 pub mod proto;
+pub mod retention;
 pub mod server;
 pub mod store;
 pub mod telemetry;
