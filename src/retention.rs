@@ -162,8 +162,10 @@ pub async fn delete_backup(
 pub struct SweepReport {
     /// Backups this replica removed.
     pub deleted: usize,
-    /// Expired backups left alone: still being written, or handled by another replica.
+    /// Expired CREATING backups left alone: their operation still runs.
     pub skipped: usize,
+    /// Backups another replica was removing at the same time (or had removed).
+    pub raced: usize,
     /// Removals that failed (logged; retried on the next pass).
     pub failed: usize,
 }
@@ -210,8 +212,9 @@ impl Sweeper {
             .is_some_and(|operation| !operation.status.is_done()))
     }
 
-    /// One pass over the backups expired at `now`: batch after batch while a whole batch
-    /// was removed (more may be waiting), at most until a batch leaves something behind.
+    /// One pass over the backups expired at `now`: batch after batch while batches come
+    /// back full (more may be waiting) and someone (this replica or another) made progress
+    /// on the last one; a full batch of backups that cannot go now ends the pass.
     pub async fn sweep_once(&self, now: Timestamp) -> SweepReport {
         let mut report = SweepReport::default();
         let mut clouds: HashMap<Environment, CloudEnv> = HashMap::new();
@@ -229,9 +232,8 @@ impl Sweeper {
             for backup in expired {
                 self.sweep_one(backup, now, &mut clouds, &mut report).await;
             }
-            // Go on only while every backup of a full batch went: whatever was left
-            // behind would come back first in the next query.
-            if !full || report.deleted - before.deleted < self.batch {
+            let progress = report.deleted - before.deleted + report.raced - before.raced;
+            if !full || progress == 0 {
                 return report;
             }
         }
@@ -281,7 +283,7 @@ impl Sweeper {
                 );
                 tracing::info!(backup = %name, "expired backup removed");
             }
-            Ok(DeleteOutcome::AlreadyGone | DeleteOutcome::Changed) => report.skipped += 1,
+            Ok(DeleteOutcome::AlreadyGone | DeleteOutcome::Changed) => report.raced += 1,
             Err(error) => {
                 report.failed += 1;
                 self.metrics.increment(
@@ -305,6 +307,7 @@ impl Sweeper {
                 tracing::info!(
                     deleted = report.deleted,
                     skipped = report.skipped,
+                    raced = report.raced,
                     failed = report.failed,
                     "retention sweep"
                 );
