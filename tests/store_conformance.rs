@@ -1692,7 +1692,7 @@ async fn expired_ids(store: &dyn StateStore, now: i64, limit: usize) -> Vec<Stri
 
 async fn expired_backups_oldest_first(store: &dyn StateStore) {
     const NOW: i64 = 1_700_000_000_000;
-    let all = vec![
+    let all = [
         backup("acme", "wp", "e-a", 1_000, NOW - 10_000),
         backup("acme", "wp2", "e-b", 1_000, NOW - 20_000),
         backup("beta", "wp", "e-c", 1_000, NOW), // expires exactly now: expired
@@ -1769,7 +1769,7 @@ async fn backups_and_instances_share_the_tenant_partition(store: &dyn StateStore
         instance("acme", "wp", Prod, InstanceState::Active),
         instance("acme", "zz", Dev, InstanceState::Deprovisioned),
     ];
-    let backups = vec![
+    let backups = [
         backup("acme", "a", "bk-1", 1_000, 50_000),
         backup("acme", "wp", "bk-1", 2_000, 50_000),
         backup("acme", "wp", "bk-2", 3_000, 50_000),
