@@ -79,6 +79,10 @@ pub struct Config {
     /// How long the new tasks of a scale or update may take to be steady and healthy
     /// before the rollout is rolled back (the operation ends FAILED).
     pub rollout_timeout_secs: u64,
+    /// How long a backup is kept before the retention sweeper removes it (1..=3650).
+    pub backup_retention_days: u32,
+    /// How often each replica looks for expired backups to remove.
+    pub backup_sweep_interval_secs: u64,
     /// AWS SDK: time to establish a connection.
     pub aws_connect_timeout_secs: u64,
     /// AWS SDK: time for one attempt of a call (request and response); the SDK retries a
@@ -148,6 +152,8 @@ impl Default for Config {
             provision_deadline_secs: 30 * 60,
             deprovision_deadline_secs: 20 * 60,
             rollout_timeout_secs: 15 * 60,
+            backup_retention_days: 90,
+            backup_sweep_interval_secs: 60 * 60,
             aws_connect_timeout_secs: 5,
             aws_attempt_timeout_secs: 30,
             aws_operation_timeout_secs: 120,
@@ -215,6 +221,10 @@ pub struct ConfigArgs {
     pub deprovision_deadline_secs: Option<u64>,
     #[arg(long, env = "IM_ROLLOUT_TIMEOUT_SECS")]
     pub rollout_timeout_secs: Option<u64>,
+    #[arg(long, env = "IM_BACKUP_RETENTION_DAYS")]
+    pub backup_retention_days: Option<u32>,
+    #[arg(long, env = "IM_BACKUP_SWEEP_INTERVAL_SECS")]
+    pub backup_sweep_interval_secs: Option<u64>,
     #[arg(long, env = "IM_AWS_CONNECT_TIMEOUT_SECS")]
     pub aws_connect_timeout_secs: Option<u64>,
     #[arg(long, env = "IM_AWS_ATTEMPT_TIMEOUT_SECS")]
@@ -287,6 +297,7 @@ impl ConfigArgs {
             deprovision_deadline_secs,
             rollout_timeout_secs
         );
+        overlay!(backup_retention_days, backup_sweep_interval_secs);
         overlay!(
             aws_connect_timeout_secs,
             aws_attempt_timeout_secs,
@@ -348,6 +359,12 @@ impl Config {
         // scale or update.
         if self.rollout_timeout_secs == 0 || self.rollout_timeout_secs > 25 * 60 {
             return invalid("rollout_timeout_secs must be between 1 and 1500");
+        }
+        if !(1..=3650).contains(&self.backup_retention_days) {
+            return invalid("backup_retention_days must be between 1 and 3650");
+        }
+        if self.backup_sweep_interval_secs == 0 {
+            return invalid("backup_sweep_interval_secs must be positive");
         }
         for environment in &self.environments {
             if let Some(bounds) = environment.scale_bounds
@@ -605,6 +622,71 @@ mod tests {
         assert_eq!(config.role_refresh_margin_secs, 120);
         assert_eq!(config.metrics_listen, Some("0.0.0.0:9090".parse().unwrap()));
         assert_eq!(Config::default().metrics_listen, None);
+    }
+
+    #[test]
+    fn backup_retention_and_sweep_interval() {
+        let defaults = Config::default();
+        assert_eq!(defaults.backup_retention_days, 90);
+        assert_eq!(defaults.backup_sweep_interval_secs, 3600);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("im.toml");
+        std::fs::write(
+            &path,
+            "backup_retention_days = 30\nbackup_sweep_interval_secs = 600\n",
+        )
+        .unwrap();
+        let file = ConfigArgs {
+            config: Some(path.clone()),
+            ..ConfigArgs::default()
+        };
+        let config = file.load().unwrap();
+        assert_eq!(
+            (
+                config.backup_retention_days,
+                config.backup_sweep_interval_secs
+            ),
+            (30, 600)
+        );
+        // Flags (and their IM_* variables) win over the file, and show in --dump-config.
+        let flags = ConfigArgs {
+            config: Some(path),
+            backup_retention_days: Some(7),
+            backup_sweep_interval_secs: Some(5),
+            ..ConfigArgs::default()
+        };
+        let config = flags.load().unwrap();
+        assert_eq!(
+            (
+                config.backup_retention_days,
+                config.backup_sweep_interval_secs
+            ),
+            (7, 5)
+        );
+        let dumped = config.redacted_toml();
+        assert!(dumped.contains("backup_retention_days = 7"), "{dumped}");
+        assert!(
+            dumped.contains("backup_sweep_interval_secs = 5"),
+            "{dumped}"
+        );
+        for (days, interval) in [(0, 60), (3651, 60), (90, 0)] {
+            let args = ConfigArgs {
+                backup_retention_days: Some(days),
+                backup_sweep_interval_secs: Some(interval),
+                ..ConfigArgs::default()
+            };
+            assert!(
+                matches!(args.load(), Err(ConfigError::Invalid(m)) if m.contains("backup_")),
+                "{days} {interval}"
+            );
+        }
+        for days in [1, 3650] {
+            let args = ConfigArgs {
+                backup_retention_days: Some(days),
+                ..ConfigArgs::default()
+            };
+            assert_eq!(args.load().unwrap().backup_retention_days, days);
+        }
     }
 
     #[test]

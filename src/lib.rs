@@ -13,6 +13,7 @@ pub mod health;
 pub mod logs;
 pub mod metrics;
 pub mod proto;
+pub mod retention;
 pub mod server;
 pub mod store;
 pub mod telemetry;

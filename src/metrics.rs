@@ -27,6 +27,8 @@ pub const OPERATIONS_CLAIMED: &str = "im_operations_claimed_total";
 pub const OPERATIONS_FINISHED: &str = "im_operations_finished_total";
 pub const OPERATIONS_STUCK: &str = "im_operations_stuck_total";
 pub const STEP_RETRIES: &str = "im_step_retries_total";
+pub const BACKUPS_SWEPT: &str = "im_backups_swept_total";
+pub const BACKUP_SWEEP_FAILURES: &str = "im_backup_sweep_failures_total";
 
 fn help(name: &str) -> &'static str {
     match name {
@@ -37,6 +39,10 @@ fn help(name: &str) -> &'static str {
         }
         STEP_RETRIES => {
             "Step attempts retried after a transient error (throttling, 5xx, timeouts)."
+        }
+        BACKUPS_SWEPT => "Expired backups this replica removed (objects and record).",
+        BACKUP_SWEEP_FAILURES => {
+            "Expired backups this replica failed to remove (retried on the next sweep)."
         }
         _ => "",
     }

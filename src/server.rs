@@ -353,7 +353,9 @@ pub async fn run(
                 .filter_map(|env| env.scale_bounds.map(|bounds| (env.name, bounds)))
                 .collect(),
             rollout_timeout: Duration::from_secs(config.rollout_timeout_secs),
-            backup_retention: ApiSettings::default().backup_retention,
+            backup_retention: Duration::from_secs(
+                u64::from(config.backup_retention_days) * 24 * 60 * 60,
+            ),
             health: crate::health::HealthSettings::from_config(config),
             logs: crate::logs::LogSettings::from_config(config),
         },
@@ -385,6 +387,18 @@ pub async fn run(
                 tracing::error!(%error, "metrics endpoint stopped");
             }
         });
+    }
+    if !config.environments.is_empty() {
+        let sweeper =
+            crate::retention::Sweeper::new(api.store.clone(), accounts.clone(), engine.metrics());
+        tokio::spawn(
+            sweeper
+                .run(
+                    Duration::from_secs(config.backup_sweep_interval_secs),
+                    shutdown.clone(),
+                )
+                .instrument(tracing::info_span!("retention")),
+        );
     }
     let engine_task = tokio::spawn(
         engine

@@ -9,12 +9,12 @@ use std::collections::BTreeMap;
 
 use instance_manager::domain::operation::Lease;
 use instance_manager::domain::{
-    Environment, Instance, InstanceId, InstanceName, InstanceSpec, InstanceState, Operation,
-    OperationEvent, OperationId, OperationStatus, RequestId, Step, StepStatus, TenantId, Tier,
-    Timestamp, Verb,
+    Backup, BackupId, BackupName, BackupOrigin, BackupState, Environment, Instance, InstanceId,
+    InstanceName, InstanceSpec, InstanceState, Operation, OperationEvent, OperationId,
+    OperationStatus, RequestId, Step, StepStatus, TenantId, Tier, Timestamp, Verb,
 };
 use instance_manager::store::{
-    DynamoStore, Guard, InstanceCursor, InstanceQuery, MemoryStore, OperationCursor,
+    BackupCursor, DynamoStore, Guard, InstanceCursor, InstanceQuery, MemoryStore, OperationCursor,
     OperationQuery, PriorityClaim, RequestRecord, StateStore, StoreError, StoreResult, Write,
     WriteKind,
 };
@@ -49,6 +49,10 @@ macro_rules! conformance_tests {
             operation_listing_newest_first,
             runnable_operations,
             listener_priorities_are_exclusive,
+            backups_are_versioned,
+            backup_listing_newest_first,
+            expired_backups_oldest_first,
+            backups_and_instances_share_the_tenant_partition,
         );
     };
     (@expand $store:ident, $make:path, $($test:ident),* $(,)?) => {
@@ -1387,5 +1391,431 @@ async fn listener_priorities_are_exclusive(store: &dyn StateStore) {
             (10, "d".to_owned()),
             (100, "c".to_owned())
         ]
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Backups
+
+fn backup_name(tenant_id: &str, instance: &str, backup: &str) -> BackupName {
+    BackupName::new(name(tenant_id, instance), BackupId::parse(backup).unwrap())
+}
+
+fn backup(tenant_id: &str, instance: &str, id: &str, created_at: i64, expire_at: i64) -> Backup {
+    let name = backup_name(tenant_id, instance, id);
+    let prefix = Backup::key_prefix(Environment::Dev, &name);
+    Backup {
+        environment: Environment::Dev,
+        description: format!("backup {id}"),
+        labels: BTreeMap::from([("kind".to_owned(), "nightly".to_owned())]),
+        state: BackupState::Ready,
+        origin: BackupOrigin::Requested,
+        operation: op_id("op-backup"),
+        created_at: Timestamp(created_at),
+        expire_at: Timestamp(expire_at),
+        updated_at: Timestamp(created_at),
+        location: format!("s3://archive/{prefix}"),
+        database_uri: Some(format!("s3://archive/{prefix}database.sql.gz")),
+        content_uri: None,
+        manifest_uri: Some(format!("s3://archive/{prefix}manifest.json")),
+        size_bytes: 1_234_567,
+        failure_reason: None,
+        version: 0,
+        name,
+    }
+}
+
+async fn backups_are_versioned(store: &dyn StateStore) {
+    let key = backup_name("acme", "wp", "bk-1");
+    assert_eq!(store.get_backup(&key).await.unwrap(), None);
+
+    // The version passed on create is ignored: the store writes 1.
+    let original = with_version(&backup("acme", "wp", "bk-1", 1_000, 9_000), |b| {
+        b.version = 7;
+        b.state = BackupState::Creating;
+    });
+    commit(store, vec![Write::CreateBackup(original.clone())]).await;
+    let stored = store.get_backup(&key).await.unwrap().expect("created");
+    assert_eq!(stored, with_version(&original, |b| b.version = 1));
+
+    // Created twice: a conflict, the first one stays.
+    let again = with_version(&original, |b| b.description = "other".to_owned());
+    assert_conflict(
+        store.commit(vec![Write::CreateBackup(again)]).await,
+        0,
+        WriteKind::CreateBackup,
+    );
+    assert_eq!(store.get_backup(&key).await.unwrap().unwrap(), stored);
+
+    let ready = with_version(&stored, |b| {
+        b.state = BackupState::Ready;
+        b.size_bytes = 42;
+    });
+    commit(store, vec![Write::UpdateBackup(ready.clone())]).await;
+    let second = store.get_backup(&key).await.unwrap().unwrap();
+    assert_eq!(second, with_version(&ready, |b| b.version = 2));
+
+    // Stale (1) and future (5) versions, and a missing backup, change nothing.
+    for version in [1, 5] {
+        let stale = with_version(&second, |b| {
+            b.version = version;
+            b.state = BackupState::Deleting;
+        });
+        assert_conflict(
+            store.commit(vec![Write::UpdateBackup(stale.clone())]).await,
+            0,
+            WriteKind::UpdateBackup,
+        );
+        assert_conflict(
+            store.commit(vec![Write::DeleteBackup(stale)]).await,
+            0,
+            WriteKind::DeleteBackup,
+        );
+    }
+    let missing = with_version(&backup("acme", "wp", "bk-none", 1_000, 9_000), |b| {
+        b.version = 1;
+    });
+    assert_conflict(
+        store
+            .commit(vec![Write::UpdateBackup(missing.clone())])
+            .await,
+        0,
+        WriteKind::UpdateBackup,
+    );
+    assert_conflict(
+        store.commit(vec![Write::DeleteBackup(missing)]).await,
+        0,
+        WriteKind::DeleteBackup,
+    );
+    assert_eq!(store.get_backup(&key).await.unwrap().unwrap(), second);
+    assert_eq!(
+        store
+            .get_backup(&backup_name("acme", "wp", "bk-none"))
+            .await
+            .unwrap(),
+        None
+    );
+
+    // In a batch with other records: all or nothing (a CreateBackup writes no backup when
+    // the instance's update fails, as CreateBackup's transaction relies on).
+    let wp = instance("acme", "wp", Environment::Dev, InstanceState::Active);
+    commit(store, vec![Write::CreateInstance(wp.clone())]).await;
+    let stale_instance = with_version(&wp, |i| i.version = 9);
+    let next = backup("acme", "wp", "bk-2", 2_000, 9_000);
+    assert_conflict(
+        store
+            .commit(vec![
+                Write::CreateBackup(next.clone()),
+                Write::UpdateInstance(stale_instance),
+            ])
+            .await,
+        1,
+        WriteKind::UpdateInstance,
+    );
+    assert_eq!(store.get_backup(&next.name).await.unwrap(), None);
+    let current_instance = with_version(&wp, |i| i.version = 1);
+    commit(
+        store,
+        vec![
+            Write::CreateBackup(next.clone()),
+            Write::UpdateInstance(current_instance),
+        ],
+    )
+    .await;
+    assert_eq!(
+        store
+            .get_backup(&next.name)
+            .await
+            .unwrap()
+            .map(|b| b.version),
+        Some(1)
+    );
+
+    // Deleted with the current version: gone, and a second delete is a conflict.
+    commit(store, vec![Write::DeleteBackup(second.clone())]).await;
+    assert_eq!(store.get_backup(&key).await.unwrap(), None);
+    assert_conflict(
+        store.commit(vec![Write::DeleteBackup(second)]).await,
+        0,
+        WriteKind::DeleteBackup,
+    );
+    // The name can be used again, from version 1.
+    commit(store, vec![Write::CreateBackup(original.clone())]).await;
+    assert_eq!(store.get_backup(&key).await.unwrap().unwrap().version, 1);
+}
+
+/// Follows `next` from the first page to the end, checking the page invariants.
+async fn page_through_backups(
+    store: &dyn StateStore,
+    instance: &InstanceName,
+    limit: usize,
+) -> (Vec<Backup>, usize) {
+    let mut seen = Vec::new();
+    let mut after: Option<BackupCursor> = None;
+    for pages in 1..=100 {
+        let page = store
+            .list_backups(instance, after.as_ref(), limit)
+            .await
+            .unwrap();
+        assert!(
+            page.items.len() <= limit,
+            "{instance} limit {limit}: page too long"
+        );
+        seen.extend(page.items.iter().cloned());
+        match page.next {
+            None => return (seen, pages),
+            Some(next) => {
+                assert_eq!(page.items.len(), limit, "{instance}: short page with next");
+                let last = page.items.last().unwrap();
+                assert_eq!(
+                    next,
+                    BackupCursor {
+                        created_at: last.created_at,
+                        backup: last.name.backup.clone(),
+                    },
+                    "next names the last item"
+                );
+                after = Some(next);
+            }
+        }
+    }
+    panic!("{instance}: more than 100 pages");
+}
+
+async fn backup_listing_newest_first(store: &dyn StateStore) {
+    // bk-b and bk-c share an instant (then ordered by id, descending); 99_999 < 100_000
+    // checks that instants compare as numbers; bk < bk-1 < bk1 that ids compare as
+    // strings, not joined with their instant.
+    let ours = vec![
+        backup("acme", "wp", "bk-a", 1_000, 50_000),
+        backup("acme", "wp", "bk-b", 2_000, 50_000),
+        backup("acme", "wp", "bk-c", 2_000, 50_000),
+        backup("acme", "wp", "bk-d", 3_000, 50_000),
+        backup("acme", "wp", "bk-e", 99_999, 50_000),
+        backup("acme", "wp", "bk-f", 100_000, 50_000),
+        backup("acme", "wp", "bk", 500, 50_000),
+        backup("acme", "wp", "bk-1", 500, 50_000),
+        backup("acme", "wp", "bk1", 500, 50_000),
+    ];
+    // Neighbours that must never show up: a sibling instance of the tenant (also one
+    // whose id extends ours), the same instance id in another tenant, and a tenant whose
+    // id extends ours.
+    let others = vec![
+        backup("acme", "wp2", "bk-a", 1_500, 50_000),
+        backup("acme", "wp-1", "bk-z", 2_500, 50_000),
+        backup("beta", "wp", "bk-a", 1_000, 50_000),
+        backup("acme-2", "wp", "bk-q", 4_000, 50_000),
+    ];
+    commit(
+        store,
+        ours.iter()
+            .chain(&others)
+            .cloned()
+            .map(Write::CreateBackup)
+            .collect(),
+    )
+    .await;
+    let wp = name("acme", "wp");
+    let expected = [
+        "bk-f", "bk-e", "bk-d", "bk-c", "bk-b", "bk-a", "bk1", "bk-1", "bk",
+    ];
+    // 4 pages of 2 and a last of 1; 3 pages of 3 exactly (no empty trailing page); one
+    // page holding everything.
+    for (limit, pages) in [(2, 5), (3, 3), (9, 1), (50, 1)] {
+        let (seen, count) = page_through_backups(store, &wp, limit).await;
+        let ids: Vec<String> = seen.iter().map(|b| b.name.backup.to_string()).collect();
+        assert_eq!(ids, expected, "limit {limit}");
+        assert_eq!(count, pages, "limit {limit}: pages");
+        for backup in &seen {
+            let original = ours.iter().find(|b| b.name == backup.name).unwrap();
+            assert_eq!(backup, &with_version(original, |b| b.version = 1));
+        }
+    }
+    // A cursor that names no stored backup still positions the page.
+    let after = BackupCursor {
+        created_at: Timestamp(2_000),
+        backup: BackupId::parse("bk-bb").unwrap(),
+    };
+    let page = store.list_backups(&wp, Some(&after), 10).await.unwrap();
+    let ids: Vec<String> = page
+        .items
+        .iter()
+        .map(|b| b.name.backup.to_string())
+        .collect();
+    assert_eq!(ids, ["bk-b", "bk-a", "bk1", "bk-1", "bk"]);
+    assert!(page.next.is_none());
+
+    // The neighbours list only their own.
+    let sibling = store
+        .list_backups(&name("acme", "wp2"), None, 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        sibling.items,
+        vec![with_version(&others[0], |b| b.version = 1)]
+    );
+    let other_tenant = store
+        .list_backups(&name("beta", "wp"), None, 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        other_tenant.items,
+        vec![with_version(&others[2], |b| b.version = 1)]
+    );
+    let none = store
+        .list_backups(&name("acme", "nope"), None, 10)
+        .await
+        .unwrap();
+    assert!(none.items.is_empty() && none.next.is_none());
+
+    // A deleted backup leaves the listing.
+    let stored_c = store
+        .get_backup(&backup_name("acme", "wp", "bk-c"))
+        .await
+        .unwrap()
+        .unwrap();
+    commit(store, vec![Write::DeleteBackup(stored_c)]).await;
+    let (seen, _) = page_through_backups(store, &wp, 4).await;
+    assert_eq!(seen.len(), expected.len() - 1);
+    assert!(seen.iter().all(|b| b.name.backup.as_str() != "bk-c"));
+}
+
+async fn expired_ids(store: &dyn StateStore, now: i64, limit: usize) -> Vec<String> {
+    store
+        .expired_backups(Timestamp(now), limit)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|b| format!("{}/{}", b.name.instance.tenant, b.name.backup))
+        .collect()
+}
+
+async fn expired_backups_oldest_first(store: &dyn StateStore) {
+    const NOW: i64 = 1_700_000_000_000;
+    let all = [
+        backup("acme", "wp", "e-a", 1_000, NOW - 10_000),
+        backup("acme", "wp2", "e-b", 1_000, NOW - 20_000),
+        backup("beta", "wp", "e-c", 1_000, NOW), // expires exactly now: expired
+        backup("beta", "x", "e-d", 1_000, NOW + 1), // not yet
+        backup("acme", "wp", "e-e", 1_000, NOW + 60_000_000),
+        backup("acme-2", "wp", "e-f", 1_000, NOW - 10_000), // same instant as e-a
+        backup("acme", "wp", "e-g", 1_000, 99_999),         // numbers, not strings
+        backup("acme", "wp", "e-h", 1_000, 100_000),
+    ];
+    commit(
+        store,
+        all.iter().cloned().map(Write::CreateBackup).collect(),
+    )
+    .await;
+    // Oldest expiry first; on the same instant, by (tenant, instance, backup).
+    assert_eq!(
+        expired_ids(store, NOW, 10).await,
+        [
+            "acme/e-g",
+            "acme/e-h",
+            "acme/e-b",
+            "acme/e-a",
+            "acme-2/e-f",
+            "beta/e-c"
+        ]
+    );
+    assert_eq!(
+        expired_ids(store, NOW, 3).await,
+        ["acme/e-g", "acme/e-h", "acme/e-b"]
+    );
+    assert_eq!(
+        expired_ids(store, NOW - 10_001, 10).await,
+        ["acme/e-g", "acme/e-h", "acme/e-b"]
+    );
+    assert_eq!(expired_ids(store, NOW + 1, 10).await.len(), 7);
+    assert!(expired_ids(store, 50_000, 10).await.is_empty());
+    let first = store.expired_backups(Timestamp(NOW), 1).await.unwrap();
+    assert_eq!(first, vec![with_version(&all[6], |b| b.version = 1)]);
+
+    // A new expiry (DeleteBackup sets it to now; a retention change pushes it later)
+    // moves a backup in or out of the set; a deleted one leaves it.
+    let stored = |tenant_id: &'static str, instance: &'static str, id: &'static str| {
+        let key = backup_name(tenant_id, instance, id);
+        async move { store.get_backup(&key).await.unwrap().unwrap() }
+    };
+    let now_deleting = with_version(&stored("acme", "wp", "e-e").await, |b| {
+        b.state = BackupState::Deleting;
+        b.expire_at = Timestamp(NOW - 30_000);
+    });
+    let extended = with_version(&stored("acme", "wp", "e-g").await, |b| {
+        b.expire_at = Timestamp(NOW + 60_000);
+    });
+    let removed = stored("acme", "wp", "e-h").await;
+    commit(
+        store,
+        vec![
+            Write::UpdateBackup(now_deleting),
+            Write::UpdateBackup(extended),
+            Write::DeleteBackup(removed),
+        ],
+    )
+    .await;
+    assert_eq!(
+        expired_ids(store, NOW, 10).await,
+        ["acme/e-e", "acme/e-b", "acme/e-a", "acme-2/e-f", "beta/e-c"]
+    );
+}
+
+async fn backups_and_instances_share_the_tenant_partition(store: &dyn StateStore) {
+    use Environment::{Dev, Prod};
+    // The tenant partition holds instances and backups: each listing sees only its kind.
+    let instances = vec![
+        instance("acme", "a", Dev, InstanceState::Active),
+        instance("acme", "wp", Prod, InstanceState::Active),
+        instance("acme", "zz", Dev, InstanceState::Deprovisioned),
+    ];
+    let backups = [
+        backup("acme", "a", "bk-1", 1_000, 50_000),
+        backup("acme", "wp", "bk-1", 2_000, 50_000),
+        backup("acme", "wp", "bk-2", 3_000, 50_000),
+        backup("acme", "zz", "bk-1", 4_000, 50_000),
+    ];
+    commit(
+        store,
+        instances
+            .iter()
+            .cloned()
+            .map(Write::CreateInstance)
+            .chain(backups.iter().cloned().map(Write::CreateBackup))
+            .collect(),
+    )
+    .await;
+    for tenant_filter in [Some(tenant("acme")), None] {
+        for environment in [None, Some(Dev)] {
+            let query = InstanceQuery {
+                tenant: tenant_filter.clone(),
+                environment,
+                state: None,
+                after: None,
+                limit: 1,
+            };
+            check_instance_listing(store, &instances, query, &[1, 2, 0]).await;
+        }
+    }
+    let (seen, _) = page_through_backups(store, &name("acme", "wp"), 1).await;
+    let ids: Vec<String> = seen.iter().map(|b| b.name.to_string()).collect();
+    assert_eq!(
+        ids,
+        [
+            "tenants/acme/instances/wp/backups/bk-2",
+            "tenants/acme/instances/wp/backups/bk-1"
+        ]
+    );
+    // Backups named like instances are not instances, and the other way round.
+    assert_eq!(
+        store.get_instance(&name("acme", "bk-1")).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        store
+            .get_backup(&backup_name("acme", "a", "a"))
+            .await
+            .unwrap(),
+        None
     );
 }

@@ -7,8 +7,8 @@ use prost_types::Any;
 use crate::domain::operation::StepStatus;
 use crate::domain::spec::SpecInput;
 use crate::domain::{
-    Environment, Instance, InstanceState, Operation, OperationEvent, OperationStatus, Tier,
-    Timestamp, Violations,
+    Backup, BackupState, Environment, Instance, InstanceState, Operation, OperationEvent,
+    OperationStatus, Tier, Timestamp, Violations,
 };
 use crate::proto::google_longrunning as lro;
 use crate::proto::v1;
@@ -199,6 +199,35 @@ pub fn instance_to_proto(instance: &Instance) -> v1::Instance {
         state_change_time: Some(timestamp(instance.state_changed_at)),
         etag: instance.etag(),
         failure_reason: instance.failure_reason.clone().unwrap_or_default(),
+    }
+}
+
+pub fn backup_state_to_proto(value: BackupState) -> v1::BackupState {
+    match value {
+        BackupState::Creating => v1::BackupState::Creating,
+        BackupState::Ready => v1::BackupState::Ready,
+        BackupState::Failed => v1::BackupState::Failed,
+        BackupState::Deleting => v1::BackupState::Deleting,
+    }
+}
+
+/// A backup as clients see it (GetBackup, ListBackups, and CreateBackup's response).
+pub(crate) fn backup_to_proto(backup: &Backup) -> v1::Backup {
+    v1::Backup {
+        name: backup.name.to_string(),
+        description: backup.description.clone(),
+        state: backup_state_to_proto(backup.state).into(),
+        create_time: Some(timestamp(backup.created_at)),
+        expire_time: Some(timestamp(backup.expire_at)),
+        database_dump_uri: backup.database_uri.clone().unwrap_or_default(),
+        content_archive_uri: backup.content_uri.clone().unwrap_or_default(),
+        size_bytes: i64::try_from(backup.size_bytes).unwrap_or(i64::MAX),
+        labels: backup
+            .labels
+            .iter()
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .collect(),
+        etag: backup.etag(),
     }
 }
 

@@ -20,6 +20,8 @@ pub mod reason {
     pub const REQUEST_ID_REUSED: &str = "REQUEST_ID_REUSED";
     pub const INSTANCE_NOT_FOUND: &str = "INSTANCE_NOT_FOUND";
     pub const OPERATION_NOT_FOUND: &str = "OPERATION_NOT_FOUND";
+    pub const BACKUP_NOT_FOUND: &str = "BACKUP_NOT_FOUND";
+    pub const BACKUP_IN_USE: &str = "BACKUP_IN_USE";
     pub const INSTANCE_ALREADY_EXISTS: &str = "INSTANCE_ALREADY_EXISTS";
     pub const TENANT_ENVIRONMENT_TAKEN: &str = "TENANT_ENVIRONMENT_TAKEN";
     pub const CONCURRENT_MODIFICATION: &str = "CONCURRENT_MODIFICATION";
@@ -128,6 +130,13 @@ impl ApiError {
     pub fn instance_not_found(name: impl Into<String>) -> Self {
         ApiError::NotFound {
             reason: reason::INSTANCE_NOT_FOUND,
+            resource: name.into(),
+        }
+    }
+
+    pub fn backup_not_found(name: impl Into<String>) -> Self {
+        ApiError::NotFound {
+            reason: reason::BACKUP_NOT_FOUND,
             resource: name.into(),
         }
     }

@@ -449,23 +449,28 @@ impl InstanceService for Api {
 
     async fn get_backup(
         &self,
-        _: Request<v1::GetBackupRequest>,
+        request: Request<v1::GetBackupRequest>,
     ) -> Result<Response<v1::Backup>, Status> {
-        not_implemented("GetBackup")
+        Ok(Response::new(
+            Api::get_backup(self, request.into_inner()).await?,
+        ))
     }
 
     async fn list_backups(
         &self,
-        _: Request<v1::ListBackupsRequest>,
+        request: Request<v1::ListBackupsRequest>,
     ) -> Result<Response<v1::ListBackupsResponse>, Status> {
-        not_implemented("ListBackups")
+        Ok(Response::new(
+            Api::list_backups(self, request.into_inner()).await?,
+        ))
     }
 
     async fn delete_backup(
         &self,
-        _: Request<v1::DeleteBackupRequest>,
+        request: Request<v1::DeleteBackupRequest>,
     ) -> Result<Response<()>, Status> {
-        not_implemented("DeleteBackup")
+        Api::delete_backup(self, request.into_inner()).await?;
+        Ok(Response::new(()))
     }
 
     async fn query_logs(

@@ -2,6 +2,7 @@
 //! `server` are the only modules that know about tonic.
 
 pub mod backup_ops;
+pub mod backups;
 pub mod convert;
 pub mod error;
 pub mod health;
@@ -44,7 +45,7 @@ pub struct ApiSettings {
     /// How long the new tasks of a scale or update may take to be steady and healthy before
     /// the rollout is rolled back.
     pub rollout_timeout: std::time::Duration,
-    /// How long a backup is kept before the retention sweeper removes it.
+    /// How long a new backup is kept: its `expire_at` is its creation time plus this.
     pub backup_retention: std::time::Duration,
     /// QueryLogs' and TailLogs' tuning.
     pub logs: crate::logs::LogSettings,
