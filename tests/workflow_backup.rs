@@ -234,10 +234,7 @@ async fn a_backup_holds_the_dump_its_facts_and_a_manifest() {
                 .iter()
                 .all(|p| p["sha256"].as_str().unwrap().len() == 64)
     );
-    assert_eq!(
-        manifest["wordpress_image"].as_str().unwrap().is_empty(),
-        false
-    );
+    assert!(!manifest["wordpress_image"].as_str().unwrap().is_empty());
     // No scratch database is left, and the instance is still ACTIVE.
     assert_eq!(
         databases_like(&format!("{db}_")).await,
@@ -525,7 +522,10 @@ async fn a_restore_switches_to_a_verified_copy_and_drops_the_old_database() {
     assert_eq!(routines, ["wp_count"]);
     // The old database is gone; the service runs a new revision on the restored one.
     assert_eq!(databases_like(&db).await, vec![live.clone()]);
-    assert_ne!(after.resources["task_definition"], before.resources["task_definition"]);
+    assert_ne!(
+        after.resources["task_definition"],
+        before.resources["task_definition"]
+    );
     assert_eq!(
         task_definition_database(&cp, &after.resources["task_definition"]).await,
         live
@@ -610,14 +610,19 @@ async fn a_corrupted_backup_fails_the_restore_before_the_live_database_is_touche
     };
     assert!(error.message.contains("sha256"), "{error:?}");
     assert!(
-        events.iter().all(|e| e.step != "restore_database" || e.step_status() != v1::StepStatus::Running),
+        events
+            .iter()
+            .all(|e| e.step != "restore_database" || e.step_status() != v1::StepStatus::Running),
         "the database step never started: {events:#?}"
     );
     let after = cp.instance(&tenant).await;
     assert_eq!(after.state(), v1::InstanceState::Active);
     assert_eq!(after.resources, before.resources);
     assert_eq!(table_sums(&db).await, live);
-    assert_eq!(databases_like(&format!("{db}_")).await, Vec::<String>::new());
+    assert_eq!(
+        databases_like(&format!("{db}_")).await,
+        Vec::<String>::new()
+    );
 }
 
 /// Fails `wait_rollout` of restores for good, after the service was switched.
@@ -627,7 +632,9 @@ struct RolloutFails;
 impl StepHook for RolloutFails {
     async fn after(&self, operation: &Operation, step: &str) -> StepResult<()> {
         if operation.verb == Verb::Restore && step == "wait_rollout" {
-            return Err(StepError::Fatal("injected: the new tasks never became healthy".into()));
+            return Err(StepError::Fatal(
+                "injected: the new tasks never became healthy".into(),
+            ));
         }
         Ok(())
     }
@@ -673,5 +680,8 @@ async fn a_restore_that_fails_after_the_switch_puts_everything_back() {
     assert_eq!(running, before.resources["task_definition"]);
     assert_eq!(task_definition_database(&cp, &running).await, db);
     assert_eq!(table_sums(&db).await, live);
-    assert_eq!(databases_like(&format!("{db}_")).await, Vec::<String>::new());
+    assert_eq!(
+        databases_like(&format!("{db}_")).await,
+        Vec::<String>::new()
+    );
 }

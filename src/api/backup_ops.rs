@@ -264,42 +264,76 @@ impl Api {
         request_id: Option<&RequestId>,
         fingerprint: &str,
     ) -> ApiResult<lro::Operation> {
-        let backup = self
-            .store
-            .get_backup(&backup_name)
-            .await?
-            .ok_or_else(|| ApiError::NotFound {
-                reason: BACKUP_NOT_FOUND,
-                resource: backup_name.to_string(),
-            })?;
+        let backup =
+            self.store
+                .get_backup(&backup_name)
+                .await?
+                .ok_or_else(|| ApiError::NotFound {
+                    reason: BACKUP_NOT_FOUND,
+                    resource: backup_name.to_string(),
+                })?;
         if backup.state != BackupState::Ready {
             return Err(ApiError::FailedPrecondition {
                 reason: BACKUP_NOT_READY,
-                message: format!("{backup_name} is {}; only a READY backup can be restored", backup.state.as_str()),
+                message: format!(
+                    "{backup_name} is {}; only a READY backup can be restored",
+                    backup.state.as_str()
+                ),
                 metadata: vec![("state", backup.state.as_str().to_owned())],
             });
         }
-        let timeout = self.settings.rollout_timeout;
-        self.start_on(
-            name,
-            Verb::Restore,
-            &[InstanceState::Active, InstanceState::Suspended],
+        let instance = self
+            .store
+            .get_instance(&name)
+            .await?
+            .ok_or_else(|| ApiError::instance_not_found(name.to_string()))?;
+        if self.is_busy(&instance).await? {
+            return Err(busy(&instance));
+        }
+        if !matches!(
+            instance.state,
+            InstanceState::Active | InstanceState::Suspended
+        ) {
+            return Err(wrong_state(
+                &instance,
+                "only ACTIVE or SUSPENDED instances can be restored",
+            ));
+        }
+        if instance.spec.environment != backup.environment {
+            return Err(ApiError::FailedPrecondition {
+                reason: BACKUP_NOT_READY,
+                message: format!(
+                    "{backup_name} is in {}, the instance in {}: a backup restores only within its environment",
+                    backup.environment, instance.spec.environment
+                ),
+                metadata: vec![("environment", backup.environment.to_string())],
+            });
+        }
+        self.check_environment(instance.spec.environment)?;
+        let now = Timestamp::now();
+        let mut operation =
+            Operation::new(Verb::Restore, name, Vec::new(), request_id.cloned(), now);
+        operation.params = crate::workflow::restore::params(
+            &backup_name,
+            &instance,
+            Some(self.settings.rollout_timeout),
+        );
+        operation.params["from_state"] = serde_json::json!(instance.state);
+        let event =
+            operation.next_event(now, None, format!("restore requested from {backup_name}"));
+        // Rewriting the backup (unchanged but for its version) in the same transaction
+        // makes a DeleteBackup that read it before this commit fail its condition.
+        let mut touched = backup.clone();
+        touched.updated_at = now;
+        self.start_operation(
+            instance,
+            InstanceState::Restoring,
+            operation,
+            event,
             request_id,
             fingerprint,
-            &format!("restore requested from {backup_name}"),
-            |instance| {
-                if instance.spec.environment != backup.environment {
-                    return Err(ApiError::FailedPrecondition {
-                        reason: BACKUP_NOT_READY,
-                        message: format!(
-                            "{backup_name} is in {}, the instance in {}: a backup restores only within its environment",
-                            backup.environment, instance.spec.environment
-                        ),
-                        metadata: vec![("environment", backup.environment.to_string())],
-                    });
-                }
-                Ok(crate::workflow::restore::params(&backup_name, instance, Some(timeout)))
-            },
+            now,
+            vec![Write::UpdateBackup(touched)],
         )
         .await
     }

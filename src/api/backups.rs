@@ -9,10 +9,7 @@
 //! (`ENVIRONMENT_UNAVAILABLE`: no cloud access here, or the objects could not be removed —
 //! the backup then stays DELETING and the retention sweeper finishes the removal).
 
-use crate::cloud::CloudEnv;
-use crate::domain::{
-    Backup, BackupName, BackupState, Environment, InstanceName, Timestamp, Verb, Violations,
-};
+use crate::domain::{Backup, BackupName, BackupState, InstanceName, Timestamp, Verb, Violations};
 use crate::proto::v1;
 use crate::retention::{self, DeleteError, DeleteOutcome};
 use crate::store::BackupCursor;
@@ -94,24 +91,6 @@ impl Api {
         Ok(uses.then(|| operation.id.name()))
     }
 
-    /// The adapters of `environment`, for the removal of objects.
-    async fn archive_cloud(&self, environment: Environment) -> ApiResult<CloudEnv> {
-        self.check_environment(environment)?;
-        let Some(clouds) = &self.clouds else {
-            return Err(ApiError::NoCloudAccess(
-                "this replica has no cloud access (no environments configured); try another".into(),
-            ));
-        };
-        clouds
-            .env(environment)
-            .await
-            .map_err(|error| ApiError::FailedPrecondition {
-                reason: reason::ENVIRONMENT_UNAVAILABLE,
-                message: format!("environment {environment} cannot be reached: {error}"),
-                metadata: vec![("environment", environment.to_string())],
-            })
-    }
-
     pub async fn delete_backup(&self, request: v1::DeleteBackupRequest) -> ApiResult<()> {
         let name = parse_backup_name(&request.name)?;
         let backup = self.stored_backup(&name).await?;
@@ -142,7 +121,10 @@ impl Api {
                 metadata: vec![("operation", operation)],
             });
         }
-        let cloud = self.archive_cloud(backup.environment).await?;
+        let cloud = {
+            self.check_environment(backup.environment)?;
+            self.cloud_for(backup.environment).await?
+        };
         match retention::delete_backup(self.store.as_ref(), &cloud, backup, Timestamp::now()).await
         {
             Ok(DeleteOutcome::Deleted | DeleteOutcome::AlreadyGone) => Ok(()),
@@ -169,7 +151,7 @@ impl Api {
 mod tests {
     use std::collections::BTreeMap;
 
-    use crate::domain::{BackupId, BackupOrigin, OperationId};
+    use crate::domain::{BackupId, BackupOrigin, Environment, OperationId};
 
     use super::*;
 

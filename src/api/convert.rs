@@ -270,7 +270,7 @@ pub fn metadata_to_proto(operation: &Operation) -> v1::OperationMetadata {
 
 /// Packs a message with the conventional `type.googleapis.com/` prefix, which grpcurl and
 /// other generic clients resolve through reflection.
-fn pack<M: Name>(message: &M) -> Any {
+pub(crate) fn pack<M: Name>(message: &M) -> Any {
     Any {
         type_url: format!("type.googleapis.com/{}", M::full_name()),
         value: message.encode_to_vec(),

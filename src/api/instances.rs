@@ -127,7 +127,18 @@ impl Api {
         } else {
             None
         };
-        Ok(convert::operation_to_proto(operation, target.as_ref()))
+        let mut rendered = convert::operation_to_proto(operation, target.as_ref());
+        if operation.verb == crate::domain::Verb::Backup
+            && operation.status == crate::domain::OperationStatus::Completed
+            && let Some(name) = operation.params["backup"].as_str()
+            && let Ok(name) = crate::domain::BackupName::parse(name)
+            && let Some(backup) = self.store.get_backup(&name).await?
+        {
+            rendered.result = Some(lro::operation::Result::Response(convert::pack(
+                &convert::backup_to_proto(&backup),
+            )));
+        }
+        Ok(rendered)
     }
 
     pub(crate) fn tenant_environment_taken(guard: &Guard) -> ApiError {
@@ -322,10 +333,6 @@ impl Api {
             .await?
             .ok_or_else(|| ApiError::operation_not_found(name))
     }
-}
-
-fn not_implemented<T>(rpc: &'static str) -> Result<T, Status> {
-    Err(ApiError::NotImplemented { rpc }.into())
 }
 
 #[tonic::async_trait]

@@ -33,15 +33,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::backup::{self, DumpTools};
-use crate::cloud::{CloudEnv, DatabaseClaim};
 use crate::cloud::settings::Secret;
-use crate::domain::{
-    Backup, BackupName, BackupState, Instance, InstanceState, Operation, Verb,
-};
+use crate::cloud::{CloudEnv, DatabaseClaim};
+use crate::domain::{Backup, BackupName, BackupState, Instance, InstanceState, Operation, Verb};
 
 use super::backup::{
-    CONTENT_OBJECT, Location, MANIFEST_OBJECT, Manifest, NO_CONTENT, await_task,
-    get_json, live_database, operation_database, start_content,
+    CONTENT_OBJECT, Location, MANIFEST_OBJECT, Manifest, NO_CONTENT, await_task, get_json,
+    live_database, operation_database, start_content,
 };
 use super::provision::{
     ACCESS_POINT, DATABASE, SECRET, TASK_DEFINITION, master_credentials, task_definition_spec,
@@ -202,7 +200,9 @@ async fn manifest(ctx: &StepCtx, at: &Location) -> StepResult<Manifest> {
 /// Reads an object's key back from its `s3://bucket/key` URI, refusing another bucket.
 fn key_of<'a>(uri: &'a str, at: &Location) -> StepResult<&'a str> {
     uri.strip_prefix(&format!("s3://{}/", at.bucket))
-        .ok_or_else(|| StepError::Fatal(format!("{uri} is not in the archive bucket {}", at.bucket)))
+        .ok_or_else(|| {
+            StepError::Fatal(format!("{uri} is not in the archive bucket {}", at.bucket))
+        })
 }
 
 async fn check_backup(ctx: &StepCtx) -> StepResult<String> {
@@ -233,8 +233,13 @@ async fn check_backup(ctx: &StepCtx) -> StepResult<String> {
     )
     .await?;
     if let Some(content) = &manifest.content {
-        bytes += backup::verify_object(objects, &at.bucket, key_of(&content.object, &at)?, &content.sha256)
-            .await?;
+        bytes += backup::verify_object(
+            objects,
+            &at.bucket,
+            key_of(&content.object, &at)?,
+            &content.sha256,
+        )
+        .await?;
     }
     Ok(format!("{} verified: {bytes} bytes", backup.name))
 }
@@ -283,7 +288,11 @@ async fn drop_new_database(ctx: &StepCtx) -> StepResult<()> {
         return Ok(());
     }
     let master = master_credentials(ctx).await?;
-    let owner = ctx.cloud.database.database_owner(&master, &database).await?;
+    let owner = ctx
+        .cloud
+        .database
+        .database_owner(&master, &database)
+        .await?;
     if owner.as_deref() == Some(ctx.owner().as_str()) {
         ctx.cloud.database.drop_schema(&master, &database).await?;
         ctx.cloud
@@ -396,11 +405,13 @@ async fn health_report(ctx: &StepCtx, restored: bool) -> crate::health::Report {
     let mut instance = ctx.instance.clone();
     instance.state = InstanceState::Active;
     if restored && let Some(database) = ctx.output(RESTORE_DATABASE) {
-        instance.resources.insert(DATABASE.into(), database.to_owned());
+        instance
+            .resources
+            .insert(DATABASE.into(), database.to_owned());
     }
     let settings = crate::health::HealthSettings::default();
     let deadline = tokio::time::Instant::now() + settings.overall;
-    crate::health::check(&instance, &ctx.cloud, &settings, deadline.into()).await
+    crate::health::check(&instance, &ctx.cloud, &settings, deadline).await
 }
 
 /// The checks that are not UNHEALTHY.
@@ -445,7 +456,10 @@ async fn health_check(ctx: &StepCtx) -> StepResult<String> {
     Ok(if still.is_empty() {
         format!("{:?}", report.overall).to_lowercase()
     } else {
-        format!("nothing broken; unhealthy before and after: {}", still.join(", "))
+        format!(
+            "nothing broken; unhealthy before and after: {}",
+            still.join(", ")
+        )
     })
 }
 
@@ -478,7 +492,10 @@ async fn remove_previous(ctx: &StepCtx) -> String {
         Ok(task) if task == NO_CONTENT => {}
         Ok(_) => notes.push("previous files removed".into()),
         Err(error) => {
-            tracing::warn!(error = error.message(), "the previous wp-content files are left behind");
+            tracing::warn!(
+                error = error.message(),
+                "the previous wp-content files are left behind"
+            );
             notes.push(format!("previous files left: {}", error.message()));
         }
     }

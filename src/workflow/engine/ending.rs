@@ -136,18 +136,23 @@ impl Engine {
             );
         }
         let workflow = run.workflow.clone();
-        self.finish(run, ending.status, Some(ending.error()), |instance, operation| {
-            let failure = Failure {
-                status: ending.status,
-                reason: &ending.reason,
-                message: &ending.message,
-                rolled_back,
-                from_state: operation.params["from_state"]
-                    .as_str()
-                    .and_then(|s| serde_json::from_value(serde_json::json!(s)).ok()),
-            };
-            workflow.on_fail(instance, &failure)
-        })
+        self.finish(
+            run,
+            ending.status,
+            Some(ending.error()),
+            |instance, operation| {
+                let failure = Failure {
+                    status: ending.status,
+                    reason: &ending.reason,
+                    message: &ending.message,
+                    rolled_back,
+                    from_state: operation.params["from_state"]
+                        .as_str()
+                        .and_then(|s| serde_json::from_value(serde_json::json!(s)).ok()),
+                };
+                workflow.on_fail(instance, &failure)
+            },
+        )
         .await
     }
 
