@@ -173,7 +173,7 @@ async fn database_bytes(
         .read_secret(secret_arn)
         .await
         .map_err(|e| format!("cannot read the tenant secret: {e}"))?;
-    let (login, database) = crate::health::tenant_login(&secret, cloud, names)?;
+    let (login, database) = crate::health::tenant_login(&secret, cloud, names, instance)?;
     match cloud.database.database_size(&login, &database).await {
         Ok(Some(bytes)) => Ok(bytes),
         Ok(None) => Err(format!("database {database} does not exist")),

@@ -15,6 +15,7 @@ use instance_manager::proto::v1;
 use instance_manager::workflow::{StepError, StepHook, StepResult};
 use mysql_async::prelude::Queryable;
 use platform::ControlPlane;
+use platform::sql::{damage, databases_like, fill, master_conn, table_sums};
 use tokio::sync::Notify;
 use tonic::Code;
 
@@ -31,86 +32,6 @@ async fn provisioned(cp: &mut ControlPlane, prefix: &str) -> String {
 
 fn database(tenant: &str) -> String {
     ResourceNames::derive(&TenantId::parse(tenant).unwrap(), Environment::Dev).database
-}
-
-async fn master_conn() -> mysql_async::Conn {
-    let master = platform::mariadb();
-    mysql_async::Conn::new(
-        mysql_async::OptsBuilder::default()
-            .ip_or_hostname(master.host.clone())
-            .tcp_port(master.port)
-            .user(Some(master.username.clone()))
-            .pass(Some(master.password.expose().to_owned())),
-    )
-    .await
-    .unwrap()
-}
-
-/// A small WordPress-like schema with a view, a trigger and a routine, in the tenant's
-/// (existing) database.
-async fn fill(db: &str) {
-    let mut conn = master_conn().await;
-    for statement in [
-        format!("USE `{db}`"),
-        "CREATE TABLE wp_posts (ID bigint unsigned NOT NULL AUTO_INCREMENT PRIMARY KEY, \
-         post_title text NOT NULL, comment_count bigint NOT NULL DEFAULT 0) ENGINE=InnoDB"
-            .into(),
-        "CREATE TABLE wp_postmeta (meta_id bigint unsigned NOT NULL AUTO_INCREMENT PRIMARY KEY, \
-         post_id bigint unsigned NOT NULL, meta_value longtext NULL) ENGINE=InnoDB"
-            .into(),
-        "INSERT INTO wp_posts (post_title) SELECT CONCAT('Post ', seq, ' 🎉 עברית') FROM seq_1_to_2000"
-            .into(),
-        "CREATE VIEW wp_titles AS SELECT ID, post_title FROM wp_posts".into(),
-        "CREATE TRIGGER wp_meta_count AFTER INSERT ON wp_postmeta FOR EACH ROW \
-         UPDATE wp_posts SET comment_count = comment_count + 1 WHERE ID = NEW.post_id"
-            .into(),
-        "INSERT INTO wp_postmeta (post_id, meta_value) SELECT seq % 2000 + 1, \
-         IF(seq % 5 = 0, NULL, REPEAT('m', seq % 50)) FROM seq_1_to_5000"
-            .into(),
-        "CREATE PROCEDURE wp_count(OUT n BIGINT) SELECT COUNT(*) INTO n FROM wp_posts".into(),
-    ] {
-        conn.query_drop(&statement)
-            .await
-            .unwrap_or_else(|e| panic!("{statement}: {e}"));
-    }
-}
-
-/// (COUNT(*), CHECKSUM TABLE) per table, by the test's own SQL.
-async fn table_sums(db: &str) -> BTreeMap<String, (u64, Option<u64>)> {
-    let mut conn = master_conn().await;
-    let tables: Vec<String> = conn
-        .exec(
-            "SELECT TABLE_NAME FROM information_schema.TABLES \
-             WHERE TABLE_SCHEMA = ? AND TABLE_TYPE = 'BASE TABLE'",
-            (db,),
-        )
-        .await
-        .unwrap();
-    let mut sums = BTreeMap::new();
-    for table in tables {
-        let count: u64 = conn
-            .query_first(format!("SELECT COUNT(*) FROM `{db}`.`{table}`"))
-            .await
-            .unwrap()
-            .unwrap();
-        let (_, sum): (String, Option<u64>) = conn
-            .query_first(format!("CHECKSUM TABLE `{db}`.`{table}`"))
-            .await
-            .unwrap()
-            .unwrap();
-        sums.insert(table, (count, sum));
-    }
-    sums
-}
-
-/// Databases whose name starts with `prefix`.
-async fn databases_like(prefix: &str) -> Vec<String> {
-    let mut conn = master_conn().await;
-    let all: Vec<String> = conn
-        .query("SELECT SCHEMA_NAME FROM information_schema.SCHEMATA")
-        .await
-        .unwrap();
-    all.into_iter().filter(|d| d.starts_with(prefix)).collect()
 }
 
 /// Keys under `prefix` in the environment's archive bucket, listed with the S3 SDK.
@@ -439,19 +360,6 @@ async fn backed_up(cp: &mut ControlPlane, tenant: &str, id: &str) {
         .unwrap()
         .into_inner();
     cp.completed(&operation.name).await;
-}
-
-/// The live data changed after the backup: rows updated, deleted and added, a view dropped.
-async fn damage(db: &str) {
-    let mut conn = master_conn().await;
-    for statement in [
-        format!("UPDATE `{db}`.wp_posts SET post_title = 'defaced' WHERE ID % 3 = 0"),
-        format!("DELETE FROM `{db}`.wp_postmeta WHERE meta_id % 2 = 0"),
-        format!("INSERT INTO `{db}`.wp_posts (post_title) VALUES ('spam')"),
-        format!("DROP VIEW `{db}`.wp_titles"),
-    ] {
-        conn.query_drop(&statement).await.unwrap();
-    }
 }
 
 async fn task_definition_database(cp: &ControlPlane, arn: &str) -> String {

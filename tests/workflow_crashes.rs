@@ -542,3 +542,158 @@ async fn a_crash_after_any_day2_call_converges() {
     });
     run_all(scenarios).await;
 }
+
+async fn start_backup(client: &mut Client, tenant: &str, id: &str) -> String {
+    client
+        .instances
+        .create_backup(v1::CreateBackupRequest {
+            parent: format!("tenants/{tenant}/instances/wp"),
+            backup_id: id.into(),
+            backup: None,
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .name
+}
+
+async fn start_restore(client: &mut Client, tenant: &str, id: &str) -> String {
+    client
+        .instances
+        .restore_instance(v1::RestoreInstanceRequest {
+            name: format!("tenants/{tenant}/instances/wp"),
+            backup: format!("tenants/{tenant}/instances/wp/backups/{id}"),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .name
+}
+
+fn tenant_database(tenant: &str) -> String {
+    instance_manager::domain::naming::ResourceNames::derive(
+        &instance_manager::domain::TenantId::parse(tenant).unwrap(),
+        Environment::Dev,
+    )
+    .database
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_any_backup_or_restore_call_converges() {
+    use platform::sql::{damage, databases_like, fill, table_sums};
+    let config = platform::config_with_platforms(&[Environment::Dev]).await;
+    let cloud = cloud(&config, Environment::Dev).await;
+    let dir = tempfile::tempdir().unwrap();
+
+    // The plans, as clean runs record them: a backup, then a restore from it.
+    let path = own_table(&config, &dir.path().join("reference")).await;
+    let mut plans = Vec::new();
+    {
+        let (_server, addr) = serve(&path, "").await;
+        let mut client = Client::connect(&addr).await;
+        let tenant = platform::tenant("refbr");
+        let created = client.create(&tenant, v1::Environment::Dev).await;
+        client.completed(&created.name).await;
+        let backup = start_backup(&mut client, &tenant, "ref").await;
+        for step in step_names(&client.completed(&backup).await) {
+            plans.push((false, step));
+        }
+        let restore = start_restore(&mut client, &tenant, "ref").await;
+        for step in step_names(&client.completed(&restore).await) {
+            plans.push((true, step));
+        }
+    }
+    assert!(plans.len() >= 12, "{plans:?}");
+
+    let scenarios = plans.iter().map(|(restoring, step)| {
+        let what = if *restoring { "restore" } else { "backup" };
+        let dir = dir.path().join(format!("{what}-{step}"));
+        let (config, cloud, restoring) = (&config, &cloud, *restoring);
+        async move {
+            let path = own_table(config, &dir).await;
+            let tenant = platform::tenant("crashbr");
+            let db = tenant_database(&tenant);
+            let original;
+            {
+                let (_server, addr) = serve(&path, "").await;
+                let mut client = Client::connect(&addr).await;
+                let created = client.create(&tenant, v1::Environment::Dev).await;
+                client.completed(&created.name).await;
+                fill(&db).await;
+                original = table_sums(&db).await;
+                if restoring {
+                    let backup = start_backup(&mut client, &tenant, "b1").await;
+                    client.completed(&backup).await;
+                    damage(&db).await;
+                }
+            }
+            let point = format!("{step}=exit-after");
+            let (events, done, survivor) = crash_and_resume(&path, &point, |mut client| {
+                let tenant = tenant.clone();
+                async move {
+                    if restoring {
+                        start_restore(&mut client, &tenant, "b1").await
+                    } else {
+                        start_backup(&mut client, &tenant, "b1").await
+                    }
+                }
+            })
+            .await;
+            let what = format!("{what} {point}");
+            assert_eq!(
+                metadata(&done).status(),
+                v1::OperationStatus::Completed,
+                "{what}: {events:#?}"
+            );
+            assert!(
+                events.iter().any(|e| e.message.starts_with("resumed by ")),
+                "{what}: {events:#?}"
+            );
+            let mut client = Client::connect(survivor.addr.unwrap().to_string().as_str()).await;
+            let backup = client
+                .instances
+                .get_backup(v1::GetBackupRequest {
+                    name: format!("tenants/{tenant}/instances/wp/backups/b1"),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(backup.state(), v1::BackupState::Ready, "{what}");
+            let prefix = format!("backups/dev/{tenant}/wp/b1/");
+            let mut keys = cloud
+                .objects
+                .list_objects(&cloud.platform.archive_bucket, &prefix)
+                .await
+                .unwrap();
+            keys.sort();
+            assert_eq!(
+                keys,
+                [
+                    "database.json",
+                    "database.sql.gz",
+                    "facts.json",
+                    "manifest.json"
+                ]
+                .map(|k| format!("{prefix}{k}")),
+                "{what}"
+            );
+            let instance = client.instance(&tenant).await;
+            assert_eq!(instance.state(), v1::InstanceState::Active, "{what}");
+            if restoring {
+                // Switched to one restored database, the old one dropped, nothing half-made
+                // left over.
+                let live = instance.resources["database"].clone();
+                assert!(live.starts_with(&format!("{db}_r")), "{what}: {live}");
+                assert_eq!(databases_like(&db).await, vec![live.clone()], "{what}");
+                assert_eq!(table_sums(&live).await, original, "{what}");
+            } else {
+                // No scratch database left, the live one untouched.
+                assert_eq!(databases_like(&db).await, vec![db.clone()], "{what}");
+                assert_eq!(table_sums(&db).await, original, "{what}");
+            }
+        }
+    });
+    run_all(scenarios).await;
+}

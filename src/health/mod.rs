@@ -492,18 +492,25 @@ async fn check_http(instance: &Instance, cloud: &CloudEnv, suspended: bool) -> O
 }
 
 /// The tenant's login from its secret (JSON `username`, `password`, `dbname`), to the
-/// platform's database server with the platform's TLS settings.
+/// platform's database server with the platform's TLS settings, and the database it
+/// serves from: the one the instance recorded (a restore switches it), else the secret's.
 pub(crate) fn tenant_login(
     secret: &Secret,
     cloud: &CloudEnv,
     names: &ResourceNames,
+    instance: &Instance,
 ) -> Result<(MasterCredentials, String), String> {
     let value: serde_json::Value = serde_json::from_str(secret.expose())
         .map_err(|_| "the tenant secret is not JSON".to_owned())?;
     let text = |key: &str| value[key].as_str().map(str::to_owned);
     let username = text("username").ok_or("the tenant secret has no username")?;
     let password = text("password").ok_or("the tenant secret has no password")?;
-    let database = text("dbname").unwrap_or_else(|| names.database.clone());
+    let database = instance
+        .resources
+        .get(crate::workflow::provision::DATABASE)
+        .cloned()
+        .or_else(|| text("dbname"))
+        .unwrap_or_else(|| names.database.clone());
     let platform = &cloud.platform;
     Ok((
         MasterCredentials {
@@ -528,16 +535,10 @@ async fn check_database(instance: &Instance, cloud: &CloudEnv, names: &ResourceN
         Ok(secret) => secret,
         Err(error) => return unhealthy(format!("cannot read the tenant secret: {error}")),
     };
-    let (login, database) = match tenant_login(&secret, cloud, names) {
+    let (login, database) = match tenant_login(&secret, cloud, names, instance) {
         Ok(login) => login,
         Err(error) => return unhealthy(error),
     };
-    // A restore switches the instance to another database: the one it recorded serves.
-    let database = instance
-        .resources
-        .get(crate::workflow::provision::DATABASE)
-        .cloned()
-        .unwrap_or(database);
     let what = format!(
         "login as {} to {database} at {}:{}",
         login.username, login.host, login.port

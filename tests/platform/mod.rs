@@ -4,6 +4,8 @@
 //! workflow engine, and the gRPC server on an ephemeral port.
 #![allow(dead_code)]
 
+pub mod sql;
+
 use std::sync::Arc;
 use std::time::Duration;
 
