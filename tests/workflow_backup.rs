@@ -173,6 +173,13 @@ async fn a_backup_holds_the_dump_its_facts_and_a_manifest() {
         .await
         .unwrap_err();
     assert_eq!(again.code(), Code::AlreadyExists, "{again:?}");
+
+    // Deleted without an archive, the instance leaves nothing tagged behind — the
+    // archiver's task definitions included (the deletion's verify step counts them).
+    let deleted = cp.delete_skipping_archive(&tenant).await;
+    cp.completed(&deleted).await;
+    let cloud = cp.cloud(Environment::Dev).await;
+    assert!(platform::inventory(&cloud, &tenant).await.is_empty());
 }
 
 /// Holds one step of every operation of `verb` until released.

@@ -340,7 +340,7 @@ async fn drop_scratch(ctx: &StepCtx) -> StepResult<()> {
     Ok(())
 }
 
-fn archiver_family(ctx: &StepCtx) -> String {
+pub fn archiver_family(ctx: &StepCtx) -> String {
     format!("{}-archiver", ctx.names.stack)
 }
 
@@ -448,6 +448,8 @@ async fn await_content_backup(ctx: &StepCtx, at: &Location, started: &str) -> St
         return Ok(NO_CONTENT.into());
     }
     await_task(ctx, &task, "content backup").await?;
+    // The task is done with: leave none of its revisions tagged behind.
+    forget_archiver(ctx).await?;
     let summary_key = format!("{}.json", at.key(CONTENT_OBJECT));
     let written = ctx
         .cloud
@@ -466,7 +468,6 @@ async fn await_content_backup(ctx: &StepCtx, at: &Location, started: &str) -> St
         return Ok(NO_CONTENT.into());
     }
     let summary: ContentSummary = get_json(ctx, &at.bucket, &summary_key).await?;
-    forget_archiver(ctx).await?;
     Ok(serde_json::to_string(&summary).unwrap_or_default())
 }
 

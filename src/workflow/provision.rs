@@ -213,10 +213,14 @@ pub async fn remove(ctx: &StepCtx, step: &str, _recorded: Option<&str>) -> StepR
             release_priority(ctx).await?;
         }
         TASK_DEFINITION => {
-            cloud
-                .compute
-                .delete_task_definitions(&ctx.names.stack, &ctx.owner_tags())
-                .await?
+            // The service's family, and the one-off archiver's (backups and restores run
+            // it; an instance deleted without an archive must not keep its revisions).
+            for family in [ctx.names.stack.clone(), super::backup::archiver_family(ctx)] {
+                cloud
+                    .compute
+                    .delete_task_definitions(&family, &ctx.owner_tags())
+                    .await?;
+            }
         }
         SERVICE => {
             let tags = cloud

@@ -490,7 +490,12 @@ async fn remove_previous(ctx: &StepCtx) -> String {
     }
     match content_task(ctx, "cleanup").await {
         Ok(task) if task == NO_CONTENT => {}
-        Ok(_) => notes.push("previous files removed".into()),
+        Ok(_) => {
+            notes.push("previous files removed".into());
+            if let Err(error) = super::backup::forget_archiver(ctx).await {
+                notes.push(format!("archiver revisions left: {}", error.message()));
+            }
+        }
         Err(error) => {
             tracing::warn!(
                 error = error.message(),
