@@ -130,6 +130,16 @@ pub async fn delete_backup(
     backup: Backup,
     now: Timestamp,
 ) -> Result<DeleteOutcome, DeleteError> {
+    // A backup that never opened has no location yet; its objects, if any, would be at
+    // its own prefix.
+    let mut backup = backup;
+    if backup.location.is_empty() {
+        backup.location = format!(
+            "s3://{}/{}",
+            cloud.platform.archive_bucket,
+            Backup::key_prefix(backup.environment, &backup.name)
+        );
+    }
     // Checked before anything is written: a record whose objects cannot be located must
     // not be marked for a removal nobody can finish.
     let (bucket, prefix) = owned_prefix(&backup, &cloud.platform.archive_bucket)?;

@@ -305,7 +305,7 @@ struct SeeCountAtArchive {
 #[async_trait]
 impl StepHook for SeeCountAtArchive {
     async fn before(&self, operation: &Operation, step: &str) -> StepResult<()> {
-        if operation.verb == Verb::Delete && step == "archive_database" {
+        if operation.verb == Verb::Delete && step == "dump_database" {
             let (ecs, cluster, service) = self.ecs.get().expect("set before the delete");
             let found = ecs
                 .describe_services()
@@ -599,4 +599,58 @@ async fn a_restore_that_fails_after_the_switch_puts_everything_back() {
         databases_like(&format!("{db}_")).await,
         Vec::<String>::new()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offboarding_archive_is_a_backup_a_new_instance_of_the_tenant_restores() {
+    let config = platform::config_with_platforms(&[Environment::Dev]).await;
+    let mut cp = platform::start(config, None).await;
+    let tenant = provisioned(&mut cp, "rsoff").await;
+    let db = database(&tenant);
+    fill(&db).await;
+    let original = table_sums(&db).await;
+    let deleted = cp.delete(&tenant).await;
+    cp.completed(&deleted).await;
+    assert_eq!(databases_like(&db).await, Vec::<String>::new());
+
+    // The final archive is listed with the deleted instance's backups, READY.
+    let listed = cp
+        .instances
+        .list_backups(v1::ListBackupsRequest {
+            parent: instance_name(&tenant),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let [archive] = listed.backups.as_slice() else {
+        panic!("not one backup: {listed:?}");
+    };
+    assert_eq!(archive.state(), v1::BackupState::Ready);
+    assert!(
+        archive.name.contains("/backups/offboarding-"),
+        "{}",
+        archive.name
+    );
+
+    // A new instance of the tenant (another id: the deleted one keeps its name) gets the
+    // data back.
+    let created = cp.create_named(&tenant, "wp2", v1::Environment::Dev).await;
+    cp.completed(&created.name).await;
+    let restored = cp
+        .instances
+        .restore_instance(v1::RestoreInstanceRequest {
+            name: format!("tenants/{tenant}/instances/wp2"),
+            backup: archive.name.clone(),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    cp.completed(&restored.name).await;
+    let instance = cp.instance_named(&tenant, "wp2").await;
+    let live = instance.resources["database"].clone();
+    assert!(live.starts_with(&format!("{db}_r")), "{live}");
+    assert_eq!(table_sums(&live).await, original);
+    assert_eq!(databases_like(&db).await, vec![live]);
 }

@@ -200,9 +200,6 @@ impl Api {
         operation: &Operation,
         now: Timestamp,
     ) -> ApiResult<Backup> {
-        let cloud = self.cloud_for(instance.spec.environment).await?;
-        let bucket = cloud.platform.archive_bucket.clone();
-        let prefix = Backup::key_prefix(instance.spec.environment, &name);
         Ok(Backup {
             name,
             environment: instance.spec.environment,
@@ -214,7 +211,8 @@ impl Api {
             created_at: now,
             expire_at: now.plus_millis(self.backup_retention_millis()),
             updated_at: now,
-            location: format!("s3://{bucket}/{prefix}"),
+            // Set when the backup opens, in the environment's archive bucket.
+            location: String::new(),
             database_uri: None,
             content_uri: None,
             manifest_uri: None,

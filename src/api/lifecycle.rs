@@ -250,6 +250,26 @@ impl Api {
             "skip_archive": request.skip_archive,
             "from_state": instance.state,
         });
+        // The final archive is a regular Backup, written in the same transaction (a
+        // create that rolled back cleanly left nothing to archive).
+        let mut extra = Vec::new();
+        if !request.skip_archive && !instance.released {
+            let id = crate::domain::BackupId::parse(&format!("offboarding-{}", now.utc_compact()))
+                .map_err(|e| ApiError::Internal(format!("offboarding backup id: {e}")))?;
+            let backup_name = crate::domain::BackupName::new(name.clone(), id);
+            let mut record = self
+                .new_backup(
+                    &instance,
+                    backup_name.clone(),
+                    crate::domain::BackupOrigin::Offboarding,
+                    &operation,
+                    now,
+                )
+                .await?;
+            record.description = format!("final archive of {name}, made when it was deleted");
+            operation.params["backup"] = serde_json::json!(backup_name.to_string());
+            extra.push(Write::CreateBackup(record));
+        }
         let event = operation.next_event(
             now,
             None,
@@ -268,7 +288,7 @@ impl Api {
             request_id.as_ref(),
             fingerprint,
             now,
-            Vec::new(),
+            extra,
         )
         .await
     }

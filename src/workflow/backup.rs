@@ -32,7 +32,8 @@ use crate::cloud::aws::WP_CONTENT_PATH;
 use crate::cloud::{CloudEnv, DEFAULT_PART_SIZE, OneOffTaskSpec};
 use crate::domain::naming::fit;
 use crate::domain::{
-    Backup, BackupName, BackupState, Instance, InstanceState, Operation, Timestamp, Verb,
+    Backup, BackupName, BackupOrigin, BackupState, Instance, InstanceState, Operation, Timestamp,
+    Verb,
 };
 use crate::store::Write;
 
@@ -120,8 +121,8 @@ impl Workflow for BackupWorkflow {
         let backup = load(ctx).await?;
         let at = Location::of(ctx, &backup)?;
         match step {
-            OPEN_BACKUP => open(&backup).map(Some),
-            DUMP_DATABASE => dump_database(ctx, &at).await.map(Some),
+            OPEN_BACKUP => open(ctx, backup, &at).await.map(Some),
+            DUMP_DATABASE => dump_database(ctx, &at, backup.origin).await.map(Some),
             START_CONTENT_BACKUP => start_content(ctx, &at, "backup", &[]).await.map(Some),
             VERIFY_DUMP => verify_dump(ctx, &at).await.map(Some),
             AWAIT_CONTENT_BACKUP => await_content_backup(ctx, &at, START_CONTENT_BACKUP)
@@ -177,7 +178,8 @@ impl Location {
     pub fn of(ctx: &StepCtx, backup: &Backup) -> StepResult<Self> {
         let bucket = ctx.cloud.platform.archive_bucket.clone();
         let prefix = Backup::key_prefix(backup.environment, &backup.name);
-        if backup.location != format!("s3://{bucket}/{prefix}") {
+        // Empty until the backup opens (the request is accepted without reaching AWS).
+        if !backup.location.is_empty() && backup.location != format!("s3://{bucket}/{prefix}") {
             return Err(StepError::Fatal(format!(
                 "the backup lives at {}, not in this environment's archive bucket {bucket}",
                 backup.location
@@ -203,15 +205,33 @@ async fn load(ctx: &StepCtx) -> StepResult<Backup> {
         .ok_or_else(|| StepError::Fatal(format!("{name} is gone")))
 }
 
-fn open(backup: &Backup) -> StepResult<String> {
+/// Checks the record can be written and records where its objects go.
+async fn open(ctx: &StepCtx, mut backup: Backup, at: &Location) -> StepResult<String> {
+    let location = format!("s3://{}/{}", at.bucket, at.prefix);
     match backup.state {
-        BackupState::Creating | BackupState::Ready => Ok(backup.location.clone()),
-        other => Err(StepError::Fatal(format!(
-            "{} is {}, not CREATING",
-            backup.name,
-            other.as_str()
-        ))),
+        BackupState::Creating | BackupState::Ready => {}
+        other => {
+            return Err(StepError::Fatal(format!(
+                "{} is {}, not CREATING",
+                backup.name,
+                other.as_str()
+            )));
+        }
     }
+    if backup.location.is_empty() {
+        backup.location = location.clone();
+        backup.updated_at = Timestamp::now();
+        ctx.store
+            .commit(vec![Write::UpdateBackup(backup)])
+            .await
+            .map_err(|e| match e {
+                crate::store::StoreError::Conflict { .. } => {
+                    StepError::Transient("the backup record changed meanwhile".into())
+                }
+                other => other.into(),
+            })?;
+    }
+    Ok(location)
 }
 
 /// The database the instance serves from: the one a restore switched it to, or the
@@ -237,9 +257,28 @@ pub fn operation_database(ctx: &StepCtx, tag: char) -> String {
 }
 
 /// Streams the dump into `database.sql.gz` and writes its summary beside it.
-async fn dump_database(ctx: &StepCtx, at: &Location) -> StepResult<String> {
+async fn dump_database(ctx: &StepCtx, at: &Location, origin: BackupOrigin) -> StepResult<String> {
     let master = master_credentials(ctx).await?;
     let database = live_database(ctx);
+    if origin == BackupOrigin::Offboarding {
+        // A FAILED instance may be deleted before it ever had a database (or after a
+        // sibling took the name): its final archive says so instead of failing.
+        let ours = ctx
+            .cloud
+            .database
+            .database_owner(&master, &database)
+            .await?
+            .is_some_and(|owner| owner == ctx.owner());
+        if !ours
+            || !ctx
+                .cloud
+                .database
+                .database_exists(&master, &database)
+                .await?
+        {
+            return placeholder_dump(ctx, at).await;
+        }
+    }
     let tools = DumpTools::from_platform(&ctx.cloud.platform);
     let summary = backup::dump_to(
         &tools,
@@ -252,6 +291,38 @@ async fn dump_database(ctx: &StepCtx, at: &Location) -> StepResult<String> {
         DEFAULT_PART_SIZE,
     )
     .await?;
+    put_json(ctx, at, DATABASE_SUMMARY, &summary).await?;
+    Ok(at.uri(DATABASE_OBJECT))
+}
+
+/// A dump that restores to an empty database, for an instance that had none.
+async fn placeholder_dump(ctx: &StepCtx, at: &Location) -> StepResult<String> {
+    use sha2::Digest as _;
+    use std::io::Write as _;
+    let text = b"-- this instance had no database of its own when it was deleted\n";
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder
+        .write_all(text)
+        .map_err(|e| StepError::Fatal(format!("cannot compress the placeholder: {e}")))?;
+    let body = encoder
+        .finish()
+        .map_err(|e| StepError::Fatal(format!("cannot compress the placeholder: {e}")))?;
+    let summary = DumpSummary {
+        uncompressed_bytes: text.len() as u64,
+        compressed_bytes: body.len() as u64,
+        sha256: hex::encode(sha2::Sha256::digest(&body)),
+        server_version: "none".into(),
+        parts: Vec::new(),
+    };
+    ctx.cloud
+        .objects
+        .put_object(
+            &at.bucket,
+            &at.key(DATABASE_OBJECT),
+            body,
+            &ctx.tags("backup"),
+        )
+        .await?;
     put_json(ctx, at, DATABASE_SUMMARY, &summary).await?;
     Ok(at.uri(DATABASE_OBJECT))
 }

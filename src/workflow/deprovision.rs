@@ -1,17 +1,18 @@
-//! Deprovisioning: archive first (database dump and wp-content to the environment's
-//! archive bucket), then remove every resource in reverse order of creation, then prove by
-//! a tag scan that nothing of the tenant is left.
+//! Deprovisioning (offboarding): the site stopped, then its final archive — a regular
+//! Backup (origin offboarding) written by the backup workflow's steps, listed with the
+//! instance's backups and restorable into a new instance of the tenant until it expires —
+//! then every resource removed in reverse order of creation, then proof by a tag scan that
+//! nothing of the instance is left.
 
-use std::io::Write as _;
 use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::backup::{self, DumpTools};
 use crate::cloud::aws::WP_CONTENT_PATH;
-use crate::cloud::{CloudEnv, DEFAULT_PART_SIZE, OneOffTaskSpec};
+use crate::cloud::{CloudEnv, OneOffTaskSpec};
 use crate::domain::{Instance, InstanceState, Operation, Verb};
 
+use super::backup::{self, BackupWorkflow};
 use super::provision::{
     self, ACCESS_POINT, DATABASE, LISTENER_RULE, SECRET, SERVICE, TARGET_GROUP, TASK_DEFINITION,
     USER_POOL, master_credentials,
@@ -19,30 +20,15 @@ use super::provision::{
 use super::{Failure, StepCtx, StepError, StepResult, Workflow};
 
 pub const STOP_SITE: &str = "stop_site";
-pub const ARCHIVE_DATABASE: &str = "archive_database";
-pub const START_CONTENT_ARCHIVE: &str = "start_content_archive";
-pub const AWAIT_CONTENT_ARCHIVE: &str = "await_content_archive";
 pub const REMOVE_CONTENT: &str = "remove_content";
 pub const VERIFY: &str = "verify";
 
 pub struct Deprovision;
 
-/// The summary of the database dump, beside it in the archive.
-pub const DATABASE_MANIFEST: &str = "database.json";
-
-/// Where a deprovisioning's archive goes: `archives/{env}/{tenant}/{instance}/{operation}/`.
-pub fn archive_prefix(ctx: &StepCtx) -> String {
-    format!(
-        "archives/{}/{}/{}/{}/",
-        ctx.instance.spec.environment.short(),
-        ctx.instance.name.tenant,
-        ctx.instance.name.instance,
-        ctx.operation.id
-    )
-}
-
-fn skip_archive(operation: &Operation) -> bool {
-    operation.params["skip_archive"].as_bool().unwrap_or(false)
+/// Whether the deletion archives first: it names the Backup it writes (DeleteInstance
+/// without `skip_archive`).
+fn archived(operation: &Operation) -> bool {
+    operation.params["backup"].is_string()
 }
 
 #[async_trait]
@@ -63,11 +49,11 @@ impl Workflow for Deprovision {
             return Vec::new();
         }
         let mut stages = Vec::new();
-        if !skip_archive(operation) {
-            // The site stops first, so the database and the files archived agree.
+        if archived(operation) {
+            // The site stops first, so the database and the files archived agree; the
+            // archive is a regular Backup (its steps are the backup workflow's).
             stages.push(vec![STOP_SITE]);
-            stages.push(vec![ARCHIVE_DATABASE, START_CONTENT_ARCHIVE]);
-            stages.push(vec![AWAIT_CONTENT_ARCHIVE]);
+            stages.extend(BackupWorkflow.plan(operation, instance, cloud));
         }
         stages.push(vec![SERVICE]);
         let mut third = vec![LISTENER_RULE, TASK_DEFINITION];
@@ -89,9 +75,12 @@ impl Workflow for Deprovision {
     async fn run(&self, ctx: &StepCtx, step: &str) -> StepResult<Option<String>> {
         match step {
             STOP_SITE => stop_site(ctx).await.map(Some),
-            ARCHIVE_DATABASE => archive_database(ctx).await.map(Some),
-            START_CONTENT_ARCHIVE => start_content_archive(ctx).await.map(Some),
-            AWAIT_CONTENT_ARCHIVE => await_content_archive(ctx).await.map(Some),
+            backup::OPEN_BACKUP
+            | backup::DUMP_DATABASE
+            | backup::START_CONTENT_BACKUP
+            | backup::VERIFY_DUMP
+            | backup::AWAIT_CONTENT_BACKUP
+            | backup::WRITE_MANIFEST => BackupWorkflow.run(ctx, step).await,
             REMOVE_CONTENT => remove_content(ctx).await,
             VERIFY => verify(ctx).await.map(|()| None),
             // The instance recorded what provisioning made; names and tags find the rest.
@@ -158,73 +147,6 @@ async fn stop_site(ctx: &StepCtx) -> StepResult<String> {
     }
     super::suspend::stopped(&status, ctx.cloud.readiness.as_ref())?;
     Ok("stopped".into())
-}
-
-/// The tenant database, dumped by the standard dump program and streamed through gzip into
-/// a multipart upload (`crate::backup::dump_to`): memory stays bounded by the part size,
-/// whatever the database's size. `database.json` beside it records the dump's summary
-/// (sizes, sha256 of the object and of each part, server version). Idempotent: a retry
-/// dumps again over the same keys; a failed or interrupted dump leaves no object (the
-/// upload is aborted; parts of a killed process expire by the bucket's lifecycle rule).
-async fn archive_database(ctx: &StepCtx) -> StepResult<String> {
-    let master = master_credentials(ctx).await?;
-    let database = &ctx.cloud.database;
-    let platform = &ctx.cloud.platform;
-    let key = format!("{}database.sql.gz", archive_prefix(ctx));
-    let bucket = &platform.archive_bucket;
-    // Only this instance's database: one of the same name may belong to a sibling.
-    let live = super::backup::live_database(ctx);
-    let ours = database
-        .database_owner(&master, &live)
-        .await?
-        .is_some_and(|owner| owner == ctx.owner());
-    let manifest = if ours && database.database_exists(&master, &live).await? {
-        let tools = DumpTools::from_platform(platform);
-        let summary = backup::dump_to(
-            &tools,
-            &master,
-            &live,
-            ctx.cloud.objects.as_ref(),
-            bucket,
-            &key,
-            &ctx.tags("archive"),
-            DEFAULT_PART_SIZE,
-        )
-        .await?;
-        serde_json::json!({
-            "object": format!("s3://{bucket}/{key}"),
-            "dumped": true,
-            "dump_program": tools.dump_command,
-            "summary": summary,
-        })
-    } else {
-        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-        encoder
-            .write_all(b"-- this instance had no database at deprovisioning\n")
-            .map_err(|e| StepError::Fatal(format!("cannot compress the placeholder: {e}")))?;
-        let body = encoder
-            .finish()
-            .map_err(|e| StepError::Fatal(format!("cannot compress the placeholder: {e}")))?;
-        ctx.cloud
-            .objects
-            .put_object(bucket, &key, body, &ctx.tags("archive"))
-            .await?;
-        serde_json::json!({
-            "object": format!("s3://{bucket}/{key}"),
-            "dumped": false,
-            "reason": "this instance had no database at deprovisioning",
-        })
-    };
-    ctx.cloud
-        .objects
-        .put_object(
-            bucket,
-            &format!("{}{DATABASE_MANIFEST}", archive_prefix(ctx)),
-            manifest.to_string().into_bytes(),
-            &ctx.tags("archive"),
-        )
-        .await?;
-    Ok(format!("s3://{bucket}/{key}"))
 }
 
 fn cleaner_family(ctx: &StepCtx) -> String {
@@ -316,133 +238,6 @@ async fn remove_content(ctx: &StepCtx) -> StepResult<Option<String>> {
         .delete_task_definitions(&cleaner_family(ctx), &ctx.owner_tags())
         .await?;
     Ok(Some(format!("removed /{directory}")))
-}
-
-fn archiver_family(ctx: &StepCtx) -> String {
-    format!("{}-archiver", ctx.names.stack)
-}
-
-/// What `start_content_archive` records when this instance owns no access point (it never
-/// got that far, or a retry already removed it): there is no content of ours to archive.
-const NO_CONTENT: &str = "none";
-
-/// Starts the one-off task that tars wp-content (through the instance's access point) into
-/// the archive bucket and then empties the directory; the next stage waits for it.
-async fn start_content_archive(ctx: &StepCtx) -> StepResult<String> {
-    let platform = &ctx.cloud.platform;
-    let files = &ctx.cloud.files;
-    // Only an access point this instance owns (tagged with its owner tags).
-    let ours = files
-        .find_tagged(&platform.file_system_id, &ctx.component_tags("efs"))
-        .await?;
-    let recorded = ctx.instance.resources.get(ACCESS_POINT);
-    let Some(access_point) = recorded
-        .filter(|id| ours.contains(*id))
-        .or_else(|| ours.first())
-        .cloned()
-    else {
-        return Ok(NO_CONTENT.into());
-    };
-    // The directory is emptied after the upload unless another live access point (a
-    // sibling instance's) shares it.
-    let all = files
-        .find_tagged(&platform.file_system_id, &ctx.tenant_tags())
-        .await?;
-    let shared = all.iter().any(|id| !ours.contains(id));
-    let key = format!("{}wp-content.tar.gz", archive_prefix(ctx));
-    let script = String::from(
-        "set -e; tar czf /tmp/wp-content.tar.gz -C \"$CONTENT_DIR\" . \
-         && aws s3 cp /tmp/wp-content.tar.gz \"s3://$ARCHIVE_BUCKET/$ARCHIVE_KEY\" \
-         && if [ \"$REMOVE_CONTENT\" = 1 ]; then find \"$CONTENT_DIR\" -mindepth 1 -delete \
-         && [ -z \"$(ls -A \"$CONTENT_DIR\")\" ]; fi",
-    );
-    let spec = OneOffTaskSpec {
-        cluster: platform.cluster.clone(),
-        family: archiver_family(ctx),
-        image: platform.archiver_image.clone(),
-        command: vec!["sh".into(), "-c".into(), script],
-        environment: vec![
-            ("ARCHIVE_BUCKET".into(), platform.archive_bucket.clone()),
-            ("ARCHIVE_KEY".into(), key),
-            ("CONTENT_DIR".into(), WP_CONTENT_PATH.into()),
-            (
-                "REMOVE_CONTENT".into(),
-                if shared { "0" } else { "1" }.into(),
-            ),
-        ],
-        file_system_id: platform.file_system_id.clone(),
-        access_point_id: access_point,
-        subnets: platform.subnets.clone(),
-        security_groups: platform.security_groups.clone(),
-        execution_role_arn: platform.execution_role_arn.clone(),
-        task_role_arn: platform.task_role_arn.clone(),
-        // One task per attempt of this operation, however often the step is resumed.
-        client_token: format!("{}/{}", ctx.operation.id, ctx.operation.attempt),
-        tags: ctx.tags("archiver"),
-    };
-    Ok(ctx.cloud.compute.run_task(&spec).await?)
-}
-
-async fn await_content_archive(ctx: &StepCtx) -> StepResult<String> {
-    let platform = &ctx.cloud.platform;
-    let task = ctx.require_output(START_CONTENT_ARCHIVE)?;
-    let content = if task == NO_CONTENT {
-        None
-    } else {
-        let status = ctx
-            .cloud
-            .compute
-            .task_status(&platform.cluster, task)
-            .await?
-            .ok_or_else(|| StepError::Fatal(format!("archiver task {task} is gone")))?;
-        if status.last_status != "STOPPED" {
-            return Err(StepError::NotYet(format!(
-                "archiver is {}",
-                status.last_status
-            )));
-        }
-        // Exit code 0: archived, uploaded, and the directory verified empty.
-        if !ctx.cloud.readiness.task_succeeded(status.exit_code) {
-            return Err(StepError::Fatal(format!(
-                "archiver task stopped with exit code {:?}",
-                status.exit_code
-            )));
-        }
-        Some(format!(
-            "s3://{}/{}wp-content.tar.gz",
-            platform.archive_bucket,
-            archive_prefix(ctx)
-        ))
-    };
-    // The one-off task definition is ours too: leave nothing tagged behind.
-    ctx.cloud
-        .compute
-        .delete_task_definitions(&archiver_family(ctx), &ctx.owner_tags())
-        .await?;
-    let manifest = serde_json::json!({
-        "instance": ctx.instance.name.to_string(),
-        "operation": ctx.operation.id.to_string(),
-        "database": ctx.output(ARCHIVE_DATABASE),
-        "database_manifest": ctx.output(ARCHIVE_DATABASE).map(|_| format!(
-            "s3://{}/{}{DATABASE_MANIFEST}",
-            platform.archive_bucket,
-            archive_prefix(ctx)
-        )),
-        "content": content,
-        "archiver_task": (task != NO_CONTENT).then_some(task),
-        "retention_days": 90,
-    });
-    let key = format!("{}manifest.json", archive_prefix(ctx));
-    ctx.cloud
-        .objects
-        .put_object(
-            &platform.archive_bucket,
-            &key,
-            manifest.to_string().into_bytes(),
-            &ctx.tags("archive"),
-        )
-        .await?;
-    Ok(format!("s3://{}/{key}", platform.archive_bucket))
 }
 
 /// Nothing tagged for this instance may remain (ACTIVE or INACTIVE task definitions
