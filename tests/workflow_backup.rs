@@ -395,10 +395,26 @@ async fn a_restore_switches_to_a_verified_copy_and_drops_the_old_database() {
     let mut cp = platform::start(config, None).await;
     let tenant = provisioned(&mut cp, "rs").await;
     let db = database(&tenant);
-    fill(&db).await;
+    // The WordPress-like database: ≥ 100 000 rows, emoji and right-to-left text, a
+    // longtext of several MB, blobs, NULLs, zero dates, a view, a trigger, a procedure
+    // and an event.
+    common::wordpress::create_wordpress_like(&mut master_conn().await, &db).await;
     let original = table_sums(&db).await;
+    let rows: u64 = original.values().map(|(count, _)| count).sum();
+    assert!(rows >= 100_000, "{rows} rows");
     backed_up(&mut cp, &tenant, "good").await;
-    damage(&db).await;
+    // The live data damaged after the backup: rows changed, deleted and added, the view
+    // dropped.
+    let mut conn = master_conn().await;
+    for statement in [
+        format!("UPDATE `{db}`.wp_posts SET post_title = 'defaced' WHERE ID % 3 = 0"),
+        format!("DELETE FROM `{db}`.wp_postmeta WHERE meta_id % 2 = 0"),
+        format!("DELETE FROM `{db}`.wp_options WHERE option_name = 'all_bytes'"),
+        format!("INSERT INTO `{db}`.wp_legacy VALUES (4, 'spam')"),
+        format!("DROP VIEW `{db}`.wp_published"),
+    ] {
+        conn.query_drop(&statement).await.unwrap();
+    }
     assert_ne!(table_sums(&db).await, original);
     let before = cp.instance(&tenant).await;
 
@@ -418,7 +434,7 @@ async fn a_restore_switches_to_a_verified_copy_and_drops_the_old_database() {
         )
         .await
         .unwrap();
-    assert_eq!(views, ["wp_titles"]);
+    assert_eq!(views, ["wp_published"]);
     let triggers: Vec<String> = conn
         .exec(
             "SELECT TRIGGER_NAME FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA = ?",
@@ -426,7 +442,7 @@ async fn a_restore_switches_to_a_verified_copy_and_drops_the_old_database() {
         )
         .await
         .unwrap();
-    assert_eq!(triggers, ["wp_meta_count"]);
+    assert_eq!(triggers, ["wp_postmeta_count"]);
     let routines: Vec<String> = conn
         .exec(
             "SELECT ROUTINE_NAME FROM information_schema.ROUTINES WHERE ROUTINE_SCHEMA = ?",
@@ -434,7 +450,15 @@ async fn a_restore_switches_to_a_verified_copy_and_drops_the_old_database() {
         )
         .await
         .unwrap();
-    assert_eq!(routines, ["wp_count"]);
+    assert_eq!(routines, ["wp_count_meta"]);
+    let events: Vec<String> = conn
+        .exec(
+            "SELECT EVENT_NAME FROM information_schema.EVENTS WHERE EVENT_SCHEMA = ?",
+            (&live,),
+        )
+        .await
+        .unwrap();
+    assert_eq!(events, ["wp_purge_transients"]);
     // The old database is gone; the service runs a new revision on the restored one.
     assert_eq!(databases_like(&db).await, vec![live.clone()]);
     assert_ne!(

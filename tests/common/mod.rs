@@ -13,6 +13,8 @@
 //! explicitly ([`aws_sdk_config`]) or set on child processes only.
 #![allow(dead_code)]
 
+pub mod wordpress;
+
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
