@@ -17,11 +17,18 @@
 //! - `cleanup` (the restore completed): removes `.im-previous-{op}` and any staging.
 //!
 //! The image needs `sh`, `tar`, `gzip`, coreutils (`sha256sum`, `mkfifo`, `tee`, `wc`) and
-//! the AWS CLI v2; the script checks and exits 127 naming what is missing.
+//! the AWS CLI v2; on an Alpine image without them (the default, `alpine:3`) the script
+//! first tries `apk add`, then checks and exits 127 naming what is missing.
 
 /// The archiver's script (POSIX sh; `set -o pipefail` is not POSIX, so every stage of a
 /// pipeline that matters reports its failure through a file).
 pub const SCRIPT: &str = r#"set -eu
+# The default image (alpine) has no AWS CLI: fetch it where the task can reach Alpine's
+# repositories (it could pull the image, so it usually can); otherwise the check below
+# names what is missing.
+if ! command -v aws >/dev/null 2>&1 && command -v apk >/dev/null 2>&1; then
+  apk add --no-cache aws-cli tar gzip coreutils >/dev/null 2>&1 || true
+fi
 for tool in tar gzip sha256sum mkfifo tee wc aws; do
   command -v "$tool" >/dev/null 2>&1 || { echo "archiver image lacks $tool" >&2; exit 127; }
 done
