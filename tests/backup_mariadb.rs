@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::Instant;
 
 use instance_manager::backup::{DumpTools, dump_to, restore_from, verify_copy};
@@ -113,33 +112,6 @@ async fn database_exists(conn: &mut Conn, db: &str) -> bool {
     found.is_some()
 }
 
-/// Per table: (COUNT(*), CHECKSUM TABLE), by the test's own SQL.
-async fn table_sums(conn: &mut Conn, db: &str) -> BTreeMap<String, (u64, Option<u64>)> {
-    let tables: Vec<String> = conn
-        .exec(
-            "SELECT TABLE_NAME FROM information_schema.TABLES \
-             WHERE TABLE_SCHEMA = ? AND TABLE_TYPE = 'BASE TABLE'",
-            (db,),
-        )
-        .await
-        .unwrap();
-    let mut sums = BTreeMap::new();
-    for table in tables {
-        let count: u64 = conn
-            .query_first(format!("SELECT COUNT(*) FROM `{db}`.`{table}`"))
-            .await
-            .unwrap()
-            .unwrap();
-        let (_, sum): (String, Option<u64>) = conn
-            .query_first(format!("CHECKSUM TABLE `{db}`.`{table}`"))
-            .await
-            .unwrap()
-            .unwrap();
-        sums.insert(table, (count, sum));
-    }
-    sums
-}
-
 /// Every column's type, character set and collation.
 async fn columns(
     conn: &mut Conn,
@@ -170,7 +142,7 @@ async fn a_wordpress_database_survives_dump_damage_and_restore() {
     let master = master();
     let mut conn = conn().await;
     common::wordpress::create_wordpress_like(&mut conn, &db).await;
-    let before = table_sums(&mut conn, &db).await;
+    let before = common::wordpress::table_sums(&mut conn, &db).await;
     let rows: u64 = before.values().map(|(count, _)| count).sum();
     assert!(rows >= 100_000, "{rows} rows");
     let columns_before = columns(&mut conn, &db).await;
@@ -214,7 +186,7 @@ async fn a_wordpress_database_survives_dump_damage_and_restore() {
     ] {
         conn.query_drop(statement).await.unwrap();
     }
-    let damaged = table_sums(&mut conn, &db).await;
+    let damaged = common::wordpress::table_sums(&mut conn, &db).await;
     assert_ne!(damaged, before, "the damage changed nothing");
 
     let restoring = Instant::now();
@@ -235,7 +207,10 @@ async fn a_wordpress_database_survives_dump_damage_and_restore() {
 
     // Every table: the same rows and CHECKSUM TABLE as before the damage; the same columns
     // with the same character sets and collations.
-    assert_eq!(table_sums(&mut conn, &restored).await, before);
+    assert_eq!(
+        common::wordpress::table_sums(&mut conn, &restored).await,
+        before
+    );
     assert_eq!(columns(&mut conn, &restored).await, columns_before);
     let (charset, collation): (String, String) = conn
         .exec_first(

@@ -426,39 +426,29 @@ async fn a_restore_switches_to_a_verified_copy_and_drops_the_old_database() {
     let live = after.resources["database"].clone();
     assert!(live.starts_with(&format!("{db}_r")), "{live}");
     assert_eq!(table_sums(&live).await, original);
+    // The view, trigger, procedure and event, as information_schema lists them.
     let mut conn = master_conn().await;
-    let views: Vec<String> = conn
-        .exec(
+    for (sql, expected) in [
+        (
             "SELECT TABLE_NAME FROM information_schema.VIEWS WHERE TABLE_SCHEMA = ?",
-            (&live,),
-        )
-        .await
-        .unwrap();
-    assert_eq!(views, ["wp_published"]);
-    let triggers: Vec<String> = conn
-        .exec(
+            "wp_published",
+        ),
+        (
             "SELECT TRIGGER_NAME FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA = ?",
-            (&live,),
-        )
-        .await
-        .unwrap();
-    assert_eq!(triggers, ["wp_postmeta_count"]);
-    let routines: Vec<String> = conn
-        .exec(
+            "wp_postmeta_count",
+        ),
+        (
             "SELECT ROUTINE_NAME FROM information_schema.ROUTINES WHERE ROUTINE_SCHEMA = ?",
-            (&live,),
-        )
-        .await
-        .unwrap();
-    assert_eq!(routines, ["wp_count_meta"]);
-    let events: Vec<String> = conn
-        .exec(
+            "wp_count_meta",
+        ),
+        (
             "SELECT EVENT_NAME FROM information_schema.EVENTS WHERE EVENT_SCHEMA = ?",
-            (&live,),
-        )
-        .await
-        .unwrap();
-    assert_eq!(events, ["wp_purge_transients"]);
+            "wp_purge_transients",
+        ),
+    ] {
+        let found: Vec<String> = conn.exec(sql, (&live,)).await.unwrap();
+        assert_eq!(found, [expected], "{sql}");
+    }
     // The old database is gone; the service runs a new revision on the restored one.
     assert_eq!(databases_like(&db).await, vec![live.clone()]);
     assert_ne!(

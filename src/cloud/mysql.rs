@@ -61,6 +61,76 @@ impl MySqlDatabase {
     pub fn with_timeouts(timeouts: DbTimeouts) -> Self {
         Self { timeouts }
     }
+
+    /// Claims `database` (and records `user` with it) for `owner`: a name someone holds is
+    /// theirs; an unclaimed one is claimed only if no database of that name exists — and,
+    /// with `user_must_be_new`, no user of that name either (a first claim creates both;
+    /// a restore's further database reuses the owner's user). The primary key settles a
+    /// race between two claimants.
+    async fn claim(
+        &self,
+        master: &MasterCredentials,
+        database: &str,
+        user: &str,
+        owner: &str,
+        user_must_be_new: bool,
+    ) -> CloudResult<DatabaseClaim> {
+        quote_identifier("database", database)?;
+        quote_identifier("user", user)?;
+        let mut session = Session::open(master, self.timeouts).await?;
+        let result = async {
+            session.ensure_ownership_table().await?;
+            if let Some(holder) = session.owner_of(database).await? {
+                return Ok(if holder == owner {
+                    DatabaseClaim::Ours
+                } else {
+                    DatabaseClaim::Theirs(holder)
+                });
+            }
+            // Unclaimed: an existing database (or user) of that name was made by someone
+            // else and is never adopted.
+            let databases = session
+                .count(
+                    &format!("look up database {database}"),
+                    "SELECT COUNT(*) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = ?",
+                    vec![database.into()],
+                )
+                .await?;
+            let users = if user_must_be_new {
+                session
+                    .count(
+                        &format!("look up user {user}"),
+                        "SELECT COUNT(*) FROM mysql.user WHERE User = ?",
+                        vec![user.into()],
+                    )
+                    .await?
+            } else {
+                0
+            };
+            if databases > 0 || users > 0 {
+                return Ok(DatabaseClaim::Theirs(
+                    "nobody recorded (it existed before)".into(),
+                ));
+            }
+            session
+                .exec(
+                    &format!("claim database {database}"),
+                    &format!(
+                        "INSERT IGNORE INTO {OWNERSHIP_TABLE} (database_name, user_name, owner) VALUES (?, ?, ?)"
+                    ),
+                    vec![database.into(), user.into(), owner.into()],
+                )
+                .await?;
+            Ok(match session.owner_of(database).await? {
+                Some(holder) if holder == owner => DatabaseClaim::Ours,
+                Some(holder) => DatabaseClaim::Theirs(holder),
+                None => DatabaseClaim::Theirs("nobody (the claim vanished)".into()),
+            })
+        }
+        .await;
+        session.close().await;
+        result
+    }
 }
 
 /// Refuses anything but `[a-z0-9_]` (names come from validated ids; this is defence in
@@ -571,58 +641,7 @@ impl Database for MySqlDatabase {
         user: &str,
         owner: &str,
     ) -> CloudResult<DatabaseClaim> {
-        quote_identifier("database", database)?;
-        quote_identifier("user", user)?;
-        let mut session = Session::open(master, self.timeouts).await?;
-        let result = async {
-            session.ensure_ownership_table().await?;
-            if let Some(holder) = session.owner_of(database).await? {
-                return Ok(if holder == owner {
-                    DatabaseClaim::Ours
-                } else {
-                    DatabaseClaim::Theirs(holder)
-                });
-            }
-            // Unclaimed: only a name nobody uses may be claimed; an existing database (or
-            // user) of that name was made by someone else and is never adopted.
-            let databases = session
-                .count(
-                    &format!("look up database {database}"),
-                    "SELECT COUNT(*) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = ?",
-                    vec![database.into()],
-                )
-                .await?;
-            let users = session
-                .count(
-                    &format!("look up user {user}"),
-                    "SELECT COUNT(*) FROM mysql.user WHERE User = ?",
-                    vec![user.into()],
-                )
-                .await?;
-            if databases > 0 || users > 0 {
-                return Ok(DatabaseClaim::Theirs(
-                    "nobody recorded (it existed before)".into(),
-                ));
-            }
-            // The primary key settles a race between two claimants.
-            session
-                .exec(
-                    &format!("claim database {database}"),
-                    &format!(
-                        "INSERT IGNORE INTO {OWNERSHIP_TABLE} (database_name, user_name, owner) VALUES (?, ?, ?)"
-                    ),
-                    vec![database.into(), user.into(), owner.into()],
-                )
-                .await?;
-            Ok(match session.owner_of(database).await? {
-                Some(holder) if holder == owner => DatabaseClaim::Ours,
-                Some(holder) => DatabaseClaim::Theirs(holder),
-                None => DatabaseClaim::Theirs("nobody (the claim vanished)".into()),
-            })
-        }
-        .await;
-        session.close().await;
-        result
+        self.claim(master, database, user, owner, true).await
     }
 
     async fn database_owner(
@@ -671,48 +690,7 @@ impl Database for MySqlDatabase {
         user: &str,
         owner: &str,
     ) -> CloudResult<DatabaseClaim> {
-        quote_identifier("database", database)?;
-        quote_identifier("user", user)?;
-        let mut session = Session::open(master, self.timeouts).await?;
-        let result = async {
-            session.ensure_ownership_table().await?;
-            if let Some(holder) = session.owner_of(database).await? {
-                return Ok(if holder == owner {
-                    DatabaseClaim::Ours
-                } else {
-                    DatabaseClaim::Theirs(holder)
-                });
-            }
-            let databases = session
-                .count(
-                    &format!("look up database {database}"),
-                    "SELECT COUNT(*) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = ?",
-                    vec![database.into()],
-                )
-                .await?;
-            if databases > 0 {
-                return Ok(DatabaseClaim::Theirs(
-                    "nobody recorded (it existed before)".into(),
-                ));
-            }
-            session
-                .exec(
-                    &format!("claim database {database}"),
-                    &format!(
-                        "INSERT IGNORE INTO {OWNERSHIP_TABLE} (database_name, user_name, owner) VALUES (?, ?, ?)"
-                    ),
-                    vec![database.into(), user.into(), owner.into()],
-                )
-                .await?;
-            Ok(match session.owner_of(database).await? {
-                Some(holder) if holder == owner => DatabaseClaim::Ours,
-                Some(holder) => DatabaseClaim::Theirs(holder),
-                None => DatabaseClaim::Theirs("nobody (the claim vanished)".into()),
-            })
-        }
-        .await;
-        session.close().await;
-        result
+        self.claim(master, database, user, owner, false).await
     }
 
     async fn drop_schema(&self, master: &MasterCredentials, database: &str) -> CloudResult<()> {

@@ -3,6 +3,8 @@
 //! with emoji and right-to-left scripts, a longtext of several MB, blobs with every byte,
 //! NULLs and zero dates; a view, a trigger, a stored procedure and an event.
 
+use std::collections::BTreeMap;
+
 use mysql_async::Conn;
 use mysql_async::prelude::Queryable;
 
@@ -86,4 +88,31 @@ pub async fn create_wordpress_like(conn: &mut Conn, db: &str) {
             .await
             .unwrap_or_else(|e| panic!("{statement}: {e}"));
     }
+}
+
+/// Per table: (COUNT(*), CHECKSUM TABLE), by the test's own SQL.
+pub async fn table_sums(conn: &mut Conn, db: &str) -> BTreeMap<String, (u64, Option<u64>)> {
+    let tables: Vec<String> = conn
+        .exec(
+            "SELECT TABLE_NAME FROM information_schema.TABLES \
+             WHERE TABLE_SCHEMA = ? AND TABLE_TYPE = 'BASE TABLE'",
+            (db,),
+        )
+        .await
+        .unwrap();
+    let mut sums = BTreeMap::new();
+    for table in tables {
+        let count: u64 = conn
+            .query_first(format!("SELECT COUNT(*) FROM `{db}`.`{table}`"))
+            .await
+            .unwrap()
+            .unwrap();
+        let (_, sum): (String, Option<u64>) = conn
+            .query_first(format!("CHECKSUM TABLE `{db}`.`{table}`"))
+            .await
+            .unwrap()
+            .unwrap();
+        sums.insert(table, (count, sum));
+    }
+    sums
 }

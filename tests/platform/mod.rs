@@ -90,6 +90,12 @@ pub async fn drop_tenant_databases(tenants: &[String]) {
             {
                 eprintln!("cleanup of {}: {error}", names.database);
             }
+            // A restore's databases (`{db}_r…`), and any scratch copy a test left.
+            for database in sql::databases_like(&format!("{}_", names.database)).await {
+                if let Err(error) = mysql.drop_schema(&master, &database).await {
+                    eprintln!("cleanup of {database}: {error}");
+                }
+            }
         }
     }
 }

@@ -49,30 +49,7 @@ pub async fn fill(db: &str) {
 
 /// (COUNT(*), CHECKSUM TABLE) per table, by the test's own SQL.
 pub async fn table_sums(db: &str) -> BTreeMap<String, (u64, Option<u64>)> {
-    let mut conn = master_conn().await;
-    let tables: Vec<String> = conn
-        .exec(
-            "SELECT TABLE_NAME FROM information_schema.TABLES \
-             WHERE TABLE_SCHEMA = ? AND TABLE_TYPE = 'BASE TABLE'",
-            (db,),
-        )
-        .await
-        .unwrap();
-    let mut sums = BTreeMap::new();
-    for table in tables {
-        let count: u64 = conn
-            .query_first(format!("SELECT COUNT(*) FROM `{db}`.`{table}`"))
-            .await
-            .unwrap()
-            .unwrap();
-        let (_, sum): (String, Option<u64>) = conn
-            .query_first(format!("CHECKSUM TABLE `{db}`.`{table}`"))
-            .await
-            .unwrap()
-            .unwrap();
-        sums.insert(table, (count, sum));
-    }
-    sums
+    super::common::wordpress::table_sums(&mut master_conn().await, db).await
 }
 
 /// Databases whose name starts with `prefix`.
