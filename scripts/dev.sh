@@ -77,7 +77,8 @@ fi
 # now, skip draining").
 run_detached=()
 if command -v setsid >/dev/null 2>&1; then run_detached=(setsid); fi
-"${run_detached[@]}" "$bin" serve --config "$dev_config" --listen "$IM_LISTEN" --aws-endpoint "$IM_AWS_ENDPOINT" --table "$IM_TABLE" &
+# --no-auth: a local server for one developer, without tokens (it warns at start-up).
+"${run_detached[@]}" "$bin" serve --no-auth --config "$dev_config" --listen "$IM_LISTEN" --aws-endpoint "$IM_AWS_ENDPOINT" --table "$IM_TABLE" &
 server_pid=$!
 # On Ctrl-C / TERM: pass the signal on, then wait for the server below.
 trap 'kill -INT "$server_pid" 2>/dev/null || true' INT

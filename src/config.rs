@@ -120,6 +120,8 @@ pub struct Config {
     /// `Origin` is refused (HTTP 403); requests without one (native gRPC, non-browser
     /// gRPC-Web clients) are unaffected. Empty (the default): no browser may call.
     pub cors_allowed_origins: Vec<String>,
+    /// Who may call the API (`[auth]`): static tokens, or explicitly none.
+    pub auth: crate::auth::AuthConfig,
     pub environments: Vec<EnvironmentConfig>,
 }
 
@@ -168,6 +170,7 @@ impl Default for Config {
             tail_buffer: 8,
             failpoints: Vec::new(),
             cors_allowed_origins: Vec::new(),
+            auth: crate::auth::AuthConfig::default(),
             environments: Vec::new(),
         }
     }
@@ -244,6 +247,10 @@ pub struct ConfigArgs {
     /// (`https://admin.example.com,http://localhost:8080`); an empty value allows none.
     #[arg(long, env = "IM_CORS_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub cors_allowed_origins: Option<Vec<String>>,
+    /// Serve without authentication (every caller is an admin of every tenant); for local
+    /// development only. Sets `auth.disabled`.
+    #[arg(long = "no-auth", env = "IM_AUTH_DISABLED")]
+    pub no_auth: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -326,6 +333,9 @@ impl ConfigArgs {
         if let Some(secret) = &self.page_token_secret {
             config.page_token_secret = Secret::new(secret.clone());
         }
+        if self.no_auth {
+            config.auth.disabled = true;
+        }
         if let Some(min) = self.scale_min {
             config.scale_bounds.min = min;
         }
@@ -352,6 +362,9 @@ impl Config {
         if self.max_request_bytes < 1024 || self.max_streams == 0 {
             return invalid("max_request_bytes must be at least 1024 and max_streams positive");
         }
+        self.auth
+            .validate()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if self.idempotency_ttl_secs == 0 {
             return invalid("idempotency_ttl_secs must be positive");
         }

@@ -31,6 +31,8 @@ pub enum ServeError {
     Failpoints(String),
     #[error("cannot build reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("{0}")]
+    Auth(#[from] crate::auth::AuthConfigError),
     #[error("transport error: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -79,18 +81,23 @@ fn rpc_span(request: &http::Request<()>) -> tracing::Span {
         .filter(|v| !v.is_empty() && v.len() <= 128)
         .map(str::to_owned)
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    tracing::info_span!("rpc", method = %request.uri().path(), %request_id)
+    tracing::info_span!(
+        "rpc",
+        method = %request.uri().path(),
+        %request_id,
+        principal = tracing::field::Empty
+    )
 }
 
-/// Serves until `shutdown` is cancelled, with gRPC-Web open to no browser origin (see
-/// [`serve_with`]).
+/// Serves until `shutdown` is cancelled, with gRPC-Web open to no browser origin and
+/// authentication disabled (tests that are not about either; see [`serve_with`]).
 pub async fn serve(
     api: Api,
     listener: TcpListener,
     shutdown: CancellationToken,
     grace: Duration,
 ) -> Result<(), ServeError> {
-    serve_with(api, listener, shutdown, grace, &WebSettings::default()).await
+    serve_with(api, listener, shutdown, grace, &ServeOptions::default()).await
 }
 
 /// Serves until `shutdown` is cancelled. Health turns NOT_SERVING at once; in-flight calls
@@ -104,8 +111,9 @@ pub async fn serve_with(
     listener: TcpListener,
     shutdown: CancellationToken,
     grace: Duration,
-    web: &WebSettings,
+    options: &ServeOptions,
 ) -> Result<(), ServeError> {
+    let web = &options.web;
     let (reporter, health_service) = tonic_health::server::health_reporter();
     set_health(&reporter, ServingStatus::NotServing).await;
 
@@ -147,6 +155,9 @@ pub async fn serve_with(
         .layer(OriginGateLayer::new(web.allowed_origins.clone()))
         .layer(cors_layer(&web.allowed_origins))
         .layer(tonic_web::GrpcWebLayer::new())
+        // Who is calling: a principal for every call but health and reflection, or
+        // UNAUTHENTICATED before any handler runs.
+        .layer(crate::auth::AuthLayer::new(options.auth.clone()))
         // Statuses tonic answers before a handler runs (too large, undecodable, unknown
         // method) get ErrorInfo like every other error.
         .layer(tower::util::MapResponseLayer::new(
@@ -177,6 +188,40 @@ pub async fn serve_with(
     }
     tracing::info!("server stopped");
     Ok(())
+}
+
+/// How the server meets its callers: browsers (gRPC-Web) and authentication.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub web: WebSettings,
+    pub auth: Arc<crate::auth::Authenticator>,
+}
+
+impl Default for ServeOptions {
+    /// No browser origin, authentication disabled.
+    fn default() -> Self {
+        Self {
+            web: WebSettings::default(),
+            auth: Arc::new(crate::auth::Authenticator::disabled()),
+        }
+    }
+}
+
+impl ServeOptions {
+    /// From the configuration; an `[auth]` that configures no way to authenticate (and
+    /// does not disable it) is refused.
+    pub fn from_config(config: &Config) -> Result<Self, ServeError> {
+        let auth = crate::auth::Authenticator::from_config(&config.auth)?;
+        if auth.is_disabled() {
+            tracing::warn!(
+                "AUTHENTICATION IS DISABLED: every caller is an admin of every tenant; never run a shared or production server like this"
+            );
+        }
+        Ok(Self {
+            web: WebSettings::from_config(config),
+            auth: Arc::new(auth),
+        })
+    }
 }
 
 /// Browser access (gRPC-Web) settings of the server.
@@ -304,6 +349,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     let grace = Duration::from_secs(config.shutdown_grace_secs);
+    let options = ServeOptions::from_config(config)?;
     let tokens = if config.page_token_secret.is_empty() {
         tracing::warn!(
             "no page_token_secret configured: page tokens are valid only in this process"
@@ -405,14 +451,7 @@ pub async fn run(
             .run(shutdown.clone())
             .instrument(tracing::info_span!("engine")),
     );
-    serve_with(
-        api,
-        listener,
-        shutdown,
-        grace,
-        &WebSettings::from_config(config),
-    )
-    .await?;
+    serve_with(api, listener, shutdown, grace, &options).await?;
     if tokio::time::timeout(grace, engine_task).await.is_err() {
         tracing::warn!("workflow engine did not stop within the grace period");
     }

@@ -306,6 +306,7 @@ const BIN_ENV_VARS: &[&str] = &[
     "IM_TABLE",
     "IM_LISTEN",
     "IM_CORS_ALLOWED_ORIGINS",
+    "IM_AUTH_DISABLED",
     // The client subcommands' settings.
     "IM_SERVER",
     "IM_TOKEN",
@@ -356,6 +357,9 @@ impl ServerProcess {
         for (k, v) in aws_test_env() {
             cmd.env(k, v);
         }
+        // Servers run without authentication unless a test configures it (and sets
+        // `IM_AUTH_DISABLED=false` in `envs`).
+        cmd.env("IM_AUTH_DISABLED", "true");
         for (k, v) in envs {
             cmd.env(k, v);
         }
