@@ -93,7 +93,7 @@ where
 }
 
 fn unauthenticated<B: Default>(error: &AuthError) -> http::Response<B> {
-    let status = tonic::Status::unauthenticated(error.to_string());
+    let status = tonic::Status::new(error.code(), error.to_string());
     let mut response = http::Response::new(B::default());
     // A trailers-only gRPC answer: the status travels in the headers.
     let headers = response.headers_mut();

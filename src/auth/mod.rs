@@ -12,15 +12,18 @@
 //! `make dev` sets); every call then acts as [`Principal::unauthenticated`], an admin of
 //! every tenant, and the server warns at start-up.
 
+pub mod jwt;
 pub mod layer;
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::domain::TenantId;
 
+pub use jwt::{JwtConfig, JwtValidator};
 pub use layer::AuthLayer;
 
 /// What a principal may do. Ordered: each role may do everything the ones before it may.
@@ -127,10 +130,12 @@ pub fn principal<T>(request: &tonic::Request<T>) -> Option<&Principal> {
 pub struct AuthConfig {
     /// Serve without authentication: every call is an admin of every tenant. Must be asked
     /// for; the server warns at start-up. Without it, at least one way to authenticate
-    /// (`tokens`) must be configured.
+    /// (`tokens` or `jwt`) must be configured.
     pub disabled: bool,
     /// Static API tokens for automation.
     pub tokens: Vec<StaticTokenConfig>,
+    /// Bearer JWTs (Cognito) validated against a JWKS.
+    pub jwt: Option<JwtConfig>,
 }
 
 /// One static API token. Only its SHA-256 is configured, so the configuration (and its
@@ -152,9 +157,11 @@ pub struct StaticTokenConfig {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthConfigError {
     #[error(
-        "no authentication configured: add [[auth.tokens]] (see the README's \"Authentication\"), or set auth.disabled = true to serve without it"
+        "no authentication configured: add [[auth.tokens]] or [auth.jwt] (see the README's \"Authentication and TLS\"), or set auth.disabled = true (serve --no-auth) to serve without it"
     )]
     NothingConfigured,
+    #[error("auth.jwt.{field}: {reason}")]
+    Jwt { field: &'static str, reason: String },
     #[error("auth.tokens[{index}].{field}: {reason}")]
     Token {
         index: usize,
@@ -197,6 +204,10 @@ impl AuthConfig {
                 TenantId::parse(tenant).map_err(|e| bad("tenant", &e.to_string()))?;
             }
         }
+        if let Some(jwt) = &self.jwt {
+            jwt.validate()
+                .map_err(|(field, reason)| AuthConfigError::Jwt { field, reason })?;
+        }
         Ok(())
     }
 }
@@ -217,6 +228,20 @@ pub enum AuthError {
     NotYetValid,
     #[error("{0}")]
     Rejected(String),
+    /// Authenticated, but the token grants none of the roles: PERMISSION_DENIED (the
+    /// caller is known, and a new token will not help until the role is granted).
+    #[error("the token grants no role: it needs admin, operator or viewer")]
+    NoRole,
+}
+
+impl AuthError {
+    /// The gRPC code the caller gets.
+    pub fn code(&self) -> tonic::Code {
+        match self {
+            AuthError::NoRole => tonic::Code::PermissionDenied,
+            _ => tonic::Code::Unauthenticated,
+        }
+    }
 }
 
 /// Turns a request's bearer credential into a principal.
@@ -225,6 +250,7 @@ pub struct Authenticator {
     disabled: bool,
     /// (sha256 of the token, its principal).
     tokens: Vec<([u8; 32], Principal)>,
+    jwt: Option<Arc<JwtValidator>>,
 }
 
 impl Authenticator {
@@ -233,13 +259,14 @@ impl Authenticator {
         Self {
             disabled: true,
             tokens: Vec::new(),
+            jwt: None,
         }
     }
 
     /// From a validated `[auth]`.
     pub fn from_config(config: &AuthConfig) -> Result<Self, AuthConfigError> {
         config.validate()?;
-        if !config.disabled && config.tokens.is_empty() {
+        if !config.disabled && config.tokens.is_empty() && config.jwt.is_none() {
             return Err(AuthConfigError::NothingConfigured);
         }
         let tokens = config
@@ -265,9 +292,17 @@ impl Authenticator {
                 )
             })
             .collect();
+        let jwt = match &config.jwt {
+            Some(jwt) => Some(Arc::new(
+                JwtValidator::new(jwt.clone())
+                    .map_err(|(field, reason)| AuthConfigError::Jwt { field, reason })?,
+            )),
+            None => None,
+        };
         Ok(Self {
             disabled: config.disabled,
             tokens,
+            jwt,
         })
     }
 
@@ -281,7 +316,13 @@ impl Authenticator {
             return Ok(Principal::unauthenticated());
         }
         let token = bearer(headers)?;
-        self.static_token(token).ok_or(AuthError::Invalid)
+        if let Some(principal) = self.static_token(token) {
+            return Ok(principal);
+        }
+        match &self.jwt {
+            Some(jwt) if looks_like_jwt(token) => jwt.authenticate(token).await,
+            _ => Err(AuthError::Invalid),
+        }
     }
 
     fn static_token(&self, token: &str) -> Option<Principal> {
@@ -312,6 +353,18 @@ fn bearer(headers: &http::HeaderMap) -> Result<&str, AuthError> {
     Ok(token)
 }
 
+/// Three base64url segments: what a JWS in compact form looks like (a static token never
+/// needs to).
+fn looks_like_jwt(token: &str) -> bool {
+    let segments: Vec<&str> = token.split('.').collect();
+    segments.len() == 3
+        && segments.iter().take(2).all(|s| !s.is_empty())
+        && segments.iter().all(|s| {
+            s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
 fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
@@ -328,6 +381,7 @@ mod tests {
     fn config(tokens: &[(&str, &str, Role, Option<&str>)]) -> AuthConfig {
         AuthConfig {
             disabled: false,
+            jwt: None,
             tokens: tokens
                 .iter()
                 .map(|(name, token, role, tenant)| StaticTokenConfig {
