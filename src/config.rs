@@ -122,6 +122,8 @@ pub struct Config {
     pub cors_allowed_origins: Vec<String>,
     /// Who may call the API (`[auth]`): static tokens, or explicitly none.
     pub auth: crate::auth::AuthConfig,
+    /// TLS on the gRPC port (`[tls]`); absent: plain text.
+    pub tls: Option<crate::tls::TlsConfig>,
     pub environments: Vec<EnvironmentConfig>,
 }
 
@@ -171,6 +173,7 @@ impl Default for Config {
             failpoints: Vec::new(),
             cors_allowed_origins: Vec::new(),
             auth: crate::auth::AuthConfig::default(),
+            tls: None,
             environments: Vec::new(),
         }
     }

@@ -18,5 +18,6 @@ pub mod retention;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod usage;
 pub mod workflow;

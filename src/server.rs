@@ -33,6 +33,8 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("{0}")]
     Auth(#[from] crate::auth::AuthConfigError),
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
     #[error("transport error: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -145,7 +147,7 @@ pub async fn serve_with(
         }
     };
     let max_request_bytes = api.settings.max_request_bytes;
-    let server = Server::builder()
+    let router = Server::builder()
         // gRPC-Web from browsers comes over HTTP/1.1 as well as HTTP/2.
         .accept_http1(true)
         .trace_fn(rpc_span)
@@ -171,12 +173,22 @@ pub async fn serve_with(
         .add_service(
             InstanceServiceServer::new(api.clone()).max_decoding_message_size(max_request_bytes),
         )
-        .add_service(OperationsServer::new(api).max_decoding_message_size(max_request_bytes))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopping);
+        .add_service(OperationsServer::new(api).max_decoding_message_size(max_request_bytes));
+    let tls = options.tls.is_some();
+    let server: std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<(), tonic::transport::Error>> + Send>,
+    > = match &options.tls {
+        Some(tls) => Box::pin(
+            router.serve_with_incoming_shutdown(tls.incoming(listener, shutdown.clone()), stopping),
+        ),
+        None => Box::pin(
+            router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopping),
+        ),
+    };
     match local {
         // Tests and scripts that listen on port 0 read the bound address from this line.
-        Some(address) => tracing::info!(%address, "serving gRPC"),
-        None => tracing::info!("serving gRPC"),
+        Some(address) => tracing::info!(%address, tls, "serving gRPC"),
+        None => tracing::info!(tls, "serving gRPC"),
     }
 
     tokio::pin!(server);
@@ -190,11 +202,13 @@ pub async fn serve_with(
     Ok(())
 }
 
-/// How the server meets its callers: browsers (gRPC-Web) and authentication.
+/// How the server meets its callers: browsers (gRPC-Web), authentication and TLS.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
     pub web: WebSettings,
     pub auth: Arc<crate::auth::Authenticator>,
+    /// TLS (and mutual TLS) on the port; `None`: plain text.
+    pub tls: Option<Arc<crate::tls::TlsServer>>,
 }
 
 impl Default for ServeOptions {
@@ -203,13 +217,14 @@ impl Default for ServeOptions {
         Self {
             web: WebSettings::default(),
             auth: Arc::new(crate::auth::Authenticator::disabled()),
+            tls: None,
         }
     }
 }
 
 impl ServeOptions {
     /// From the configuration; an `[auth]` that configures no way to authenticate (and
-    /// does not disable it) is refused.
+    /// does not disable it) is refused, and so are TLS files that do not load.
     pub fn from_config(config: &Config) -> Result<Self, ServeError> {
         let auth = crate::auth::Authenticator::from_config(&config.auth)?;
         if auth.is_disabled() {
@@ -217,9 +232,14 @@ impl ServeOptions {
                 "AUTHENTICATION IS DISABLED: every caller is an admin of every tenant; never run a shared or production server like this"
             );
         }
+        let tls = match &config.tls {
+            Some(tls) => Some(Arc::new(crate::tls::TlsServer::from_config(tls)?)),
+            None => None,
+        };
         Ok(Self {
             web: WebSettings::from_config(config),
             auth: Arc::new(auth),
+            tls,
         })
     }
 }

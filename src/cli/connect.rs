@@ -6,7 +6,7 @@ use std::time::Duration;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::proto::google_longrunning::operations_client::OperationsClient;
 use crate::proto::v1::instance_service_client::InstanceServiceClient;
@@ -25,6 +25,13 @@ pub struct ClientArgs {
     /// public roots.
     #[arg(long, env = "IM_CA_FILE", value_name = "PEM")]
     pub ca_file: Option<PathBuf>,
+    /// PEM file of the client certificate for a server that requires mutual TLS (with
+    /// --key-file).
+    #[arg(long, env = "IM_CERT_FILE", value_name = "PEM", requires = "key_file")]
+    pub cert_file: Option<PathBuf>,
+    /// PEM file of the client certificate's private key.
+    #[arg(long, env = "IM_KEY_FILE", value_name = "PEM", requires = "cert_file")]
+    pub key_file: Option<PathBuf>,
     /// Bearer token sent as `authorization: Bearer TOKEN`. Prefer the environment variable:
     /// other local users can read a process's flags.
     #[arg(long, env = "IM_TOKEN", hide_env_values = true)]
@@ -135,12 +142,27 @@ async fn endpoint(args: &ClientArgs) -> Result<Endpoint, CliError> {
             })?;
             config = config.ca_certificate(Certificate::from_pem(pem));
         }
+        if let (Some(cert), Some(key)) = (&args.cert_file, &args.key_file) {
+            let read = |flag: &str, path: &std::path::Path| {
+                let path = path.to_owned();
+                let flag = flag.to_owned();
+                async move {
+                    tokio::fs::read(&path).await.map_err(|error| {
+                        CliError::Local(format!("cannot read {flag} {}: {error}", path.display()))
+                    })
+                }
+            };
+            let cert = read("--cert-file", cert).await?;
+            let key = read("--key-file", key).await?;
+            config = config.identity(Identity::from_pem(cert, key));
+        }
         endpoint = endpoint
             .tls_config(config)
             .map_err(|error| CliError::Local(format!("TLS setup: {}", error_chain(&error))))?;
-    } else if args.ca_file.is_some() {
+    } else if args.ca_file.is_some() || args.cert_file.is_some() {
         return Err(CliError::Local(
-            "--ca-file needs an https:// server (--server https://host:port)".into(),
+            "--ca-file and --cert-file need an https:// server (--server https://host:port)"
+                .into(),
         ));
     }
     Ok(endpoint)

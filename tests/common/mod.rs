@@ -312,6 +312,8 @@ const BIN_ENV_VARS: &[&str] = &[
     "IM_TOKEN",
     "IM_OUTPUT",
     "IM_CA_FILE",
+    "IM_CERT_FILE",
+    "IM_KEY_FILE",
     "IM_TIMEOUT_SECS",
 ];
 
