@@ -97,9 +97,10 @@ impl TlsServer {
                         reason: e.to_string(),
                     })?;
                 }
-                let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                    .build()
-                    .map_err(|e| TlsError::Setup(format!("client_ca_file: {e}")))?;
+                let verifier =
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                        .build()
+                        .map_err(|e| TlsError::Setup(format!("client_ca_file: {e}")))?;
                 builder.with_client_cert_verifier(verifier)
             }
             None => builder.with_no_client_auth(),
@@ -143,8 +144,7 @@ impl TlsServer {
                     let acceptor = acceptor.clone();
                     let sender = sender.clone();
                     tokio::spawn(async move {
-                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
-                        {
+                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                             Ok(Ok(stream)) => {
                                 let _ = sender.send(Ok(stream)).await;
                             }
@@ -217,7 +217,9 @@ impl ReloadingCert {
             }
             // Stamps unchanged: tried again at the next check (the other file may still
             // be on its way).
-            Err(error) => tracing::warn!(%error, "tls certificate not reloaded: keeping the previous one"),
+            Err(error) => {
+                tracing::warn!(%error, "tls certificate not reloaded: keeping the previous one")
+            }
         }
     }
 }

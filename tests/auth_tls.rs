@@ -68,7 +68,10 @@ impl Drop for TestServer {
 
 async fn start(tls: TlsConfig) -> TestServer {
     let sdk = common::test_sdk_config().await;
-    let store = DynamoStore::new(aws_sdk_dynamodb::Client::new(&sdk), common::unique_name("tls"));
+    let store = DynamoStore::new(
+        aws_sdk_dynamodb::Client::new(&sdk),
+        common::unique_name("tls"),
+    );
     store.ensure_table().await.expect("create table");
     let api = Api::new(
         Arc::new(store),
@@ -133,11 +136,7 @@ fn trusting(ca: &Ca) -> ClientTlsConfig {
 }
 
 /// The certificate the server presents on a fresh handshake, and the protocol ALPN chose.
-async fn handshake(
-    addr: SocketAddr,
-    ca: &Ca,
-    alpn: &[&[u8]],
-) -> (Vec<u8>, Option<Vec<u8>>) {
+async fn handshake(addr: SocketAddr, ca: &Ca, alpn: &[&[u8]]) -> (Vec<u8>, Option<Vec<u8>>) {
     use pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     roots
@@ -153,10 +152,7 @@ async fn handshake(
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(
-            pki_types::ServerName::try_from("localhost").unwrap(),
-            tcp,
-        )
+        .connect(pki_types::ServerName::try_from("localhost").unwrap(), tcp)
         .await
         .expect("handshake with a trusting client");
     let (_, connection) = tls.get_ref();
@@ -178,8 +174,17 @@ async fn untrusting_clients_are_refused_and_the_server_keeps_serving() {
     .await;
 
     // Public roots only: our CA is unknown to it.
-    let refused = call(server.addr, ClientTlsConfig::new().with_webpki_roots().domain_name("localhost")).await;
-    assert!(refused.is_err(), "a client that does not trust the CA must fail");
+    let refused = call(
+        server.addr,
+        ClientTlsConfig::new()
+            .with_webpki_roots()
+            .domain_name("localhost"),
+    )
+    .await;
+    assert!(
+        refused.is_err(),
+        "a client that does not trust the CA must fail"
+    );
     // Plain text on the TLS port: refused too.
     let plain = Channel::from_shared(format!("http://{}", server.addr))
         .unwrap()
@@ -193,7 +198,9 @@ async fn untrusting_clients_are_refused_and_the_server_keeps_serving() {
         assert!(answer.is_err(), "plain text must not be served: {answer:?}");
     }
     // The failed handshakes did not stop the accept loop.
-    call(server.addr, trusting(&ca)).await.expect("a trusting client works");
+    call(server.addr, trusting(&ca))
+        .await
+        .expect("a trusting client works");
 
     // ALPN: h2 for gRPC, http/1.1 for gRPC-Web.
     let (served, alpn) = handshake(server.addr, &ca, &[b"h2", b"http/1.1"]).await;
@@ -227,10 +234,15 @@ async fn a_replaced_certificate_is_served_without_a_restart() {
             break;
         }
         assert_eq!(served, der1, "only the old or the new certificate");
-        assert!(Instant::now() < deadline, "the new certificate was never served");
+        assert!(
+            Instant::now() < deadline,
+            "the new certificate was never served"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    call(server.addr, trusting(&ca)).await.expect("calls work after the reload");
+    call(server.addr, trusting(&ca))
+        .await
+        .expect("calls work after the reload");
 
     // A broken replacement (key of another certificate) keeps the working pair.
     let (_, stray_key, _) = ca.issue("stray");
@@ -265,7 +277,10 @@ async fn mutual_tls_refuses_clients_without_a_good_certificate() {
         trusting(&ca).identity(Identity::from_pem(&stranger_cert, &stranger_key)),
     )
     .await;
-    assert!(stranger.is_err(), "a certificate of another CA must be refused");
+    assert!(
+        stranger.is_err(),
+        "a certificate of another CA must be refused"
+    );
     call(
         server.addr,
         trusting(&ca).identity(Identity::from_pem(&client_cert, &client_key)),

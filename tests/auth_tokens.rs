@@ -306,7 +306,10 @@ async fn jwts_are_accepted_only_when_signature_issuer_audience_and_times_hold() 
 
     // No credentials, garbage.
     let status = assert_refused(&server, None, "no credentials").await;
-    assert!(status.message().contains("missing credentials"), "{status:?}");
+    assert!(
+        status.message().contains("missing credentials"),
+        "{status:?}"
+    );
     assert_refused(&server, Some("not-a-token"), "garbage").await;
 
     // Authenticated but no role of ours: PERMISSION_DENIED.
@@ -359,7 +362,11 @@ async fn unknown_key_ids_reload_the_jwks_at_most_once_per_interval() {
     list(&server, Some(&key.sign(&access_claims(&["viewer"], None))))
         .await
         .expect("valid token");
-    assert_eq!(jwks.fetches.load(Ordering::SeqCst), 1, "the first token loads the JWKS");
+    assert_eq!(
+        jwks.fetches.load(Ordering::SeqCst),
+        1,
+        "the first token loads the JWKS"
+    );
     for n in 0..10 {
         let stranger = SigningKey::generate(&format!("made-up-{n}"), Algorithm::ES256);
         let token = stranger.sign(&access_claims(&["admin"], None));

@@ -127,7 +127,10 @@ impl JwtConfig {
             return bad("jwks_min_refresh_secs", "must be between 1 and 3600");
         }
         if self.jwks_refresh_secs < self.jwks_min_refresh_secs {
-            return bad("jwks_refresh_secs", "must be at least jwks_min_refresh_secs");
+            return bad(
+                "jwks_refresh_secs",
+                "must be at least jwks_min_refresh_secs",
+            );
         }
         Ok(())
     }
@@ -144,9 +147,7 @@ struct JwksUrl {
 
 impl JwksUrl {
     fn parse(url: &str) -> Result<Self, String> {
-        let uri: http::Uri = url
-            .parse()
-            .map_err(|_| format!("{url:?} is not a URL"))?;
+        let uri: http::Uri = url.parse().map_err(|_| format!("{url:?} is not a URL"))?;
         let https = match uri.scheme_str() {
             Some("https") => true,
             Some("http") => false,
@@ -272,9 +273,8 @@ impl JwtValidator {
             None => {
                 // Perhaps a rotated key: reload (rate-limited) and look again.
                 self.reload("unknown key id").await;
-                self.key(&kid).ok_or_else(|| {
-                    AuthError::Rejected("token signed by an unknown key".into())
-                })?
+                self.key(&kid)
+                    .ok_or_else(|| AuthError::Rejected("token signed by an unknown key".into()))?
             }
         };
         if key.algorithm != header.alg {
@@ -595,7 +595,9 @@ mod tests {
         let refused = |value: Value| v.principal(&claims(value)).unwrap_err();
         // aud present but wrong: client_id does not rescue it.
         assert!(matches!(
-            refused(json!({"sub": "u", "aud": "other", "client_id": "client-1", "cognito:groups": ["admin"]})),
+            refused(
+                json!({"sub": "u", "aud": "other", "client_id": "client-1", "cognito:groups": ["admin"]})
+            ),
             AuthError::Rejected(_)
         ));
         assert!(matches!(
@@ -607,7 +609,9 @@ mod tests {
             AuthError::NoRole
         );
         assert!(matches!(
-            refused(json!({"sub": "u", "aud": "client-1", "cognito:groups": ["admin"], "custom:tenant": "Not A Tenant"})),
+            refused(
+                json!({"sub": "u", "aud": "client-1", "cognito:groups": ["admin"], "custom:tenant": "Not A Tenant"})
+            ),
             AuthError::Rejected(_)
         ));
         assert_eq!(
@@ -643,7 +647,8 @@ mod tests {
         assert_eq!(config.validate().unwrap_err().0, "jwks_url");
         config.jwks_url = Some("ftp://x/jwks".into());
         assert_eq!(config.validate().unwrap_err().0, "jwks_url");
-        config.jwks_url = Some("https://cognito-idp.eu-west-1.amazonaws.com/pool/.well-known/jwks.json".into());
+        config.jwks_url =
+            Some("https://cognito-idp.eu-west-1.amazonaws.com/pool/.well-known/jwks.json".into());
         config.validate().unwrap();
         config.jwks_file = Some("/tmp/jwks.json".into());
         assert_eq!(config.validate().unwrap_err().0, "jwks_url");

@@ -161,8 +161,7 @@ async fn endpoint(args: &ClientArgs) -> Result<Endpoint, CliError> {
             .map_err(|error| CliError::Local(format!("TLS setup: {}", error_chain(&error))))?;
     } else if args.ca_file.is_some() || args.cert_file.is_some() {
         return Err(CliError::Local(
-            "--ca-file and --cert-file need an https:// server (--server https://host:port)"
-                .into(),
+            "--ca-file and --cert-file need an https:// server (--server https://host:port)".into(),
         ));
     }
     Ok(endpoint)
