@@ -135,8 +135,12 @@ fn trusting(ca: &Ca) -> ClientTlsConfig {
         .domain_name("localhost")
 }
 
-/// The certificate the server presents on a fresh handshake, and the protocol ALPN chose.
-async fn handshake(addr: SocketAddr, ca: &Ca, alpn: &[&[u8]]) -> (Vec<u8>, Option<Vec<u8>>) {
+/// A fresh TLS connection trusting `ca`, offering `alpn`.
+async fn connect_tls(
+    addr: SocketAddr,
+    ca: &Ca,
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     use pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     roots
@@ -151,10 +155,15 @@ async fn handshake(addr: SocketAddr, ca: &Ca, alpn: &[&[u8]]) -> (Vec<u8>, Optio
     .with_no_client_auth();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+    tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(pki_types::ServerName::try_from("localhost").unwrap(), tcp)
         .await
-        .expect("handshake with a trusting client");
+        .expect("handshake with a trusting client")
+}
+
+/// The certificate the server presents on a fresh handshake, and the protocol ALPN chose.
+async fn handshake(addr: SocketAddr, ca: &Ca, alpn: &[&[u8]]) -> (Vec<u8>, Option<Vec<u8>>) {
+    let tls = connect_tls(addr, ca, alpn).await;
     let (_, connection) = tls.get_ref();
     (
         connection.peer_certificates().unwrap()[0].to_vec(),
@@ -208,6 +217,73 @@ async fn untrusting_clients_are_refused_and_the_server_keeps_serving() {
     assert_eq!(alpn.as_deref(), Some(&b"h2"[..]));
     let (_, alpn) = handshake(server.addr, &ca, &[b"http/1.1"]).await;
     assert_eq!(alpn.as_deref(), Some(&b"http/1.1"[..]));
+
+    // A gRPC-Web call over HTTP/1.1 inside TLS (health: needs no credentials).
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tls = connect_tls(server.addr, &ca, &[b"http/1.1"]).await;
+    tls.write_all(
+        b"POST /grpc.health.v1.Health/Check HTTP/1.1\r\nhost: localhost\r\n\
+          content-type: application/grpc-web+proto\r\nx-grpc-web: 1\r\n\
+          content-length: 5\r\nconnection: close\r\n\r\n\0\0\0\0\0",
+    )
+    .await
+    .unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), tls.read_to_end(&mut raw))
+        .await
+        .expect("the server answers and closes")
+        .ok();
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.contains("grpc-status:0") || text.contains("grpc-status: 0"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn the_binary_serves_tls_from_its_configuration() {
+    let ca = Ca::new("im-test-ca");
+    let (cert, key, der) = ca.issue("server-1");
+    let dir = tempfile::tempdir_in(common::target_tmpdir()).unwrap();
+    let table = common::unique_name("tls-bin");
+    let sdk = common::test_sdk_config().await;
+    DynamoStore::new(aws_sdk_dynamodb::Client::new(&sdk), table.clone())
+        .ensure_table()
+        .await
+        .expect("create table");
+    let config = write(
+        dir.path(),
+        "config.toml",
+        &format!(
+            "table = \"{table}\"\n[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\nreload_check_ms = 1000\n",
+            write(dir.path(), "cert.pem", &cert).display(),
+            write(dir.path(), "key.pem", &key).display()
+        ),
+    );
+    let endpoint = common::aws_endpoint();
+    let (_server, addr) = tokio::task::spawn_blocking(move || {
+        let mut server = common::ServerProcess::spawn(
+            [
+                "serve",
+                "--listen",
+                common::ANY_PORT,
+                "--aws-endpoint",
+                &endpoint,
+                "--config",
+                config.to_str().unwrap(),
+            ],
+            &[],
+        );
+        let addr = server.wait_serving();
+        (server, addr)
+    })
+    .await
+    .unwrap();
+    assert_eq!(handshake(addr, &ca, &[b"h2"]).await.0, der);
+    call(addr, trusting(&ca))
+        .await
+        .expect("the binary serves gRPC over TLS");
 }
 
 #[tokio::test]

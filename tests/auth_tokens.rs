@@ -478,3 +478,25 @@ fn the_binary_refuses_to_start_without_authentication() {
     let said = format!("{}{}", output.stdout, output.stderr);
     assert!(said.contains("auth.jwt.jwks_file"), "{said}");
 }
+
+#[tokio::test]
+async fn the_jwks_is_reloaded_on_schedule_too() {
+    let key = SigningKey::generate("k1", Algorithm::ES256);
+    let jwks = serve_jwks(jwks_document(&[&key])).await;
+    let mut config = jwt_config(&jwks.url);
+    if let Some(jwt) = config.jwt.as_mut() {
+        jwt.jwks_refresh_secs = 1;
+        jwt.jwks_min_refresh_secs = 1;
+    }
+    let server = start(config).await;
+    let token = key.sign(&access_claims(&["viewer"], None));
+    list(&server, Some(&token)).await.expect("valid token");
+    assert_eq!(jwks.fetches.load(Ordering::SeqCst), 1);
+    // Only a known kid from here on: a further fetch can come only from the schedule.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while jwks.fetches.load(Ordering::SeqCst) < 2 {
+        list(&server, Some(&token)).await.expect("still valid");
+        assert!(Instant::now() < deadline, "stale keys were never reloaded");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
