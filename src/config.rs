@@ -122,6 +122,11 @@ pub struct Config {
     pub cors_allowed_origins: Vec<String>,
     /// Who may call the API (`[auth]`): static tokens, or explicitly none.
     pub auth: crate::auth::AuthConfig,
+    /// Repositories (or repository prefixes, compared on whole path segments) that an
+    /// instance's `wordpress_image` may name, e.g. `docker.io/library/wordpress` or
+    /// `123456789012.dkr.ecr.eu-west-1.amazonaws.com/bbws`. Docker Hub names are normalised
+    /// (`wordpress` is `docker.io/library/wordpress`). Anything else is INVALID_ARGUMENT.
+    pub allowed_image_repositories: Vec<String>,
     pub environments: Vec<EnvironmentConfig>,
 }
 
@@ -171,6 +176,9 @@ impl Default for Config {
             failpoints: Vec::new(),
             cors_allowed_origins: Vec::new(),
             auth: crate::auth::AuthConfig::default(),
+            allowed_image_repositories: crate::domain::image::DEFAULT_ALLOWED_REPOSITORIES
+                .map(str::to_owned)
+                .to_vec(),
             environments: Vec::new(),
         }
     }
@@ -251,6 +259,10 @@ pub struct ConfigArgs {
     /// development only. Sets `auth.disabled`.
     #[arg(long = "no-auth", env = "IM_AUTH_DISABLED")]
     pub no_auth: bool,
+    /// Repositories `wordpress_image` may name, comma separated
+    /// (`docker.io/library/wordpress,123456789012.dkr.ecr.eu-west-1.amazonaws.com/bbws`).
+    #[arg(long, env = "IM_ALLOWED_IMAGE_REPOSITORIES", value_delimiter = ',')]
+    pub allowed_image_repositories: Option<Vec<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -335,6 +347,13 @@ impl ConfigArgs {
         }
         if self.no_auth {
             config.auth.disabled = true;
+        }
+        if let Some(repositories) = &self.allowed_image_repositories {
+            config.allowed_image_repositories = repositories
+                .iter()
+                .map(|repository| repository.trim().to_owned())
+                .filter(|repository| !repository.is_empty())
+                .collect();
         }
         if let Some(min) = self.scale_min {
             config.scale_bounds.min = min;
@@ -441,6 +460,8 @@ impl Config {
                 "tail settings must satisfy tail_poll_interval_ms >= 1, 1 <= tail_page_events <= 10000, tail_buffer >= 1",
             );
         }
+        crate::domain::ImagePolicy::new(&self.allowed_image_repositories)
+            .map_err(|why| ConfigError::Invalid(format!("allowed_image_repositories: {why}")))?;
         for origin in &self.cors_allowed_origins {
             if let Err(why) = check_origin(origin) {
                 return Err(ConfigError::Invalid(format!(
@@ -465,18 +486,42 @@ impl Config {
         Ok(())
     }
 
-    /// The configuration as TOML with every secret replaced by `<redacted>`.
+    /// The configuration as TOML with every secret replaced by `<redacted>` (what
+    /// [`Secret`] serializes to).
     pub fn redacted_toml(&self) -> String {
-        let mut shown = self.clone();
-        if !shown.page_token_secret.is_empty() {
-            shown.page_token_secret = Secret::new("<redacted>");
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}"))
+    }
+
+    /// The configuration as TOML *with* its secrets' values, for `bootstrap --write-config`
+    /// (a file only its owner may read, fed back to `serve --config`). The one place
+    /// secrets are written out: everything else serializes them redacted.
+    pub fn toml_with_secrets(&self) -> Result<String, ConfigError> {
+        let invalid = |e: &dyn std::fmt::Display| ConfigError::Invalid(e.to_string());
+        let mut table = toml::Table::try_from(self).map_err(|e| invalid(&e))?;
+        let exposed = |secret: &Secret| toml::Value::String(secret.expose().to_owned());
+        if !self.page_token_secret.is_empty() {
+            table.insert(
+                "page_token_secret".into(),
+                exposed(&self.page_token_secret),
+            );
         }
-        for env in &mut shown.environments {
-            if !env.external_id.is_empty() {
-                env.external_id = Secret::new("<redacted>");
+        if let Some(toml::Value::Array(environments)) = table.get_mut("environments") {
+            for (shown, environment) in environments.iter_mut().zip(&self.environments) {
+                if let (Some(shown), false) =
+                    (shown.as_table_mut(), environment.external_id.is_empty())
+                {
+                    shown.insert("external_id".into(), exposed(&environment.external_id));
+                }
             }
         }
-        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}"))
+        toml::to_string_pretty(&table).map_err(|e| invalid(&e))
+    }
+
+    /// The allow-list of WordPress image repositories (validated by [`Config::validate`]; an
+    /// invalid list allows nothing).
+    pub fn image_policy(&self) -> crate::domain::ImagePolicy {
+        crate::domain::ImagePolicy::new(&self.allowed_image_repositories)
+            .unwrap_or_else(|_| crate::domain::ImagePolicy::nothing())
     }
 
     /// What the cloud layer takes from this configuration.
@@ -578,6 +623,22 @@ mod tests {
         assert!(!dump.contains("s3cr3t"), "{dump}");
         assert!(dump.contains("<redacted>"));
         assert!(!format!("{config:?}").contains("s3cr3t"));
+        assert!(!serde_json::to_string(&config).unwrap().contains("s3cr3t"));
+    }
+
+    #[test]
+    fn only_the_written_config_holds_the_secrets_and_reads_back() {
+        let config: Config = toml::from_str(
+            "page_token_secret = \"tok-s3cr3t\"\n[[environments]]\nname = \"DEV\"\naccount_id = \"111122223333\"\nregion = \"eu-west-1\"\nexternal_id = \"ext-s3cr3t\"\n[[environments]]\nname = \"SIT\"\naccount_id = \"111122223334\"\nregion = \"eu-west-1\"\n",
+        )
+        .unwrap();
+        let dump = config.redacted_toml();
+        assert!(!dump.contains("s3cr3t"), "{dump}");
+        let written = config.toml_with_secrets().unwrap();
+        assert!(written.contains("tok-s3cr3t") && written.contains("ext-s3cr3t"));
+        let read: Config = toml::from_str(&written).unwrap();
+        assert_eq!(read, config, "{written}");
+        assert!(read.environments[1].external_id.is_empty());
     }
 
     #[test]
@@ -905,6 +966,42 @@ mod tests {
             };
             assert!(
                 matches!(args.load(), Err(ConfigError::Invalid(ref m)) if m.contains("cors_allowed_origins")),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn image_repositories_layer_and_are_validated() {
+        let defaults = Config::default();
+        assert_eq!(
+            defaults.allowed_image_repositories,
+            ["docker.io/library/wordpress"]
+        );
+        assert!(defaults.image_policy().allows("wordpress"));
+        let config: Config = toml::from_str(
+            "allowed_image_repositories = [\"123456789012.dkr.ecr.eu-west-1.amazonaws.com/bbws\"]\n",
+        )
+        .unwrap();
+        assert!(config.validate().is_ok());
+        let policy = config.image_policy();
+        assert!(policy.allows("123456789012.dkr.ecr.eu-west-1.amazonaws.com/bbws/wordpress"));
+        assert!(!policy.allows("wordpress"), "the file replaces the default");
+        let flag = ConfigArgs {
+            allowed_image_repositories: Some(vec!["ghcr.io/bbws".into(), " ".into()]),
+            ..ConfigArgs::default()
+        };
+        assert_eq!(
+            flag.load().unwrap().allowed_image_repositories,
+            ["ghcr.io/bbws"]
+        );
+        for bad in ["wordpress:latest", "wordpress@sha256:00", "Bad/Repo"] {
+            let args = ConfigArgs {
+                allowed_image_repositories: Some(vec![bad.into()]),
+                ..ConfigArgs::default()
+            };
+            assert!(
+                matches!(args.load(), Err(ConfigError::Invalid(ref m)) if m.contains("allowed_image_repositories")),
                 "{bad}"
             );
         }

@@ -4,6 +4,7 @@
 
 pub mod backup;
 pub mod ids;
+pub mod image;
 pub mod instance;
 pub mod naming;
 pub mod operation;
@@ -13,6 +14,7 @@ pub mod time;
 pub mod violation;
 
 pub use backup::{Backup, BackupOrigin, BackupState};
+pub use image::ImagePolicy;
 pub use ids::{BackupId, BackupName, InstanceId, InstanceName, OperationId, RequestId, TenantId};
 pub use instance::Instance;
 pub use operation::{Operation, OperationEvent, OperationStatus, Phase, Step, StepStatus, Verb};
