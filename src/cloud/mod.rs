@@ -148,15 +148,29 @@ pub enum DbTls {
 #[async_trait]
 pub trait Database: Send + Sync {
     /// `CREATE DATABASE IF NOT EXISTS` (utf8mb4 / utf8mb4_unicode_ci), the user with
-    /// `password` (reset if it exists), and all privileges on that database only.
-    /// `database` and `user` come from validated ids (see `domain::naming`).
+    /// `password` (reset if it exists), and all privileges on that database only (its name
+    /// matched literally, never as a wildcard pattern). `database` and `user` come from
+    /// validated ids (see `domain::naming`). With `require_tls` the user may log in over
+    /// TLS only (`REQUIRE SSL`); without, any requirement is lifted (`REQUIRE NONE`).
+    async fn ensure_tenant_database(
+        &self,
+        master: &MasterCredentials,
+        database: &str,
+        user: &str,
+        password: &Secret,
+        require_tls: bool,
+    ) -> CloudResult<()>;
+    /// [`Database::ensure_tenant_database`] for a user that need not use TLS.
     async fn ensure_database(
         &self,
         master: &MasterCredentials,
         database: &str,
         user: &str,
         password: &Secret,
-    ) -> CloudResult<()>;
+    ) -> CloudResult<()> {
+        self.ensure_tenant_database(master, database, user, password, false)
+            .await
+    }
     /// Drops the user and the database if they exist.
     async fn drop_database(
         &self,
@@ -357,6 +371,8 @@ pub struct TaskDefinitionSpec {
     pub log_stream_prefix: String,
     pub execution_role_arn: String,
     pub task_role_arn: String,
+    /// WordPress connects to MySQL with TLS (its user is `REQUIRE SSL`).
+    pub db_tls: bool,
     pub tags: Tags,
 }
 
@@ -633,6 +649,10 @@ pub struct Platform {
     /// CA bundle for `db_tls = "verified"` (for RDS: the RDS global bundle); empty means the
     /// public web PKI roots only.
     pub db_ca_file: String,
+    /// The database server accepts TLS, so tenant users are created `REQUIRE SSL` and the
+    /// WordPress containers connect with TLS (`MYSQL_CLIENT_FLAGS = MYSQLI_CLIENT_SSL`; the
+    /// image must trust the server's CA, for RDS its global bundle). Off unless set.
+    pub db_require_tls: bool,
     /// Secret with the MySQL master credentials: JSON `username`, `password`, `host`, `port`.
     pub master_secret_arn: String,
     pub listener_arn: String,

@@ -291,20 +291,32 @@ async fn ensure_access_point(ctx: &StepCtx) -> StepResult<String> {
 /// The tenant's database credentials. The password comes from the OS CSPRNG (through
 /// `rand`'s thread RNG) and is only ever stored in Secrets Manager.
 async fn ensure_secret(ctx: &StepCtx) -> StepResult<String> {
+    /// The secret's JSON, written straight into the string the [`Secret`] keeps (no copy of
+    /// the password is left behind un-wiped).
+    #[derive(serde::Serialize)]
+    struct Credentials<'a> {
+        engine: &'a str,
+        host: &'a str,
+        port: u16,
+        dbname: &'a str,
+        username: &'a str,
+        password: &'a str,
+    }
     let platform = &ctx.cloud.platform;
-    let password = Alphanumeric.sample_string(&mut rand::rng(), 32);
-    let value = serde_json::json!({
-        "engine": "mysql",
-        "host": platform.db_host,
-        "port": platform.db_port,
-        "dbname": ctx.names.database,
-        "username": ctx.names.database_user,
-        "password": password,
-    });
+    let password = zeroize::Zeroizing::new(Alphanumeric.sample_string(&mut rand::rng(), 32));
+    let value = serde_json::to_string(&Credentials {
+        engine: "mysql",
+        host: &platform.db_host,
+        port: platform.db_port,
+        dbname: &ctx.names.database,
+        username: &ctx.names.database_user,
+        password: &password,
+    })
+    .map_err(|e| StepError::Fatal(format!("cannot render the tenant secret: {e}")))?;
     let spec = SecretSpec {
         name: ctx.names.secret.clone(),
         description: format!("database credentials of {}", ctx.instance.name),
-        value: Secret::new(value.to_string()),
+        value: Secret::new(value),
         tags: ctx.tags("secret"),
     };
     let (arn, _) = ctx.cloud.secrets.ensure_secret(&spec).await?;
@@ -415,11 +427,12 @@ async fn ensure_database(ctx: &StepCtx) -> StepResult<String> {
         .ok_or_else(|| StepError::Fatal("the tenant secret has no password".into()))?;
     ctx.cloud
         .database
-        .ensure_database(
+        .ensure_tenant_database(
             &master,
             &ctx.names.database,
             &ctx.names.database_user,
             &password,
+            ctx.cloud.platform.db_require_tls,
         )
         .await?;
     Ok(ctx.names.database.clone())
@@ -533,6 +546,7 @@ pub fn task_definition_spec(
         log_stream_prefix: ctx.names.log_stream_prefix.clone(),
         execution_role_arn: platform.execution_role_arn.clone(),
         task_role_arn: platform.task_role_arn.clone(),
+        db_tls: platform.db_require_tls,
         tags: ctx.tags("task-definition"),
     }
 }
