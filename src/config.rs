@@ -476,6 +476,16 @@ impl Config {
                     env.name
                 )));
             }
+            if env.platform.db_iam_auth
+                && (env.platform.db_instance_identifier.is_empty()
+                    || env.platform.db_iam_user.is_empty())
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "environment {}: db_iam_auth needs db_instance_identifier (the endpoint is \
+                     read from RDS) and db_iam_user",
+                    env.name
+                )));
+            }
             if env.account_id.len() != 12 || !env.account_id.chars().all(|c| c.is_ascii_digit()) {
                 return Err(ConfigError::Invalid(format!(
                     "environment {}: account_id must be 12 digits",
@@ -500,10 +510,7 @@ impl Config {
         let mut table = toml::Table::try_from(self).map_err(|e| invalid(&e))?;
         let exposed = |secret: &Secret| toml::Value::String(secret.expose().to_owned());
         if !self.page_token_secret.is_empty() {
-            table.insert(
-                "page_token_secret".into(),
-                exposed(&self.page_token_secret),
-            );
+            table.insert("page_token_secret".into(), exposed(&self.page_token_secret));
         }
         if let Some(toml::Value::Array(environments)) = table.get_mut("environments") {
             for (shown, environment) in environments.iter_mut().zip(&self.environments) {
@@ -1004,6 +1011,27 @@ mod tests {
                 matches!(args.load(), Err(ConfigError::Invalid(ref m)) if m.contains("allowed_image_repositories")),
                 "{bad}"
             );
+        }
+    }
+
+    #[test]
+    fn iam_database_authentication_needs_the_instance_and_the_user() {
+        let base = "[[environments]]\nname = \"PROD\"\naccount_id = \"111122223333\"\nregion = \"eu-west-1\"\n[environments.platform]\ndb_iam_auth = true\n";
+        for (extra, ok) in [
+            ("", false),
+            ("db_instance_identifier = \"bbws-prod\"\n", false),
+            ("db_iam_user = \"instance_manager\"\n", false),
+            (
+                "db_instance_identifier = \"bbws-prod\"\ndb_iam_user = \"instance_manager\"\n",
+                true,
+            ),
+        ] {
+            let config: Config = toml::from_str(&format!("{base}{extra}")).unwrap();
+            match config.validate() {
+                Ok(()) => assert!(ok, "{extra}"),
+                Err(ConfigError::Invalid(m)) => assert!(!ok && m.contains("db_iam_auth"), "{m}"),
+                Err(other) => panic!("{other}"),
+            }
         }
     }
 

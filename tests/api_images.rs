@@ -142,8 +142,14 @@ async fn an_image_off_the_allow_list_is_refused_and_nothing_is_written() {
         ("wordpress-evil", "not allowed"),
         ("docker.io/library/wordpress-evil", "not allowed"),
         ("evil.example/docker.io/library/wordpress", "not allowed"),
-        ("123456789012.dkr.ecr.eu-west-1.amazonaws.com/bbws-evil/wp", "not allowed"),
-        ("999999999999.dkr.ecr.eu-west-1.amazonaws.com/bbws/wp", "not allowed"),
+        (
+            "123456789012.dkr.ecr.eu-west-1.amazonaws.com/bbws-evil/wp",
+            "not allowed",
+        ),
+        (
+            "999999999999.dkr.ecr.eu-west-1.amazonaws.com/bbws/wp",
+            "not allowed",
+        ),
         // A tag or digest smuggled into the repository field.
         ("wordpress:latest", "tag"),
         ("docker.io/library/wordpress@sha256:0000", "digest"),
@@ -194,7 +200,12 @@ async fn an_update_to_an_image_off_the_allow_list_is_refused_and_changes_nothing
         .unwrap();
     let before = items(&server.table).await;
     for request in [
-        update("imt-upd", "ghcr.io/evil/wordpress", "", &["wordpress_image"]),
+        update(
+            "imt-upd",
+            "ghcr.io/evil/wordpress",
+            "",
+            &["wordpress_image"],
+        ),
         update(
             "imt-upd",
             "docker.io/library/wordpress-evil",
@@ -203,11 +214,7 @@ async fn an_update_to_an_image_off_the_allow_list_is_refused_and_changes_nothing
         ),
         update("imt-upd", "wordpress:6.8", "", &["wordpress_image"]),
     ] {
-        let status = server
-            .instances
-            .update_instance(request)
-            .await
-            .unwrap_err();
+        let status = server.instances.update_instance(request).await.unwrap_err();
         image_violation(&status);
     }
     assert_eq!(

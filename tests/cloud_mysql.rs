@@ -679,9 +679,7 @@ async fn a_tenant_user_cannot_reach_a_database_its_name_pattern_would_match() {
         .unwrap();
     drop(them);
 
-    let denied = |error: &mysql_async::Error| {
-        matches!(error, mysql_async::Error::Server(e) if e.code == 1142 || e.code == 1044)
-    };
+    let denied = |error: &mysql_async::Error| matches!(error, mysql_async::Error::Server(e) if e.code == 1142 || e.code == 1044);
     let assert_isolated = |label: &'static str| {
         let master = master.clone();
         let ours = ours.clone();

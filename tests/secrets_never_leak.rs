@@ -73,7 +73,9 @@ async fn a_debug_level_provisioning_never_shows_a_password() {
     .unwrap();
     let accounts = Accounts::with_control_plane(&common::test_sdk_config().await, &config).await;
     let secrets = aws_sdk_secretsmanager::Client::new(
-        &accounts.sdk_config(Environment::Dev).expect("DEV's account"),
+        &accounts
+            .sdk_config(Environment::Dev)
+            .expect("DEV's account"),
     );
     let master_arn = config.environments[0].platform.master_secret_arn.clone();
     let stored = secrets

@@ -321,6 +321,9 @@ pub(crate) fn master_opts(master: &MasterCredentials) -> OptsBuilder {
         // Without this a loopback host makes the driver switch to the Unix socket, where
         // the server may authenticate differently than over TCP.
         .prefer_socket(false)
+        // RDS IAM authentication sends its token with `mysql_clear_password`: allowed only
+        // where the connection is verified TLS, so a password never crosses in plain text.
+        .enable_cleartext_plugin(master.tls == DbTls::Verified)
         .init(vec!["SET NAMES utf8mb4"]);
     match master.tls {
         DbTls::Disabled => opts,

@@ -38,7 +38,11 @@ impl Secret {
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(if self.0.is_empty() { "<unset>" } else { REDACTED })
+        f.write_str(if self.0.is_empty() {
+            "<unset>"
+        } else {
+            REDACTED
+        })
     }
 }
 

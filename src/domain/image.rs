@@ -123,8 +123,7 @@ pub fn check_repository(value: &str) -> Result<(), String> {
         let name = match segment.split_once(':') {
             // Only a registry host (the first of several parts) may have a port.
             Some((host, port)) if i == 0 && segments.len() > 1 => {
-                if port.is_empty() || port.len() > 5 || !port.chars().all(|c| c.is_ascii_digit())
-                {
+                if port.is_empty() || port.len() > 5 || !port.chars().all(|c| c.is_ascii_digit()) {
                     return Err(SYNTAX.into());
                 }
                 host
@@ -241,9 +240,16 @@ mod tests {
         assert!(default.allows(crate::domain::spec::DEFAULT_WORDPRESS_IMAGE));
         assert!(!default.allows("bitnami/wordpress"));
         // An empty list allows nothing; a bad entry is refused with its reason.
-        assert!(!ImagePolicy::new(Vec::<String>::new()).unwrap().allows("wordpress"));
+        assert!(
+            !ImagePolicy::new(Vec::<String>::new())
+                .unwrap()
+                .allows("wordpress")
+        );
         assert!(!ImagePolicy::nothing().allows("wordpress"));
         let error = ImagePolicy::new(["wordpress:latest"]).unwrap_err();
-        assert!(error.contains("wordpress:latest") && error.contains("tag"), "{error}");
+        assert!(
+            error.contains("wordpress:latest") && error.contains("tag"),
+            "{error}"
+        );
     }
 }

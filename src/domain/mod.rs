@@ -14,8 +14,8 @@ pub mod time;
 pub mod violation;
 
 pub use backup::{Backup, BackupOrigin, BackupState};
-pub use image::ImagePolicy;
 pub use ids::{BackupId, BackupName, InstanceId, InstanceName, OperationId, RequestId, TenantId};
+pub use image::ImagePolicy;
 pub use instance::Instance;
 pub use operation::{Operation, OperationEvent, OperationStatus, Phase, Step, StepStatus, Verb};
 pub use spec::{Environment, InstanceSpec, ScaleBounds, Tier};

@@ -362,9 +362,13 @@ fn json_secret(what: &str, secret: &Secret) -> StepResult<serde_json::Value> {
         .map_err(|_| StepError::Fatal(format!("{what} is not a JSON secret")))
 }
 
-/// The environment's MySQL master credentials, from its master secret.
+/// The environment's MySQL master credentials: an RDS IAM token when the platform enables
+/// it, else from its master secret.
 pub async fn master_credentials(ctx: &StepCtx) -> StepResult<MasterCredentials> {
     let platform = &ctx.cloud.platform;
+    if platform.db_iam_auth {
+        return Ok(iam_credentials(&ctx.cloud).await?);
+    }
     let secret = ctx
         .cloud
         .secrets
@@ -391,6 +395,50 @@ pub async fn master_credentials(ctx: &StepCtx) -> StepResult<MasterCredentials> 
         username: field("username")?,
         password: Secret::new(field("password")?),
         tls: platform.db_tls,
+        ca_file: (!platform.db_ca_file.is_empty())
+            .then(|| std::path::PathBuf::from(&platform.db_ca_file)),
+    })
+}
+
+/// The control plane's login with RDS IAM database authentication: the endpoint of the
+/// platform's DB instance as RDS describes it (never typed into configuration), the
+/// platform's IAM user, a fresh 15-minute token as its password, and verified TLS (the
+/// server's CA from `db_ca_file`, RDS's global bundle).
+pub async fn iam_credentials(
+    cloud: &crate::cloud::CloudEnv,
+) -> crate::cloud::CloudResult<MasterCredentials> {
+    use crate::cloud::{CloudError, ErrorKind};
+    let platform = &cloud.platform;
+    let id = &platform.db_instance_identifier;
+    let described = cloud
+        .db_instances
+        .db_instance(id)
+        .await?
+        .ok_or_else(|| CloudError::fatal(format!("RDS DB instance {id} does not exist")))?;
+    let endpoint = described.endpoint.ok_or_else(|| {
+        CloudError::new(
+            ErrorKind::Retryable,
+            format!(
+                "RDS DB instance {id} has no endpoint yet (status {})",
+                described.status
+            ),
+        )
+    })?;
+    if !endpoint.iam_auth_enabled {
+        return Err(CloudError::fatal(format!(
+            "RDS DB instance {id} does not have IAM database authentication enabled"
+        )));
+    }
+    let password = cloud
+        .db_instances
+        .auth_token(&endpoint.address, endpoint.port, &platform.db_iam_user)
+        .await?;
+    Ok(MasterCredentials {
+        host: endpoint.address,
+        port: endpoint.port,
+        username: platform.db_iam_user.clone(),
+        password,
+        tls: crate::cloud::DbTls::Verified,
         ca_file: (!platform.db_ca_file.is_empty())
             .then(|| std::path::PathBuf::from(&platform.db_ca_file)),
     })
