@@ -124,6 +124,11 @@ pub struct Config {
     pub auth: crate::auth::AuthConfig,
     /// TLS on the gRPC port (`[tls]`); absent: plain text.
     pub tls: Option<crate::tls::TlsConfig>,
+    /// Repositories (or repository prefixes, compared on whole path segments) that an
+    /// instance's `wordpress_image` may name, e.g. `docker.io/library/wordpress` or
+    /// `123456789012.dkr.ecr.eu-west-1.amazonaws.com/bbws`. Docker Hub names are normalised
+    /// (`wordpress` is `docker.io/library/wordpress`). Anything else is INVALID_ARGUMENT.
+    pub allowed_image_repositories: Vec<String>,
     pub environments: Vec<EnvironmentConfig>,
 }
 
@@ -174,6 +179,9 @@ impl Default for Config {
             cors_allowed_origins: Vec::new(),
             auth: crate::auth::AuthConfig::default(),
             tls: None,
+            allowed_image_repositories: crate::domain::image::DEFAULT_ALLOWED_REPOSITORIES
+                .map(str::to_owned)
+                .to_vec(),
             environments: Vec::new(),
         }
     }
@@ -254,6 +262,10 @@ pub struct ConfigArgs {
     /// development only. Sets `auth.disabled`.
     #[arg(long = "no-auth", env = "IM_AUTH_DISABLED")]
     pub no_auth: bool,
+    /// Repositories `wordpress_image` may name, comma separated
+    /// (`docker.io/library/wordpress,123456789012.dkr.ecr.eu-west-1.amazonaws.com/bbws`).
+    #[arg(long, env = "IM_ALLOWED_IMAGE_REPOSITORIES", value_delimiter = ',')]
+    pub allowed_image_repositories: Option<Vec<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -338,6 +350,13 @@ impl ConfigArgs {
         }
         if self.no_auth {
             config.auth.disabled = true;
+        }
+        if let Some(repositories) = &self.allowed_image_repositories {
+            config.allowed_image_repositories = repositories
+                .iter()
+                .map(|repository| repository.trim().to_owned())
+                .filter(|repository| !repository.is_empty())
+                .collect();
         }
         if let Some(min) = self.scale_min {
             config.scale_bounds.min = min;
@@ -444,6 +463,8 @@ impl Config {
                 "tail settings must satisfy tail_poll_interval_ms >= 1, 1 <= tail_page_events <= 10000, tail_buffer >= 1",
             );
         }
+        crate::domain::ImagePolicy::new(&self.allowed_image_repositories)
+            .map_err(|why| ConfigError::Invalid(format!("allowed_image_repositories: {why}")))?;
         for origin in &self.cors_allowed_origins {
             if let Err(why) = check_origin(origin) {
                 return Err(ConfigError::Invalid(format!(
@@ -458,6 +479,16 @@ impl Config {
                     env.name
                 )));
             }
+            if env.platform.db_iam_auth
+                && (env.platform.db_instance_identifier.is_empty()
+                    || env.platform.db_iam_user.is_empty())
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "environment {}: db_iam_auth needs db_instance_identifier (the endpoint is \
+                     read from RDS) and db_iam_user",
+                    env.name
+                )));
+            }
             if env.account_id.len() != 12 || !env.account_id.chars().all(|c| c.is_ascii_digit()) {
                 return Err(ConfigError::Invalid(format!(
                     "environment {}: account_id must be 12 digits",
@@ -468,18 +499,39 @@ impl Config {
         Ok(())
     }
 
-    /// The configuration as TOML with every secret replaced by `<redacted>`.
+    /// The configuration as TOML with every secret replaced by `<redacted>` (what
+    /// [`Secret`] serializes to).
     pub fn redacted_toml(&self) -> String {
-        let mut shown = self.clone();
-        if !shown.page_token_secret.is_empty() {
-            shown.page_token_secret = Secret::new("<redacted>");
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}"))
+    }
+
+    /// The configuration as TOML *with* its secrets' values, for `bootstrap --write-config`
+    /// (a file only its owner may read, fed back to `serve --config`). The one place
+    /// secrets are written out: everything else serializes them redacted.
+    pub fn toml_with_secrets(&self) -> Result<String, ConfigError> {
+        let invalid = |e: &dyn std::fmt::Display| ConfigError::Invalid(e.to_string());
+        let mut table = toml::Table::try_from(self).map_err(|e| invalid(&e))?;
+        let exposed = |secret: &Secret| toml::Value::String(secret.expose().to_owned());
+        if !self.page_token_secret.is_empty() {
+            table.insert("page_token_secret".into(), exposed(&self.page_token_secret));
         }
-        for env in &mut shown.environments {
-            if !env.external_id.is_empty() {
-                env.external_id = Secret::new("<redacted>");
+        if let Some(toml::Value::Array(environments)) = table.get_mut("environments") {
+            for (shown, environment) in environments.iter_mut().zip(&self.environments) {
+                if let (Some(shown), false) =
+                    (shown.as_table_mut(), environment.external_id.is_empty())
+                {
+                    shown.insert("external_id".into(), exposed(&environment.external_id));
+                }
             }
         }
-        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}"))
+        toml::to_string_pretty(&table).map_err(|e| invalid(&e))
+    }
+
+    /// The allow-list of WordPress image repositories (validated by [`Config::validate`]; an
+    /// invalid list allows nothing).
+    pub fn image_policy(&self) -> crate::domain::ImagePolicy {
+        crate::domain::ImagePolicy::new(&self.allowed_image_repositories)
+            .unwrap_or_else(|_| crate::domain::ImagePolicy::nothing())
     }
 
     /// What the cloud layer takes from this configuration.
@@ -581,6 +633,22 @@ mod tests {
         assert!(!dump.contains("s3cr3t"), "{dump}");
         assert!(dump.contains("<redacted>"));
         assert!(!format!("{config:?}").contains("s3cr3t"));
+        assert!(!serde_json::to_string(&config).unwrap().contains("s3cr3t"));
+    }
+
+    #[test]
+    fn only_the_written_config_holds_the_secrets_and_reads_back() {
+        let config: Config = toml::from_str(
+            "page_token_secret = \"tok-s3cr3t\"\n[[environments]]\nname = \"DEV\"\naccount_id = \"111122223333\"\nregion = \"eu-west-1\"\nexternal_id = \"ext-s3cr3t\"\n[[environments]]\nname = \"SIT\"\naccount_id = \"111122223334\"\nregion = \"eu-west-1\"\n",
+        )
+        .unwrap();
+        let dump = config.redacted_toml();
+        assert!(!dump.contains("s3cr3t"), "{dump}");
+        let written = config.toml_with_secrets().unwrap();
+        assert!(written.contains("tok-s3cr3t") && written.contains("ext-s3cr3t"));
+        let read: Config = toml::from_str(&written).unwrap();
+        assert_eq!(read, config, "{written}");
+        assert!(read.environments[1].external_id.is_empty());
     }
 
     #[test]
@@ -910,6 +978,63 @@ mod tests {
                 matches!(args.load(), Err(ConfigError::Invalid(ref m)) if m.contains("cors_allowed_origins")),
                 "{bad}"
             );
+        }
+    }
+
+    #[test]
+    fn image_repositories_layer_and_are_validated() {
+        let defaults = Config::default();
+        assert_eq!(
+            defaults.allowed_image_repositories,
+            ["docker.io/library/wordpress"]
+        );
+        assert!(defaults.image_policy().allows("wordpress"));
+        let config: Config = toml::from_str(
+            "allowed_image_repositories = [\"123456789012.dkr.ecr.eu-west-1.amazonaws.com/bbws\"]\n",
+        )
+        .unwrap();
+        assert!(config.validate().is_ok());
+        let policy = config.image_policy();
+        assert!(policy.allows("123456789012.dkr.ecr.eu-west-1.amazonaws.com/bbws/wordpress"));
+        assert!(!policy.allows("wordpress"), "the file replaces the default");
+        let flag = ConfigArgs {
+            allowed_image_repositories: Some(vec!["ghcr.io/bbws".into(), " ".into()]),
+            ..ConfigArgs::default()
+        };
+        assert_eq!(
+            flag.load().unwrap().allowed_image_repositories,
+            ["ghcr.io/bbws"]
+        );
+        for bad in ["wordpress:latest", "wordpress@sha256:00", "Bad/Repo"] {
+            let args = ConfigArgs {
+                allowed_image_repositories: Some(vec![bad.into()]),
+                ..ConfigArgs::default()
+            };
+            assert!(
+                matches!(args.load(), Err(ConfigError::Invalid(ref m)) if m.contains("allowed_image_repositories")),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn iam_database_authentication_needs_the_instance_and_the_user() {
+        let base = "[[environments]]\nname = \"PROD\"\naccount_id = \"111122223333\"\nregion = \"eu-west-1\"\n[environments.platform]\ndb_iam_auth = true\n";
+        for (extra, ok) in [
+            ("", false),
+            ("db_instance_identifier = \"bbws-prod\"\n", false),
+            ("db_iam_user = \"instance_manager\"\n", false),
+            (
+                "db_instance_identifier = \"bbws-prod\"\ndb_iam_user = \"instance_manager\"\n",
+                true,
+            ),
+        ] {
+            let config: Config = toml::from_str(&format!("{base}{extra}")).unwrap();
+            match config.validate() {
+                Ok(()) => assert!(ok, "{extra}"),
+                Err(ConfigError::Invalid(m)) => assert!(!ok && m.contains("db_iam_auth"), "{m}"),
+                Err(other) => panic!("{other}"),
+            }
         }
     }
 

@@ -424,6 +424,7 @@ pub async fn run(
             ),
             health: crate::health::HealthSettings::from_config(config),
             logs: crate::logs::LogSettings::from_config(config),
+            images: config.image_policy(),
         },
         tokens,
     )

@@ -828,6 +828,7 @@ fn task_definition_spec(
         log_stream_prefix: tenant.names.log_stream_prefix.clone(),
         execution_role_arn: "arn:aws:iam::123456789012:role/exec".to_owned(),
         task_role_arn: String::new(),
+        db_tls: false,
         tags: tenant.tags("ecs"),
     }
 }

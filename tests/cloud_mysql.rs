@@ -642,3 +642,143 @@ async fn a_tenant_login_is_checked_with_its_own_password() {
         .unwrap_err();
     assert!(error.message.contains("use database mysql"), "{error}");
 }
+
+/// In GRANT a database name is a pattern where `_` matches any character: the grant of
+/// `it_wc_{id}_db` would also open `it_wcx{id}_db`, another tenant's. The tenant's user
+/// reaches its own database only — also one left with such a grant by an earlier version.
+#[tokio::test]
+async fn a_tenant_user_cannot_reach_a_database_its_name_pattern_would_match() {
+    let master = master();
+    let mysql = MySqlDatabase::new();
+    let id = &uuid::Uuid::new_v4().simple().to_string()[..10];
+    let ours = (format!("it_wc_{id}_db"), format!("it_wc_{id}"));
+    let theirs = (format!("it_wcx{id}_db"), format!("it_wcx{id}"));
+    LEFTOVERS.with(|left| {
+        let mut left = left.borrow_mut();
+        left.0.push(ours.clone());
+        left.0.push(theirs.clone());
+    });
+    let our_password = Secret::new("ours-Pa55word");
+    let their_password = Secret::new("theirs-Pa55word");
+    mysql
+        .ensure_database(&master, &ours.0, &ours.1, &our_password)
+        .await
+        .unwrap();
+    mysql
+        .ensure_database(&master, &theirs.0, &theirs.1, &their_password)
+        .await
+        .unwrap();
+    let mut them = connect(&master, &theirs.1, their_password.expose(), Some(&theirs.0))
+        .await
+        .unwrap();
+    them.query_drop("CREATE TABLE wp_users (id INT PRIMARY KEY, pass TEXT)")
+        .await
+        .unwrap();
+    them.query_drop("INSERT INTO wp_users VALUES (1, 'their-hash')")
+        .await
+        .unwrap();
+    drop(them);
+
+    let denied = |error: &mysql_async::Error| matches!(error, mysql_async::Error::Server(e) if e.code == 1142 || e.code == 1044);
+    let assert_isolated = |label: &'static str| {
+        let master = master.clone();
+        let ours = ours.clone();
+        let theirs = theirs.clone();
+        let password = our_password.clone();
+        async move {
+            let mut us = connect(&master, &ours.1, password.expose(), Some(&ours.0))
+                .await
+                .unwrap();
+            let read = us
+                .query_drop(format!("SELECT * FROM `{}`.wp_users", theirs.0))
+                .await
+                .unwrap_err();
+            assert!(denied(&read), "{label}: {read}");
+            let write = us
+                .query_drop(format!("DROP TABLE `{}`.wp_users", theirs.0))
+                .await
+                .unwrap_err();
+            assert!(denied(&write), "{label}: {write}");
+            // Its own database stays fully usable.
+            us.query_drop("CREATE TABLE mine (id INT)").await.unwrap();
+            us.query_drop("DROP TABLE mine").await.unwrap();
+            drop(us);
+            let error = connect(&master, &ours.1, password.expose(), Some(&theirs.0))
+                .await
+                .unwrap_err();
+            assert!(denied(&error), "{label}: {error}");
+        }
+    };
+    assert_isolated("as created").await;
+
+    // The grant an earlier version made (unescaped), then our ensure again: it is revoked.
+    let mut admin = as_master(&master).await;
+    admin
+        .query_drop(format!(
+            "GRANT ALL PRIVILEGES ON `{}`.* TO `{}`@'%'",
+            ours.0, ours.1
+        ))
+        .await
+        .unwrap();
+    let mut us = connect(&master, &ours.1, our_password.expose(), Some(&ours.0))
+        .await
+        .unwrap();
+    let leaked: Option<String> = us
+        .query_first(format!("SELECT pass FROM `{}`.wp_users", theirs.0))
+        .await
+        .expect("the unescaped grant matches the other database (the hole this closes)");
+    assert_eq!(leaked.as_deref(), Some("their-hash"));
+    drop(us);
+    mysql
+        .ensure_database(&master, &ours.0, &ours.1, &our_password)
+        .await
+        .unwrap();
+    assert_isolated("after the old grant was revoked").await;
+    let _ = admin.disconnect().await;
+}
+
+/// `REQUIRE SSL` where the environment's database speaks TLS: the user's definition says so
+/// and a plain-text login is refused; without the setting the requirement is lifted again.
+/// (The shared MariaDB may have no TLS at all — `have_ssl` — so the TLS login itself is
+/// tested against a TLS server in `cloud_mysql_tls`.)
+#[tokio::test]
+async fn a_tenant_user_requires_tls_when_the_platform_says_so() {
+    let master = master();
+    let mysql = MySqlDatabase::new();
+    let (database, user) = names("tls");
+    let password = Secret::new("tls-Pa55word");
+    mysql
+        .ensure_tenant_database(&master, &database, &user, &password, true)
+        .await
+        .unwrap();
+    let mut admin = as_master(&master).await;
+    let created = show_create_user(&mut admin, &user).await;
+    assert!(created.contains("REQUIRE SSL"), "{created}");
+    // This client connects without TLS: refused whether or not the server has TLS.
+    let error = connect(&master, &user, password.expose(), Some(&database))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, mysql_async::Error::Server(e) if e.code == 1045),
+        "{error}"
+    );
+
+    mysql
+        .ensure_tenant_database(&master, &database, &user, &password, false)
+        .await
+        .unwrap();
+    let lifted = show_create_user(&mut admin, &user).await;
+    assert!(!lifted.contains("REQUIRE SSL"), "{lifted}");
+    connect(&master, &user, password.expose(), Some(&database))
+        .await
+        .expect("a plain login once TLS is not required");
+    let _ = admin.disconnect().await;
+}
+
+async fn show_create_user(admin: &mut Conn, user: &str) -> String {
+    let row: Option<String> = admin
+        .query_first(format!("SHOW CREATE USER `{user}`@'%'"))
+        .await
+        .unwrap();
+    row.expect("the user exists")
+}

@@ -247,6 +247,19 @@ async fn the_master_connection_verifies_the_server_and_encrypts() {
         .expect("TLS with the CA file");
     assert!(db.database_exists(&verified, &name).await.unwrap());
 
+    // A tenant user that must use TLS (the platform's `db_require_tls`) logs in over it.
+    db.ensure_tenant_database(&verified, &name, &name, &password, true)
+        .await
+        .expect("REQUIRE SSL user");
+    let tenant = MasterCredentials {
+        username: name.clone(),
+        password: password.clone(),
+        ..verified.clone()
+    };
+    db.check_login(&tenant, &name)
+        .await
+        .expect("the REQUIRE SSL user logs in over TLS");
+
     // The same login in plain text is refused by a server that requires secure transport
     // (MySQL says "insecure transport"; MariaDB 10.11 just denies access)…
     let plain = master(server.port, DbTls::Disabled, None);

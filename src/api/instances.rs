@@ -67,7 +67,13 @@ fn parse_create(api: &Api, request: &v1::CreateInstanceRequest) -> ApiResult<Cre
                 api.settings.scale_bounds_for(env)
             });
             match InstanceSpec::parse(input, bounds) {
-                Ok(spec) => Some(spec),
+                Ok(spec) => match api.settings.images.refusal(&spec.wordpress_image) {
+                    Some(why) => {
+                        violations.add("instance.wordpress_image", why);
+                        None
+                    }
+                    None => Some(spec),
+                },
                 Err(errors) => {
                     violations.extend_prefixed("instance", errors);
                     None

@@ -49,6 +49,8 @@ pub struct ApiSettings {
     pub backup_retention: std::time::Duration,
     /// QueryLogs' and TailLogs' tuning.
     pub logs: crate::logs::LogSettings,
+    /// The repositories `wordpress_image` may name (CreateInstance, UpdateInstance).
+    pub images: crate::domain::ImagePolicy,
 }
 
 impl ApiSettings {
@@ -77,6 +79,7 @@ impl Default for ApiSettings {
             ),
             health: crate::health::HealthSettings::default(),
             logs: crate::logs::LogSettings::default(),
+            images: crate::domain::ImagePolicy::default(),
         }
     }
 }

@@ -257,6 +257,14 @@ impl Api {
             violations.extend_prefixed("instance", errors);
             ApiError::Invalid(violations)
         })?;
+        // A new image or tag is a new deployment: it must come from an allowed repository
+        // (also when only the tag changes, in case the list shrank since the create).
+        let image_changes = paths
+            .iter()
+            .any(|path| path == "wordpress_image" || path == "wordpress_version");
+        if image_changes && let Some(why) = self.settings.images.refusal(&spec.wordpress_image) {
+            return Err(ApiError::invalid("instance.wordpress_image", why));
+        }
         if self.is_busy(&current).await? {
             return Err(busy(&current));
         }

@@ -168,7 +168,12 @@ pub fn option_file(master: &MasterCredentials, flavour: Flavour) -> CloudResult<
             lines.push("ssl".into());
             lines.push("ssl-verify-server-cert".into());
         }
-        (DbTls::Verified, Flavour::MySql) => lines.push("ssl-mode=VERIFY_IDENTITY".into()),
+        (DbTls::Verified, Flavour::MySql) => {
+            lines.push("ssl-mode=VERIFY_IDENTITY".into());
+            // An RDS IAM token is sent with mysql_clear_password, which MySQL's programs
+            // refuse unless told (MariaDB's allow it); only ever over verified TLS.
+            lines.push("enable-cleartext-plugin".into());
+        }
         (DbTls::Disabled, Flavour::MariaDb) => lines.push("skip-ssl".into()),
         (DbTls::Disabled, Flavour::MySql) => lines.push("ssl-mode=DISABLED".into()),
     }
@@ -294,6 +299,8 @@ mod tests {
         assert!(!verified.contains("skip-ssl"));
         let mysql = option_file(&master(DbTls::Verified, None), Flavour::MySql).unwrap();
         assert!(mysql.contains("\nssl-mode=VERIFY_IDENTITY\n"), "{mysql}");
+        assert!(mysql.contains("\nenable-cleartext-plugin\n"), "{mysql}");
+        assert!(!verified.contains("cleartext"), "{verified}");
         assert!(!mysql.contains("ssl-ca"));
         let off = option_file(&master(DbTls::Disabled, Some("/x.pem")), Flavour::MariaDb).unwrap();
         assert!(

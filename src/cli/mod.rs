@@ -263,7 +263,9 @@ fn pending_platforms(config: &Config) -> impl Iterator<Item = usize> + '_ {
 fn write_config(config: &Config, path: &std::path::Path) -> anyhow::Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
-    let text = toml::to_string_pretty(config).context("cannot render the configuration")?;
+    let text = config
+        .toml_with_secrets()
+        .context("cannot render the configuration")?;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }

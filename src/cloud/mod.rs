@@ -148,15 +148,29 @@ pub enum DbTls {
 #[async_trait]
 pub trait Database: Send + Sync {
     /// `CREATE DATABASE IF NOT EXISTS` (utf8mb4 / utf8mb4_unicode_ci), the user with
-    /// `password` (reset if it exists), and all privileges on that database only.
-    /// `database` and `user` come from validated ids (see `domain::naming`).
+    /// `password` (reset if it exists), and all privileges on that database only (its name
+    /// matched literally, never as a wildcard pattern). `database` and `user` come from
+    /// validated ids (see `domain::naming`). With `require_tls` the user may log in over
+    /// TLS only (`REQUIRE SSL`); without, any requirement is lifted (`REQUIRE NONE`).
+    async fn ensure_tenant_database(
+        &self,
+        master: &MasterCredentials,
+        database: &str,
+        user: &str,
+        password: &Secret,
+        require_tls: bool,
+    ) -> CloudResult<()>;
+    /// [`Database::ensure_tenant_database`] for a user that need not use TLS.
     async fn ensure_database(
         &self,
         master: &MasterCredentials,
         database: &str,
         user: &str,
         password: &Secret,
-    ) -> CloudResult<()>;
+    ) -> CloudResult<()> {
+        self.ensure_tenant_database(master, database, user, password, false)
+            .await
+    }
     /// Drops the user and the database if they exist.
     async fn drop_database(
         &self,
@@ -357,6 +371,8 @@ pub struct TaskDefinitionSpec {
     pub log_stream_prefix: String,
     pub execution_role_arn: String,
     pub task_role_arn: String,
+    /// WordPress connects to MySQL with TLS (its user is `REQUIRE SSL`).
+    pub db_tls: bool,
     pub tags: Tags,
 }
 
@@ -539,12 +555,33 @@ pub struct DbInstanceStatus {
     pub pending_maintenance: Vec<String>,
     /// `PreferredMaintenanceWindow`, e.g. `sun:03:00-sun:03:30` (UTC).
     pub maintenance_window: Option<String>,
+    /// Where it answers (`None` while RDS has not assigned an endpoint yet).
+    pub endpoint: Option<DbEndpoint>,
+}
+
+/// An RDS DB instance's endpoint and what a client needs to log in there.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DbEndpoint {
+    pub address: String,
+    pub port: u16,
+    /// `CACertificateIdentifier`, e.g. `rds-ca-rsa2048-g1`: the RDS CA that signed the
+    /// server's certificate (every one is in RDS's global bundle).
+    pub ca_identifier: Option<String>,
+    /// `IAMDatabaseAuthenticationEnabled`.
+    pub iam_auth_enabled: bool,
+    /// `DbiResourceId` (`db-…`), the resource of the `rds-db:connect` grant.
+    pub resource_id: Option<String>,
 }
 
 #[async_trait]
 pub trait DbInstances: Send + Sync {
     /// The DB instance `identifier`, or `None` if RDS does not know it.
     async fn db_instance(&self, identifier: &str) -> CloudResult<Option<DbInstanceStatus>>;
+    /// An RDS IAM database authentication token for `user` at `host:port`: a presigned
+    /// `rds-db:connect` request valid for 15 minutes, signed with this environment's
+    /// credentials (its assumed role) for its region. It is the password of one TLS login
+    /// (`mysql_clear_password`).
+    async fn auth_token(&self, host: &str, port: u16, user: &str) -> CloudResult<Secret>;
 }
 
 /// One log event as CloudWatch Logs stores it.
@@ -633,8 +670,21 @@ pub struct Platform {
     /// CA bundle for `db_tls = "verified"` (for RDS: the RDS global bundle); empty means the
     /// public web PKI roots only.
     pub db_ca_file: String,
+    /// The database server accepts TLS, so tenant users are created `REQUIRE SSL` and the
+    /// WordPress containers connect with TLS (`MYSQL_CLIENT_FLAGS = MYSQLI_CLIENT_SSL`; the
+    /// image must trust the server's CA, for RDS its global bundle). Off unless set.
+    pub db_require_tls: bool,
     /// Secret with the MySQL master credentials: JSON `username`, `password`, `host`, `port`.
+    /// Not read when `db_iam_auth` is on.
     pub master_secret_arn: String,
+    /// The control plane logs in to the environment's MySQL with RDS IAM database
+    /// authentication (a 15-minute token, over verified TLS) as `db_iam_user`, at the
+    /// endpoint DescribeDBInstances reports for `db_instance_identifier`, instead of with the
+    /// master secret.
+    pub db_iam_auth: bool,
+    /// The MySQL user of `db_iam_auth`, created `IDENTIFIED WITH AWSAuthenticationPlugin AS
+    /// 'RDS'` with the privileges to create databases and users and grant them.
+    pub db_iam_user: String,
     pub listener_arn: String,
     /// Sites are served at `{tenant}.{domain}`.
     pub domain: String,

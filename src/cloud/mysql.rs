@@ -149,6 +149,13 @@ pub fn quote_identifier(kind: &str, name: &str) -> CloudResult<String> {
     Ok(format!("`{name}`"))
 }
 
+/// A quoted database name as a GRANT's database pattern: in GRANT, `_` and `%` are
+/// wildcards, so `tenant_a_b_dev_db` would also match `tenant_axb_dev_db` (the database of
+/// tenant `axb`); escaped, it names one database only.
+pub fn grant_pattern(quoted: &str) -> String {
+    quoted.replace('_', "\\_").replace('%', "\\%")
+}
+
 /// Quotes a name we did not choose (a table or column found in a tenant's database).
 fn quote_any_identifier(name: &str) -> String {
     format!("`{}`", name.replace('`', "``"))
@@ -314,6 +321,9 @@ pub(crate) fn master_opts(master: &MasterCredentials) -> OptsBuilder {
         // Without this a loopback host makes the driver switch to the Unix socket, where
         // the server may authenticate differently than over TCP.
         .prefer_socket(false)
+        // RDS IAM authentication sends its token with `mysql_clear_password`: allowed only
+        // where the connection is verified TLS, so a password never crosses in plain text.
+        .enable_cleartext_plugin(master.tls == DbTls::Verified)
         .init(vec!["SET NAMES utf8mb4"]);
     match master.tls {
         DbTls::Disabled => opts,
@@ -517,14 +527,23 @@ impl<'a> Session<'a> {
 
 #[async_trait]
 impl Database for MySqlDatabase {
-    async fn ensure_database(
+    async fn ensure_tenant_database(
         &self,
         master: &MasterCredentials,
         database: &str,
         user: &str,
         password: &Secret,
+        require_tls: bool,
     ) -> CloudResult<()> {
         let db = quote_identifier("database", database)?;
+        let grant_on = grant_pattern(&db);
+        // Set both ways: a user made while TLS was not required gets the requirement, and
+        // turning the setting off lifts it.
+        let require = if require_tls {
+            "REQUIRE SSL"
+        } else {
+            "REQUIRE NONE"
+        };
         let account = format!("{}@'%'", quote_identifier("user", user)?);
         if password.is_empty() || password.expose().contains('\0') {
             return Err(CloudError::fatal(format!(
@@ -553,7 +572,9 @@ impl Database for MySqlDatabase {
             session
                 .run(
                     &format!("create user {user}"),
-                    &format!("CREATE USER IF NOT EXISTS {account} IDENTIFIED BY {literal}"),
+                    &format!(
+                        "CREATE USER IF NOT EXISTS {account} IDENTIFIED BY {literal} {require}"
+                    ),
                 )
                 .await?;
             // The user may exist from an earlier attempt with another password: this call
@@ -561,15 +582,33 @@ impl Database for MySqlDatabase {
             session
                 .run(
                     &format!("set password of user {user}"),
-                    &format!("ALTER USER {account} IDENTIFIED BY {literal}"),
+                    &format!("ALTER USER {account} IDENTIFIED BY {literal} {require}"),
                 )
                 .await?;
             session
                 .run(
                     &format!("grant {user} on {database}"),
-                    &format!("GRANT ALL PRIVILEGES ON {db}.* TO {account}"),
+                    &format!("GRANT ALL PRIVILEGES ON {grant_on}.* TO {account}"),
                 )
-                .await
+                .await?;
+            // Earlier versions granted the name unescaped, where each `_` matched any
+            // character (another tenant's database could match): that grant goes.
+            let unescaped = session
+                .count(
+                    &format!("look for an unescaped grant of {user}"),
+                    "SELECT COUNT(*) FROM mysql.db WHERE User = ? AND Host = '%' AND Db = ?",
+                    vec![user.into(), database.into()],
+                )
+                .await?;
+            if unescaped > 0 && grant_on != db {
+                session
+                    .run(
+                        &format!("revoke the unescaped grant of {user} on {database}"),
+                        &format!("REVOKE ALL PRIVILEGES ON {db}.* FROM {account}"),
+                    )
+                    .await?;
+            }
+            Ok(())
         }
         .await;
         session.close().await;
@@ -1090,6 +1129,13 @@ mod tests {
             let error = quote_identifier("database", bad).unwrap_err();
             assert_eq!(error.kind, ErrorKind::Fatal, "{bad}");
         }
+    }
+
+    #[test]
+    fn grant_patterns_escape_wildcards() {
+        let quoted = quote_identifier("database", "tenant_a_b_dev_db").unwrap();
+        assert_eq!(grant_pattern(&quoted), "`tenant\\_a\\_b\\_dev\\_db`");
+        assert_eq!(grant_pattern("`plain`"), "`plain`");
     }
 
     #[test]

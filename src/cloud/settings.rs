@@ -10,8 +10,15 @@ use serde::{Deserialize, Serialize};
 use super::Platform;
 use crate::domain::Environment;
 
-/// A value that must never be printed: `Debug` and the redacted dump show `<redacted>`.
-#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// What a set [`Secret`] shows instead of its value, when printed or serialized.
+pub const REDACTED: &str = "<redacted>";
+
+/// A value that must never be shown: `Debug` prints `<redacted>`, serializing writes
+/// `<redacted>` (an unset secret stays empty, so a configuration without secrets
+/// round-trips), there is no `Display`, and the memory is zeroed when it is dropped. Only
+/// [`Secret::expose`] gives the value, for the one call that needs it. Configuration files
+/// still deserialize into it as a plain string.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(transparent)]
 pub struct Secret(String);
 
@@ -34,8 +41,20 @@ impl fmt::Debug for Secret {
         f.write_str(if self.0.is_empty() {
             "<unset>"
         } else {
-            "<redacted>"
+            REDACTED
         })
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(if self.0.is_empty() { "" } else { REDACTED })
+    }
+}
+
+impl Drop for Secret {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
     }
 }
 
@@ -151,4 +170,33 @@ pub struct CloudSettings {
     pub sdk_timeouts: SdkTimeouts,
     pub db_timeouts: DbTimeouts,
     pub environments: Vec<EnvironmentConfig>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_secret_neither_prints_nor_serializes_but_deserializes() {
+        #[derive(Serialize, Deserialize)]
+        struct Holder {
+            key: Secret,
+            unset: Secret,
+        }
+        let holder: Holder = toml::from_str("key = \"hunter2-value\"\nunset = \"\"\n").unwrap();
+        assert_eq!(holder.key.expose(), "hunter2-value");
+        assert_eq!(format!("{:?}", holder.key), "<redacted>");
+        assert_eq!(format!("{:?}", holder.unset), "<unset>");
+        for text in [
+            toml::to_string(&holder).unwrap(),
+            serde_json::to_string(&holder).unwrap(),
+        ] {
+            assert!(!text.contains("hunter2"), "{text}");
+            assert!(text.contains("<redacted>"), "{text}");
+        }
+        assert_eq!(
+            serde_json::to_value(&holder).unwrap()["unset"],
+            serde_json::json!("")
+        );
+    }
 }

@@ -4,6 +4,7 @@
 
 pub mod backup;
 pub mod ids;
+pub mod image;
 pub mod instance;
 pub mod naming;
 pub mod operation;
@@ -14,6 +15,7 @@ pub mod violation;
 
 pub use backup::{Backup, BackupOrigin, BackupState};
 pub use ids::{BackupId, BackupName, InstanceId, InstanceName, OperationId, RequestId, TenantId};
+pub use image::ImagePolicy;
 pub use instance::Instance;
 pub use operation::{Operation, OperationEvent, OperationStatus, Phase, Step, StepStatus, Verb};
 pub use spec::{Environment, InstanceSpec, ScaleBounds, Tier};

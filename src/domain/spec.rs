@@ -311,22 +311,10 @@ pub fn check_fargate_size(cpu: i64, memory_mib: i64) -> Result<(u32, u32), Strin
     }
 }
 
-/// A container image repository such as `wordpress` or `123.dkr.ecr.eu-west-1.amazonaws.com/wp`.
+/// A container image repository such as `wordpress` or `123.dkr.ecr.eu-west-1.amazonaws.com/wp`,
+/// without a tag or digest (see [`super::image::check_repository`]).
 pub fn check_image(value: &str) -> Result<(), String> {
-    let ok = !value.is_empty()
-        && value.len() <= 255
-        && value
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "./:_-".contains(c))
-        && value.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && value.ends_with(|c: char| c.is_ascii_alphanumeric())
-        && !value.contains("..")
-        && !value.contains("//");
-    if ok {
-        Ok(())
-    } else {
-        Err("must be a container image repository (lower-case letters, digits, '.', '/', ':', '_', '-')".into())
-    }
+    super::image::check_repository(value)
 }
 
 /// A container image tag: `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`.

@@ -260,6 +260,7 @@ fn rds(status: &str, maintenance: &[&str]) -> DbInstanceStatus {
         max_allocated_storage_gib: Some(100),
         pending_maintenance: maintenance.iter().map(|m| m.to_string()).collect(),
         maintenance_window: Some("sun:03:00-sun:03:30".into()),
+        endpoint: None,
     }
 }
 

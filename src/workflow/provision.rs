@@ -291,20 +291,32 @@ async fn ensure_access_point(ctx: &StepCtx) -> StepResult<String> {
 /// The tenant's database credentials. The password comes from the OS CSPRNG (through
 /// `rand`'s thread RNG) and is only ever stored in Secrets Manager.
 async fn ensure_secret(ctx: &StepCtx) -> StepResult<String> {
+    /// The secret's JSON, written straight into the string the [`Secret`] keeps (no copy of
+    /// the password is left behind un-wiped).
+    #[derive(serde::Serialize)]
+    struct Credentials<'a> {
+        engine: &'a str,
+        host: &'a str,
+        port: u16,
+        dbname: &'a str,
+        username: &'a str,
+        password: &'a str,
+    }
     let platform = &ctx.cloud.platform;
-    let password = Alphanumeric.sample_string(&mut rand::rng(), 32);
-    let value = serde_json::json!({
-        "engine": "mysql",
-        "host": platform.db_host,
-        "port": platform.db_port,
-        "dbname": ctx.names.database,
-        "username": ctx.names.database_user,
-        "password": password,
-    });
+    let password = zeroize::Zeroizing::new(Alphanumeric.sample_string(&mut rand::rng(), 32));
+    let value = serde_json::to_string(&Credentials {
+        engine: "mysql",
+        host: &platform.db_host,
+        port: platform.db_port,
+        dbname: &ctx.names.database,
+        username: &ctx.names.database_user,
+        password: &password,
+    })
+    .map_err(|e| StepError::Fatal(format!("cannot render the tenant secret: {e}")))?;
     let spec = SecretSpec {
         name: ctx.names.secret.clone(),
         description: format!("database credentials of {}", ctx.instance.name),
-        value: Secret::new(value.to_string()),
+        value: Secret::new(value),
         tags: ctx.tags("secret"),
     };
     let (arn, _) = ctx.cloud.secrets.ensure_secret(&spec).await?;
@@ -350,9 +362,13 @@ fn json_secret(what: &str, secret: &Secret) -> StepResult<serde_json::Value> {
         .map_err(|_| StepError::Fatal(format!("{what} is not a JSON secret")))
 }
 
-/// The environment's MySQL master credentials, from its master secret.
+/// The environment's MySQL master credentials: an RDS IAM token when the platform enables
+/// it, else from its master secret.
 pub async fn master_credentials(ctx: &StepCtx) -> StepResult<MasterCredentials> {
     let platform = &ctx.cloud.platform;
+    if platform.db_iam_auth {
+        return Ok(iam_credentials(&ctx.cloud).await?);
+    }
     let secret = ctx
         .cloud
         .secrets
@@ -379,6 +395,50 @@ pub async fn master_credentials(ctx: &StepCtx) -> StepResult<MasterCredentials> 
         username: field("username")?,
         password: Secret::new(field("password")?),
         tls: platform.db_tls,
+        ca_file: (!platform.db_ca_file.is_empty())
+            .then(|| std::path::PathBuf::from(&platform.db_ca_file)),
+    })
+}
+
+/// The control plane's login with RDS IAM database authentication: the endpoint of the
+/// platform's DB instance as RDS describes it (never typed into configuration), the
+/// platform's IAM user, a fresh 15-minute token as its password, and verified TLS (the
+/// server's CA from `db_ca_file`, RDS's global bundle).
+pub async fn iam_credentials(
+    cloud: &crate::cloud::CloudEnv,
+) -> crate::cloud::CloudResult<MasterCredentials> {
+    use crate::cloud::{CloudError, ErrorKind};
+    let platform = &cloud.platform;
+    let id = &platform.db_instance_identifier;
+    let described = cloud
+        .db_instances
+        .db_instance(id)
+        .await?
+        .ok_or_else(|| CloudError::fatal(format!("RDS DB instance {id} does not exist")))?;
+    let endpoint = described.endpoint.ok_or_else(|| {
+        CloudError::new(
+            ErrorKind::Retryable,
+            format!(
+                "RDS DB instance {id} has no endpoint yet (status {})",
+                described.status
+            ),
+        )
+    })?;
+    if !endpoint.iam_auth_enabled {
+        return Err(CloudError::fatal(format!(
+            "RDS DB instance {id} does not have IAM database authentication enabled"
+        )));
+    }
+    let password = cloud
+        .db_instances
+        .auth_token(&endpoint.address, endpoint.port, &platform.db_iam_user)
+        .await?;
+    Ok(MasterCredentials {
+        host: endpoint.address,
+        port: endpoint.port,
+        username: platform.db_iam_user.clone(),
+        password,
+        tls: crate::cloud::DbTls::Verified,
         ca_file: (!platform.db_ca_file.is_empty())
             .then(|| std::path::PathBuf::from(&platform.db_ca_file)),
     })
@@ -415,11 +475,12 @@ async fn ensure_database(ctx: &StepCtx) -> StepResult<String> {
         .ok_or_else(|| StepError::Fatal("the tenant secret has no password".into()))?;
     ctx.cloud
         .database
-        .ensure_database(
+        .ensure_tenant_database(
             &master,
             &ctx.names.database,
             &ctx.names.database_user,
             &password,
+            ctx.cloud.platform.db_require_tls,
         )
         .await?;
     Ok(ctx.names.database.clone())
@@ -533,6 +594,7 @@ pub fn task_definition_spec(
         log_stream_prefix: ctx.names.log_stream_prefix.clone(),
         execution_role_arn: platform.execution_role_arn.clone(),
         task_role_arn: platform.task_role_arn.clone(),
+        db_tls: platform.db_require_tls,
         tags: ctx.tags("task-definition"),
     }
 }

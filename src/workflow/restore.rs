@@ -370,7 +370,13 @@ async fn verify_database(ctx: &StepCtx) -> StepResult<String> {
         .ok_or_else(|| StepError::Fatal("the tenant secret has no password".into()))?;
     ctx.cloud
         .database
-        .ensure_database(&master, &database, &ctx.names.database_user, &password)
+        .ensure_tenant_database(
+            &master,
+            &database,
+            &ctx.names.database_user,
+            &password,
+            ctx.cloud.platform.db_require_tls,
+        )
         .await?;
     Ok(format!("{} tables as recorded", facts.tables.len()))
 }

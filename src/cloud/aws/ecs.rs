@@ -32,6 +32,9 @@ pub const WP_CONTENT_PATH: &str = "/var/www/html/wp-content";
 pub const FINGERPRINT_LABEL: &str = "instance-manager.fingerprint";
 
 const VOLUME_NAME: &str = "wp-content";
+/// `wp-config.php` lines (the official image's `WORDPRESS_CONFIG_EXTRA`) that make WordPress
+/// connect to MySQL over TLS, for a tenant user created `REQUIRE SSL`.
+pub const WORDPRESS_DB_TLS: &str = "define('MYSQL_CLIENT_FLAGS', MYSQLI_CLIENT_SSL);";
 const ONE_OFF_CONTAINER: &str = "task";
 /// Enough for tar + upload of wp-content; the smallest Fargate size with 1 GiB.
 const ONE_OFF_CPU: u32 = 512;
@@ -143,11 +146,13 @@ fn wordpress_registration(spec: &TaskDefinitionSpec) -> CloudResult<Registration
         .command("curl -f http://localhost/ || exit 1")
         .build()
         .map_err(invalid(what))?;
-    let fingerprint = fingerprint([
+    let cpu = spec.cpu.to_string();
+    let memory = spec.memory_mib.to_string();
+    let mut parts: Vec<&str> = vec![
         "wordpress/1",
         &spec.family,
-        &spec.cpu.to_string(),
-        &spec.memory_mib.to_string(),
+        &cpu,
+        &memory,
         &spec.image,
         &spec.file_system_id,
         &spec.access_point_id,
@@ -159,8 +164,13 @@ fn wordpress_registration(spec: &TaskDefinitionSpec) -> CloudResult<Registration
         &spec.log_stream_prefix,
         &spec.execution_role_arn,
         &spec.task_role_arn,
-    ]);
-    let container = ContainerDefinition::builder()
+    ];
+    // Only a TLS connection adds a part, so the revisions registered before stay identical.
+    if spec.db_tls {
+        parts.push(WORDPRESS_DB_TLS);
+    }
+    let fingerprint = fingerprint(parts);
+    let mut container = ContainerDefinition::builder()
         .name(CONTAINER_NAME)
         .image(&spec.image)
         .essential(true)
@@ -174,7 +184,11 @@ fn wordpress_registration(spec: &TaskDefinitionSpec) -> CloudResult<Registration
                 .build(),
         )
         .environment(env("WORDPRESS_DB_HOST", &spec.db_host))
-        .environment(env("WORDPRESS_DB_NAME", &spec.db_name))
+        .environment(env("WORDPRESS_DB_NAME", &spec.db_name));
+    if spec.db_tls {
+        container = container.environment(env("WORDPRESS_CONFIG_EXTRA", WORDPRESS_DB_TLS));
+    }
+    let container = container
         .secrets(secret("WORDPRESS_DB_USER", "username")?)
         .secrets(secret("WORDPRESS_DB_PASSWORD", "password")?)
         .mount_points(wp_content_mount())
@@ -867,6 +881,48 @@ mod tests {
         let arn = "arn:aws:ecs:us-east-1:123456789012:task-definition/bbws-dev-acme:12";
         assert_eq!(family_and_revision(arn), Some(("bbws-dev-acme", 12)));
         assert_eq!(family_and_revision("nonsense"), None);
+    }
+
+    #[test]
+    fn a_tls_database_connection_is_configured_and_fingerprinted() {
+        let spec = TaskDefinitionSpec {
+            family: "bbws-dev-acme".into(),
+            cpu: 512,
+            memory_mib: 1024,
+            image: "wordpress:6.7".into(),
+            file_system_id: "fs-1".into(),
+            access_point_id: "fsap-1".into(),
+            secret_arn: "arn:aws:secretsmanager:us-east-1:1:secret:x".into(),
+            db_host: "db:3306".into(),
+            db_name: "tenant_acme_dev_db".into(),
+            log_group: "/bbws/dev".into(),
+            log_region: "us-east-1".into(),
+            log_stream_prefix: "acme".into(),
+            execution_role_arn: "arn:aws:iam::1:role/exec".into(),
+            task_role_arn: String::new(),
+            db_tls: false,
+            tags: Vec::new(),
+        };
+        let extra = |registration: &Registration| {
+            registration
+                .container
+                .environment()
+                .iter()
+                .find(|e| e.name() == Some("WORDPRESS_CONFIG_EXTRA"))
+                .and_then(|e| e.value())
+                .map(str::to_owned)
+        };
+        let plain = wordpress_registration(&spec).unwrap();
+        assert_eq!(extra(&plain), None);
+        assert_eq!(plain.container.environment().len(), 2);
+        let tls = wordpress_registration(&TaskDefinitionSpec {
+            db_tls: true,
+            ..spec.clone()
+        })
+        .unwrap();
+        assert_eq!(extra(&tls).as_deref(), Some(WORDPRESS_DB_TLS));
+        assert_eq!(tls.container.environment().len(), 3);
+        assert_ne!(plain.fingerprint, tls.fingerprint, "a new revision");
     }
 
     #[test]

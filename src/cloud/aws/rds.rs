@@ -1,4 +1,5 @@
-//! The environment's shared RDS DB instance, read-only: what the health check reports.
+//! The environment's shared RDS DB instance, read-only: what the health check reports, where
+//! the control plane connects, and RDS IAM authentication tokens for that connection.
 
 use async_trait::async_trait;
 use aws_config::SdkConfig;
@@ -6,16 +7,25 @@ use aws_sdk_rds::Client;
 use aws_sdk_rds::types::PendingModifiedValues;
 
 use crate::cloud::error::classify;
-use crate::cloud::{CloudResult, DbInstanceStatus, DbInstances};
+use crate::cloud::{
+    CloudError, CloudResult, DbEndpoint, DbInstanceStatus, DbInstances, ErrorKind, Secret,
+};
+
+/// RDS's longest (and our) lifetime of an IAM authentication token.
+pub const AUTH_TOKEN_SECS: u64 = 15 * 60;
 
 pub struct AwsDbInstances {
     client: Client,
+    /// The environment's configuration (its assumed-role credentials, region and clock),
+    /// which signs authentication tokens.
+    sdk: SdkConfig,
 }
 
 impl AwsDbInstances {
     pub fn new(sdk: &SdkConfig) -> Self {
         Self {
             client: Client::new(sdk),
+            sdk: sdk.clone(),
         }
     }
 }
@@ -52,7 +62,36 @@ impl DbInstances for AwsDbInstances {
                 .map(pending_changes)
                 .unwrap_or_default(),
             maintenance_window: instance.preferred_maintenance_window().map(str::to_owned),
+            endpoint: instance.endpoint().and_then(|endpoint| {
+                Some(DbEndpoint {
+                    address: endpoint.address()?.to_owned(),
+                    port: u16::try_from(endpoint.port()?).ok()?,
+                    ca_identifier: instance.ca_certificate_identifier().map(str::to_owned),
+                    iam_auth_enabled: instance
+                        .iam_database_authentication_enabled()
+                        .unwrap_or(false),
+                    resource_id: instance.dbi_resource_id().map(str::to_owned),
+                })
+            }),
         }))
+    }
+
+    async fn auth_token(&self, host: &str, port: u16, user: &str) -> CloudResult<Secret> {
+        use aws_sdk_rds::auth_token::{AuthTokenGenerator, Config};
+        let what = format!("rds-db:connect token for {user} at {host}:{port}");
+        let config = Config::builder()
+            .hostname(host)
+            .port(u64::from(port))
+            .username(user)
+            .expires_in(AUTH_TOKEN_SECS)
+            .build()
+            .map_err(|e| CloudError::fatal(format!("{what}: {e}")))?;
+        // Signing is local; what can fail is fetching the role's credentials.
+        let token = AuthTokenGenerator::new(config)
+            .auth_token(&self.sdk)
+            .await
+            .map_err(|e| CloudError::new(ErrorKind::Retryable, format!("{what}: {e}")))?;
+        Ok(Secret::new(token.as_str()))
     }
 }
 
