@@ -15,6 +15,7 @@ pub mod logs;
 pub mod metrics;
 pub mod proto;
 pub mod retention;
+pub mod rpc_metrics;
 pub mod server;
 pub mod store;
 pub mod telemetry;

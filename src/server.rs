@@ -155,6 +155,14 @@ pub async fn serve_with(
         .layer(OriginGateLayer::new(web.allowed_origins.clone()))
         .layer(cors_layer(&web.allowed_origins))
         .layer(tonic_web::GrpcWebLayer::new())
+        // Every call's latency by method and code, refused ones included.
+        .layer(crate::rpc_metrics::RpcMetricsLayer::new(
+            options.metrics.clone(),
+            crate::rpc_metrics::served_methods(&[
+                proto::FILE_DESCRIPTOR_SET,
+                tonic_health::pb::FILE_DESCRIPTOR_SET,
+            ]),
+        ))
         // Who is calling: a principal for every call but health and reflection, or
         // UNAUTHENTICATED before any handler runs.
         .layer(crate::auth::AuthLayer::new(options.auth.clone()))
@@ -191,10 +199,12 @@ pub async fn serve_with(
 }
 
 /// How the server meets its callers: browsers (gRPC-Web) and authentication.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ServeOptions {
     pub web: WebSettings,
     pub auth: Arc<crate::auth::Authenticator>,
+    /// Where RPC latencies go (`im_rpc_duration_seconds`); `None`: not measured.
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl Default for ServeOptions {
@@ -203,6 +213,7 @@ impl Default for ServeOptions {
         Self {
             web: WebSettings::default(),
             auth: Arc::new(crate::auth::Authenticator::disabled()),
+            metrics: None,
         }
     }
 }
@@ -220,6 +231,7 @@ impl ServeOptions {
         Ok(Self {
             web: WebSettings::from_config(config),
             auth: Arc::new(auth),
+            metrics: None,
         })
     }
 }
@@ -349,7 +361,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     let grace = Duration::from_secs(config.shutdown_grace_secs);
-    let options = ServeOptions::from_config(config)?;
+    let mut options = ServeOptions::from_config(config)?;
     let tokens = if config.page_token_secret.is_empty() {
         tracing::warn!(
             "no page_token_secret configured: page tokens are valid only in this process"
@@ -384,6 +396,7 @@ pub async fn run(
             Arc::new(failpoints),
         )
     };
+    options.metrics = Some(engine.metrics());
     let mut api = Api::new(
         store,
         ApiSettings {

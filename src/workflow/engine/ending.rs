@@ -156,7 +156,24 @@ impl Engine {
         .await
     }
 
-    fn count_stuck(&self, verb: &str, reason: &str, message: &str) {
+    /// Counts an ended operation (`ended_at` and `status` set): by verb and status, and
+    /// its duration from its creation (queueing included: what the caller waited).
+    pub(super) fn count_finished(&self, operation: &Operation) {
+        let labels = [
+            ("verb", operation.verb.as_str()),
+            ("status", operation.status.as_str()),
+        ];
+        self.metrics
+            .increment(metrics::OPERATIONS_FINISHED, &labels);
+        let ended = operation.ended_at.unwrap_or_else(Timestamp::now);
+        let millis = (ended.millis() - operation.created_at.millis()).max(0);
+        #[allow(clippy::cast_precision_loss)] // milliseconds stay far below 2^52
+        let seconds = millis as f64 / 1000.0;
+        self.metrics
+            .observe(metrics::OPERATION_DURATION, &labels, seconds);
+    }
+
+    pub(super) fn count_stuck(&self, verb: &str, reason: &str, message: &str) {
         self.metrics.increment(
             metrics::OPERATIONS_STUCK,
             &[("verb", verb), ("reason", reason)],
@@ -377,13 +394,7 @@ impl Engine {
                 }
             }
             operation.version += 1;
-            self.metrics.increment(
-                metrics::OPERATIONS_FINISHED,
-                &[
-                    ("verb", operation.verb.as_str()),
-                    ("status", status.as_str()),
-                ],
-            );
+            self.count_finished(&operation);
             let instance_state = instance.as_ref().map(|i| i.state.to_string());
             tracing::info!(status = %status, instance_state, "operation finished");
             state.operation = operation;
@@ -430,13 +441,7 @@ impl Engine {
         }
         for writes in [with_instance, base] {
             if self.store.commit(writes).await.is_ok() {
-                self.metrics.increment(
-                    metrics::OPERATIONS_FINISHED,
-                    &[
-                        ("verb", verb.as_str()),
-                        ("status", OperationStatus::Stuck.as_str()),
-                    ],
-                );
+                self.count_finished(&operation);
                 self.bus.publish(event);
                 return;
             }
