@@ -14,6 +14,7 @@ pub mod health;
 pub mod logs;
 pub mod metrics;
 pub mod proto;
+pub mod reconcile;
 pub mod retention;
 pub mod rpc_metrics;
 pub mod server;

@@ -459,6 +459,23 @@ pub async fn run(
                 .instrument(tracing::info_span!("retention")),
         );
     }
+    if config.reconcile_interval_secs > 0 && !config.environments.is_empty() {
+        let reconciler = crate::reconcile::Reconciler::new(
+            api.store.clone(),
+            accounts.clone(),
+            engine.clone(),
+            config.environments.iter().map(|env| env.name).collect(),
+            crate::reconcile::ReconcileSettings::from_config(config),
+        );
+        tokio::spawn(
+            reconciler
+                .run(
+                    Duration::from_secs(config.reconcile_interval_secs),
+                    shutdown.clone(),
+                )
+                .instrument(tracing::info_span!("reconcile")),
+        );
+    }
     let engine_task = tokio::spawn(
         engine
             .run(shutdown.clone())
