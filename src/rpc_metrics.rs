@@ -142,12 +142,17 @@ where
         Box::pin(async move {
             let response = future.await?;
             let (parts, body) = response.into_parts();
-            let timer = CallTimer {
+            let mut timer = CallTimer {
                 metrics: Some(metrics),
                 method,
                 started,
                 header_code: status_of(&parts.headers),
             };
+            // A trailers-only answer (every error a handler returns) is complete here: its
+            // empty body may never be polled.
+            if timer.header_code.is_some() {
+                timer.record(None);
+            }
             let body = tonic::body::Body::new(TimedBody { inner: body, timer });
             Ok(http::Response::from_parts(parts, body))
         })

@@ -158,7 +158,10 @@ async fn orphans_are_reported_removed_only_when_enabled_and_live_resources_are_u
     let elb = aws_sdk_elasticloadbalancingv2::Client::new(&sdk);
     let orphan_group = elb
         .create_target_group()
-        .name(format!("orphan-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]))
+        .name(format!(
+            "orphan-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        ))
         .protocol(aws_sdk_elasticloadbalancingv2::types::ProtocolEnum::Http)
         .port(80)
         .vpc_id(&cloud.platform.vpc_id)
@@ -196,7 +199,11 @@ async fn orphans_are_reported_removed_only_when_enabled_and_live_resources_are_u
     let reported = reconciler(&cp, settings(false, Duration::ZERO))
         .reconcile_once(Timestamp::now())
         .await;
-    assert_eq!(reported.orphans[&(Environment::Dev, "secret")], 1, "{reported:?}");
+    assert_eq!(
+        reported.orphans[&(Environment::Dev, "secret")],
+        1,
+        "{reported:?}"
+    );
     assert_eq!(reported.orphans[&(Environment::Dev, "target_group")], 0);
     assert_eq!(reported.orphans[&(Environment::Dev, "access_point")], 0);
     assert_eq!(reported.removed, 0);
@@ -204,7 +211,10 @@ async fn orphans_are_reported_removed_only_when_enabled_and_live_resources_are_u
     assert!(secret_exists(&sdk, &orphan_secret).await);
     let text = cp.engine.render_metrics();
     assert!(
-        has_line(&text, "im_reconcile_orphans{environment=\"DEV\",kind=\"secret\"} 1"),
+        has_line(
+            &text,
+            "im_reconcile_orphans{environment=\"DEV\",kind=\"secret\"} 1"
+        ),
         "{text}"
     );
 
@@ -383,7 +393,11 @@ async fn stale_provisioning(store: &dyn StateStore, tenant: &str, now: i64, ago:
 }
 
 /// The operation's status as DynamoDB holds it.
-async fn stored_status(dynamo: &aws_sdk_dynamodb::Client, table: &str, operation: &Operation) -> String {
+async fn stored_status(
+    dynamo: &aws_sdk_dynamodb::Client,
+    table: &str,
+    operation: &Operation,
+) -> String {
     use aws_sdk_dynamodb::types::AttributeValue;
     let item = dynamo
         .get_item()
@@ -431,7 +445,13 @@ async fn a_long_expired_lease_ends_stuck_once_and_a_recent_one_does_not() {
         )
     };
     let now = Timestamp::now().millis();
-    let old = stale_provisioning(store.as_ref(), &platform::tenant("old"), now, 2 * 3600 * 1000).await;
+    let old = stale_provisioning(
+        store.as_ref(),
+        &platform::tenant("old"),
+        now,
+        2 * 3600 * 1000,
+    )
+    .await;
     let recent = stale_provisioning(store.as_ref(), &platform::tenant("recent"), now, 10_000).await;
 
     let (first, second) = (reconciler(&one), reconciler(&two));
@@ -441,7 +461,10 @@ async fn a_long_expired_lease_ends_stuck_once_and_a_recent_one_does_not() {
     );
     assert_eq!(a.stuck + b.stuck, 1, "{a:?} {b:?}");
     assert_eq!(stored_status(&dynamo, &config.table, &old).await, "STUCK");
-    assert_eq!(stored_status(&dynamo, &config.table, &recent).await, "IN_PROGRESS");
+    assert_eq!(
+        stored_status(&dynamo, &config.table, &recent).await,
+        "IN_PROGRESS"
+    );
     let stuck_line = "im_operations_stuck_total{reason=\"LEASE_EXPIRED\",verb=\"create\"} 1";
     let counted: Vec<bool> = [&one, &two]
         .iter()
@@ -449,10 +472,9 @@ async fn a_long_expired_lease_ends_stuck_once_and_a_recent_one_does_not() {
         .collect();
     assert_eq!(counted.iter().filter(|c| **c).count(), 1, "{counted:?}");
     let ended = if counted[0] { &one } else { &two };
-    assert!(ended
-        .render_metrics()
-        .lines()
-        .any(|l| l.starts_with("im_operation_duration_seconds_count{status=\"STUCK\",verb=\"create\"} 1")));
+    assert!(ended.render_metrics().lines().any(|l| {
+        l.starts_with("im_operation_duration_seconds_count{status=\"STUCK\",verb=\"create\"} 1")
+    }));
     // The instance no longer names it, so it can be retried or deleted.
     let instance = store.get_instance(&old.target).await.unwrap().unwrap();
     assert_eq!(instance.current_operation, None);
@@ -460,5 +482,8 @@ async fn a_long_expired_lease_ends_stuck_once_and_a_recent_one_does_not() {
 
     let again = reconciler(&one).reconcile_once(Timestamp(now)).await;
     assert_eq!(again.stuck, 0, "{again:?}");
-    assert_eq!(stored_status(&dynamo, &config.table, &recent).await, "IN_PROGRESS");
+    assert_eq!(
+        stored_status(&dynamo, &config.table, &recent).await,
+        "IN_PROGRESS"
+    );
 }
