@@ -83,6 +83,17 @@ pub struct Config {
     pub backup_retention_days: u32,
     /// How often each replica looks for expired backups to remove.
     pub backup_sweep_interval_secs: u64,
+    /// How often each replica's reconciler looks for orphans, drift and stale operations;
+    /// 0 turns the reconciler off.
+    pub reconcile_interval_secs: u64,
+    /// Whether the reconciler removes the orphans it finds (otherwise it only reports them).
+    pub reconcile_remove_orphans: bool,
+    /// How young a resource (where its kind tells its creation time) may be and still not
+    /// count as an orphan.
+    pub orphan_grace_secs: u64,
+    /// How long after its lease expired an unfinished operation that nobody resumed (no
+    /// step or event since) is ended STUCK by the reconciler.
+    pub stuck_after_secs: u64,
     /// AWS SDK: time to establish a connection.
     pub aws_connect_timeout_secs: u64,
     /// AWS SDK: time for one attempt of a call (request and response); the SDK retries a
@@ -163,6 +174,10 @@ impl Default for Config {
             rollout_timeout_secs: 15 * 60,
             backup_retention_days: 90,
             backup_sweep_interval_secs: 60 * 60,
+            reconcile_interval_secs: 5 * 60,
+            reconcile_remove_orphans: false,
+            orphan_grace_secs: 60 * 60,
+            stuck_after_secs: 60 * 60,
             aws_connect_timeout_secs: 5,
             aws_attempt_timeout_secs: 30,
             aws_operation_timeout_secs: 120,
@@ -239,6 +254,16 @@ pub struct ConfigArgs {
     pub backup_retention_days: Option<u32>,
     #[arg(long, env = "IM_BACKUP_SWEEP_INTERVAL_SECS")]
     pub backup_sweep_interval_secs: Option<u64>,
+    /// Reconciler interval (0: off).
+    #[arg(long, env = "IM_RECONCILE_INTERVAL_SECS")]
+    pub reconcile_interval_secs: Option<u64>,
+    /// Remove the orphans the reconciler finds (`true`/`false`).
+    #[arg(long, env = "IM_RECONCILE_REMOVE_ORPHANS")]
+    pub reconcile_remove_orphans: Option<bool>,
+    #[arg(long, env = "IM_ORPHAN_GRACE_SECS")]
+    pub orphan_grace_secs: Option<u64>,
+    #[arg(long, env = "IM_STUCK_AFTER_SECS")]
+    pub stuck_after_secs: Option<u64>,
     #[arg(long, env = "IM_AWS_CONNECT_TIMEOUT_SECS")]
     pub aws_connect_timeout_secs: Option<u64>,
     #[arg(long, env = "IM_AWS_ATTEMPT_TIMEOUT_SECS")]
@@ -321,6 +346,12 @@ impl ConfigArgs {
         );
         overlay!(backup_retention_days, backup_sweep_interval_secs);
         overlay!(
+            reconcile_interval_secs,
+            reconcile_remove_orphans,
+            orphan_grace_secs,
+            stuck_after_secs
+        );
+        overlay!(
             aws_connect_timeout_secs,
             aws_attempt_timeout_secs,
             aws_operation_timeout_secs,
@@ -400,6 +431,11 @@ impl Config {
         }
         if self.backup_sweep_interval_secs == 0 {
             return invalid("backup_sweep_interval_secs must be positive");
+        }
+        // Below a lease's length, an operation whose replica is merely slow to renew would
+        // be ended under it.
+        if self.stuck_after_secs < self.lease_secs {
+            return invalid("stuck_after_secs must be at least lease_secs");
         }
         for environment in &self.environments {
             if let Some(bounds) = environment.scale_bounds

@@ -157,6 +157,14 @@ pub async fn serve_with(
         .layer(OriginGateLayer::new(web.allowed_origins.clone()))
         .layer(cors_layer(&web.allowed_origins))
         .layer(tonic_web::GrpcWebLayer::new())
+        // Every call's latency by method and code, refused ones included.
+        .layer(crate::rpc_metrics::RpcMetricsLayer::new(
+            options.metrics.clone(),
+            crate::rpc_metrics::served_methods(&[
+                proto::FILE_DESCRIPTOR_SET,
+                tonic_health::pb::FILE_DESCRIPTOR_SET,
+            ]),
+        ))
         // Who is calling: a principal for every call but health and reflection, or
         // UNAUTHENTICATED before any handler runs.
         .layer(crate::auth::AuthLayer::new(options.auth.clone()))
@@ -202,13 +210,16 @@ pub async fn serve_with(
     Ok(())
 }
 
-/// How the server meets its callers: browsers (gRPC-Web), authentication and TLS.
-#[derive(Debug, Clone)]
+/// How the server meets its callers: browsers (gRPC-Web), authentication and TLS, and
+/// where its RPC latencies go.
+#[derive(Clone)]
 pub struct ServeOptions {
     pub web: WebSettings,
     pub auth: Arc<crate::auth::Authenticator>,
     /// TLS (and mutual TLS) on the port; `None`: plain text.
     pub tls: Option<Arc<crate::tls::TlsServer>>,
+    /// Where RPC latencies go (`im_rpc_duration_seconds`); `None`: not measured.
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl Default for ServeOptions {
@@ -218,6 +229,7 @@ impl Default for ServeOptions {
             web: WebSettings::default(),
             auth: Arc::new(crate::auth::Authenticator::disabled()),
             tls: None,
+            metrics: None,
         }
     }
 }
@@ -240,6 +252,7 @@ impl ServeOptions {
             web: WebSettings::from_config(config),
             auth: Arc::new(auth),
             tls,
+            metrics: None,
         })
     }
 }
@@ -369,7 +382,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     let grace = Duration::from_secs(config.shutdown_grace_secs);
-    let options = ServeOptions::from_config(config)?;
+    let mut options = ServeOptions::from_config(config)?;
     let tokens = if config.page_token_secret.is_empty() {
         tracing::warn!(
             "no page_token_secret configured: page tokens are valid only in this process"
@@ -404,6 +417,7 @@ pub async fn run(
             Arc::new(failpoints),
         )
     };
+    options.metrics = Some(engine.metrics());
     let mut api = Api::new(
         store,
         ApiSettings {
@@ -465,6 +479,23 @@ pub async fn run(
                     shutdown.clone(),
                 )
                 .instrument(tracing::info_span!("retention")),
+        );
+    }
+    if config.reconcile_interval_secs > 0 && !config.environments.is_empty() {
+        let reconciler = crate::reconcile::Reconciler::new(
+            api.store.clone(),
+            accounts.clone(),
+            engine.clone(),
+            config.environments.iter().map(|env| env.name).collect(),
+            crate::reconcile::ReconcileSettings::from_config(config),
+        );
+        tokio::spawn(
+            reconciler
+                .run(
+                    Duration::from_secs(config.reconcile_interval_secs),
+                    shutdown.clone(),
+                )
+                .instrument(tracing::info_span!("reconcile")),
         );
     }
     let engine_task = tokio::spawn(

@@ -9,9 +9,10 @@ use std::collections::BTreeMap;
 
 use instance_manager::domain::operation::Lease;
 use instance_manager::domain::{
-    Backup, BackupId, BackupName, BackupOrigin, BackupState, Environment, Instance, InstanceId,
-    InstanceName, InstanceSpec, InstanceState, Operation, OperationEvent, OperationId,
-    OperationStatus, RequestId, Step, StepStatus, TenantId, Tier, Timestamp, Verb,
+    Backup, BackupId, BackupName, BackupOrigin, BackupState, ConditionType, Environment, Instance,
+    InstanceCondition, InstanceId, InstanceName, InstanceSpec, InstanceState, Operation,
+    OperationEvent, OperationId, OperationStatus, RequestId, Step, StepStatus, TenantId, Tier,
+    Timestamp, Verb,
 };
 use instance_manager::store::{
     BackupCursor, DynamoStore, Guard, InstanceCursor, InstanceQuery, MemoryStore, OperationCursor,
@@ -266,7 +267,17 @@ async fn instances_are_versioned(store: &dyn StateStore) {
     );
     assert_eq!(store.get_instance(&key).await.unwrap().unwrap(), stored);
 
-    let provisioning = with_version(&stored, |i| i.state = InstanceState::Provisioning);
+    // The reconciler's conditions are part of the record.
+    let provisioning = with_version(&stored, |i| {
+        i.state = InstanceState::Provisioning;
+        i.conditions = vec![InstanceCondition {
+            kind: ConditionType::Drift,
+            resource_kind: "secret".into(),
+            resource_id: "arn:aws:secretsmanager:us-east-1:1:secret:x".into(),
+            message: "secret arn:aws:secretsmanager:us-east-1:1:secret:x no longer exists".into(),
+            since: Timestamp(1_700_000_000_500),
+        }];
+    });
     commit(store, vec![Write::UpdateInstance(provisioning.clone())]).await;
     let second = store.get_instance(&key).await.unwrap().unwrap();
     assert_eq!(second, with_version(&provisioning, |i| i.version = 2));

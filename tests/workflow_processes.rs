@@ -260,12 +260,32 @@ async fn the_metrics_endpoint_counts_operations() {
         v1::OperationStatus::Completed,
         "{events:#?}"
     );
+    // A call answered NOT_FOUND.
+    let missing = client
+        .instances
+        .get_instance(v1::GetInstanceRequest {
+            name: format!("tenants/{tenant}/instances/nope"),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound);
     let (_, after) = scrape(metrics).await;
     for line in [
         "im_operations_running 0",
         "im_operations_claimed_total{resumed=\"false\",verb=\"create\"} 1",
         "im_operations_finished_total{status=\"COMPLETED\",verb=\"create\"} 1",
+        // Latencies by method and code: the create, the watch stream (to its end), the
+        // NOT_FOUND; and the operation's duration by verb.
+        "im_rpc_duration_seconds_count{code=\"OK\",method=\"/bbws.instance.v1.InstanceService/CreateInstance\"} 1",
+        "im_rpc_duration_seconds_count{code=\"OK\",method=\"/bbws.instance.v1.InstanceService/WatchOperation\"} 1",
+        "im_rpc_duration_seconds_count{code=\"NOT_FOUND\",method=\"/bbws.instance.v1.InstanceService/GetInstance\"} 1",
+        "im_rpc_duration_seconds_bucket{code=\"NOT_FOUND\",method=\"/bbws.instance.v1.InstanceService/GetInstance\",le=\"+Inf\"} 1",
+        "im_operation_duration_seconds_count{status=\"COMPLETED\",verb=\"create\"} 1",
     ] {
         assert!(after.lines().any(|l| l == line), "{line}\n{after}");
     }
+    assert!(
+        after.contains("# TYPE im_operation_duration_seconds histogram\n"),
+        "{after}"
+    );
 }

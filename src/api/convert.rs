@@ -7,8 +7,8 @@ use prost_types::Any;
 use crate::domain::operation::StepStatus;
 use crate::domain::spec::SpecInput;
 use crate::domain::{
-    Backup, BackupState, Environment, Instance, InstanceState, Operation, OperationEvent,
-    OperationStatus, Tier, Timestamp, Violations,
+    Backup, BackupState, ConditionType, Environment, Instance, InstanceState, Operation,
+    OperationEvent, OperationStatus, Tier, Timestamp, Violations,
 };
 use crate::proto::google_longrunning as lro;
 use crate::proto::v1;
@@ -199,6 +199,20 @@ pub fn instance_to_proto(instance: &Instance) -> v1::Instance {
         state_change_time: Some(timestamp(instance.state_changed_at)),
         etag: instance.etag(),
         failure_reason: instance.failure_reason.clone().unwrap_or_default(),
+        conditions: instance
+            .conditions
+            .iter()
+            .map(|condition| v1::InstanceCondition {
+                r#type: match condition.kind {
+                    ConditionType::Drift => v1::instance_condition::Type::Drift,
+                }
+                .into(),
+                resource_kind: condition.resource_kind.clone(),
+                resource_id: condition.resource_id.clone(),
+                message: condition.message.clone(),
+                first_seen_time: Some(timestamp(condition.since)),
+            })
+            .collect(),
     }
 }
 

@@ -29,6 +29,31 @@ pub use error::{CloudError, CloudResult, ErrorKind};
 /// Resource tags as (key, value) pairs.
 pub type Tags = Vec<(String, String)>;
 
+/// A resource found by its tags, with every tag it carries (what the reconciler needs to
+/// tell whose it is).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaggedResource {
+    /// What it is: `access_point`, `secret`, `target_group` or `listener_rule` (the keys of
+    /// an instance's `resources`).
+    pub kind: &'static str,
+    /// Its id or ARN, as the `delete_*` call of its kind takes it.
+    pub id: String,
+    pub tags: Tags,
+    /// When it was created, where the service says.
+    pub created_at: Option<crate::domain::Timestamp>,
+}
+
+impl TaggedResource {
+    /// The value of the tag whose key ends with `:{name}` (for example `instance-id`).
+    pub fn tag(&self, name: &str) -> Option<&str> {
+        let suffix = format!(":{name}");
+        self.tags
+            .iter()
+            .find(|(key, _)| key.ends_with(&suffix))
+            .map(|(_, value)| value.as_str())
+    }
+}
+
 /// The tags among `tags` that say who owns a resource: `…:tenant-id` and `…:instance-id`.
 pub fn owner_tags(tags: &Tags) -> Tags {
     tags.iter()
@@ -86,6 +111,12 @@ pub trait Files: Send + Sync {
     async fn access_point_state(&self, access_point_id: &str) -> CloudResult<Option<String>>;
     /// Ids of access points on `file_system_id` carrying every tag in `tags`.
     async fn find_tagged(&self, file_system_id: &str, tags: &Tags) -> CloudResult<Vec<String>>;
+    /// Access points on `file_system_id` carrying every tag in `tags`, with all their tags.
+    async fn tagged_access_points(
+        &self,
+        file_system_id: &str,
+        tags: &Tags,
+    ) -> CloudResult<Vec<TaggedResource>>;
 }
 
 #[derive(Clone)]
@@ -107,6 +138,9 @@ pub trait Secrets: Send + Sync {
     async fn delete_secret(&self, name_or_arn: &str) -> CloudResult<()>;
     /// ARNs of secrets carrying every tag in `tags`.
     async fn find_tagged(&self, tags: &Tags) -> CloudResult<Vec<String>>;
+    /// Secrets carrying every tag in `tags` (not those scheduled for deletion), with all
+    /// their tags and their creation time.
+    async fn tagged_secrets(&self, tags: &Tags) -> CloudResult<Vec<TaggedResource>>;
     /// The tags of the secret (`None` if it does not exist or is scheduled for deletion).
     async fn secret_tags(&self, name_or_arn: &str) -> CloudResult<Option<Tags>>;
 }
@@ -325,6 +359,13 @@ pub trait Routing: Send + Sync {
     -> CloudResult<Vec<TargetHealth>>;
     /// ARNs of target groups and rules carrying every tag in `tags`.
     async fn find_tagged(&self, listener_arn: &str, tags: &Tags) -> CloudResult<Vec<String>>;
+    /// Target groups, and rules on `listener_arn`, carrying every tag in `tags`, with all
+    /// their tags.
+    async fn tagged_routing(
+        &self,
+        listener_arn: &str,
+        tags: &Tags,
+    ) -> CloudResult<Vec<TaggedResource>>;
 }
 
 #[derive(Debug, Clone)]

@@ -27,6 +27,10 @@ pub struct Instance {
     /// in the cloud (a sibling may own the tenant's names by now).
     #[serde(default)]
     pub released: bool,
+    /// What the reconciler found wrong with the instance (drift), one entry per resource;
+    /// an entry goes when what it reports does.
+    #[serde(default)]
+    pub conditions: Vec<InstanceCondition>,
     /// Optimistic-concurrency version, bumped by the store on every write.
     pub version: u64,
 }
@@ -49,6 +53,7 @@ impl Instance {
             resources: BTreeMap::new(),
             failure_reason: None,
             released: false,
+            conditions: Vec::new(),
             version: 0,
         }
     }
@@ -57,4 +62,27 @@ impl Instance {
     pub fn etag(&self) -> String {
         format!("\"{}\"", self.version)
     }
+}
+
+/// The kinds of [`InstanceCondition`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ConditionType {
+    /// A resource recorded on the instance is missing, or differs from what the instance
+    /// says it should be.
+    Drift,
+}
+
+/// Something the reconciler found about one of the instance's resources.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceCondition {
+    #[serde(rename = "type")]
+    pub kind: ConditionType,
+    /// The resource's kind, a key of `resources` (`secret`, `target_group`, …).
+    pub resource_kind: String,
+    /// The resource's id or ARN as recorded.
+    pub resource_id: String,
+    pub message: String,
+    /// When a reconciler first saw it (kept while it lasts).
+    pub since: Timestamp,
 }

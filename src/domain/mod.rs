@@ -16,7 +16,7 @@ pub mod violation;
 pub use backup::{Backup, BackupOrigin, BackupState};
 pub use ids::{BackupId, BackupName, InstanceId, InstanceName, OperationId, RequestId, TenantId};
 pub use image::ImagePolicy;
-pub use instance::Instance;
+pub use instance::{ConditionType, Instance, InstanceCondition};
 pub use operation::{Operation, OperationEvent, OperationStatus, Phase, Step, StepStatus, Verb};
 pub use spec::{Environment, InstanceSpec, ScaleBounds, Tier};
 pub use state::InstanceState;

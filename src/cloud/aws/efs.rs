@@ -9,7 +9,9 @@ use aws_sdk_efs::types::{
 
 use super::{gone_is_ok, has_all_tags};
 use crate::cloud::error::classify;
-use crate::cloud::{AccessPointSpec, CloudError, CloudResult, Files, Tags, owned_by};
+use crate::cloud::{
+    AccessPointSpec, CloudError, CloudResult, Files, TaggedResource, Tags, owned_by,
+};
 
 pub struct AwsFiles {
     client: Client,
@@ -161,6 +163,32 @@ impl Files for AwsFiles {
             .iter()
             .filter(|ap| carries(ap, tags))
             .filter_map(|ap| ap.access_point_id().map(str::to_owned))
+            .collect())
+    }
+
+    async fn tagged_access_points(
+        &self,
+        file_system_id: &str,
+        tags: &Tags,
+    ) -> CloudResult<Vec<TaggedResource>> {
+        Ok(self
+            .live_access_points(file_system_id)
+            .await?
+            .iter()
+            .filter(|ap| carries(ap, tags))
+            .filter_map(|ap| {
+                Some(TaggedResource {
+                    kind: "access_point",
+                    id: ap.access_point_id()?.to_owned(),
+                    tags: ap
+                        .tags()
+                        .iter()
+                        .map(|t| (t.key().to_owned(), t.value().to_owned()))
+                        .collect(),
+                    // DescribeAccessPoints tells no creation time.
+                    created_at: None,
+                })
+            })
             .collect())
     }
 }

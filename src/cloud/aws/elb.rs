@@ -12,7 +12,7 @@ use super::{gone_is_ok, has_all_tags};
 use crate::cloud::error::classify;
 use crate::cloud::{
     CloudError, CloudResult, ErrorKind, FIXED_RESPONSE_BODY_MAX, HostRuleSpec, Routing, RuleAction,
-    Tags, TargetGroupSpec, TargetHealth, not_ours, owner_tags,
+    TaggedResource, Tags, TargetGroupSpec, TargetHealth, not_ours, owner_tags,
 };
 
 /// DescribeTags accepts at most 20 resource ARNs per call.
@@ -124,6 +124,33 @@ impl AwsRouting {
     }
 
     /// The ARNs among `arns` whose resources carry every tag in `tags`.
+    /// (ARN, every tag) of each of `arns` carrying every tag in `tags`.
+    async fn tags_of(&self, arns: Vec<String>, tags: &Tags) -> CloudResult<Vec<(String, Tags)>> {
+        let mut matching = Vec::new();
+        for batch in arns.chunks(DESCRIBE_TAGS_BATCH) {
+            let answer = self
+                .client
+                .describe_tags()
+                .set_resource_arns(Some(batch.to_vec()))
+                .send()
+                .await
+                .map_err(|e| classify("elbv2:DescribeTags", &e))?;
+            for description in answer.tag_descriptions() {
+                let pairs = description
+                    .tags()
+                    .iter()
+                    .filter_map(|t| Some((t.key()?, t.value()?)));
+                if has_all_tags(pairs.clone(), tags)
+                    && let Some(arn) = description.resource_arn()
+                {
+                    let all = pairs.map(|(k, v)| (k.to_owned(), v.to_owned())).collect();
+                    matching.push((arn.to_owned(), all));
+                }
+            }
+        }
+        Ok(matching)
+    }
+
     async fn filter_tagged(&self, arns: Vec<String>, tags: &Tags) -> CloudResult<Vec<String>> {
         let mut matching = Vec::new();
         for batch in arns.chunks(DESCRIBE_TAGS_BATCH) {
@@ -482,6 +509,45 @@ impl Routing for AwsRouting {
             .map(str::to_owned)
             .collect();
         self.filter_tagged(arns, tags).await
+    }
+
+    async fn tagged_routing(
+        &self,
+        listener_arn: &str,
+        tags: &Tags,
+    ) -> CloudResult<Vec<TaggedResource>> {
+        let target_groups: Vec<String> = self
+            .client
+            .describe_target_groups()
+            .into_paginator()
+            .items()
+            .send()
+            .try_collect()
+            .await
+            .map_err(|e| classify("elbv2:DescribeTargetGroups", &e))?
+            .iter()
+            .filter_map(|tg| tg.target_group_arn().map(str::to_owned))
+            .collect();
+        let rules: Vec<String> = self
+            .rules(listener_arn)
+            .await?
+            .iter()
+            .filter(|rule| rule.is_default() != Some(true))
+            .filter_map(|rule| rule.rule_arn().map(str::to_owned))
+            .collect();
+        let mut found = Vec::new();
+        for (kind, arns) in [("target_group", target_groups), ("listener_rule", rules)] {
+            for (id, tags) in self.tags_of(arns, tags).await? {
+                found.push(TaggedResource {
+                    kind,
+                    id,
+                    tags,
+                    // DescribeTargetGroups and DescribeRules tell no creation time.
+                    created_at: None,
+                });
+            }
+        }
+        Ok(found)
     }
 }
 

@@ -10,7 +10,8 @@ use super::{gone_is_ok, has_all_tags};
 use crate::cloud::error::classify;
 use crate::cloud::settings::Secret;
 use crate::cloud::{
-    CloudError, CloudResult, ErrorKind, SecretSpec, Secrets, Tags, not_ours, owned_by,
+    CloudError, CloudResult, ErrorKind, SecretSpec, Secrets, TaggedResource, Tags, not_ours,
+    owned_by,
 };
 
 pub struct AwsSecrets {
@@ -163,6 +164,15 @@ impl Secrets for AwsSecrets {
     }
 
     async fn find_tagged(&self, tags: &Tags) -> CloudResult<Vec<String>> {
+        Ok(self
+            .tagged_secrets(tags)
+            .await?
+            .into_iter()
+            .map(|secret| secret.id)
+            .collect())
+    }
+
+    async fn tagged_secrets(&self, tags: &Tags) -> CloudResult<Vec<TaggedResource>> {
         // The service filters on one key and one value (by prefix, independently); the
         // exact check of every tag happens here.
         let mut request = self.client.list_secrets();
@@ -191,7 +201,21 @@ impl Secrets for AwsSecrets {
             .iter()
             .flat_map(|page| page.secret_list())
             .filter(|entry| entry.deleted_date().is_none() && carries(entry, tags))
-            .filter_map(|entry| entry.arn().map(str::to_owned))
+            .filter_map(|entry| {
+                Some(TaggedResource {
+                    kind: "secret",
+                    id: entry.arn()?.to_owned(),
+                    tags: entry
+                        .tags()
+                        .iter()
+                        .filter_map(|t| Some((t.key()?.to_owned(), t.value()?.to_owned())))
+                        .collect(),
+                    created_at: entry
+                        .created_date()
+                        .and_then(|at| at.to_millis().ok())
+                        .map(crate::domain::Timestamp),
+                })
+            })
             .collect())
     }
 }

@@ -242,13 +242,7 @@ impl Engine {
         }
         match self.store.commit(writes).await {
             Ok(()) => {
-                self.metrics.increment(
-                    metrics::OPERATIONS_FINISHED,
-                    &[
-                        ("verb", operation.verb.as_str()),
-                        ("status", OperationStatus::Failed.as_str()),
-                    ],
-                );
+                self.count_finished(&operation);
                 self.bus.publish(event);
                 Ok(())
             }

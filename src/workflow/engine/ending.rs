@@ -156,7 +156,24 @@ impl Engine {
         .await
     }
 
-    fn count_stuck(&self, verb: &str, reason: &str, message: &str) {
+    /// Counts an ended operation (`ended_at` and `status` set): by verb and status, and
+    /// its duration from its creation (queueing included: what the caller waited).
+    pub(super) fn count_finished(&self, operation: &Operation) {
+        let labels = [
+            ("verb", operation.verb.as_str()),
+            ("status", operation.status.as_str()),
+        ];
+        self.metrics
+            .increment(metrics::OPERATIONS_FINISHED, &labels);
+        let ended = operation.ended_at.unwrap_or_else(Timestamp::now);
+        let millis = (ended.millis() - operation.created_at.millis()).max(0);
+        #[allow(clippy::cast_precision_loss)] // milliseconds stay far below 2^52
+        let seconds = millis as f64 / 1000.0;
+        self.metrics
+            .observe(metrics::OPERATION_DURATION, &labels, seconds);
+    }
+
+    pub(super) fn count_stuck(&self, verb: &str, reason: &str, message: &str) {
         self.metrics.increment(
             metrics::OPERATIONS_STUCK,
             &[("verb", verb), ("reason", reason)],
@@ -377,13 +394,7 @@ impl Engine {
                 }
             }
             operation.version += 1;
-            self.metrics.increment(
-                metrics::OPERATIONS_FINISHED,
-                &[
-                    ("verb", operation.verb.as_str()),
-                    ("status", status.as_str()),
-                ],
-            );
+            self.count_finished(&operation);
             let instance_state = instance.as_ref().map(|i| i.state.to_string());
             tracing::info!(status = %status, instance_state, "operation finished");
             state.operation = operation;
@@ -430,18 +441,84 @@ impl Engine {
         }
         for writes in [with_instance, base] {
             if self.store.commit(writes).await.is_ok() {
-                self.metrics.increment(
-                    metrics::OPERATIONS_FINISHED,
-                    &[
-                        ("verb", verb.as_str()),
-                        ("status", OperationStatus::Stuck.as_str()),
-                    ],
-                );
+                self.count_finished(&operation);
                 self.bus.publish(event);
                 return;
             }
         }
         tracing::error!(operation = %operation.id, "cannot record STUCK either; this replica stops running the operation");
         self.abandon(&operation.id);
+    }
+}
+
+/// What [`Engine::end_stale`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StaleOutcome {
+    /// This call ended the operation STUCK.
+    Stuck,
+    /// The operation changed since it was read (a replica resumed it, another reconciler
+    /// ended it first): left alone.
+    Changed,
+}
+
+impl Engine {
+    /// Ends STUCK (reason `LEASE_EXPIRED`) an unfinished operation whose lease expired and
+    /// that nobody has resumed since: the reconciler's finding. Nothing is undone (as for a
+    /// passed deadline, what is left stays for an operator or a retry); the workflow's
+    /// `on_fail` edits the instance in the same transaction, conditional on both versions
+    /// read, so two replicas never both end it and a replica resuming it meanwhile wins.
+    pub async fn end_stale(
+        &self,
+        operation: &Operation,
+        message: &str,
+    ) -> Result<StaleOutcome, StoreError> {
+        let reason = "LEASE_EXPIRED";
+        let now = Timestamp::now();
+        let mut ended = operation.clone();
+        ended.status = OperationStatus::Stuck;
+        ended.error = Some(OperationError {
+            reason: reason.into(),
+            message: message.to_owned(),
+        });
+        ended.ended_at = Some(now);
+        ended.updated_at = now;
+        ended.lease = None;
+        let event = ended.next_event(now, None, format!("STUCK: {message}"));
+        let mut writes = vec![
+            Write::UpdateOperation(ended.clone()),
+            Write::AppendEvent(event.clone()),
+        ];
+        if let Some(mut instance) = self.store.get_instance(&operation.target).await?
+            && instance.current_operation.as_ref() == Some(&operation.id)
+        {
+            let failure = Failure {
+                status: OperationStatus::Stuck,
+                reason,
+                message,
+                rolled_back: false,
+                from_state: operation.params["from_state"]
+                    .as_str()
+                    .and_then(|s| serde_json::from_value(serde_json::json!(s)).ok()),
+            };
+            // A stale operation releases no guard: whatever it made may still be there.
+            if let Some(workflow) = super::super::workflow_for(operation.verb) {
+                workflow.on_fail(&mut instance, &failure);
+            }
+            instance.state_changed_at = now;
+            instance.updated_at = now;
+            instance.current_operation = None;
+            writes.push(Write::UpdateInstance(instance));
+        }
+        match self.store.commit(writes).await {
+            Ok(()) => {}
+            Err(StoreError::Conflict { .. } | StoreError::Contention) => {
+                return Ok(StaleOutcome::Changed);
+            }
+            Err(other) => return Err(other),
+        }
+        self.count_stuck(ended.verb.as_str(), reason, message);
+        self.count_finished(&ended);
+        self.bus.publish(event);
+        Ok(StaleOutcome::Stuck)
     }
 }

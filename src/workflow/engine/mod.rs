@@ -33,6 +33,7 @@ use crate::metrics::{Gauges, Metrics};
 use crate::store::{StateStore, StoreError};
 
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use ending::StaleOutcome;
 
 use super::{EventBus, StepHook, TagSettings, Workflow};
 
