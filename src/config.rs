@@ -83,6 +83,8 @@ pub struct Config {
     pub backup_retention_days: u32,
     /// How often each replica looks for expired backups to remove.
     pub backup_sweep_interval_secs: u64,
+    /// How long an audit event is kept (1..=3650); DynamoDB's TTL removes it afterwards.
+    pub audit_retention_days: u32,
     /// AWS SDK: time to establish a connection.
     pub aws_connect_timeout_secs: u64,
     /// AWS SDK: time for one attempt of a call (request and response); the SDK retries a
@@ -156,6 +158,7 @@ impl Default for Config {
             rollout_timeout_secs: 15 * 60,
             backup_retention_days: 90,
             backup_sweep_interval_secs: 60 * 60,
+            audit_retention_days: 365,
             aws_connect_timeout_secs: 5,
             aws_attempt_timeout_secs: 30,
             aws_operation_timeout_secs: 120,
@@ -228,6 +231,8 @@ pub struct ConfigArgs {
     pub backup_retention_days: Option<u32>,
     #[arg(long, env = "IM_BACKUP_SWEEP_INTERVAL_SECS")]
     pub backup_sweep_interval_secs: Option<u64>,
+    #[arg(long, env = "IM_AUDIT_RETENTION_DAYS")]
+    pub audit_retention_days: Option<u32>,
     #[arg(long, env = "IM_AWS_CONNECT_TIMEOUT_SECS")]
     pub aws_connect_timeout_secs: Option<u64>,
     #[arg(long, env = "IM_AWS_ATTEMPT_TIMEOUT_SECS")]
@@ -304,7 +309,11 @@ impl ConfigArgs {
             deprovision_deadline_secs,
             rollout_timeout_secs
         );
-        overlay!(backup_retention_days, backup_sweep_interval_secs);
+        overlay!(
+            backup_retention_days,
+            backup_sweep_interval_secs,
+            audit_retention_days
+        );
         overlay!(
             aws_connect_timeout_secs,
             aws_attempt_timeout_secs,
@@ -375,6 +384,9 @@ impl Config {
         }
         if !(1..=3650).contains(&self.backup_retention_days) {
             return invalid("backup_retention_days must be between 1 and 3650");
+        }
+        if !(1..=3650).contains(&self.audit_retention_days) {
+            return invalid("audit_retention_days must be between 1 and 3650");
         }
         if self.backup_sweep_interval_secs == 0 {
             return invalid("backup_sweep_interval_secs must be positive");

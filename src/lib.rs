@@ -14,6 +14,7 @@ pub mod health;
 pub mod logs;
 pub mod metrics;
 pub mod proto;
+pub mod request_id;
 pub mod retention;
 pub mod server;
 pub mod store;
