@@ -404,9 +404,6 @@ impl StateStore for MemoryStore {
 
     async fn record_audit_event(&self, event: &AuditEvent) -> StoreResult<()> {
         let mut state = self.lock();
-        // Expired events are dropped whenever the trail is touched.
-        let now = Timestamp::now();
-        state.audit.retain(|_, kept| kept.expires_at > now);
         if state.audit.values().any(|kept| kept.id == event.id) {
             return Err(StoreError::Conflict {
                 index: 0,
@@ -425,6 +422,7 @@ impl StateStore for MemoryStore {
     ) -> StoreResult<Page<AuditEvent, AuditCursor>> {
         let limit = query.limit.max(1);
         let mut state = self.lock();
+        // Expired events are dropped when the trail is read.
         state.audit.retain(|_, kept| kept.expires_at > query.now);
         let same = |wanted: &Option<String>, value: &str| wanted.as_deref().is_none_or(|w| w == value);
         let items: Vec<AuditEvent> = state
