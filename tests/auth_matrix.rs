@@ -510,7 +510,9 @@ async fn lists_are_filtered_and_replays_stay_in_their_tenant() {
 
     // globex's admin creates with a request id; acme reuses it for its own tenant.
     let globex_admin = Who::of(Role::Admin, "globex");
+    // (In SIT: each tenant has its DEV instance already.)
     let mut create = authz_support::create_request("globex", "second");
+    create.instance.as_mut().unwrap().environment = v1::Environment::Sit.into();
     create.request_id = "shared-request-id".into();
     let globex_op = server
         .instances
@@ -527,6 +529,7 @@ async fn lists_are_filtered_and_replays_stay_in_their_tenant() {
     assert_eq!(same.code(), Code::NotFound);
     // acme's own tenant with the same id: the id is taken by a different request.
     let mut own = authz_support::create_request("acme", "second");
+    own.instance.as_mut().unwrap().environment = v1::Environment::Sit.into();
     own.request_id = "shared-request-id".into();
     let reused = server
         .instances
