@@ -18,7 +18,12 @@ use instance_manager::domain::InstanceState;
 use instance_manager::proto::v1;
 use tonic::Code;
 
-fn list(parent: &str, filter: &str, page_size: i32, page_token: &str) -> v1::ListAuditEventsRequest {
+fn list(
+    parent: &str,
+    filter: &str,
+    page_size: i32,
+    page_token: &str,
+) -> v1::ListAuditEventsRequest {
     v1::ListAuditEventsRequest {
         parent: parent.into(),
         page_size,
@@ -34,7 +39,11 @@ async fn create_scale_delete_are_recorded_in_order() {
     let admin = Who::of(Role::Admin, "acme");
     let created = server
         .instances
-        .create_instance(req(Some(operator), authz_support::create_request("acme", "wp"), Some("req-create")))
+        .create_instance(req(
+            Some(operator),
+            authz_support::create_request("acme", "wp"),
+            Some("req-create"),
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -43,7 +52,11 @@ async fn create_scale_delete_are_recorded_in_order() {
         .instances
         .scale_instance(req(
             Some(operator),
-            v1::ScaleInstanceRequest { name: "tenants/acme/instances/wp".into(), desired_count: 3, ..Default::default() },
+            v1::ScaleInstanceRequest {
+                name: "tenants/acme/instances/wp".into(),
+                desired_count: 3,
+                ..Default::default()
+            },
             Some("req-scale"),
         ))
         .await
@@ -56,7 +69,10 @@ async fn create_scale_delete_are_recorded_in_order() {
         .instances
         .delete_instance(req(
             Some(Who::of(Role::Viewer, "acme")),
-            v1::DeleteInstanceRequest { name: "tenants/acme/instances/wp".into(), ..Default::default() },
+            v1::DeleteInstanceRequest {
+                name: "tenants/acme/instances/wp".into(),
+                ..Default::default()
+            },
             None,
         ))
         .await
@@ -66,7 +82,11 @@ async fn create_scale_delete_are_recorded_in_order() {
         .instances
         .delete_instance(req(
             Some(admin),
-            v1::DeleteInstanceRequest { name: "tenants/acme/instances/wp".into(), skip_archive: true, ..Default::default() },
+            v1::DeleteInstanceRequest {
+                name: "tenants/acme/instances/wp".into(),
+                skip_archive: true,
+                ..Default::default()
+            },
             Some("req-delete"),
         ))
         .await
@@ -82,37 +102,91 @@ async fn create_scale_delete_are_recorded_in_order() {
         .audit_events;
     let summary: Vec<_> = events
         .iter()
-        .map(|e| (e.method.as_str(), e.principal.clone(), e.target.as_str(), e.outcome.as_str(), e.operation.as_str()))
+        .map(|e| {
+            (
+                e.method.as_str(),
+                e.principal.clone(),
+                e.target.as_str(),
+                e.outcome.as_str(),
+                e.operation.as_str(),
+            )
+        })
         .collect();
     // Newest first.
     assert_eq!(
         summary,
         [
-            (method::DELETE_INSTANCE, admin.subject(), "tenants/acme/instances/wp", "OK", deleted.name.as_str()),
-            (method::DELETE_INSTANCE, Who::of(Role::Viewer, "acme").subject(), "tenants/acme/instances/wp", "PERMISSION_DENIED", ""),
-            (method::SCALE_INSTANCE, operator.subject(), "tenants/acme/instances/wp", "OK", scaled.name.as_str()),
-            (method::CREATE_INSTANCE, operator.subject(), "tenants/acme", "OK", created.name.as_str()),
+            (
+                method::DELETE_INSTANCE,
+                admin.subject(),
+                "tenants/acme/instances/wp",
+                "OK",
+                deleted.name.as_str()
+            ),
+            (
+                method::DELETE_INSTANCE,
+                Who::of(Role::Viewer, "acme").subject(),
+                "tenants/acme/instances/wp",
+                "PERMISSION_DENIED",
+                ""
+            ),
+            (
+                method::SCALE_INSTANCE,
+                operator.subject(),
+                "tenants/acme/instances/wp",
+                "OK",
+                scaled.name.as_str()
+            ),
+            (
+                method::CREATE_INSTANCE,
+                operator.subject(),
+                "tenants/acme",
+                "OK",
+                created.name.as_str()
+            ),
         ]
     );
     assert_eq!(events[0].request_id, "req-delete");
     assert_eq!(events[2].request_id, "req-scale");
     assert_eq!(events[3].request_id, "req-create");
     // The generated request id is a UUID.
-    assert!(uuid::Uuid::parse_str(&events[1].request_id).is_ok(), "{:?}", events[1]);
+    assert!(
+        uuid::Uuid::parse_str(&events[1].request_id).is_ok(),
+        "{:?}",
+        events[1]
+    );
     assert!(events.iter().all(|e| e.tenant == "acme"));
-    let times: Vec<_> = events.iter().map(|e| e.event_time.unwrap().seconds * 1000 + i64::from(e.event_time.unwrap().nanos / 1_000_000)).collect();
+    let times: Vec<_> = events
+        .iter()
+        .map(|e| {
+            e.event_time.unwrap().seconds * 1000
+                + i64::from(e.event_time.unwrap().nanos / 1_000_000)
+        })
+        .collect();
     assert!(times.windows(2).all(|w| w[0] >= w[1]), "{times:?}");
 
     // Filters.
     let refused = server
         .instances
-        .list_audit_events(req(Some(admin), list("tenants/-", "outcome = PERMISSION_DENIED AND method = DeleteInstance", 0, ""), None))
+        .list_audit_events(req(
+            Some(admin),
+            list(
+                "tenants/-",
+                "outcome = PERMISSION_DENIED AND method = DeleteInstance",
+                0,
+                "",
+            ),
+            None,
+        ))
         .await
         .unwrap()
         .into_inner()
         .audit_events;
     assert_eq!(refused.len(), 1);
-    assert_eq!(refused[0].principal, Who::of(Role::Viewer, "acme").subject());
+    assert_eq!(
+        refused[0].principal,
+        Who::of(Role::Viewer, "acme").subject()
+    );
 }
 
 #[tokio::test]
@@ -125,7 +199,10 @@ async fn refused_and_scoped_calls_are_recorded_for_the_right_tenant() {
         .instances
         .restart_instance(req(
             Some(acme_operator),
-            v1::RestartInstanceRequest { name: fixtures["globex"].instance.clone(), ..Default::default() },
+            v1::RestartInstanceRequest {
+                name: fixtures["globex"].instance.clone(),
+                ..Default::default()
+            },
             Some("req-probe"),
         ))
         .await
@@ -135,7 +212,11 @@ async fn refused_and_scoped_calls_are_recorded_for_the_right_tenant() {
     let globex_admin = Who::of(Role::Admin, "globex");
     let globex = server
         .instances
-        .list_audit_events(req(Some(globex_admin), list("tenants/-", "principal = \"token:operator-acme\"", 0, ""), None))
+        .list_audit_events(req(
+            Some(globex_admin),
+            list("tenants/-", "principal = \"token:operator-acme\"", 0, ""),
+            None,
+        ))
         .await
         .unwrap()
         .into_inner()
@@ -147,7 +228,11 @@ async fn refused_and_scoped_calls_are_recorded_for_the_right_tenant() {
     // acme's admin sees only acme's events (the two creations were globex's and acme's).
     let acme = server
         .instances
-        .list_audit_events(req(Some(Who::of(Role::Admin, "acme")), list("tenants/-", "", 0, ""), None))
+        .list_audit_events(req(
+            Some(Who::of(Role::Admin, "acme")),
+            list("tenants/-", "", 0, ""),
+            None,
+        ))
         .await
         .unwrap()
         .into_inner()
@@ -156,7 +241,11 @@ async fn refused_and_scoped_calls_are_recorded_for_the_right_tenant() {
     assert!(acme.iter().all(|e| e.tenant == "acme"), "{acme:?}");
     let other = server
         .instances
-        .list_audit_events(req(Some(Who::of(Role::Admin, "acme")), list("tenants/globex", "", 0, ""), None))
+        .list_audit_events(req(
+            Some(Who::of(Role::Admin, "acme")),
+            list("tenants/globex", "", 0, ""),
+            None,
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -164,7 +253,11 @@ async fn refused_and_scoped_calls_are_recorded_for_the_right_tenant() {
     // Operators may not read the trail.
     let status = server
         .instances
-        .list_audit_events(req(Some(Who::global(Role::Operator)), list("tenants/-", "", 0, ""), None))
+        .list_audit_events(req(
+            Some(Who::global(Role::Operator)),
+            list("tenants/-", "", 0, ""),
+            None,
+        ))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
@@ -218,7 +311,11 @@ async fn pages_cover_every_event_once() {
         .into_inner();
     let status = server
         .instances
-        .list_audit_events(req(Some(admin), list("tenants/acme", "", 3, &first.next_page_token), None))
+        .list_audit_events(req(
+            Some(admin),
+            list("tenants/acme", "", 3, &first.next_page_token),
+            None,
+        ))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
@@ -242,7 +339,11 @@ async fn expired_events_are_not_listed() {
             Some(&format!("old-{i}")),
         )
     };
-    server.operations.cancel_operation(cancel(1)).await.unwrap_err();
+    server
+        .operations
+        .cancel_operation(cancel(1))
+        .await
+        .unwrap_err();
     let listed = |server: &mut authz_support::Server| {
         let mut client = server.instances.clone();
         async move {
@@ -264,10 +365,17 @@ async fn expired_events_are_not_listed() {
         if listed(&mut server).await.is_empty() {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "the expired event is still listed");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the expired event is still listed"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // A new event is listed while the expired one stays gone.
-    server.operations.cancel_operation(cancel(2)).await.unwrap_err();
+    server
+        .operations
+        .cancel_operation(cancel(2))
+        .await
+        .unwrap_err();
     assert_eq!(listed(&mut server).await, ["old-2"]);
 }

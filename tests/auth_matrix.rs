@@ -57,7 +57,9 @@ async fn call(
     use Shape::*;
     match rule.method {
         method::GET_INSTANCE => (
-            one(s.get_instance(r!(v1::GetInstanceRequest { name: inst })).await),
+            one(s
+                .get_instance(r!(v1::GetInstanceRequest { name: inst }))
+                .await),
             Resource,
         ),
         method::LIST_INSTANCES => (
@@ -70,7 +72,9 @@ async fn call(
             TenantList,
         ),
         method::WATCH_INSTANCE => (
-            one(s.watch_instance(r!(v1::WatchInstanceRequest { name: inst })).await),
+            one(s
+                .watch_instance(r!(v1::WatchInstanceRequest { name: inst }))
+                .await),
             Resource,
         ),
         method::WATCH_OPERATION => (
@@ -116,7 +120,9 @@ async fn call(
             Resource,
         ),
         method::GET_BACKUP => (
-            one(s.get_backup(r!(v1::GetBackupRequest { name: backup })).await),
+            one(s
+                .get_backup(r!(v1::GetBackupRequest { name: backup }))
+                .await),
             Resource,
         ),
         method::LIST_BACKUPS => (
@@ -129,7 +135,9 @@ async fn call(
             Resource,
         ),
         method::GET_OPERATION => (
-            one(o.get_operation(r!(lro::GetOperationRequest { name: op })).await),
+            one(o
+                .get_operation(r!(lro::GetOperationRequest { name: op }))
+                .await),
             Resource,
         ),
         method::LIST_OPERATIONS => (
@@ -203,7 +211,6 @@ async fn call(
                 .restart_instance(r!(v1::RestartInstanceRequest {
                     name: inst,
                     request_id: bad,
-                    ..Default::default()
                 }))
                 .await),
             Resource,
@@ -332,7 +339,8 @@ async fn every_rpc_by_role_and_tenant() {
     for rule in RULES {
         for who in Who::all() {
             for tenant in TENANTS {
-                let (result, shape) = call(&mut server, rule, Some(who), &fixtures[tenant], tenant).await;
+                let (result, shape) =
+                    call(&mut server, rule, Some(who), &fixtures[tenant], tenant).await;
                 let context = format!("{} as {} on {tenant}: {result:?}", rule.method, who.name());
                 if rule.mutating {
                     mutating_calls += 1;
@@ -350,7 +358,11 @@ async fn every_rpc_by_role_and_tenant() {
                         assert_eq!(status.code(), Code::PermissionDenied, "{context}");
                         assert_eq!(reason(&status), "ROLE_REQUIRED", "{context}");
                         let info = status.get_details_error_info().unwrap();
-                        assert_eq!(info.metadata["required_role"], rule.role.as_str(), "{context}");
+                        assert_eq!(
+                            info.metadata["required_role"],
+                            rule.role.as_str(),
+                            "{context}"
+                        );
                     }
                     (Shape::TenantList, true, true) => {
                         assert_eq!(result.expect(&context), 0, "{context}");
@@ -365,9 +377,7 @@ async fn every_rpc_by_role_and_tenant() {
                                 "{context}"
                             );
                         }
-                        if shape == Shape::TenantList
-                            && rule.method == method::LIST_INSTANCES
-                        {
+                        if shape == Shape::TenantList && rule.method == method::LIST_INSTANCES {
                             assert_eq!(result.expect(&context), 1, "{context}");
                         }
                     }
@@ -419,45 +429,96 @@ async fn another_tenants_resources_are_indistinguishable_from_missing_ones() {
 
     let hidden = server
         .instances
-        .get_instance(req(Some(acme), v1::GetInstanceRequest { name: globex.instance.clone() }, None))
+        .get_instance(req(
+            Some(acme),
+            v1::GetInstanceRequest {
+                name: globex.instance.clone(),
+            },
+            None,
+        ))
         .await
         .unwrap_err();
     let missing = server
         .instances
-        .get_instance(req(Some(admin), v1::GetInstanceRequest { name: missing_instance.into() }, None))
+        .get_instance(req(
+            Some(admin),
+            v1::GetInstanceRequest {
+                name: missing_instance.into(),
+            },
+            None,
+        ))
         .await
         .unwrap_err();
-    assert_eq!(normalise(hidden, &globex.instance), normalise(missing, missing_instance));
+    assert_eq!(
+        normalise(hidden, &globex.instance),
+        normalise(missing, missing_instance)
+    );
 
     let hidden = server
         .instances
-        .get_backup(req(Some(acme), v1::GetBackupRequest { name: globex.backup.clone() }, None))
+        .get_backup(req(
+            Some(acme),
+            v1::GetBackupRequest {
+                name: globex.backup.clone(),
+            },
+            None,
+        ))
         .await
         .unwrap_err();
     let missing = server
         .instances
-        .get_backup(req(Some(admin), v1::GetBackupRequest { name: missing_backup.into() }, None))
+        .get_backup(req(
+            Some(admin),
+            v1::GetBackupRequest {
+                name: missing_backup.into(),
+            },
+            None,
+        ))
         .await
         .unwrap_err();
-    assert_eq!(normalise(hidden, &globex.backup), normalise(missing, missing_backup));
+    assert_eq!(
+        normalise(hidden, &globex.backup),
+        normalise(missing, missing_backup)
+    );
 
     for who in [acme, Who::of(Role::Viewer, "acme")] {
         let hidden = server
             .operations
-            .get_operation(req(Some(who), lro::GetOperationRequest { name: globex.operation.clone() }, None))
+            .get_operation(req(
+                Some(who),
+                lro::GetOperationRequest {
+                    name: globex.operation.clone(),
+                },
+                None,
+            ))
             .await
             .unwrap_err();
         let missing = server
             .operations
-            .get_operation(req(Some(admin), lro::GetOperationRequest { name: missing_operation.into() }, None))
+            .get_operation(req(
+                Some(admin),
+                lro::GetOperationRequest {
+                    name: missing_operation.into(),
+                },
+                None,
+            ))
             .await
             .unwrap_err();
-        assert_eq!(normalise(hidden, &globex.operation), normalise(missing, missing_operation));
+        assert_eq!(
+            normalise(hidden, &globex.operation),
+            normalise(missing, missing_operation)
+        );
         // A mutation needing more than the principal's role: still NOT_FOUND, not
         // PERMISSION_DENIED, for another tenant's operation.
         let cancel = server
             .operations
-            .cancel_operation(req(Some(who), lro::CancelOperationRequest { name: globex.operation.clone() }, None))
+            .cancel_operation(req(
+                Some(who),
+                lro::CancelOperationRequest {
+                    name: globex.operation.clone(),
+                },
+                None,
+            ))
             .await
             .unwrap_err();
         assert_eq!(cancel.code(), Code::NotFound);
@@ -474,7 +535,14 @@ async fn lists_are_filtered_and_replays_stay_in_their_tenant() {
 
     let all = server
         .instances
-        .list_instances(req(Some(acme), v1::ListInstancesRequest { parent: "tenants/-".into(), ..Default::default() }, None))
+        .list_instances(req(
+            Some(acme),
+            v1::ListInstancesRequest {
+                parent: "tenants/-".into(),
+                ..Default::default()
+            },
+            None,
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -483,7 +551,14 @@ async fn lists_are_filtered_and_replays_stay_in_their_tenant() {
 
     let operations = server
         .operations
-        .list_operations(req(Some(acme), lro::ListOperationsRequest { page_size: 1, ..Default::default() }, None))
+        .list_operations(req(
+            Some(acme),
+            lro::ListOperationsRequest {
+                page_size: 1,
+                ..Default::default()
+            },
+            None,
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -493,7 +568,15 @@ async fn lists_are_filtered_and_replays_stay_in_their_tenant() {
     if !operations.next_page_token.is_empty() {
         let rest = server
             .operations
-            .list_operations(req(Some(acme), lro::ListOperationsRequest { page_size: 1, page_token: operations.next_page_token, ..Default::default() }, None))
+            .list_operations(req(
+                Some(acme),
+                lro::ListOperationsRequest {
+                    page_size: 1,
+                    page_token: operations.next_page_token,
+                    ..Default::default()
+                },
+                None,
+            ))
             .await
             .unwrap()
             .into_inner();
@@ -502,7 +585,11 @@ async fn lists_are_filtered_and_replays_stay_in_their_tenant() {
     // A global viewer sees both tenants' operations.
     let both = server
         .operations
-        .list_operations(req(Some(Who::global(Role::Viewer)), lro::ListOperationsRequest::default(), None))
+        .list_operations(req(
+            Some(Who::global(Role::Viewer)),
+            lro::ListOperationsRequest::default(),
+            None,
+        ))
         .await
         .unwrap()
         .into_inner();

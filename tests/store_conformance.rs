@@ -9,14 +9,14 @@ use std::collections::BTreeMap;
 
 use instance_manager::domain::operation::Lease;
 use instance_manager::domain::{
-    AuditEvent, Backup, BackupId, BackupName, BackupOrigin, BackupState, Environment, Instance, InstanceId,
-    InstanceName, InstanceSpec, InstanceState, Operation, OperationEvent, OperationId,
+    AuditEvent, Backup, BackupId, BackupName, BackupOrigin, BackupState, Environment, Instance,
+    InstanceId, InstanceName, InstanceSpec, InstanceState, Operation, OperationEvent, OperationId,
     OperationStatus, RequestId, Step, StepStatus, TenantId, Tier, Timestamp, Verb,
 };
 use instance_manager::store::{
-    AuditCursor, AuditQuery, BackupCursor, DynamoStore, Guard, InstanceCursor, InstanceQuery, MemoryStore, OperationCursor,
-    OperationQuery, PriorityClaim, RequestRecord, StateStore, StoreError, StoreResult, Write,
-    WriteKind,
+    AuditCursor, AuditQuery, BackupCursor, DynamoStore, Guard, InstanceCursor, InstanceQuery,
+    MemoryStore, OperationCursor, OperationQuery, PriorityClaim, RequestRecord, StateStore,
+    StoreError, StoreResult, Write, WriteKind,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -1854,7 +1854,14 @@ async fn backups_and_instances_share_the_tenant_partition(store: &dyn StateStore
 // ---------------------------------------------------------------------------------------
 // Audit events
 
-fn audit(id: &str, tenant_id: Option<&str>, principal: &str, outcome: &str, time: i64, expires_at: i64) -> AuditEvent {
+fn audit(
+    id: &str,
+    tenant_id: Option<&str>,
+    principal: &str,
+    outcome: &str,
+    time: i64,
+    expires_at: i64,
+) -> AuditEvent {
     AuditEvent {
         id: id.into(),
         time: Timestamp(time),
@@ -1910,7 +1917,14 @@ async fn audit_events_newest_first_by_tenant_and_filter(store: &dyn StateStore) 
     let events = [
         audit("e-a", Some("acme"), "token:ops", "OK", 1_000, far),
         audit("e-b", Some("beta"), "token:ops", "NOT_FOUND", 2_000, far),
-        audit("e-c", Some("acme"), "token:viewer", "PERMISSION_DENIED", 2_000, far),
+        audit(
+            "e-c",
+            Some("acme"),
+            "token:viewer",
+            "PERMISSION_DENIED",
+            2_000,
+            far,
+        ),
         audit("e-d", None, "token:ops", "INVALID_ARGUMENT", 99_999, far),
         audit("e-e", Some("acme"), "token:ops", "OK", 100_000, far),
     ];
@@ -1937,7 +1951,10 @@ async fn audit_events_newest_first_by_tenant_and_filter(store: &dyn StateStore) 
         outcome: Some("OK".into()),
         ..audit_query(None, 0, 1)
     };
-    assert_eq!(page_through_audit(store, &by_principal).await, ["e-e", "e-a"]);
+    assert_eq!(
+        page_through_audit(store, &by_principal).await,
+        ["e-e", "e-a"]
+    );
     let by_target = AuditQuery {
         target: Some("tenants/beta/instances/wp".into()),
         method: Some("/bbws.instance.v1.InstanceService/DeleteInstance".into()),
@@ -1945,18 +1962,40 @@ async fn audit_events_newest_first_by_tenant_and_filter(store: &dyn StateStore) 
     };
     assert_eq!(page_through_audit(store, &by_target).await, ["e-b"]);
     // Stored as given.
-    let page = store.list_audit_events(&audit_query(Some("beta"), 0, 5)).await.unwrap();
+    let page = store
+        .list_audit_events(&audit_query(Some("beta"), 0, 5))
+        .await
+        .unwrap();
     assert_eq!(page.items, [events[1].clone()]);
 }
 
 async fn audit_events_expire(store: &dyn StateStore) {
-    store.record_audit_event(&audit("old", Some("acme"), "p", "OK", 1_000, 5_000)).await.unwrap();
-    store.record_audit_event(&audit("new", Some("acme"), "p", "OK", 2_000, 50_000)).await.unwrap();
-    assert_eq!(page_through_audit(store, &audit_query(Some("acme"), 4_999, 5)).await, ["new", "old"]);
+    store
+        .record_audit_event(&audit("old", Some("acme"), "p", "OK", 1_000, 5_000))
+        .await
+        .unwrap();
+    store
+        .record_audit_event(&audit("new", Some("acme"), "p", "OK", 2_000, 50_000))
+        .await
+        .unwrap();
+    assert_eq!(
+        page_through_audit(store, &audit_query(Some("acme"), 4_999, 5)).await,
+        ["new", "old"]
+    );
     // Expired at its expiry instant, and from then on.
-    assert_eq!(page_through_audit(store, &audit_query(Some("acme"), 5_000, 5)).await, ["new"]);
-    assert_eq!(page_through_audit(store, &audit_query(None, 49_999, 1)).await, ["new"]);
-    assert!(page_through_audit(store, &audit_query(None, 50_000, 1)).await.is_empty());
+    assert_eq!(
+        page_through_audit(store, &audit_query(Some("acme"), 5_000, 5)).await,
+        ["new"]
+    );
+    assert_eq!(
+        page_through_audit(store, &audit_query(None, 49_999, 1)).await,
+        ["new"]
+    );
+    assert!(
+        page_through_audit(store, &audit_query(None, 50_000, 1))
+            .await
+            .is_empty()
+    );
 }
 
 async fn audit_event_ids_are_unique(store: &dyn StateStore) {
@@ -1964,8 +2003,17 @@ async fn audit_event_ids_are_unique(store: &dyn StateStore) {
     store.record_audit_event(&event).await.unwrap();
     let again = store.record_audit_event(&event).await;
     assert!(
-        matches!(again, Err(StoreError::Conflict { kind: WriteKind::RecordAudit, .. })),
+        matches!(
+            again,
+            Err(StoreError::Conflict {
+                kind: WriteKind::RecordAudit,
+                ..
+            })
+        ),
         "{again:?}"
     );
-    assert_eq!(page_through_audit(store, &audit_query(None, 0, 5)).await, ["same"]);
+    assert_eq!(
+        page_through_audit(store, &audit_query(None, 0, 5)).await,
+        ["same"]
+    );
 }

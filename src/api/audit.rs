@@ -150,9 +150,10 @@ mod tests {
     #[test]
     fn filters() {
         assert_eq!(parse_filter(" ").unwrap(), AuditFilter::default());
-        let parsed =
-            parse_filter("principal = \"token:ci\" AND method = DeleteInstance AND outcome=not_found")
-                .unwrap();
+        let parsed = parse_filter(
+            "principal = \"token:ci\" AND method = DeleteInstance AND outcome=not_found",
+        )
+        .unwrap();
         assert_eq!(parsed.principal.as_deref(), Some("token:ci"));
         assert_eq!(
             parsed.method.as_deref(),

@@ -9,9 +9,9 @@ use crate::store::{OperationCursor, OperationQuery};
 
 use super::Api;
 use super::authz::Target;
+use super::error::{ApiError, ApiResult};
 use crate::auth::Principal;
 use crate::auth::authz::method;
-use super::error::{ApiError, ApiResult};
 
 /// The filters ListOperations understands: `target = "tenants/a/instances/b"`,
 /// `status = FAILED`, `done = true`, joined with `AND`.

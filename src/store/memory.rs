@@ -8,8 +8,9 @@ use std::sync::{Mutex, MutexGuard};
 use async_trait::async_trait;
 
 use super::{
-    AuditCursor, AuditQuery, BackupCursor, Guard, InstanceCursor, InstanceQuery, OperationCursor, OperationQuery, Page,
-    PriorityClaim, RequestRecord, StateStore, StoreError, StoreResult, Write, WriteKind,
+    AuditCursor, AuditQuery, BackupCursor, Guard, InstanceCursor, InstanceQuery, OperationCursor,
+    OperationQuery, Page, PriorityClaim, RequestRecord, StateStore, StoreError, StoreResult, Write,
+    WriteKind,
 };
 use crate::domain::{
     AuditEvent, Backup, BackupName, Environment, Instance, InstanceName, Operation, OperationEvent,
@@ -424,7 +425,8 @@ impl StateStore for MemoryStore {
         let mut state = self.lock();
         // Expired events are dropped when the trail is read.
         state.audit.retain(|_, kept| kept.expires_at > query.now);
-        let same = |wanted: &Option<String>, value: &str| wanted.as_deref().is_none_or(|w| w == value);
+        let same =
+            |wanted: &Option<String>, value: &str| wanted.as_deref().is_none_or(|w| w == value);
         let items: Vec<AuditEvent> = state
             .audit
             .values()

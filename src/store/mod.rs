@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::domain::{
-    AuditEvent, Backup, BackupName, Environment, Instance, InstanceId, InstanceName, InstanceState, Operation,
-    OperationEvent, OperationId, OperationStatus, RequestId, TenantId, Timestamp,
+    AuditEvent, Backup, BackupName, Environment, Instance, InstanceId, InstanceName, InstanceState,
+    Operation, OperationEvent, OperationId, OperationStatus, RequestId, TenantId, Timestamp,
 };
 
 pub mod dynamo;

@@ -116,9 +116,9 @@ pub async fn start(settings: ApiSettings) -> Server {
         ..ServeOptions::default()
     };
     let stop = shutdown.clone();
-    tokio::spawn(async move {
-        serve_with(api, listener, stop, Duration::from_secs(1), &options).await
-    });
+    tokio::spawn(
+        async move { serve_with(api, listener, stop, Duration::from_secs(1), &options).await },
+    );
     let channel = Channel::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect()

@@ -32,8 +32,9 @@ use serde::de::DeserializeOwned;
 use self::errors::{cancellation_error, classify};
 use self::items::{Action, Condition, Item, PlannedWrite};
 use super::{
-    AuditCursor, AuditQuery, BackupCursor, Guard, InstanceCursor, InstanceQuery, OperationCursor, OperationQuery, Page,
-    PriorityClaim, RequestRecord, StateStore, StoreError, StoreResult, Write, WriteKind,
+    AuditCursor, AuditQuery, BackupCursor, Guard, InstanceCursor, InstanceQuery, OperationCursor,
+    OperationQuery, Page, PriorityClaim, RequestRecord, StateStore, StoreError, StoreResult, Write,
+    WriteKind,
 };
 use crate::domain::{
     AuditEvent, Backup, BackupName, Environment, Instance, InstanceName, Operation, OperationEvent,
@@ -115,8 +116,10 @@ impl QuerySpec {
             Some(filter) => format!("{filter} AND {clause}"),
             None => clause,
         });
-        self.name(&format!("#g_{attribute}"), attribute)
-            .value(&format!(":g_{attribute}"), AttributeValue::N(value.to_string()))
+        self.name(&format!("#g_{attribute}"), attribute).value(
+            &format!(":g_{attribute}"),
+            AttributeValue::N(value.to_string()),
+        )
     }
 }
 
