@@ -94,6 +94,8 @@ pub struct Config {
     /// How long after its lease expired an unfinished operation that nobody resumed (no
     /// step or event since) is ended STUCK by the reconciler.
     pub stuck_after_secs: u64,
+    /// How long an audit event is kept (1..=3650); DynamoDB's TTL removes it afterwards.
+    pub audit_retention_days: u32,
     /// AWS SDK: time to establish a connection.
     pub aws_connect_timeout_secs: u64,
     /// AWS SDK: time for one attempt of a call (request and response); the SDK retries a
@@ -178,6 +180,7 @@ impl Default for Config {
             reconcile_remove_orphans: false,
             orphan_grace_secs: 60 * 60,
             stuck_after_secs: 60 * 60,
+            audit_retention_days: 365,
             aws_connect_timeout_secs: 5,
             aws_attempt_timeout_secs: 30,
             aws_operation_timeout_secs: 120,
@@ -264,6 +267,8 @@ pub struct ConfigArgs {
     pub orphan_grace_secs: Option<u64>,
     #[arg(long, env = "IM_STUCK_AFTER_SECS")]
     pub stuck_after_secs: Option<u64>,
+    #[arg(long, env = "IM_AUDIT_RETENTION_DAYS")]
+    pub audit_retention_days: Option<u32>,
     #[arg(long, env = "IM_AWS_CONNECT_TIMEOUT_SECS")]
     pub aws_connect_timeout_secs: Option<u64>,
     #[arg(long, env = "IM_AWS_ATTEMPT_TIMEOUT_SECS")]
@@ -344,7 +349,11 @@ impl ConfigArgs {
             deprovision_deadline_secs,
             rollout_timeout_secs
         );
-        overlay!(backup_retention_days, backup_sweep_interval_secs);
+        overlay!(
+            backup_retention_days,
+            backup_sweep_interval_secs,
+            audit_retention_days
+        );
         overlay!(
             reconcile_interval_secs,
             reconcile_remove_orphans,
@@ -428,6 +437,9 @@ impl Config {
         }
         if !(1..=3650).contains(&self.backup_retention_days) {
             return invalid("backup_retention_days must be between 1 and 3650");
+        }
+        if !(1..=3650).contains(&self.audit_retention_days) {
+            return invalid("audit_retention_days must be between 1 and 3650");
         }
         if self.backup_sweep_interval_secs == 0 {
             return invalid("backup_sweep_interval_secs must be positive");

@@ -15,6 +15,7 @@ pub mod logs;
 pub mod metrics;
 pub mod proto;
 pub mod reconcile;
+pub mod request_id;
 pub mod retention;
 pub mod rpc_metrics;
 pub mod server;

@@ -75,20 +75,20 @@ async fn become_ready(api: Api, reporter: HealthReporter, shutdown: Cancellation
     }
 }
 
+/// The span of one call. Without a usable `x-request-id` the request id is left empty
+/// here: [`crate::request_id::RequestIdLayer`] generates one, puts it into the request for
+/// the handlers and the audit trail, and records it on this span.
 fn rpc_span(request: &http::Request<()>) -> tracing::Span {
-    let request_id = request
-        .headers()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 128)
-        .map(str::to_owned)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    tracing::info_span!(
+    let span = tracing::info_span!(
         "rpc",
         method = %request.uri().path(),
-        %request_id,
+        request_id = tracing::field::Empty,
         principal = tracing::field::Empty
-    )
+    );
+    if let Some(id) = crate::request_id::usable(request.headers().get(crate::request_id::HEADER)) {
+        span.record("request_id", id);
+    }
+    span
 }
 
 /// Serves until `shutdown` is cancelled, with gRPC-Web open to no browser origin and
@@ -157,6 +157,8 @@ pub async fn serve_with(
         .layer(OriginGateLayer::new(web.allowed_origins.clone()))
         .layer(cors_layer(&web.allowed_origins))
         .layer(tonic_web::GrpcWebLayer::new())
+        // Every call gets a request id (the client's or a new one) before anything logs it.
+        .layer(crate::request_id::RequestIdLayer)
         // Every call's latency by method and code, refused ones included.
         .layer(crate::rpc_metrics::RpcMetricsLayer::new(
             options.metrics.clone(),
@@ -439,6 +441,9 @@ pub async fn run(
             health: crate::health::HealthSettings::from_config(config),
             logs: crate::logs::LogSettings::from_config(config),
             images: config.image_policy(),
+            audit_retention: Duration::from_secs(
+                u64::from(config.audit_retention_days) * 24 * 60 * 60,
+            ),
         },
         tokens,
     )

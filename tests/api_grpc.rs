@@ -705,10 +705,30 @@ async fn reads_of_a_missing_instance_and_unsupported_methods_carry_error_info() 
         (status.code(), reason(&status).as_str()),
         (Code::NotFound, "INSTANCE_NOT_FOUND")
     );
+    // A missing operation is NOT_FOUND before anything else (its tenant, which
+    // authorisation needs, is only known from the stored operation); an existing one is
+    // not deleted.
     let status = server
         .operations
         .delete_operation(lro::DeleteOperationRequest {
             name: "operations/x".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (status.code(), reason(&status).as_str()),
+        (Code::NotFound, "OPERATION_NOT_FOUND")
+    );
+    let operation = server
+        .instances
+        .create_instance(create_request("acme", "wp", v1::Environment::Dev))
+        .await
+        .unwrap()
+        .into_inner();
+    let status = server
+        .operations
+        .delete_operation(lro::DeleteOperationRequest {
+            name: operation.name,
         })
         .await
         .unwrap_err();

@@ -9,15 +9,15 @@ use std::collections::BTreeMap;
 
 use instance_manager::domain::operation::Lease;
 use instance_manager::domain::{
-    Backup, BackupId, BackupName, BackupOrigin, BackupState, ConditionType, Environment, Instance,
-    InstanceCondition, InstanceId, InstanceName, InstanceSpec, InstanceState, Operation,
-    OperationEvent, OperationId, OperationStatus, RequestId, Step, StepStatus, TenantId, Tier,
-    Timestamp, Verb,
+    AuditEvent, Backup, BackupId, BackupName, BackupOrigin, BackupState, ConditionType,
+    Environment, Instance, InstanceCondition, InstanceId, InstanceName, InstanceSpec,
+    InstanceState, Operation, OperationEvent, OperationId, OperationStatus, RequestId, Step,
+    StepStatus, TenantId, Tier, Timestamp, Verb,
 };
 use instance_manager::store::{
-    BackupCursor, DynamoStore, Guard, InstanceCursor, InstanceQuery, MemoryStore, OperationCursor,
-    OperationQuery, PriorityClaim, RequestRecord, StateStore, StoreError, StoreResult, Write,
-    WriteKind,
+    AuditCursor, AuditQuery, BackupCursor, DynamoStore, Guard, InstanceCursor, InstanceQuery,
+    MemoryStore, OperationCursor, OperationQuery, PriorityClaim, RequestRecord, StateStore,
+    StoreError, StoreResult, Write, WriteKind,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -54,6 +54,9 @@ macro_rules! conformance_tests {
             backup_listing_newest_first,
             expired_backups_oldest_first,
             backups_and_instances_share_the_tenant_partition,
+            audit_events_newest_first_by_tenant_and_filter,
+            audit_events_expire,
+            audit_event_ids_are_unique,
         );
     };
     (@expand $store:ident, $make:path, $($test:ident),* $(,)?) => {
@@ -1108,6 +1111,7 @@ async fn sparse_filters_page_through_many_items(store: &dyn StateStore) {
 fn expected_operations(all: &[Operation], query: &OperationQuery) -> Vec<OperationId> {
     let mut matching: Vec<&Operation> = all
         .iter()
+        .filter(|o| query.tenant.as_ref().is_none_or(|t| &o.target.tenant == t))
         .filter(|o| query.target.as_ref().is_none_or(|t| &o.target == t))
         .filter(|o| query.status.is_none_or(|s| o.status == s))
         .filter(|o| query.done.is_none_or(|d| o.status.is_done() == d))
@@ -1196,6 +1200,7 @@ async fn operation_listing_newest_first(store: &dyn StateStore) {
         for status in [None, Some(Pending), Some(Completed)] {
             for done in [None, Some(true), Some(false)] {
                 let query = OperationQuery {
+                    tenant: None,
                     target: target.cloned(),
                     status,
                     done,
@@ -1204,6 +1209,32 @@ async fn operation_listing_newest_first(store: &dyn StateStore) {
                 };
                 check_operation_listing(store, &all, query).await;
             }
+        }
+    }
+    // By tenant ("acme" must not match a tenant whose id merely starts with it).
+    commit(
+        store,
+        vec![Write::CreateOperation(operation(
+            "op-i",
+            &name("acme-two", "wp"),
+            Pending,
+            4_000,
+        ))],
+    )
+    .await;
+    let mut all = all;
+    all.push(operation("op-i", &name("acme-two", "wp"), Pending, 4_000));
+    for tenant_id in ["acme", "beta", "acme-two", "nobody"] {
+        for status in [None, Some(Pending)] {
+            let query = OperationQuery {
+                tenant: Some(tenant(tenant_id)),
+                target: None,
+                status,
+                done: None,
+                after: None,
+                limit: 1,
+            };
+            check_operation_listing(store, &all, query).await;
         }
     }
     let query = OperationQuery {
@@ -1828,5 +1859,172 @@ async fn backups_and_instances_share_the_tenant_partition(store: &dyn StateStore
             .await
             .unwrap(),
         None
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Audit events
+
+fn audit(
+    id: &str,
+    tenant_id: Option<&str>,
+    principal: &str,
+    outcome: &str,
+    time: i64,
+    expires_at: i64,
+) -> AuditEvent {
+    AuditEvent {
+        id: id.into(),
+        time: Timestamp(time),
+        tenant: tenant_id.map(tenant),
+        principal: principal.into(),
+        method: "/bbws.instance.v1.InstanceService/DeleteInstance".into(),
+        target: format!("tenants/{}/instances/wp", tenant_id.unwrap_or("x")),
+        request_id: format!("req-{id}"),
+        outcome: outcome.into(),
+        operation: None,
+        expires_at: Timestamp(expires_at),
+    }
+}
+
+fn audit_query(tenant_id: Option<&str>, now: i64, limit: usize) -> AuditQuery {
+    AuditQuery {
+        tenant: tenant_id.map(tenant),
+        principal: None,
+        method: None,
+        target: None,
+        outcome: None,
+        now: Timestamp(now),
+        after: None,
+        limit,
+    }
+}
+
+/// Every page of `query`, as ids.
+async fn page_through_audit(store: &dyn StateStore, query: &AuditQuery) -> Vec<String> {
+    let mut seen = Vec::new();
+    let mut after: Option<AuditCursor> = None;
+    for _ in 0..100 {
+        let page = store
+            .list_audit_events(&AuditQuery {
+                after: after.clone(),
+                ..query.clone()
+            })
+            .await
+            .unwrap();
+        assert!(page.items.len() <= query.limit);
+        seen.extend(page.items.iter().map(|e| e.id.clone()));
+        match page.next {
+            Some(next) => after = Some(next),
+            None => return seen,
+        }
+    }
+    panic!("{query:?}: too many pages");
+}
+
+async fn audit_events_newest_first_by_tenant_and_filter(store: &dyn StateStore) {
+    let far = i64::MAX / 2;
+    // e-b and e-c share an instant (ordered by id, descending); 99_999 < 100_000 as numbers.
+    let events = [
+        audit("e-a", Some("acme"), "token:ops", "OK", 1_000, far),
+        audit("e-b", Some("beta"), "token:ops", "NOT_FOUND", 2_000, far),
+        audit(
+            "e-c",
+            Some("acme"),
+            "token:viewer",
+            "PERMISSION_DENIED",
+            2_000,
+            far,
+        ),
+        audit("e-d", None, "token:ops", "INVALID_ARGUMENT", 99_999, far),
+        audit("e-e", Some("acme"), "token:ops", "OK", 100_000, far),
+    ];
+    for event in &events {
+        store.record_audit_event(event).await.unwrap();
+    }
+    for limit in [1, 2, 10] {
+        assert_eq!(
+            page_through_audit(store, &audit_query(None, 0, limit)).await,
+            ["e-e", "e-d", "e-c", "e-b", "e-a"],
+            "limit {limit}"
+        );
+        assert_eq!(
+            page_through_audit(store, &audit_query(Some("acme"), 0, limit)).await,
+            ["e-e", "e-c", "e-a"]
+        );
+        assert_eq!(
+            page_through_audit(store, &audit_query(Some("nobody"), 0, limit)).await,
+            Vec::<String>::new()
+        );
+    }
+    let by_principal = AuditQuery {
+        principal: Some("token:ops".into()),
+        outcome: Some("OK".into()),
+        ..audit_query(None, 0, 1)
+    };
+    assert_eq!(
+        page_through_audit(store, &by_principal).await,
+        ["e-e", "e-a"]
+    );
+    let by_target = AuditQuery {
+        target: Some("tenants/beta/instances/wp".into()),
+        method: Some("/bbws.instance.v1.InstanceService/DeleteInstance".into()),
+        ..audit_query(None, 0, 2)
+    };
+    assert_eq!(page_through_audit(store, &by_target).await, ["e-b"]);
+    // Stored as given.
+    let page = store
+        .list_audit_events(&audit_query(Some("beta"), 0, 5))
+        .await
+        .unwrap();
+    assert_eq!(page.items, [events[1].clone()]);
+}
+
+async fn audit_events_expire(store: &dyn StateStore) {
+    store
+        .record_audit_event(&audit("old", Some("acme"), "p", "OK", 1_000, 5_000))
+        .await
+        .unwrap();
+    store
+        .record_audit_event(&audit("new", Some("acme"), "p", "OK", 2_000, 50_000))
+        .await
+        .unwrap();
+    assert_eq!(
+        page_through_audit(store, &audit_query(Some("acme"), 4_999, 5)).await,
+        ["new", "old"]
+    );
+    // Expired at its expiry instant, and from then on.
+    assert_eq!(
+        page_through_audit(store, &audit_query(Some("acme"), 5_000, 5)).await,
+        ["new"]
+    );
+    assert_eq!(
+        page_through_audit(store, &audit_query(None, 49_999, 1)).await,
+        ["new"]
+    );
+    assert!(
+        page_through_audit(store, &audit_query(None, 50_000, 1))
+            .await
+            .is_empty()
+    );
+}
+
+async fn audit_event_ids_are_unique(store: &dyn StateStore) {
+    let event = audit("same", Some("acme"), "p", "OK", 1_000, i64::MAX / 2);
+    store.record_audit_event(&event).await.unwrap();
+    let again = store.record_audit_event(&event).await;
+    assert!(
+        matches!(
+            again,
+            Err(StoreError::Conflict {
+                kind: WriteKind::RecordAudit,
+                ..
+            })
+        ),
+        "{again:?}"
+    );
+    assert_eq!(
+        page_through_audit(store, &audit_query(None, 0, 5)).await,
+        ["same"]
     );
 }

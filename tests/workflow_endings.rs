@@ -266,6 +266,23 @@ impl StateStore for RejectingStore {
     async fn listener_priorities(&self, listener_arn: &str) -> StoreResult<Vec<PriorityClaim>> {
         self.inner.listener_priorities(listener_arn).await
     }
+    async fn record_audit_event(
+        &self,
+        event: &instance_manager::domain::AuditEvent,
+    ) -> StoreResult<()> {
+        self.inner.record_audit_event(event).await
+    }
+    async fn list_audit_events(
+        &self,
+        query: &instance_manager::store::AuditQuery,
+    ) -> StoreResult<
+        instance_manager::store::Page<
+            instance_manager::domain::AuditEvent,
+            instance_manager::store::AuditCursor,
+        >,
+    > {
+        self.inner.list_audit_events(query).await
+    }
     async fn get_backup(&self, name: &BackupName) -> StoreResult<Option<Backup>> {
         self.inner.get_backup(name).await
     }

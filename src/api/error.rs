@@ -41,6 +41,9 @@ pub mod reason {
     pub const UNKNOWN_METHOD: &str = "UNKNOWN_METHOD";
     pub const TOO_MANY_STREAMS: &str = "TOO_MANY_STREAMS";
     pub const SHUTTING_DOWN: &str = "SHUTTING_DOWN";
+    pub const UNAUTHENTICATED: &str = "UNAUTHENTICATED";
+    pub const ROLE_REQUIRED: &str = "ROLE_REQUIRED";
+    pub const TENANT_NOT_FOUND: &str = "TENANT_NOT_FOUND";
 }
 
 /// Longest status message. The message and the details travel as trailers, which clients
@@ -116,6 +119,13 @@ pub enum ApiError {
         rpc: &'static str,
         why: &'static str,
     },
+    /// The call carries no principal (it did not pass the authentication layer).
+    Unauthenticated,
+    /// The principal's role is below the one the method needs (on a resource it may see).
+    PermissionDenied {
+        required: crate::auth::Role,
+        method: &'static str,
+    },
     /// A bug or corrupt state; details are logged, not returned.
     Internal(String),
 }
@@ -137,6 +147,15 @@ impl ApiError {
     pub fn backup_not_found(name: impl Into<String>) -> Self {
         ApiError::NotFound {
             reason: reason::BACKUP_NOT_FOUND,
+            resource: name.into(),
+        }
+    }
+
+    /// A tenant the caller may not see, named as a parent where there is no resource to
+    /// miss (creating an instance in it).
+    pub fn tenant_not_found(name: impl Into<String>) -> Self {
+        ApiError::NotFound {
+            reason: reason::TENANT_NOT_FOUND,
             resource: name.into(),
         }
     }
@@ -376,6 +395,24 @@ fn into_status(error: ApiError) -> Status {
                 reason::NOT_SUPPORTED,
                 vec![("rpc", rpc.to_owned())],
             ),
+            ApiError::Unauthenticated => with_metadata(
+                Code::Unauthenticated,
+                "missing credentials: send `authorization: Bearer <token>`".into(),
+                reason::UNAUTHENTICATED,
+                Vec::new(),
+            ),
+            ApiError::PermissionDenied { required, method } => {
+                let rpc = crate::auth::authz::short_name(method);
+                with_metadata(
+                    Code::PermissionDenied,
+                    format!("{rpc} needs the role {required} or higher"),
+                    reason::ROLE_REQUIRED,
+                    vec![
+                        ("required_role", required.to_string()),
+                        ("method", rpc.to_owned()),
+                    ],
+                )
+            }
             ApiError::Internal(detail) => {
                 tracing::error!(error = %detail, "internal error");
                 with_metadata(

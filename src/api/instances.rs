@@ -16,9 +16,12 @@ use crate::store::{
 };
 
 use super::Api;
+use super::authz::Target;
 use super::convert::{self, parse_enum};
 use super::error::{ApiError, ApiResult, reason};
 use super::streams::RpcStream;
+use crate::auth::Principal;
+use crate::auth::authz::method;
 
 /// A parsed, valid CreateInstance request.
 struct CreateInstance {
@@ -273,9 +276,12 @@ impl Api {
         Ok(convert::instance_to_proto(&instance))
     }
 
+    /// A principal limited to one tenant lists that tenant's instances for `tenants/-`,
+    /// and nothing for another tenant (as for a tenant without instances).
     pub async fn list_instances(
         &self,
         request: v1::ListInstancesRequest,
+        principal: &Principal,
     ) -> ApiResult<v1::ListInstancesResponse> {
         let mut violations = Violations::new();
         let tenant = violations
@@ -312,6 +318,13 @@ impl Api {
             state.map(|s| s.as_str()).unwrap_or("*")
         );
         let after: Option<InstanceCursor> = self.page_cursor(&query, &request.page_token)?;
+        let tenant = match (tenant, &principal.tenant) {
+            (Some(tenant), _) if !principal.sees_tenant(&tenant) => {
+                return Ok(v1::ListInstancesResponse::default());
+            }
+            (Some(tenant), _) => Some(tenant),
+            (None, own) => own.clone(),
+        };
         let page = self
             .store
             .list_instances(&InstanceQuery {
@@ -347,152 +360,228 @@ impl InstanceService for Api {
         &self,
         request: Request<v1::CreateInstanceRequest>,
     ) -> Result<Response<lro::Operation>, Status> {
-        Ok(Response::new(
-            Api::create_instance(self, request.into_inner()).await?,
-        ))
+        self.mutate(
+            request,
+            method::CREATE_INSTANCE,
+            |r| Target::Tenant(r.parent.clone()),
+            |r, _| Api::create_instance(self, r),
+        )
+        .await
     }
 
     async fn get_instance(
         &self,
         request: Request<v1::GetInstanceRequest>,
     ) -> Result<Response<v1::Instance>, Status> {
-        Ok(Response::new(
-            Api::get_instance(self, request.into_inner()).await?,
-        ))
+        self.read(
+            request,
+            method::GET_INSTANCE,
+            |r| Target::Instance(r.name.clone()),
+            |r, _| Api::get_instance(self, r),
+        )
+        .await
     }
 
     async fn list_instances(
         &self,
         request: Request<v1::ListInstancesRequest>,
     ) -> Result<Response<v1::ListInstancesResponse>, Status> {
-        Ok(Response::new(
-            Api::list_instances(self, request.into_inner()).await?,
-        ))
+        self.read(
+            request,
+            method::LIST_INSTANCES,
+            |r| Target::List(r.parent.clone()),
+            |r, principal| async move { Api::list_instances(self, r, &principal).await },
+        )
+        .await
     }
 
     async fn update_instance(
         &self,
         request: Request<v1::UpdateInstanceRequest>,
     ) -> Result<Response<lro::Operation>, Status> {
-        Ok(Response::new(
-            Api::update_instance(self, request.into_inner()).await?,
-        ))
+        self.mutate(
+            request,
+            method::UPDATE_INSTANCE,
+            |r| {
+                Target::Instance(
+                    r.instance
+                        .as_ref()
+                        .map(|i| i.name.clone())
+                        .unwrap_or_default(),
+                )
+            },
+            |r, _| Api::update_instance(self, r),
+        )
+        .await
     }
 
     async fn delete_instance(
         &self,
         request: Request<v1::DeleteInstanceRequest>,
     ) -> Result<Response<lro::Operation>, Status> {
-        Ok(Response::new(
-            Api::delete_instance(self, request.into_inner()).await?,
-        ))
+        self.mutate(
+            request,
+            method::DELETE_INSTANCE,
+            |r| Target::Instance(r.name.clone()),
+            |r, _| Api::delete_instance(self, r),
+        )
+        .await
     }
 
     async fn suspend_instance(
         &self,
         request: Request<v1::SuspendInstanceRequest>,
     ) -> Result<Response<lro::Operation>, Status> {
-        Ok(Response::new(
-            Api::suspend_instance(self, request.into_inner()).await?,
-        ))
+        self.mutate(
+            request,
+            method::SUSPEND_INSTANCE,
+            |r| Target::Instance(r.name.clone()),
+            |r, _| Api::suspend_instance(self, r),
+        )
+        .await
     }
 
     async fn resume_instance(
         &self,
         request: Request<v1::ResumeInstanceRequest>,
     ) -> Result<Response<lro::Operation>, Status> {
-        Ok(Response::new(
-            Api::resume_instance(self, request.into_inner()).await?,
-        ))
+        self.mutate(
+            request,
+            method::RESUME_INSTANCE,
+            |r| Target::Instance(r.name.clone()),
+            |r, _| Api::resume_instance(self, r),
+        )
+        .await
     }
 
     async fn restart_instance(
         &self,
         request: Request<v1::RestartInstanceRequest>,
     ) -> Result<Response<lro::Operation>, Status> {
-        Ok(Response::new(
-            Api::restart_instance(self, request.into_inner()).await?,
-        ))
+        self.mutate(
+            request,
+            method::RESTART_INSTANCE,
+            |r| Target::Instance(r.name.clone()),
+            |r, _| Api::restart_instance(self, r),
+        )
+        .await
     }
 
     async fn scale_instance(
         &self,
         request: Request<v1::ScaleInstanceRequest>,
     ) -> Result<Response<lro::Operation>, Status> {
-        Ok(Response::new(
-            Api::scale_instance(self, request.into_inner()).await?,
-        ))
+        self.mutate(
+            request,
+            method::SCALE_INSTANCE,
+            |r| Target::Instance(r.name.clone()),
+            |r, _| Api::scale_instance(self, r),
+        )
+        .await
     }
 
     async fn check_instance_health(
         &self,
         request: Request<v1::CheckInstanceHealthRequest>,
     ) -> Result<Response<v1::HealthReport>, Status> {
-        Ok(Response::new(
-            Api::check_instance_health(self, request.into_inner()).await?,
-        ))
+        self.read(
+            request,
+            method::CHECK_INSTANCE_HEALTH,
+            |r| Target::Instance(r.name.clone()),
+            |r, _| Api::check_instance_health(self, r),
+        )
+        .await
     }
 
     async fn get_resource_usage(
         &self,
         request: Request<v1::GetResourceUsageRequest>,
     ) -> Result<Response<v1::ResourceUsage>, Status> {
-        Ok(Response::new(
-            Api::get_resource_usage(self, request.into_inner()).await?,
-        ))
+        self.read(
+            request,
+            method::GET_RESOURCE_USAGE,
+            |r| Target::Instance(r.name.clone()),
+            |r, _| Api::get_resource_usage(self, r),
+        )
+        .await
     }
 
     async fn create_backup(
         &self,
         request: Request<v1::CreateBackupRequest>,
     ) -> Result<Response<lro::Operation>, Status> {
-        Ok(Response::new(
-            Api::create_backup(self, request.into_inner()).await?,
-        ))
+        self.mutate(
+            request,
+            method::CREATE_BACKUP,
+            |r| Target::Instance(r.parent.clone()),
+            |r, _| Api::create_backup(self, r),
+        )
+        .await
     }
 
     async fn restore_instance(
         &self,
         request: Request<v1::RestoreInstanceRequest>,
     ) -> Result<Response<lro::Operation>, Status> {
-        Ok(Response::new(
-            Api::restore_instance(self, request.into_inner()).await?,
-        ))
+        self.mutate(
+            request,
+            method::RESTORE_INSTANCE,
+            |r| Target::Instance(r.name.clone()),
+            |r, _| Api::restore_instance(self, r),
+        )
+        .await
     }
 
     async fn get_backup(
         &self,
         request: Request<v1::GetBackupRequest>,
     ) -> Result<Response<v1::Backup>, Status> {
-        Ok(Response::new(
-            Api::get_backup(self, request.into_inner()).await?,
-        ))
+        self.read(
+            request,
+            method::GET_BACKUP,
+            |r| Target::Backup(r.name.clone()),
+            |r, _| Api::get_backup(self, r),
+        )
+        .await
     }
 
     async fn list_backups(
         &self,
         request: Request<v1::ListBackupsRequest>,
     ) -> Result<Response<v1::ListBackupsResponse>, Status> {
-        Ok(Response::new(
-            Api::list_backups(self, request.into_inner()).await?,
-        ))
+        self.read(
+            request,
+            method::LIST_BACKUPS,
+            |r| Target::Instance(r.parent.clone()),
+            |r, _| Api::list_backups(self, r),
+        )
+        .await
     }
 
     async fn delete_backup(
         &self,
         request: Request<v1::DeleteBackupRequest>,
     ) -> Result<Response<()>, Status> {
-        Api::delete_backup(self, request.into_inner()).await?;
-        Ok(Response::new(()))
+        self.mutate(
+            request,
+            method::DELETE_BACKUP,
+            |r| Target::Backup(r.name.clone()),
+            |r, _| Api::delete_backup(self, r),
+        )
+        .await
     }
 
     async fn query_logs(
         &self,
         request: Request<v1::QueryLogsRequest>,
     ) -> Result<Response<v1::QueryLogsResponse>, Status> {
-        Ok(Response::new(
-            Api::query_logs(self, request.into_inner()).await?,
-        ))
+        self.read(
+            request,
+            method::QUERY_LOGS,
+            |r| Target::Instance(r.name.clone()),
+            |r, _| Api::query_logs(self, r),
+        )
+        .await
     }
 
     type TailLogsStream = RpcStream<v1::TailLogsResponse>;
@@ -501,9 +590,13 @@ impl InstanceService for Api {
         &self,
         request: Request<v1::TailLogsRequest>,
     ) -> Result<Response<Self::TailLogsStream>, Status> {
-        Ok(Response::new(
-            Api::tail_logs(self, request.into_inner()).await?,
-        ))
+        self.read(
+            request,
+            method::TAIL_LOGS,
+            |r| Target::Instance(r.name.clone()),
+            |r, _| Api::tail_logs(self, r),
+        )
+        .await
     }
 
     type WatchOperationStream = RpcStream<v1::OperationEvent>;
@@ -512,9 +605,13 @@ impl InstanceService for Api {
         &self,
         request: Request<v1::WatchOperationRequest>,
     ) -> Result<Response<Self::WatchOperationStream>, Status> {
-        Ok(Response::new(
-            Api::watch_operation(self, request.into_inner()).await?,
-        ))
+        self.read(
+            request,
+            method::WATCH_OPERATION,
+            |r| Target::Operation(r.name.clone()),
+            |r, _| Api::watch_operation(self, r),
+        )
+        .await
     }
 
     type WatchInstanceStream = RpcStream<v1::WatchInstanceResponse>;
@@ -523,17 +620,38 @@ impl InstanceService for Api {
         &self,
         request: Request<v1::WatchInstanceRequest>,
     ) -> Result<Response<Self::WatchInstanceStream>, Status> {
-        Ok(Response::new(
-            Api::watch_instance(self, request.into_inner()).await?,
-        ))
+        self.read(
+            request,
+            method::WATCH_INSTANCE,
+            |r| Target::Instance(r.name.clone()),
+            |r, _| Api::watch_instance(self, r),
+        )
+        .await
     }
 
     async fn retry_operation(
         &self,
         request: Request<v1::RetryOperationRequest>,
     ) -> Result<Response<lro::Operation>, Status> {
-        Ok(Response::new(
-            Api::retry_operation(self, request.into_inner()).await?,
-        ))
+        self.mutate(
+            request,
+            method::RETRY_OPERATION,
+            |r| Target::Operation(r.name.clone()),
+            |r, _| Api::retry_operation(self, r),
+        )
+        .await
+    }
+
+    async fn list_audit_events(
+        &self,
+        request: Request<v1::ListAuditEventsRequest>,
+    ) -> Result<Response<v1::ListAuditEventsResponse>, Status> {
+        self.read(
+            request,
+            method::LIST_AUDIT_EVENTS,
+            |r| Target::List(r.parent.clone()),
+            |r, principal| async move { Api::list_audit_events(self, r, &principal).await },
+        )
+        .await
     }
 }

@@ -1,6 +1,8 @@
 //! gRPC services: request validation, domain ↔ proto mapping, errors as `Status`. This and
 //! `server` are the only modules that know about tonic.
 
+pub mod audit;
+pub mod authz;
 pub mod backup_ops;
 pub mod backups;
 pub mod convert;
@@ -51,6 +53,8 @@ pub struct ApiSettings {
     pub logs: crate::logs::LogSettings,
     /// The repositories `wordpress_image` may name (CreateInstance, UpdateInstance).
     pub images: crate::domain::ImagePolicy,
+    /// How long an audit event is kept.
+    pub audit_retention: std::time::Duration,
 }
 
 impl ApiSettings {
@@ -80,6 +84,9 @@ impl Default for ApiSettings {
             health: crate::health::HealthSettings::default(),
             logs: crate::logs::LogSettings::default(),
             images: crate::domain::ImagePolicy::default(),
+            audit_retention: std::time::Duration::from_secs(
+                audit::DEFAULT_RETENTION_DAYS * 24 * 60 * 60,
+            ),
         }
     }
 }

@@ -8,7 +8,10 @@ use crate::proto::google_longrunning::operations_server::Operations;
 use crate::store::{OperationCursor, OperationQuery};
 
 use super::Api;
+use super::authz::Target;
 use super::error::{ApiError, ApiResult};
+use crate::auth::Principal;
+use crate::auth::authz::method;
 
 /// The filters ListOperations understands: `target = "tenants/a/instances/b"`,
 /// `status = FAILED`, `done = true`, joined with `AND`.
@@ -62,9 +65,11 @@ fn parse_filter(filter: &str) -> Result<OperationFilter, String> {
 }
 
 impl Api {
+    /// A principal limited to one tenant lists the operations on that tenant's instances.
     async fn list_operations(
         &self,
         request: lro::ListOperationsRequest,
+        principal: &Principal,
     ) -> ApiResult<lro::ListOperationsResponse> {
         let mut violations = Violations::new();
         if !(request.name.is_empty() || request.name == "operations") {
@@ -88,6 +93,7 @@ impl Api {
         let page = self
             .store
             .list_operations(&OperationQuery {
+                tenant: principal.tenant.clone(),
                 target: filter.target,
                 status: filter.status,
                 done: filter.done,
@@ -115,45 +121,73 @@ impl Operations for Api {
         &self,
         request: Request<lro::ListOperationsRequest>,
     ) -> Result<Response<lro::ListOperationsResponse>, Status> {
-        Ok(Response::new(
-            Api::list_operations(self, request.into_inner()).await?,
-        ))
+        self.read(
+            request,
+            method::LIST_OPERATIONS,
+            |_| Target::List(String::new()),
+            |r, principal| async move { Api::list_operations(self, r, &principal).await },
+        )
+        .await
     }
 
     async fn get_operation(
         &self,
         request: Request<lro::GetOperationRequest>,
     ) -> Result<Response<lro::Operation>, Status> {
-        let operation = self.get_operation_by_name(&request.get_ref().name).await?;
-        Ok(Response::new(self.render_operation(&operation).await?))
+        self.read(
+            request,
+            method::GET_OPERATION,
+            |r| Target::Operation(r.name.clone()),
+            |r, _| async move {
+                let operation = self.get_operation_by_name(&r.name).await?;
+                self.render_operation(&operation).await
+            },
+        )
+        .await
     }
 
     async fn delete_operation(
         &self,
-        _: Request<lro::DeleteOperationRequest>,
+        request: Request<lro::DeleteOperationRequest>,
     ) -> Result<Response<()>, Status> {
-        Err(ApiError::Unsupported {
-            rpc: "DeleteOperation",
-            why: "operations are the audit trail and are kept",
-        }
-        .into())
+        self.mutate(
+            request,
+            method::DELETE_OPERATION,
+            |r| Target::Operation(r.name.clone()),
+            |_, _| async {
+                Err(ApiError::Unsupported {
+                    rpc: "DeleteOperation",
+                    why: "operations are the audit trail and are kept",
+                })
+            },
+        )
+        .await
     }
 
     async fn cancel_operation(
         &self,
         request: Request<lro::CancelOperationRequest>,
     ) -> Result<Response<()>, Status> {
-        Api::cancel_operation(self, &request.get_ref().name).await?;
-        Ok(Response::new(()))
+        self.mutate(
+            request,
+            method::CANCEL_OPERATION,
+            |r| Target::Operation(r.name.clone()),
+            |r, _| async move { Api::cancel_operation(self, &r.name).await },
+        )
+        .await
     }
 
     async fn wait_operation(
         &self,
         request: Request<lro::WaitOperationRequest>,
     ) -> Result<Response<lro::Operation>, Status> {
-        Ok(Response::new(
-            Api::wait_operation(self, request.into_inner()).await?,
-        ))
+        self.read(
+            request,
+            method::WAIT_OPERATION,
+            |r| Target::Operation(r.name.clone()),
+            |r, _| Api::wait_operation(self, r),
+        )
+        .await
     }
 }
 

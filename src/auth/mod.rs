@@ -12,6 +12,7 @@
 //! `make dev` sets); every call then acts as [`Principal::unauthenticated`], an admin of
 //! every tenant, and the server warns at start-up.
 
+pub mod authz;
 pub mod jwt;
 pub mod layer;
 

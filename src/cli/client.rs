@@ -57,6 +57,32 @@ pub enum ClientCommand {
     Retry(RetryArgs),
     /// Ask a running operation to stop (its completed steps are undone).
     Cancel(OperationArgs),
+    /// The audit trail of mutating calls (admins).
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// List audit events, newest first.
+    List(AuditListArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AuditListArgs {
+    /// tenants/{tenant}, a tenant id, or tenants/- (every tenant the caller may see).
+    #[arg(default_value = "tenants/-")]
+    pub parent: String,
+    /// e.g. `principal = "token:ci" AND outcome = PERMISSION_DENIED` (also `method`,
+    /// `target`).
+    #[arg(long, default_value = "")]
+    pub filter: String,
+    #[arg(long, default_value_t = 0)]
+    pub page_size: i32,
+    #[arg(long, default_value = "")]
+    pub page_token: String,
+    #[command(flatten)]
+    pub client: ClientArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -444,6 +470,7 @@ impl ClientCommand {
             Self::Cancel(a) => &a.client,
             Self::Watch(a) => &a.client,
             Self::Retry(a) => &a.client,
+            Self::Audit(AuditCommand::List(a)) => &a.client,
         }
     }
 }
@@ -592,7 +619,61 @@ async fn execute(command: ClientCommand) -> Result<(), CliError> {
             finish_operation(&conn, operation, args.opts.watch).await
         }
         ClientCommand::Cancel(args) => cancel(&conn, &args.name).await,
+        ClientCommand::Audit(AuditCommand::List(args)) => audit_list(&conn, args).await,
     }
+}
+
+async fn audit_list(conn: &Conn, args: AuditListArgs) -> Result<(), CliError> {
+    let parent = if args.parent.starts_with("tenants/") {
+        args.parent
+    } else {
+        format!("tenants/{}", args.parent)
+    };
+    let page = conn
+        .instances
+        .clone()
+        .list_audit_events(conn.unary(v1::ListAuditEventsRequest {
+            parent,
+            page_size: args.page_size,
+            page_token: args.page_token,
+            filter: args.filter,
+        }))
+        .await?
+        .into_inner();
+    match conn.format {
+        Format::Json => print_message(&page),
+        Format::Table => {
+            let mut table = Table::new(&[
+                "TIME",
+                "PRINCIPAL",
+                "METHOD",
+                "TARGET",
+                "OUTCOME",
+                "REQUEST ID",
+                "OPERATION",
+            ]);
+            for e in &page.audit_events {
+                table.row(vec![
+                    output::time(e.event_time.as_ref()),
+                    e.principal.clone(),
+                    crate::auth::authz::short_name(&e.method).to_owned(),
+                    e.target.clone(),
+                    e.outcome.clone(),
+                    e.request_id.clone(),
+                    e.operation.clone(),
+                ]);
+            }
+            if table.is_empty() {
+                eprintln!("no audit events");
+            } else {
+                print!("{}", table.render());
+            }
+        }
+    }
+    if !page.next_page_token.is_empty() {
+        eprintln!("more: --page-token {}", page.next_page_token);
+    }
+    Ok(())
 }
 
 async fn create(conn: &Conn, args: CreateArgs) -> Result<(), CliError> {

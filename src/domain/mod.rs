@@ -2,6 +2,7 @@
 //! Nothing here knows about tonic, protobuf or AWS: the API layer parses requests into
 //! these types, and the store and workflows work only with them.
 
+pub mod audit;
 pub mod backup;
 pub mod ids;
 pub mod image;
@@ -13,6 +14,7 @@ pub mod state;
 pub mod time;
 pub mod violation;
 
+pub use audit::AuditEvent;
 pub use backup::{Backup, BackupOrigin, BackupState};
 pub use ids::{BackupId, BackupName, InstanceId, InstanceName, OperationId, RequestId, TenantId};
 pub use image::ImagePolicy;

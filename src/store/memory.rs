@@ -8,11 +8,12 @@ use std::sync::{Mutex, MutexGuard};
 use async_trait::async_trait;
 
 use super::{
-    BackupCursor, Guard, InstanceCursor, InstanceQuery, OperationCursor, OperationQuery, Page,
-    PriorityClaim, RequestRecord, StateStore, StoreError, StoreResult, Write,
+    AuditCursor, AuditQuery, BackupCursor, Guard, InstanceCursor, InstanceQuery, OperationCursor,
+    OperationQuery, Page, PriorityClaim, RequestRecord, StateStore, StoreError, StoreResult, Write,
+    WriteKind,
 };
 use crate::domain::{
-    Backup, BackupName, Environment, Instance, InstanceName, Operation, OperationEvent,
+    AuditEvent, Backup, BackupName, Environment, Instance, InstanceName, Operation, OperationEvent,
     OperationId, OperationStatus, RequestId, TenantId, Timestamp,
 };
 
@@ -28,6 +29,8 @@ struct State {
     requests: HashMap<RequestId, RequestRecord>,
     priorities: BTreeMap<(String, u32), PriorityClaim>,
     backups: BTreeMap<BackupName, Backup>,
+    /// By (time, id).
+    audit: BTreeMap<(Timestamp, String), AuditEvent>,
 }
 
 /// The identity of the stored item a write touches, to refuse two writes to one item.
@@ -374,9 +377,13 @@ impl StateStore for MemoryStore {
             .values()
             .filter(|operation| {
                 query
-                    .target
+                    .tenant
                     .as_ref()
-                    .is_none_or(|target| &operation.target == target)
+                    .is_none_or(|tenant| &operation.target.tenant == tenant)
+                    && query
+                        .target
+                        .as_ref()
+                        .is_none_or(|target| &operation.target == target)
                     && query.status.is_none_or(|status| operation.status == status)
                     && query
                         .done
@@ -393,6 +400,58 @@ impl StateStore for MemoryStore {
         Ok(page(items, limit, |operation| OperationCursor {
             created_at: operation.created_at,
             id: operation.id.clone(),
+        }))
+    }
+
+    async fn record_audit_event(&self, event: &AuditEvent) -> StoreResult<()> {
+        let mut state = self.lock();
+        if state.audit.values().any(|kept| kept.id == event.id) {
+            return Err(StoreError::Conflict {
+                index: 0,
+                kind: WriteKind::RecordAudit,
+            });
+        }
+        state
+            .audit
+            .insert((event.time, event.id.clone()), event.clone());
+        Ok(())
+    }
+
+    async fn list_audit_events(
+        &self,
+        query: &AuditQuery,
+    ) -> StoreResult<Page<AuditEvent, AuditCursor>> {
+        let limit = query.limit.max(1);
+        let mut state = self.lock();
+        // Expired events are dropped when the trail is read.
+        state.audit.retain(|_, kept| kept.expires_at > query.now);
+        let same =
+            |wanted: &Option<String>, value: &str| wanted.as_deref().is_none_or(|w| w == value);
+        let items: Vec<AuditEvent> = state
+            .audit
+            .values()
+            .rev()
+            .filter(|event| {
+                query
+                    .tenant
+                    .as_ref()
+                    .is_none_or(|tenant| event.tenant.as_ref() == Some(tenant))
+                    && same(&query.principal, &event.principal)
+                    && same(&query.method, &event.method)
+                    && same(&query.target, &event.target)
+                    && same(&query.outcome, &event.outcome)
+                    && query
+                        .after
+                        .as_ref()
+                        .is_none_or(|after| (event.time, &event.id) < (after.time, &after.id))
+            })
+            .take(limit + 1)
+            .cloned()
+            .collect();
+        drop(state);
+        Ok(page(items, limit, |event| AuditCursor {
+            time: event.time,
+            id: event.id.clone(),
         }))
     }
 

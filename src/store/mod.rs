@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::domain::{
-    Backup, BackupName, Environment, Instance, InstanceId, InstanceName, InstanceState, Operation,
-    OperationEvent, OperationId, OperationStatus, RequestId, TenantId, Timestamp,
+    AuditEvent, Backup, BackupName, Environment, Instance, InstanceId, InstanceName, InstanceState,
+    Operation, OperationEvent, OperationId, OperationStatus, RequestId, TenantId, Timestamp,
 };
 
 pub mod dynamo;
@@ -123,6 +123,8 @@ pub enum WriteKind {
     CreateBackup,
     UpdateBackup,
     DeleteBackup,
+    /// Not part of a batch: [`StateStore::record_audit_event`].
+    RecordAudit,
 }
 
 #[derive(Debug, Error)]
@@ -176,6 +178,8 @@ pub struct OperationCursor {
 
 #[derive(Debug, Clone, Default)]
 pub struct OperationQuery {
+    /// Only operations on this tenant's instances.
+    pub tenant: Option<TenantId>,
     pub target: Option<InstanceName>,
     pub status: Option<OperationStatus>,
     /// `Some(true)`: only finished operations; `Some(false)`: only unfinished ones.
@@ -191,6 +195,30 @@ pub struct OperationQuery {
 pub struct BackupCursor {
     pub created_at: Timestamp,
     pub backup: crate::domain::BackupId,
+}
+
+/// Position after the last audit event of a page; events are listed newest first, by
+/// (time, id) descending.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditCursor {
+    pub time: Timestamp,
+    pub id: String,
+}
+
+/// Which audit events to list. Every `Some` filter must match exactly.
+#[derive(Debug, Clone)]
+pub struct AuditQuery {
+    /// Only events whose target belongs to this tenant; `None`: every event.
+    pub tenant: Option<TenantId>,
+    pub principal: Option<String>,
+    pub method: Option<String>,
+    pub target: Option<String>,
+    pub outcome: Option<String>,
+    /// Events expired at this instant are left out.
+    pub now: Timestamp,
+    pub after: Option<AuditCursor>,
+    /// At least 1.
+    pub limit: usize,
 }
 
 /// A page of results. `next` is set only when at least one more matching item exists.
@@ -262,6 +290,17 @@ pub trait StateStore: Send + Sync + 'static {
     /// Backups whose `expire_at` is at or before `now`, any instance, oldest expiry first,
     /// at most `limit` (for the retention sweeper).
     async fn expired_backups(&self, now: Timestamp, limit: usize) -> StoreResult<Vec<Backup>>;
+
+    /// Records one audit event. Precondition: no event with its id exists (a repeat of a
+    /// landed write is a conflict, not a second event).
+    async fn record_audit_event(&self, event: &AuditEvent) -> StoreResult<()>;
+
+    /// Audit events matching `query`, newest first ((time, id) descending), without those
+    /// expired at `query.now`.
+    async fn list_audit_events(
+        &self,
+        query: &AuditQuery,
+    ) -> StoreResult<Page<AuditEvent, AuditCursor>>;
 
     /// Every priority claimed on `listener_arn`, by priority.
     async fn listener_priorities(&self, listener_arn: &str) -> StoreResult<Vec<PriorityClaim>>;

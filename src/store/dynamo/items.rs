@@ -9,6 +9,7 @@
 //! | event | `OP#{id}` | `EVENT#{seq:020}` | |
 //! | request | `REQ#{request_id}` | `REQ` | TTL `expires_at` |
 //! | listener priority | `LISTENER#{arn}` | `PRIORITY#{n:010}` | |
+//! | audit event | `AUDIT#{tenant or -}` | `{time:015}#{id}` | gsi1 `AUDIT` / `{time:015}#{id}`; TTL `expires_at` |
 //! | backup | `TENANT#{tenant}` | `BACKUP#{instance}#{backup}` | gsi1 `BACKUPS#{tenant}#{instance}` / `{created_at:015}#{backup}`; gsi2 `BACKUP_EXPIRY` / `{expire_at:015}#{tenant}#{instance}#{backup}` |
 //!
 //! Ids are lower-case letters, digits and `-` (request ids also `_ . :`), all of which sort
@@ -24,7 +25,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::domain::{
-    Backup, BackupName, Environment, Instance, InstanceName, Operation, OperationEvent,
+    AuditEvent, Backup, BackupName, Environment, Instance, InstanceName, Operation, OperationEvent,
     OperationId, RequestId, TenantId, Timestamp,
 };
 use crate::store::{Guard, PriorityClaim, RequestRecord, StoreError, StoreResult, Write};
@@ -53,6 +54,9 @@ pub(super) const PRIORITY_SK_PREFIX: &str = "PRIORITY#";
 pub(super) const OPERATIONS_PARTITION: &str = "OPERATIONS";
 pub(super) const RUNNABLE_PARTITION: &str = "RUNNABLE";
 pub(super) const BACKUP_EXPIRY_PARTITION: &str = "BACKUP_EXPIRY";
+pub(super) const AUDIT_PARTITION: &str = "AUDIT";
+/// Attribute holding an expiring record's exact expiry (the TTL attribute is in seconds).
+pub(super) const EXPIRES_AT_MILLIS: &str = EXPIRES_AT_MS;
 
 pub(super) fn s(value: impl Into<String>) -> AttributeValue {
     AttributeValue::S(value.into())
@@ -290,13 +294,45 @@ fn event_item(event: &OperationEvent) -> StoreResult<Item> {
     Ok(item)
 }
 
+/// The audit partition of a tenant's events; `-` holds those whose tenant is unknown.
+pub(super) fn audit_pk(tenant: Option<&TenantId>) -> String {
+    match tenant {
+        Some(tenant) => format!("AUDIT#{tenant}"),
+        None => "AUDIT#-".to_owned(),
+    }
+}
+
+pub(super) fn audit_sort_key(time: Timestamp, id: &str) -> String {
+    format!("{}#{id}", millis_key(time))
+}
+
+/// Epoch seconds for the TTL attribute, rounded up so DynamoDB never deletes a record
+/// before it expired.
+fn ttl_seconds(at: Timestamp) -> i64 {
+    at.millis().div_euclid(1000) + i64::from(at.millis().rem_euclid(1000) != 0)
+}
+
+pub(super) fn audit_item(event: &AuditEvent) -> StoreResult<Item> {
+    let sort_key = audit_sort_key(event.time, &event.id);
+    let mut item = key(audit_pk(event.tenant.as_ref()), sort_key.clone());
+    item.extend([
+        (GSI1PK.to_owned(), s(AUDIT_PARTITION)),
+        (GSI1SK.to_owned(), s(sort_key)),
+        ("principal".to_owned(), s(&event.principal)),
+        ("method".to_owned(), s(&event.method)),
+        ("target".to_owned(), s(&event.target)),
+        ("outcome".to_owned(), s(&event.outcome)),
+        (TTL_ATTRIBUTE.to_owned(), n(ttl_seconds(event.expires_at))),
+        (EXPIRES_AT_MS.to_owned(), n(event.expires_at.millis())),
+        (BODY.to_owned(), body(event)?),
+    ]);
+    Ok(item)
+}
+
 fn request_item(record: &RequestRecord) -> StoreResult<Item> {
     let mut item = request_key(&record.request_id);
-    // Rounded up, so DynamoDB never deletes a record before it expired.
-    let expires_at_seconds = record.expires_at.millis().div_euclid(1000)
-        + i64::from(record.expires_at.millis().rem_euclid(1000) != 0);
     item.extend([
-        (TTL_ATTRIBUTE.to_owned(), n(expires_at_seconds)),
+        (TTL_ATTRIBUTE.to_owned(), n(ttl_seconds(record.expires_at))),
         (EXPIRES_AT_MS.to_owned(), n(record.expires_at.millis())),
         (BODY.to_owned(), body(record)?),
     ]);

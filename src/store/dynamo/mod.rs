@@ -32,11 +32,12 @@ use serde::de::DeserializeOwned;
 use self::errors::{cancellation_error, classify};
 use self::items::{Action, Condition, Item, PlannedWrite};
 use super::{
-    BackupCursor, Guard, InstanceCursor, InstanceQuery, OperationCursor, OperationQuery, Page,
-    PriorityClaim, RequestRecord, StateStore, StoreError, StoreResult, Write,
+    AuditCursor, AuditQuery, BackupCursor, Guard, InstanceCursor, InstanceQuery, OperationCursor,
+    OperationQuery, Page, PriorityClaim, RequestRecord, StateStore, StoreError, StoreResult, Write,
+    WriteKind,
 };
 use crate::domain::{
-    Backup, BackupName, Environment, Instance, InstanceName, Operation, OperationEvent,
+    AuditEvent, Backup, BackupName, Environment, Instance, InstanceName, Operation, OperationEvent,
     OperationId, RequestId, TenantId, Timestamp,
 };
 
@@ -93,6 +94,32 @@ impl QuerySpec {
         });
         self.name(&format!("#f_{attribute}"), attribute)
             .value(&format!(":f_{attribute}"), value)
+    }
+}
+
+impl QuerySpec {
+    /// Adds `begins_with(attribute, prefix)` to the filter expression.
+    fn filter_prefix(&mut self, attribute: &str, prefix: String) -> &mut Self {
+        let clause = format!("begins_with(#p_{attribute}, :p_{attribute})");
+        self.filter = Some(match self.filter.take() {
+            Some(filter) => format!("{filter} AND {clause}"),
+            None => clause,
+        });
+        self.name(&format!("#p_{attribute}"), attribute)
+            .value(&format!(":p_{attribute}"), items::s(prefix))
+    }
+
+    /// Adds `attribute > value` (a number) to the filter expression.
+    fn filter_greater(&mut self, attribute: &str, value: i64) -> &mut Self {
+        let clause = format!("#g_{attribute} > :g_{attribute}");
+        self.filter = Some(match self.filter.take() {
+            Some(filter) => format!("{filter} AND {clause}"),
+            None => clause,
+        });
+        self.name(&format!("#g_{attribute}"), attribute).value(
+            &format!(":g_{attribute}"),
+            AttributeValue::N(value.to_string()),
+        )
     }
 }
 
@@ -408,6 +435,9 @@ impl StateStore for DynamoStore {
                 items::s(items::operation_sort_key(after.created_at, &after.id)),
             );
         }
+        if let Some(tenant) = &query.tenant {
+            spec.filter_prefix("target", format!("tenants/{tenant}/"));
+        }
         if let Some(target) = &query.target {
             spec.filter_equals("target", items::s(target.to_string()));
         }
@@ -524,6 +554,81 @@ impl StateStore for DynamoStore {
         let mut found = Vec::new();
         self.query_into(&spec, limit, &mut found).await?;
         decode_all(&found)
+    }
+
+    async fn record_audit_event(&self, event: &AuditEvent) -> StoreResult<()> {
+        self.client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(items::audit_item(event)?))
+            .condition_expression("attribute_not_exists(#pk)")
+            .expression_attribute_names("#pk", items::PK)
+            .send()
+            .await
+            .map(drop)
+            .map_err(|error| match error.as_service_error() {
+                Some(service) if service.is_conditional_check_failed_exception() => {
+                    StoreError::Conflict {
+                        index: 0,
+                        kind: WriteKind::RecordAudit,
+                    }
+                }
+                _ => classify("put audit event", &error),
+            })
+    }
+
+    async fn list_audit_events(
+        &self,
+        query: &AuditQuery,
+    ) -> StoreResult<Page<AuditEvent, AuditCursor>> {
+        let limit = query.limit.max(1);
+        // One tenant: its partition of the table (consistent). Every tenant: the index's
+        // single partition (eventually consistent, like listing operations).
+        let (mut spec, pk, partition) = match &query.tenant {
+            Some(tenant) => (
+                QuerySpec::new(None, false),
+                items::PK,
+                items::audit_pk(Some(tenant)),
+            ),
+            None => (
+                QuerySpec::new(Some(items::GSI1), false),
+                items::GSI1PK,
+                items::AUDIT_PARTITION.to_owned(),
+            ),
+        };
+        let sk = if query.tenant.is_some() {
+            items::SK
+        } else {
+            items::GSI1SK
+        };
+        spec.name("#pk", pk).value(":pk", items::s(partition));
+        spec.key_condition = "#pk = :pk".to_owned();
+        if let Some(after) = &query.after {
+            spec.key_condition.push_str(" AND #sk < :after");
+            spec.name("#sk", sk).value(
+                ":after",
+                items::s(items::audit_sort_key(after.time, &after.id)),
+            );
+        }
+        spec.filter_greater(items::EXPIRES_AT_MILLIS, query.now.millis());
+        for (attribute, wanted) in [
+            ("principal", &query.principal),
+            ("method", &query.method),
+            ("target", &query.target),
+            ("outcome", &query.outcome),
+        ] {
+            if let Some(wanted) = wanted {
+                spec.filter_equals(attribute, items::s(wanted));
+            }
+        }
+        let mut found = Vec::new();
+        self.query_into(&spec, limit + 1, &mut found).await?;
+        Ok(page(decode_all(&found)?, limit, |event: &AuditEvent| {
+            AuditCursor {
+                time: event.time,
+                id: event.id.clone(),
+            }
+        }))
     }
 
     async fn listener_priorities(&self, listener_arn: &str) -> StoreResult<Vec<PriorityClaim>> {
