@@ -97,6 +97,7 @@ pub fn auth_config() -> AuthConfig {
                 tenant: who.tenant.map(str::to_owned),
             })
             .collect(),
+        ..AuthConfig::default()
     }
 }
 
