@@ -27,28 +27,10 @@ use crate::metrics::{self, Metrics};
 /// The label of a method this server does not serve.
 pub const OTHER_METHOD: &str = "other";
 
-/// The canonical name of a gRPC status code (`grpc-status` value).
+/// The canonical name of a gRPC status code (`grpc-status` value; unknown values are
+/// `UNKNOWN`).
 pub fn code_name(code: i32) -> &'static str {
-    match code {
-        0 => "OK",
-        1 => "CANCELLED",
-        2 => "UNKNOWN",
-        3 => "INVALID_ARGUMENT",
-        4 => "DEADLINE_EXCEEDED",
-        5 => "NOT_FOUND",
-        6 => "ALREADY_EXISTS",
-        7 => "PERMISSION_DENIED",
-        8 => "RESOURCE_EXHAUSTED",
-        9 => "FAILED_PRECONDITION",
-        10 => "ABORTED",
-        11 => "OUT_OF_RANGE",
-        12 => "UNIMPLEMENTED",
-        13 => "INTERNAL",
-        14 => "UNAVAILABLE",
-        15 => "DATA_LOSS",
-        16 => "UNAUTHENTICATED",
-        _ => "UNKNOWN",
-    }
+    crate::api::error::code_name(tonic::Code::from_i32(code))
 }
 
 fn status_of(headers: &http::HeaderMap) -> Option<i32> {

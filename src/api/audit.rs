@@ -26,23 +26,12 @@ struct AuditFilter {
 
 fn parse_filter(filter: &str) -> Result<AuditFilter, String> {
     let mut parsed = AuditFilter::default();
-    if filter.trim().is_empty() {
-        return Ok(parsed);
-    }
-    for term in filter.split(" AND ") {
-        let (key, value) = term
-            .split_once('=')
-            .ok_or_else(|| format!("term {:?} is not of the form key = value", term.trim()))?;
-        let value = value.trim();
-        let value = value
-            .strip_prefix('"')
-            .and_then(|v| v.strip_suffix('"'))
-            .unwrap_or(value)
-            .to_owned();
+    for (key, value) in super::operations::filter_terms(filter)? {
+        let value = value.to_owned();
         if value.is_empty() {
-            return Err(format!("{} needs a value", key.trim()));
+            return Err(format!("{key} needs a value"));
         }
-        match key.trim() {
+        match key {
             "principal" => parsed.principal = Some(value),
             "method" => {
                 parsed.method = Some(if value.starts_with('/') {

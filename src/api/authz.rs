@@ -29,7 +29,7 @@ use crate::domain::{AuditEvent, BackupName, InstanceName, OperationId, TenantId,
 use crate::proto::google_longrunning as lro;
 
 use super::Api;
-use super::error::{ApiError, ApiResult};
+use super::error::{ApiError, ApiResult, code_name};
 
 /// What a call names, for its tenant.
 #[derive(Debug, Clone)]
@@ -249,29 +249,5 @@ fn not_found(target: &Target) -> ApiError {
             Err(_) => ApiError::backup_not_found(raw.clone()),
         },
         Target::Operation(raw) => ApiError::operation_not_found(raw.clone()),
-    }
-}
-
-/// The canonical name of a status code (`NOT_FOUND`), as the audit trail records it.
-pub fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code;
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
     }
 }

@@ -24,19 +24,7 @@ struct OperationFilter {
 
 fn parse_filter(filter: &str) -> Result<OperationFilter, String> {
     let mut parsed = OperationFilter::default();
-    if filter.trim().is_empty() {
-        return Ok(parsed);
-    }
-    for term in filter.split(" AND ") {
-        let (key, value) = term
-            .split_once('=')
-            .ok_or_else(|| format!("term {:?} is not of the form key = value", term.trim()))?;
-        let key = key.trim();
-        let value = value.trim();
-        let unquoted = value
-            .strip_prefix('"')
-            .and_then(|v| v.strip_suffix('"'))
-            .unwrap_or(value);
+    for (key, unquoted) in filter_terms(filter)? {
         match key {
             "target" => {
                 parsed.target =
@@ -62,6 +50,29 @@ fn parse_filter(filter: &str) -> Result<OperationFilter, String> {
         }
     }
     Ok(parsed)
+}
+
+/// The terms of an AIP-160-like filter of the simple kind the list methods take:
+/// `key = value` (the value optionally in double quotes), joined with `AND`; each as
+/// (key, unquoted value), trimmed.
+pub(crate) fn filter_terms(filter: &str) -> Result<Vec<(&str, &str)>, String> {
+    if filter.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    filter
+        .split(" AND ")
+        .map(|term| {
+            let (key, value) = term
+                .split_once('=')
+                .ok_or_else(|| format!("term {:?} is not of the form key = value", term.trim()))?;
+            let value = value.trim();
+            let unquoted = value
+                .strip_prefix('"')
+                .and_then(|v| v.strip_suffix('"'))
+                .unwrap_or(value);
+            Ok((key.trim(), unquoted))
+        })
+        .collect()
 }
 
 impl Api {

@@ -663,17 +663,18 @@ async fn audit_list(conn: &Conn, args: AuditListArgs) -> Result<(), CliError> {
                     e.operation.clone(),
                 ]);
             }
-            if table.is_empty() {
-                eprintln!("no audit events");
-            } else {
-                print!("{}", table.render());
-            }
+            table.print_or("no audit events");
         }
     }
-    if !page.next_page_token.is_empty() {
-        eprintln!("more: --page-token {}", page.next_page_token);
-    }
+    more_pages(&page.next_page_token);
     Ok(())
+}
+
+/// Tells how to ask for the next page, if there is one.
+fn more_pages(next_page_token: &str) {
+    if !next_page_token.is_empty() {
+        eprintln!("more: --page-token {next_page_token}");
+    }
 }
 
 async fn create(conn: &Conn, args: CreateArgs) -> Result<(), CliError> {
@@ -754,11 +755,7 @@ async fn list(conn: &Conn, args: ListArgs) -> Result<(), CliError> {
                     i.current_operation.clone(),
                 ]);
             }
-            if table.is_empty() {
-                eprintln!("no instances");
-            } else {
-                print!("{}", table.render());
-            }
+            table.print_or("no instances");
         }
     }
     if !token.is_empty() {
@@ -865,9 +862,7 @@ async fn logs(conn: &Conn, args: LogsArgs) -> Result<(), CliError> {
             }
         }
     }
-    if !page.next_page_token.is_empty() {
-        eprintln!("more: --page-token {}", page.next_page_token);
-    }
+    more_pages(&page.next_page_token);
     Ok(())
 }
 
@@ -943,16 +938,10 @@ async fn backups(conn: &Conn, command: BackupsCommand) -> Result<(), CliError> {
                             b.description.clone(),
                         ]);
                     }
-                    if table.is_empty() {
-                        eprintln!("no backups");
-                    } else {
-                        print!("{}", table.render());
-                    }
+                    table.print_or("no backups");
                 }
             }
-            if !page.next_page_token.is_empty() {
-                eprintln!("more: --page-token {}", page.next_page_token);
-            }
+            more_pages(&page.next_page_token);
             Ok(())
         }
         BackupsCommand::Delete(args) => {
@@ -1031,16 +1020,10 @@ async fn operations(conn: &Conn, command: OperationsCommand) -> Result<(), CliEr
                             output::time(m.update_time.as_ref()),
                         ]);
                     }
-                    if table.is_empty() {
-                        eprintln!("no operations");
-                    } else {
-                        print!("{}", table.render());
-                    }
+                    table.print_or("no operations");
                 }
             }
-            if !page.next_page_token.is_empty() {
-                eprintln!("more: --page-token {}", page.next_page_token);
-            }
+            more_pages(&page.next_page_token);
             Ok(())
         }
         OperationsCommand::Get(args) => {

@@ -75,6 +75,16 @@ impl Table {
         self.rows.is_empty()
     }
 
+    /// The table on stdout, or `none` on stderr when it has no rows (a list command's
+    /// output).
+    pub fn print_or(&self, none: &str) {
+        if self.is_empty() {
+            eprintln!("{none}");
+        } else {
+            print!("{}", self.render());
+        }
+    }
+
     pub fn render(&self) -> String {
         let columns = self.headers.len();
         let mut widths: Vec<usize> = self.headers.iter().map(|h| h.chars().count()).collect();

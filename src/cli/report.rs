@@ -9,6 +9,7 @@ use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
 use super::output::clean;
+use crate::api::error::code_name;
 
 /// The call or the command line was fine and, for an operation, it ended COMPLETED.
 pub const EXIT_OK: u8 = 0;
@@ -51,29 +52,6 @@ impl CliError {
             CliError::Rpc(_) | CliError::Local(_) => EXIT_ERROR,
             CliError::OperationFailed(_) => EXIT_OPERATION_FAILED,
         })
-    }
-}
-
-/// The canonical name of a code (`INVALID_ARGUMENT`), as the API documents them.
-pub fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
     }
 }
 

@@ -123,7 +123,6 @@ impl AwsRouting {
             .ok_or_else(|| CloudError::fatal("elbv2:CreateRule: no rule in the answer"))
     }
 
-    /// The ARNs among `arns` whose resources carry every tag in `tags`.
     /// (ARN, every tag) of each of `arns` carrying every tag in `tags`.
     async fn tags_of(&self, arns: Vec<String>, tags: &Tags) -> CloudResult<Vec<(String, Tags)>> {
         let mut matching = Vec::new();
@@ -152,28 +151,8 @@ impl AwsRouting {
     }
 
     async fn filter_tagged(&self, arns: Vec<String>, tags: &Tags) -> CloudResult<Vec<String>> {
-        let mut matching = Vec::new();
-        for batch in arns.chunks(DESCRIBE_TAGS_BATCH) {
-            let answer = self
-                .client
-                .describe_tags()
-                .set_resource_arns(Some(batch.to_vec()))
-                .send()
-                .await
-                .map_err(|e| classify("elbv2:DescribeTags", &e))?;
-            for description in answer.tag_descriptions() {
-                let pairs = description
-                    .tags()
-                    .iter()
-                    .filter_map(|t| Some((t.key()?, t.value()?)));
-                if has_all_tags(pairs, tags)
-                    && let Some(arn) = description.resource_arn()
-                {
-                    matching.push(arn.to_owned());
-                }
-            }
-        }
-        Ok(matching)
+        let matching = self.tags_of(arns, tags).await?;
+        Ok(matching.into_iter().map(|(arn, _)| arn).collect())
     }
 }
 
