@@ -6,7 +6,14 @@
 //! holds up nobody, and never stops the accept loop), and hands the finished streams to
 //! tonic. The certificate is chosen per handshake by [`ReloadingCert`], which looks at the
 //! files' modification times at most every `reload_check_ms`; a pair that does not load
-//! (half written, key not matching) is logged and the previous one kept.
+//! (half written, key not matching) is logged and the previous one kept. The client CA of
+//! mutual TLS is re-read the same way: a changed file builds a new rustls configuration,
+//! used from the next handshake on (one that does not load keeps the previous CAs).
+//!
+//! At most `max_handshakes` handshakes are in progress at once: past that the accept loop
+//! waits for one to finish (connections queue in the kernel's backlog), so a flood of
+//! clients that connect and never finish their handshake holds at most that many tasks and
+//! sockets, each for at most the handshake timeout.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
@@ -34,16 +41,23 @@ pub struct TlsConfig {
     /// PEM: the certificate's private key (PKCS#8, PKCS#1 or SEC1).
     pub key_file: PathBuf,
     /// PEM: the CAs client certificates must chain to. Set: mutual TLS, every client must
-    /// present such a certificate. Read at start-up only.
+    /// present such a certificate. Re-read when it changes, like the certificate.
     #[serde(default)]
     pub client_ca_file: Option<PathBuf>,
     /// How often (at most) a handshake checks whether the certificate files changed.
     #[serde(default = "default_reload_check_ms")]
     pub reload_check_ms: u64,
+    /// TLS handshakes in progress at once (1..=65536); further connections wait.
+    #[serde(default = "default_max_handshakes")]
+    pub max_handshakes: usize,
 }
 
 fn default_reload_check_ms() -> u64 {
     5000
+}
+
+fn default_max_handshakes() -> usize {
+    256
 }
 
 impl TlsConfig {
@@ -53,6 +67,7 @@ impl TlsConfig {
             key_file,
             client_ca_file: None,
             reload_check_ms: default_reload_check_ms(),
+            max_handshakes: default_max_handshakes(),
         }
     }
 }
@@ -72,44 +87,58 @@ pub enum TlsError {
 /// How long a client may take to complete its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The TLS side of the server: its rustls configuration and the reloading certificate.
+/// The TLS side of the server: its rustls configuration (rebuilt when the client CA
+/// changes), the reloading certificate, and the handshake limit.
 #[derive(Debug)]
 pub struct TlsServer {
-    config: Arc<rustls::ServerConfig>,
+    inner: Arc<Inner>,
 }
+
+#[derive(Debug)]
+struct Inner {
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    resolver: Arc<ReloadingCert>,
+    client_ca: Option<ClientCa>,
+    config: RwLock<Arc<rustls::ServerConfig>>,
+    handshakes: Arc<tokio::sync::Semaphore>,
+}
+
+/// The client CA file of mutual TLS and the stamp of the one in use.
+#[derive(Debug)]
+struct ClientCa {
+    path: PathBuf,
+    check_every: Duration,
+    checked: Mutex<(Instant, Stamp)>,
+}
+
+/// Modification time and length of a file.
+type Stamp = (Option<SystemTime>, u64);
 
 impl TlsServer {
     /// Reads the certificate, key and client CA now: a server whose TLS files are broken
     /// does not start.
     pub fn from_config(config: &TlsConfig) -> Result<Self, TlsError> {
+        if !(1..=65536).contains(&config.max_handshakes) {
+            return Err(TlsError::Setup(
+                "max_handshakes must be between 1 and 65536".into(),
+            ));
+        }
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let resolver = Arc::new(ReloadingCert::new(config, provider.clone())?);
-        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| TlsError::Setup(e.to_string()))?;
-        let builder = match &config.client_ca_file {
-            Some(path) => {
-                let mut roots = rustls::RootCertStore::empty();
-                for cert in read_certs("client_ca_file", path)? {
-                    roots.add(cert).map_err(|e| TlsError::File {
-                        field: "client_ca_file",
-                        path: path.display().to_string(),
-                        reason: e.to_string(),
-                    })?;
-                }
-                let verifier =
-                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                        .build()
-                        .map_err(|e| TlsError::Setup(format!("client_ca_file: {e}")))?;
-                builder.with_client_cert_verifier(verifier)
-            }
-            None => builder.with_no_client_auth(),
-        };
-        let mut server = builder.with_cert_resolver(resolver);
-        // gRPC speaks HTTP/2; gRPC-Web from browsers may come over HTTP/1.1.
-        server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let client_ca = config.client_ca_file.as_ref().map(|path| ClientCa {
+            path: path.clone(),
+            check_every: Duration::from_millis(config.reload_check_ms.max(100)),
+            checked: Mutex::new((Instant::now(), stamp(path))),
+        });
+        let server = server_config(&provider, &resolver, client_ca.as_ref())?;
         Ok(Self {
-            config: Arc::new(server),
+            inner: Arc::new(Inner {
+                provider,
+                resolver,
+                client_ca,
+                config: RwLock::new(Arc::new(server)),
+                handshakes: Arc::new(tokio::sync::Semaphore::new(config.max_handshakes)),
+            }),
         })
     }
 
@@ -121,10 +150,20 @@ impl TlsServer {
         shutdown: CancellationToken,
     ) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
         let (sender, receiver) = tokio::sync::mpsc::channel(64);
-        let acceptor = tokio_rustls::TlsAcceptor::from(self.config.clone());
+        let inner = self.inner.clone();
         tokio::spawn(
             async move {
                 loop {
+                    // A permit first: with `max_handshakes` in progress, new connections
+                    // wait in the backlog rather than each taking a task and a socket.
+                    let permit = tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = sender.closed() => return,
+                        permit = inner.handshakes.clone().acquire_owned() => match permit {
+                            Ok(permit) => permit,
+                            Err(_) => return,
+                        },
+                    };
                     let accepted = tokio::select! {
                         () = shutdown.cancelled() => return,
                         () = sender.closed() => return,
@@ -141,10 +180,13 @@ impl TlsServer {
                         }
                     };
                     let _ = tcp.set_nodelay(true);
-                    let acceptor = acceptor.clone();
+                    let acceptor = tokio_rustls::TlsAcceptor::from(inner.current());
                     let sender = sender.clone();
                     tokio::spawn(async move {
-                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        let handshake =
+                            tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                        drop(permit);
+                        match handshake {
                             Ok(Ok(stream)) => {
                                 let _ = sender.send(Ok(stream)).await;
                             }
@@ -162,6 +204,74 @@ impl TlsServer {
     }
 }
 
+impl Inner {
+    /// The configuration for the next handshake, rebuilt first if the client CA file
+    /// changed (checked at most every `reload_check_ms`).
+    fn current(&self) -> Arc<rustls::ServerConfig> {
+        if let Some(ca) = &self.client_ca {
+            // Another connection is checking right now: use the current configuration.
+            if let Ok(mut checked) = ca.checked.try_lock()
+                && checked.0.elapsed() >= ca.check_every
+            {
+                checked.0 = Instant::now();
+                let now = stamp(&ca.path);
+                if now != checked.1 {
+                    match server_config(&self.provider, &self.resolver, Some(ca)) {
+                        Ok(config) => {
+                            *self.config.write().unwrap_or_else(|p| p.into_inner()) =
+                                Arc::new(config);
+                            checked.1 = now;
+                            tracing::info!(client_ca_file = %ca.path.display(), "tls client CA reloaded");
+                        }
+                        Err(error) => tracing::warn!(
+                            %error,
+                            "tls client CA not reloaded: keeping the previous one"
+                        ),
+                    }
+                }
+            }
+        }
+        self.config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// The rustls configuration: the reloading certificate, and the client CA's verifier when
+/// mutual TLS is on (the file read now).
+fn server_config(
+    provider: &Arc<rustls::crypto::CryptoProvider>,
+    resolver: &Arc<ReloadingCert>,
+    client_ca: Option<&ClientCa>,
+) -> Result<rustls::ServerConfig, TlsError> {
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Setup(e.to_string()))?;
+    let builder = match client_ca {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in read_certs("client_ca_file", &ca.path)? {
+                roots.add(cert).map_err(|e| TlsError::File {
+                    field: "client_ca_file",
+                    path: ca.path.display().to_string(),
+                    reason: e.to_string(),
+                })?;
+            }
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                    .build()
+                    .map_err(|e| TlsError::Setup(format!("client_ca_file: {e}")))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut server = builder.with_cert_resolver(resolver.clone());
+    // gRPC speaks HTTP/2; gRPC-Web from browsers may come over HTTP/1.1.
+    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(server)
+}
+
 /// The server certificate, re-read from its files when they change.
 #[derive(Debug)]
 pub struct ReloadingCert {
@@ -175,7 +285,7 @@ pub struct ReloadingCert {
 }
 
 /// Modification time and length of the certificate and key files.
-type Stamps = [(Option<SystemTime>, u64); 2];
+type Stamps = [Stamp; 2];
 
 impl ReloadingCert {
     fn new(
@@ -237,10 +347,14 @@ impl ResolvesServerCert for ReloadingCert {
 }
 
 fn stamps(cert: &Path, key: &Path) -> Stamps {
-    [cert, key].map(|path| match std::fs::metadata(path) {
+    [cert, key].map(stamp)
+}
+
+fn stamp(path: &Path) -> Stamp {
+    match std::fs::metadata(path) {
         Ok(meta) => (meta.modified().ok(), meta.len()),
         Err(_) => (None, 0),
-    })
+    }
 }
 
 fn read_certs(field: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {

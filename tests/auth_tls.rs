@@ -1,8 +1,9 @@
 //! TLS on the gRPC port, against a real server (in process, state in DynamoDB on moto) with
 //! a CA and certificates generated for this run: untrusted clients are refused and do not
 //! stop the server, mutual TLS refuses clients without a good certificate, a replaced
-//! certificate is served on new handshakes without a restart, ALPN offers h2 and
-//! http/1.1, and the CLI connects with a client certificate.
+//! certificate is served on new handshakes without a restart, so is a replaced client CA,
+//! handshakes in progress are limited, ALPN offers h2 and http/1.1, and the CLI connects
+//! with a client certificate.
 
 mod common;
 
@@ -138,13 +139,13 @@ fn trusting(ca: &Ca) -> ClientTlsConfig {
 /// A fresh TLS connection trusting `ca`, offering `alpn`.
 async fn connect_tls(
     addr: SocketAddr,
-    ca: &Ca,
+    ca_pem: &str,
     alpn: &[&[u8]],
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     use pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     roots
-        .add(pki_types::CertificateDer::from_pem_slice(ca.pem.as_bytes()).unwrap())
+        .add(pki_types::CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
         .unwrap();
     let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::aws_lc_rs::default_provider(),
@@ -162,8 +163,8 @@ async fn connect_tls(
 }
 
 /// The certificate the server presents on a fresh handshake, and the protocol ALPN chose.
-async fn handshake(addr: SocketAddr, ca: &Ca, alpn: &[&[u8]]) -> (Vec<u8>, Option<Vec<u8>>) {
-    let tls = connect_tls(addr, ca, alpn).await;
+async fn handshake(addr: SocketAddr, ca_pem: &str, alpn: &[&[u8]]) -> (Vec<u8>, Option<Vec<u8>>) {
+    let tls = connect_tls(addr, ca_pem, alpn).await;
     let (_, connection) = tls.get_ref();
     (
         connection.peer_certificates().unwrap()[0].to_vec(),
@@ -212,15 +213,15 @@ async fn untrusting_clients_are_refused_and_the_server_keeps_serving() {
         .expect("a trusting client works");
 
     // ALPN: h2 for gRPC, http/1.1 for gRPC-Web.
-    let (served, alpn) = handshake(server.addr, &ca, &[b"h2", b"http/1.1"]).await;
+    let (served, alpn) = handshake(server.addr, &ca.pem, &[b"h2", b"http/1.1"]).await;
     assert_eq!(served, der);
     assert_eq!(alpn.as_deref(), Some(&b"h2"[..]));
-    let (_, alpn) = handshake(server.addr, &ca, &[b"http/1.1"]).await;
+    let (_, alpn) = handshake(server.addr, &ca.pem, &[b"http/1.1"]).await;
     assert_eq!(alpn.as_deref(), Some(&b"http/1.1"[..]));
 
     // A gRPC-Web call over HTTP/1.1 inside TLS (health: needs no credentials).
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tls = connect_tls(server.addr, &ca, &[b"http/1.1"]).await;
+    let mut tls = connect_tls(server.addr, &ca.pem, &[b"http/1.1"]).await;
     tls.write_all(
         b"POST /grpc.health.v1.Health/Check HTTP/1.1\r\nhost: localhost\r\n\
           content-type: application/grpc-web+proto\r\nx-grpc-web: 1\r\n\
@@ -280,7 +281,7 @@ async fn the_binary_serves_tls_from_its_configuration() {
     })
     .await
     .unwrap();
-    assert_eq!(handshake(addr, &ca, &[b"h2"]).await.0, der);
+    assert_eq!(handshake(addr, &ca.pem, &[b"h2"]).await.0, der);
     call(addr, trusting(&ca))
         .await
         .expect("the binary serves gRPC over TLS");
@@ -296,7 +297,7 @@ async fn a_replaced_certificate_is_served_without_a_restart() {
     let mut config = TlsConfig::new(cert_file.clone(), key_file.clone());
     config.reload_check_ms = 200;
     let server = start(config).await;
-    assert_eq!(handshake(server.addr, &ca, &[b"h2"]).await.0, der1);
+    assert_eq!(handshake(server.addr, &ca.pem, &[b"h2"]).await.0, der1);
 
     // Renewal as cert-manager or an ACME client does it: new files moved into place.
     let (cert2, key2, der2) = ca.issue("server-2");
@@ -305,7 +306,7 @@ async fn a_replaced_certificate_is_served_without_a_restart() {
     std::fs::rename(write(dir.path(), "cert.new", &cert2), &cert_file).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let served = handshake(server.addr, &ca, &[b"h2"]).await.0;
+        let served = handshake(server.addr, &ca.pem, &[b"h2"]).await.0;
         if served == der2 {
             break;
         }
@@ -325,7 +326,7 @@ async fn a_replaced_certificate_is_served_without_a_restart() {
     std::fs::write(&key_file, stray_key).unwrap();
     let until = Instant::now() + Duration::from_millis(800);
     while Instant::now() < until {
-        assert_eq!(handshake(server.addr, &ca, &[b"h2"]).await.0, der2);
+        assert_eq!(handshake(server.addr, &ca.pem, &[b"h2"]).await.0, der2);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -394,4 +395,87 @@ async fn mutual_tls_refuses_clients_without_a_good_certificate() {
         .unwrap();
     assert!(with.status.success(), "{}\n{}", with.stdout, with.stderr);
     assert!(!without.status.success(), "{}", without.stdout);
+}
+
+#[tokio::test]
+async fn a_replaced_client_ca_is_used_without_a_restart() {
+    let ca = Ca::new("im-test-ca");
+    let (cert, key, _) = ca.issue("server-1");
+    let old_clients = Ca::new("im-test-old-client-ca");
+    let new_clients = Ca::new("im-test-new-client-ca");
+    let (old_cert, old_key, _) = old_clients.issue("automation-old");
+    let (new_cert, new_key, _) = new_clients.issue("automation-new");
+    let dir = tempfile::tempdir_in(common::target_tmpdir()).unwrap();
+    let mut config = TlsConfig::new(
+        write(dir.path(), "cert.pem", &cert),
+        write(dir.path(), "key.pem", &key),
+    );
+    let ca_file = write(dir.path(), "clients.pem", &old_clients.pem);
+    config.client_ca_file = Some(ca_file.clone());
+    config.reload_check_ms = 200;
+    let server = start(config).await;
+    let old = || trusting(&ca).identity(Identity::from_pem(&old_cert, &old_key));
+    let new = || trusting(&ca).identity(Identity::from_pem(&new_cert, &new_key));
+    call(server.addr, old()).await.expect("the old CA's client");
+    assert!(call(server.addr, new()).await.is_err(), "not yet trusted");
+
+    // A broken file is not taken: the old CA keeps working through several checks.
+    std::fs::write(&ca_file, "not a certificate").unwrap();
+    let until = Instant::now() + Duration::from_millis(800);
+    while Instant::now() < until {
+        call(server.addr, old())
+            .await
+            .expect("a broken client CA file keeps the previous CAs");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The CA rotated: the new file names only the new client CA.
+    std::fs::rename(write(dir.path(), "clients.new", &new_clients.pem), &ca_file).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if call(server.addr, new()).await.is_ok() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new client CA was never used"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        call(server.addr, old()).await.is_err(),
+        "the old CA's clients are refused once it is replaced"
+    );
+}
+
+#[tokio::test]
+async fn handshakes_in_progress_are_limited() {
+    let ca = Ca::new("im-test-ca");
+    let (cert, key, _) = ca.issue("server-1");
+    let dir = tempfile::tempdir_in(common::target_tmpdir()).unwrap();
+    let mut config = TlsConfig::new(
+        write(dir.path(), "cert.pem", &cert),
+        write(dir.path(), "key.pem", &key),
+    );
+    config.max_handshakes = 2;
+    let server = start(config).await;
+    handshake(server.addr, &ca.pem, &[b"h2"]).await;
+
+    // Two clients connect and never say hello: both permits are held.
+    let stalled_1 = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let _stalled_2 = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let addr = server.addr;
+    let ca_pem = ca.pem.clone();
+    let waiting = tokio::spawn(async move { handshake(addr, &ca_pem, &[b"h2"]).await });
+    // The third handshake cannot start while both are held (it would take milliseconds).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !waiting.is_finished(),
+        "a third handshake ran while two were in progress"
+    );
+    // One stalled client goes away: its handshake fails at once and frees its permit.
+    drop(stalled_1);
+    tokio::time::timeout(Duration::from_secs(8), waiting)
+        .await
+        .expect("the waiting handshake completes once a permit is free")
+        .unwrap();
 }

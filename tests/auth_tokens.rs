@@ -218,9 +218,13 @@ async fn assert_refused(server: &TestServer, token: Option<&str>, what: &str) ->
     status
 }
 
+/// Accepting Cognito access tokens (`token_use = "access"`, as for a pool whose
+/// pre-token-generation trigger adds the tenant to them); the default, ID tokens only, is
+/// checked in `cognito_access_tokens_are_refused_by_default`.
 fn jwt_config(jwks_url: &str) -> AuthConfig {
     let mut jwt = JwtConfig::new(ISSUER, CLIENT_ID);
     jwt.jwks_url = Some(jwks_url.into());
+    jwt.token_use = "access".into();
     AuthConfig {
         jwt: Some(jwt),
         ..AuthConfig::default()
@@ -235,6 +239,30 @@ async fn health_is_open(server: &TestServer) {
         })
         .await;
     assert!(answer.is_ok(), "health needs no credentials: {answer:?}");
+}
+
+#[tokio::test]
+async fn cognito_access_tokens_are_refused_by_default() {
+    let rsa = SigningKey::generate("rsa-1", Algorithm::RS256);
+    let jwks = serve_jwks(jwks_document(&[&rsa])).await;
+    let mut jwt = JwtConfig::new(ISSUER, CLIENT_ID);
+    jwt.jwks_url = Some(jwks.url.clone());
+    let server = start(AuthConfig {
+        jwt: Some(jwt),
+        ..AuthConfig::default()
+    })
+    .await;
+    // An access token has no custom attributes: a tenant user's would read as staff.
+    let access = rsa.sign(&access_claims(&["admin"], None));
+    let status = assert_refused(&server, Some(&access), "an access token").await;
+    assert!(status.message().contains("token_use"), "{status:?}");
+    let mut id_token = access_claims(&["viewer"], Some("acme"));
+    id_token.as_object_mut().unwrap().remove("client_id");
+    id_token["aud"] = json!(CLIENT_ID);
+    id_token["token_use"] = json!("id");
+    list(&server, Some(&rsa.sign(&id_token)))
+        .await
+        .expect("an ID token");
 }
 
 #[tokio::test]
@@ -387,6 +415,7 @@ async fn a_jwks_file_works_too() {
     std::fs::write(&path, jwks_document(&[&key])).unwrap();
     let mut jwt = JwtConfig::new(ISSUER, CLIENT_ID);
     jwt.jwks_file = Some(path);
+    jwt.token_use = "access".into();
     let server = start(AuthConfig {
         jwt: Some(jwt),
         ..AuthConfig::default()

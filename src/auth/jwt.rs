@@ -57,6 +57,13 @@ pub struct JwtConfig {
     /// Clock skew allowed on `exp` and `nbf`, in seconds (0..=300).
     #[serde(default = "default_leeway_secs")]
     pub leeway_secs: u64,
+    /// Which Cognito tokens are accepted, by their `token_use` claim: `id` (the default:
+    /// ID tokens carry custom attributes such as the tenant, access tokens do not, so a
+    /// tenant user's access token would read as platform staff), `access` (a pool whose
+    /// pre-token-generation trigger puts the tenant claim into access tokens), or `any`. A
+    /// token without `token_use` (another identity provider) is not affected.
+    #[serde(default = "default_token_use")]
+    pub token_use: String,
     /// Keys older than this are reloaded (in the background, on the next call).
     #[serde(default = "default_refresh_secs")]
     pub jwks_refresh_secs: u64,
@@ -73,6 +80,9 @@ fn default_tenant_claim() -> String {
 }
 fn default_leeway_secs() -> u64 {
     30
+}
+fn default_token_use() -> String {
+    "id".into()
 }
 fn default_refresh_secs() -> u64 {
     60 * 60
@@ -92,6 +102,7 @@ impl JwtConfig {
             role_claim: default_role_claim(),
             tenant_claim: default_tenant_claim(),
             leeway_secs: default_leeway_secs(),
+            token_use: default_token_use(),
             jwks_refresh_secs: default_refresh_secs(),
             jwks_min_refresh_secs: default_min_refresh_secs(),
         }
@@ -119,6 +130,9 @@ impl JwtConfig {
         }
         if self.tenant_claim.trim().is_empty() {
             return bad("tenant_claim", "must not be empty");
+        }
+        if !["id", "access", "any"].contains(&self.token_use.as_str()) {
+            return bad("token_use", "must be id, access or any");
         }
         if self.leeway_secs > 300 {
             return bad("leeway_secs", "must be at most 300");
@@ -312,6 +326,18 @@ impl JwtValidator {
         };
         if !audience_ok {
             return Err(AuthError::Rejected("token audience not accepted".into()));
+        }
+        if self.config.token_use != "any" {
+            match claims.get("token_use") {
+                None => {}
+                Some(Value::String(used)) if *used == self.config.token_use => {}
+                Some(_) => {
+                    return Err(AuthError::Rejected(format!(
+                        "only {} tokens are accepted (token_use)",
+                        self.config.token_use
+                    )));
+                }
+            }
         }
         let subject = claims
             .get("sub")
@@ -566,6 +592,36 @@ mod tests {
 
     fn claims(value: Value) -> serde_json::Map<String, Value> {
         value.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn only_the_configured_kind_of_cognito_token_is_accepted() {
+        let base = json!({"sub": "u", "aud": "client-1", "cognito:groups": ["viewer"]});
+        let with_use = |used: &str| {
+            let mut c = base.clone();
+            c["token_use"] = json!(used);
+            claims(c)
+        };
+        // The default, `id`: a Cognito access token (no custom attributes, so no tenant)
+        // is refused; an ID token and a token of another provider are accepted.
+        let v = validator();
+        assert!(v.principal(&with_use("id")).is_ok());
+        assert!(v.principal(&claims(base.clone())).is_ok());
+        let refused = v.principal(&with_use("access")).unwrap_err();
+        assert!(matches!(refused, AuthError::Rejected(ref why) if why.contains("token_use")));
+        assert!(v.principal(&with_use("refresh")).is_err());
+
+        let mut config = v.config.clone();
+        config.token_use = "access".into();
+        let access = JwtValidator::new(config.clone()).unwrap();
+        assert!(access.principal(&with_use("access")).is_ok());
+        assert!(access.principal(&with_use("id")).is_err());
+        config.token_use = "any".into();
+        let any = JwtValidator::new(config.clone()).unwrap();
+        assert!(any.principal(&with_use("access")).is_ok());
+        assert!(any.principal(&with_use("id")).is_ok());
+        config.token_use = "both".into();
+        assert_eq!(config.validate().unwrap_err().0, "token_use");
     }
 
     #[test]
