@@ -137,6 +137,8 @@ pub struct Config {
     pub auth: crate::auth::AuthConfig,
     /// TLS on the gRPC port (`[tls]`); absent: plain text.
     pub tls: Option<crate::tls::TlsConfig>,
+    /// Trace export (`[tracing]`): OTLP over gRPC, off unless an endpoint is set.
+    pub tracing: TracingConfig,
     /// Repositories (or repository prefixes, compared on whole path segments) that an
     /// instance's `wordpress_image` may name, e.g. `docker.io/library/wordpress` or
     /// `123456789012.dkr.ecr.eu-west-1.amazonaws.com/bbws`. Docker Hub names are normalised
@@ -197,12 +199,93 @@ impl Default for Config {
             cors_allowed_origins: Vec::new(),
             auth: crate::auth::AuthConfig::default(),
             tls: None,
+            tracing: TracingConfig::default(),
             allowed_image_repositories: crate::domain::image::DEFAULT_ALLOWED_REPOSITORIES
                 .map(str::to_owned)
                 .to_vec(),
             environments: Vec::new(),
         }
     }
+}
+
+/// The `[tracing]` section: where spans go, how many, and under which service name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TracingConfig {
+    /// OTLP/gRPC collector, `http://host:4317` (or `https://`, verified against the public
+    /// web PKI roots); empty (the default): no spans leave the process and nothing connects.
+    pub otlp_endpoint: String,
+    /// Share of new traces kept, 0..=1 (1: all). A call that arrives with a W3C
+    /// `traceparent` follows its caller's decision instead.
+    pub sample_ratio: f64,
+    /// `service.name` of the exported spans.
+    pub service_name: String,
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: String::new(),
+            sample_ratio: 1.0,
+            service_name: "instance-manager".into(),
+        }
+    }
+}
+
+impl TracingConfig {
+    /// Whether spans are exported.
+    pub fn enabled(&self) -> bool {
+        !self.otlp_endpoint.is_empty()
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if !(0.0..=1.0).contains(&self.sample_ratio) {
+            return Err(format!(
+                "tracing.sample_ratio must be between 0 and 1, got {}",
+                self.sample_ratio
+            ));
+        }
+        if self.service_name.trim().is_empty() {
+            return Err("tracing.service_name must not be empty".into());
+        }
+        if self.enabled() {
+            check_otlp_endpoint(&self.otlp_endpoint).map_err(|why| {
+                format!(
+                    "tracing.otlp_endpoint {:?} {why} (expected http://host:port or https://host:port, for example http://otel-collector:4317)",
+                    self.otlp_endpoint
+                )
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether `endpoint` is an absolute `http(s)://host[:port][/]` URI the OTLP exporter can
+/// dial (it takes no path for gRPC).
+fn check_otlp_endpoint(endpoint: &str) -> Result<(), &'static str> {
+    let uri: http::Uri = endpoint.parse().map_err(|_| "is not a URI")?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err("must start with http:// or https://");
+    }
+    match uri.authority() {
+        None => return Err("has no host"),
+        Some(authority) if authority.host().is_empty() => return Err("has no host"),
+        Some(authority) if authority.as_str().contains('@') => {
+            return Err("must not carry credentials");
+        }
+        Some(authority) => {
+            if let Some((_, port)) = authority.as_str().rsplit_once(':')
+                && !authority.as_str().ends_with(']')
+                && port.parse::<u16>().is_err()
+            {
+                return Err("has an invalid port");
+            }
+        }
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err("must have no path or query (OTLP/gRPC has a fixed path)");
+    }
+    Ok(())
 }
 
 /// Flags shared by every subcommand that needs configuration. Each one can also come from
@@ -296,6 +379,15 @@ pub struct ConfigArgs {
     /// (`docker.io/library/wordpress,123456789012.dkr.ecr.eu-west-1.amazonaws.com/bbws`).
     #[arg(long, env = "IM_ALLOWED_IMAGE_REPOSITORIES", value_delimiter = ',')]
     pub allowed_image_repositories: Option<Vec<String>>,
+    /// OTLP/gRPC collector for traces (`http://otel-collector:4317`); empty: off.
+    #[arg(long, env = "IM_TRACING_OTLP_ENDPOINT")]
+    pub tracing_otlp_endpoint: Option<String>,
+    /// Share of new traces exported, 0..=1.
+    #[arg(long, env = "IM_TRACING_SAMPLE_RATIO")]
+    pub tracing_sample_ratio: Option<f64>,
+    /// `service.name` of the exported spans.
+    #[arg(long, env = "IM_TRACING_SERVICE_NAME")]
+    pub tracing_service_name: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -397,6 +489,15 @@ impl ConfigArgs {
                 .map(|repository| repository.trim().to_owned())
                 .filter(|repository| !repository.is_empty())
                 .collect();
+        }
+        if let Some(endpoint) = &self.tracing_otlp_endpoint {
+            config.tracing.otlp_endpoint = endpoint.trim().to_owned();
+        }
+        if let Some(ratio) = self.tracing_sample_ratio {
+            config.tracing.sample_ratio = ratio;
+        }
+        if let Some(name) = &self.tracing_service_name {
+            config.tracing.service_name = name.clone();
         }
         if let Some(min) = self.scale_min {
             config.scale_bounds.min = min;
@@ -513,6 +614,7 @@ impl Config {
         }
         crate::domain::ImagePolicy::new(&self.allowed_image_repositories)
             .map_err(|why| ConfigError::Invalid(format!("allowed_image_repositories: {why}")))?;
+        self.tracing.validate().map_err(ConfigError::Invalid)?;
         for origin in &self.cors_allowed_origins {
             if let Err(why) = check_origin(origin) {
                 return Err(ConfigError::Invalid(format!(
@@ -1103,5 +1205,84 @@ mod tests {
             assert!(error.contains("health"), "{error}");
         }
         assert!(Config::default().validate().is_ok());
+    }
+
+    #[test]
+    fn tracing_is_off_by_default_layers_and_is_validated() {
+        let defaults = Config::default();
+        assert!(!defaults.tracing.enabled());
+        assert_eq!(defaults.tracing.sample_ratio, 1.0);
+        assert_eq!(defaults.tracing.service_name, "instance-manager");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("im.toml");
+        std::fs::write(
+            &path,
+            "[tracing]\notlp_endpoint = \"http://collector:4317\"\nsample_ratio = 0.25\n",
+        )
+        .unwrap();
+        let file = ConfigArgs {
+            config: Some(path.clone()),
+            ..ConfigArgs::default()
+        };
+        let config = file.load().unwrap();
+        assert!(config.tracing.enabled());
+        assert_eq!(config.tracing.sample_ratio, 0.25);
+        assert!(config.redacted_toml().contains("[tracing]"));
+        let flags = ConfigArgs {
+            config: Some(path),
+            tracing_sample_ratio: Some(0.0),
+            tracing_service_name: Some("im-prod".into()),
+            tracing_otlp_endpoint: Some("https://otel.example.com".into()),
+            ..ConfigArgs::default()
+        };
+        let config = flags.load().unwrap();
+        assert_eq!(
+            config.tracing,
+            TracingConfig {
+                otlp_endpoint: "https://otel.example.com".into(),
+                sample_ratio: 0.0,
+                service_name: "im-prod".into(),
+            }
+        );
+        // An empty endpoint from the environment turns a file's endpoint off.
+        let off = ConfigArgs {
+            tracing_otlp_endpoint: Some(String::new()),
+            ..ConfigArgs::default()
+        };
+        assert!(!off.load().unwrap().tracing.enabled());
+        let rejected = |args: ConfigArgs, what: &str| match args.load() {
+            Err(ConfigError::Invalid(message)) => {
+                assert!(message.contains(what), "{message}");
+            }
+            other => panic!("{what}: {other:?}"),
+        };
+        for ratio in [-0.1, 1.5, f64::NAN] {
+            let args = ConfigArgs {
+                tracing_sample_ratio: Some(ratio),
+                ..ConfigArgs::default()
+            };
+            rejected(args, "tracing.sample_ratio must be between 0 and 1");
+        }
+        for endpoint in [
+            "collector:4317",
+            "localhost",
+            "grpc://collector:4317",
+            "http://",
+            "http://collector:4317/v1/traces",
+            "http://user:pw@collector:4317",
+            "http://collector:port",
+            "http://collector:99999",
+        ] {
+            let args = ConfigArgs {
+                tracing_otlp_endpoint: Some(endpoint.into()),
+                ..ConfigArgs::default()
+            };
+            rejected(args, "tracing.otlp_endpoint");
+        }
+        let args = ConfigArgs {
+            tracing_service_name: Some(" ".into()),
+            ..ConfigArgs::default()
+        };
+        rejected(args, "tracing.service_name");
     }
 }

@@ -77,17 +77,21 @@ async fn become_ready(api: Api, reporter: HealthReporter, shutdown: Cancellation
 
 /// The span of one call. Without a usable `x-request-id` the request id is left empty
 /// here: [`crate::request_id::RequestIdLayer`] generates one, puts it into the request for
-/// the handlers and the audit trail, and records it on this span.
+/// the handlers and the audit trail, and records it on this span. A call that starts an
+/// operation records its id (`operation_id`). When spans are exported, a caller's W3C
+/// `traceparent` makes this span a child of the caller's.
 fn rpc_span(request: &http::Request<()>) -> tracing::Span {
     let span = tracing::info_span!(
         "rpc",
         method = %request.uri().path(),
         request_id = tracing::field::Empty,
-        principal = tracing::field::Empty
+        principal = tracing::field::Empty,
+        operation_id = tracing::field::Empty
     );
     if let Some(id) = crate::request_id::usable(request.headers().get(crate::request_id::HEADER)) {
         span.record("request_id", id);
     }
+    crate::telemetry::extract_parent(&span, request.headers());
     span
 }
 
@@ -395,7 +399,7 @@ pub async fn run(
     };
     let control_plane = cloud::control_plane_sdk_config(&config.cloud_settings()).await;
     let store: Arc<dyn StateStore> = Arc::new(DynamoStore::new(
-        aws_sdk_dynamodb::Client::new(&control_plane),
+        cloud::aws::traced_client!(aws_sdk_dynamodb, &control_plane),
         config.table.clone(),
     ));
     let accounts = Arc::new(Accounts::with_control_plane(&control_plane, config).await);

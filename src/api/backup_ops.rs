@@ -130,7 +130,7 @@ impl Api {
         if self.store.get_backup(&name).await?.is_some() {
             return Err(backup_exists(&name));
         }
-        let mut operation = Operation::new(
+        let mut operation = super::new_operation(
             Verb::Backup,
             request.parent.clone(),
             Vec::new(),
@@ -310,7 +310,7 @@ impl Api {
         self.check_environment(instance.spec.environment)?;
         let now = Timestamp::now();
         let mut operation =
-            Operation::new(Verb::Restore, name, Vec::new(), request_id.cloned(), now);
+            super::new_operation(Verb::Restore, name, Vec::new(), request_id.cloned(), now);
         operation.params = crate::workflow::restore::params(
             &backup_name,
             &instance,

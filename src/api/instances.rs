@@ -208,7 +208,7 @@ impl Api {
             return Err(Self::instance_exists(&name));
         }
 
-        let mut operation = Operation::new(
+        let mut operation = super::new_operation(
             Verb::Create,
             name.clone(),
             Vec::new(),

@@ -239,7 +239,7 @@ impl Api {
         }
         self.check_environment(instance.spec.environment)?;
         let now = Timestamp::now();
-        let mut operation = Operation::new(
+        let mut operation = super::new_operation(
             Verb::Delete,
             name.clone(),
             Vec::new(),
@@ -512,7 +512,7 @@ impl Api {
         let mut params = params(&instance)?;
         params["from_state"] = serde_json::json!(instance.state);
         let now = Timestamp::now();
-        let mut operation = Operation::new(verb, name, Vec::new(), request_id.cloned(), now);
+        let mut operation = super::new_operation(verb, name, Vec::new(), request_id.cloned(), now);
         operation.params = params;
         let event = operation.next_event(now, None, message);
         let state = workflow.running_state_for(instance.state);

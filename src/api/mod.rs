@@ -28,6 +28,22 @@ use crate::workflow::EventBus;
 pub use error::{ApiError, ApiResult};
 pub use page_token::PageTokens;
 
+/// A new operation for the current call: its id goes on the call's span (`operation_id`),
+/// and the call's trace context is kept on it, so the replica that runs the operation
+/// continues the caller's trace.
+pub(crate) fn new_operation(
+    verb: crate::domain::Verb,
+    target: crate::domain::InstanceName,
+    steps: Vec<crate::domain::Step>,
+    request_id: Option<crate::domain::RequestId>,
+    now: crate::domain::Timestamp,
+) -> crate::domain::Operation {
+    let mut operation = crate::domain::Operation::new(verb, target, steps, request_id, now);
+    operation.trace_parent = crate::telemetry::current_traceparent();
+    tracing::Span::current().record("operation_id", operation.id.as_str());
+    operation
+}
+
 /// Settings the API layer needs from the configuration.
 #[derive(Debug, Clone)]
 pub struct ApiSettings {

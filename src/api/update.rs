@@ -20,8 +20,8 @@
 
 use crate::domain::spec::SpecInput;
 use crate::domain::{
-    Instance, InstanceName, InstanceSpec, InstanceState, Operation, OperationStatus, RequestId,
-    Timestamp, Verb, Violations,
+    Instance, InstanceName, InstanceSpec, InstanceState, OperationStatus, RequestId, Timestamp,
+    Verb, Violations,
 };
 use crate::proto::google_longrunning as lro;
 use crate::proto::v1;
@@ -312,7 +312,7 @@ impl Api {
         let workflow = crate::workflow::workflow_for(verb)
             .ok_or(ApiError::NotImplemented { rpc: "this verb" })?;
         let now = Timestamp::now();
-        let mut operation = Operation::new(verb, name, Vec::new(), request_id.cloned(), now);
+        let mut operation = super::new_operation(verb, name, Vec::new(), request_id.cloned(), now);
         operation.params = params;
         let event = operation.next_event(now, None, message);
         self.start_operation(
@@ -338,7 +338,7 @@ impl Api {
         fingerprint: &str,
     ) -> ApiResult<lro::Operation> {
         let now = Timestamp::now();
-        let mut operation = Operation::new(
+        let mut operation = super::new_operation(
             Verb::Update,
             instance.name.clone(),
             Vec::new(),

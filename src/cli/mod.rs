@@ -105,7 +105,10 @@ async fn serve_or_bootstrap(command: Command) -> anyhow::Result<()> {
 
 async fn dynamo_store(config: &Config) -> DynamoStore {
     let sdk = cloud::control_plane_sdk_config(&config.cloud_settings()).await;
-    DynamoStore::new(aws_sdk_dynamodb::Client::new(&sdk), config.table.clone())
+    DynamoStore::new(
+        cloud::aws::traced_client!(aws_sdk_dynamodb, &sdk),
+        config.table.clone(),
+    )
 }
 
 /// Flags of `bootstrap` besides the configuration.
@@ -304,8 +307,23 @@ async fn watch_signals(shutdown: CancellationToken) {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    crate::telemetry::init(config.log_format, &config.log_filter);
+    let telemetry = crate::telemetry::init_with_traces(
+        config.log_format,
+        &config.log_filter,
+        &config.tracing,
+        &config.replica_id(),
+    )?;
     tracing::info!(config = %config.redacted_toml().replace('\n', "; "), "starting");
+    if config.tracing.enabled() {
+        tracing::info!(endpoint = %config.tracing.otlp_endpoint, sample_ratio = config.tracing.sample_ratio, "exporting traces with OTLP");
+    }
+    let served = serve_until_stopped(&config).await;
+    // After the server and the engine stopped: their last spans are queued by now.
+    telemetry.shutdown().await;
+    served
+}
+
+async fn serve_until_stopped(config: &Config) -> anyhow::Result<()> {
     // Both ports are taken before anything else, so a clash fails at once and a client that
     // can connect to the gRPC port can scrape metrics too.
     let metrics = match config.metrics_listen {
@@ -317,6 +335,6 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let shutdown = CancellationToken::new();
     tokio::spawn(watch_signals(shutdown.clone()));
-    crate::server::run(&config, listener, metrics, shutdown).await?;
+    crate::server::run(config, listener, metrics, shutdown).await?;
     Ok(())
 }

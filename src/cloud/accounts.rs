@@ -236,7 +236,7 @@ impl Account {
 }
 
 async fn check_identity(name: Environment, account: &Account) -> Result<(), String> {
-    let sts = aws_sdk_sts::Client::new(&account.sdk);
+    let sts = super::aws::traced_client!(aws_sdk_sts, &account.sdk);
     let identity = sts.get_caller_identity().send().await.map_err(|error| {
         let error = classify("sts:GetCallerIdentity", &error);
         let role = &account.config.role_arn;

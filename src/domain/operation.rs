@@ -220,6 +220,10 @@ pub struct Operation {
     /// replica resuming the rollback ends the operation with the original failure.
     #[serde(default)]
     pub failure: Option<OperationError>,
+    /// The W3C `traceparent` of the request that created the operation (when spans are
+    /// exported), so the replica that runs it continues that request's trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_parent: Option<String>,
     /// Optimistic-concurrency version, bumped by the store on every write.
     pub version: u64,
 }
@@ -250,6 +254,7 @@ impl Operation {
             last_event_seq: 0,
             phase: Phase::Forward,
             failure: None,
+            trace_parent: None,
             version: 0,
         }
     }

@@ -307,6 +307,9 @@ const BIN_ENV_VARS: &[&str] = &[
     "IM_LISTEN",
     "IM_CORS_ALLOWED_ORIGINS",
     "IM_AUTH_DISABLED",
+    "IM_TRACING_OTLP_ENDPOINT",
+    "IM_TRACING_SAMPLE_RATIO",
+    "IM_TRACING_SERVICE_NAME",
     // The client subcommands' settings.
     "IM_SERVER",
     "IM_TOKEN",

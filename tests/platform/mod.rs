@@ -337,6 +337,38 @@ pub async fn start_with(
     }
 }
 
+/// CreateInstance of `tenants/{tenant}/instances/{instance}` in `environment`.
+pub fn create_request(
+    tenant: &str,
+    instance: &str,
+    environment: v1::Environment,
+) -> v1::CreateInstanceRequest {
+    v1::CreateInstanceRequest {
+        parent: format!("tenants/{tenant}"),
+        instance_id: instance.into(),
+        instance: Some(v1::Instance {
+            environment: environment.into(),
+            organization_name: format!("{tenant} Ltd"),
+            contact_email: "ops@example.com".into(),
+            cost_center: "cc-42".into(),
+            opportunity_id: "opp-7".into(),
+            ..Default::default()
+        }),
+        request_id: String::new(),
+    }
+}
+
+/// Creates the state table `table` in the emulator.
+pub async fn create_table(table: &str) {
+    DynamoStore::new(
+        aws_sdk_dynamodb::Client::new(&common::test_sdk_config().await),
+        table.to_owned(),
+    )
+    .ensure_table()
+    .await
+    .expect("create table");
+}
+
 pub fn metadata(operation: &lro::Operation) -> v1::OperationMetadata {
     v1::OperationMetadata::decode(operation.metadata.as_ref().unwrap().value.as_slice()).unwrap()
 }
@@ -344,19 +376,7 @@ pub fn metadata(operation: &lro::Operation) -> v1::OperationMetadata {
 impl Client {
     pub async fn create(&mut self, tenant: &str, environment: v1::Environment) -> lro::Operation {
         self.instances
-            .create_instance(v1::CreateInstanceRequest {
-                parent: format!("tenants/{tenant}"),
-                instance_id: "wp".into(),
-                instance: Some(v1::Instance {
-                    environment: environment.into(),
-                    organization_name: format!("{tenant} Ltd"),
-                    contact_email: "ops@example.com".into(),
-                    cost_center: "cc-42".into(),
-                    opportunity_id: "opp-7".into(),
-                    ..Default::default()
-                }),
-                request_id: String::new(),
-            })
+            .create_instance(create_request(tenant, "wp", environment))
             .await
             .unwrap()
             .into_inner()
@@ -492,19 +512,7 @@ impl Client {
         environment: v1::Environment,
     ) -> lro::Operation {
         self.instances
-            .create_instance(v1::CreateInstanceRequest {
-                parent: format!("tenants/{tenant}"),
-                instance_id: instance.into(),
-                instance: Some(v1::Instance {
-                    environment: environment.into(),
-                    organization_name: format!("{tenant} Ltd"),
-                    contact_email: "ops@example.com".into(),
-                    cost_center: "cc-42".into(),
-                    opportunity_id: "opp-7".into(),
-                    ..Default::default()
-                }),
-                request_id: String::new(),
-            })
+            .create_instance(create_request(tenant, instance, environment))
             .await
             .unwrap()
             .into_inner()

@@ -28,7 +28,7 @@ pub struct AwsIdentity {
 impl AwsIdentity {
     pub fn new(sdk: &SdkConfig) -> Self {
         Self {
-            client: Client::new(sdk),
+            client: super::traced_client!(aws_sdk_cognitoidentityprovider, sdk),
         }
     }
 

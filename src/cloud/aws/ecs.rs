@@ -325,7 +325,7 @@ fn service_client_token(spec: &ServiceSpec, replaced: Option<&Service>) -> Strin
 
 impl AwsCompute {
     pub fn new(sdk: &SdkConfig) -> Self {
-        Self::from_client(Client::new(sdk))
+        Self::from_client(super::traced_client!(aws_sdk_ecs, sdk))
     }
 
     /// From a client configured by the caller (e.g. with interceptors, in tests).

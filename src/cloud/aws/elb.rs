@@ -25,7 +25,7 @@ pub struct AwsRouting {
 impl AwsRouting {
     pub fn new(sdk: &SdkConfig) -> Self {
         Self {
-            client: Client::new(sdk),
+            client: super::traced_client!(aws_sdk_elasticloadbalancingv2, sdk),
         }
     }
 

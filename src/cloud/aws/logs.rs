@@ -20,7 +20,7 @@ pub struct AwsLogs {
 impl AwsLogs {
     pub fn new(sdk: &SdkConfig) -> Self {
         Self {
-            client: Client::new(sdk),
+            client: super::traced_client!(aws_sdk_cloudwatchlogs, sdk),
         }
     }
 }

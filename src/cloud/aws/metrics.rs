@@ -31,7 +31,7 @@ pub struct AwsMetrics {
 
 impl AwsMetrics {
     pub fn new(sdk: &SdkConfig) -> Self {
-        Self::from_client(Client::new(sdk))
+        Self::from_client(super::traced_client!(aws_sdk_cloudwatch, sdk))
     }
 
     /// On a client built elsewhere (tests give one whose answers are mocked).

@@ -2,6 +2,20 @@
 //! the `SdkConfig` of one environment's account. Every SDK failure goes through
 //! [`classify`](crate::cloud::error::classify); deletes treat "already gone" as success.
 
+/// A client of the SDK crate `$service` on the `SdkConfig` `$sdk`, whose calls' spans carry
+/// the AWS request id of their answers ([`crate::telemetry::AwsRequestIds`]). Every client
+/// the service builds comes from here.
+macro_rules! traced_client {
+    ($service:ident, $sdk:expr) => {
+        $service::Client::from_conf(
+            $service::config::Builder::from($sdk)
+                .interceptor($crate::telemetry::AwsRequestIds)
+                .build(),
+        )
+    };
+}
+pub(crate) use traced_client;
+
 mod cognito;
 mod ecs;
 mod efs;

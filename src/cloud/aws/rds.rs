@@ -24,7 +24,7 @@ pub struct AwsDbInstances {
 impl AwsDbInstances {
     pub fn new(sdk: &SdkConfig) -> Self {
         Self {
-            client: Client::new(sdk),
+            client: super::traced_client!(aws_sdk_rds, sdk),
             sdk: sdk.clone(),
         }
     }

@@ -24,6 +24,7 @@ impl AwsObjects {
         // `bucket.127.0.0.1` does not resolve. AWS itself takes virtual-hosted requests.
         let config = aws_sdk_s3::config::Builder::from(sdk)
             .force_path_style(sdk.endpoint_url().is_some())
+            .interceptor(crate::telemetry::AwsRequestIds)
             .build();
         Self {
             client: Client::from_conf(config),

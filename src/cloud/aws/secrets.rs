@@ -21,7 +21,7 @@ pub struct AwsSecrets {
 impl AwsSecrets {
     pub fn new(sdk: &SdkConfig) -> Self {
         Self {
-            client: Client::new(sdk),
+            client: super::traced_client!(aws_sdk_secretsmanager, sdk),
         }
     }
 

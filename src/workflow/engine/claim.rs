@@ -15,7 +15,7 @@ use crate::metrics;
 use crate::store::{StoreError, Write};
 
 use super::super::workflow_for;
-use super::{Engine, Run, RunState, millis};
+use super::{Engine, Run, RunState, SpanLabels, millis};
 
 /// Lease owners of parked operations start with this.
 const PARKED: &str = "parked-by-";
@@ -45,7 +45,7 @@ impl Engine {
             match self.claim(operation, shutdown).await {
                 Ok(Some(run)) => {
                     let engine = self.clone();
-                    let span = tracing::info_span!("operation", operation = %id, replica = %self.settings.replica_id);
+                    let span = run.span();
                     tokio::spawn(engine.execute(run, permit).instrument(span));
                 }
                 Ok(None) => {}
@@ -196,6 +196,13 @@ impl Engine {
         tracing::info!(operation = %operation.id, verb = %operation.verb, target = %operation.target, resumed, phase = ?operation.phase, "operation claimed");
         let names = ResourceNames::derive(&instance.name.tenant, instance.spec.environment);
         Ok(Some(Run {
+            labels: SpanLabels {
+                operation_id: operation.id.clone(),
+                verb: operation.verb,
+                instance: operation.target.clone(),
+                replica: self.settings.replica_id.clone(),
+                trace_parent: operation.trace_parent.clone(),
+            },
             workflow,
             cloud,
             names,

@@ -6,6 +6,7 @@ use crate::domain::operation::{OperationError, StepStatus};
 use crate::domain::{Instance, Operation, OperationStatus, Phase, Timestamp};
 use crate::metrics;
 use crate::store::{Guard, StoreError, Write, WriteKind};
+use tracing::Instrument;
 
 use super::super::{Failure, StepError};
 use super::lease::Wake;
@@ -220,7 +221,8 @@ impl Engine {
                         hook.before_undo(&ctx.operation, name).await?;
                     }
                     run.workflow.undo(&ctx, name, resource.as_deref()).await
-                };
+                }
+                .instrument(run.step_span("undo", name));
                 let pause = match self.guarded(run, deadline, false, undo).await {
                     Err(Wake::LeaseLost | Wake::Cancelled) => return Err(Interrupt::LeaseLost),
                     Err(Wake::Shutdown) => return Err(Interrupt::Shutdown),

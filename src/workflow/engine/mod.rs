@@ -28,7 +28,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cloud::{CloudEnv, CloudResult};
 use crate::domain::naming::ResourceNames;
-use crate::domain::{Environment, Instance, Operation, OperationEvent, OperationId, Verb};
+use crate::domain::{
+    Environment, Instance, InstanceName, Operation, OperationEvent, OperationId, Verb,
+};
 use crate::metrics::{Gauges, Metrics};
 use crate::store::{StateStore, StoreError};
 
@@ -312,8 +314,20 @@ struct RunState {
     instance: Instance,
 }
 
+/// What every span of one execution carries (span attributes are not inherited, and a
+/// trace is searched by them).
+struct SpanLabels {
+    operation_id: OperationId,
+    verb: Verb,
+    instance: InstanceName,
+    replica: String,
+    /// The trace of the request that created the operation.
+    trace_parent: Option<String>,
+}
+
 /// One execution of one operation by this replica.
 struct Run {
+    labels: SpanLabels,
     workflow: Arc<dyn Workflow>,
     cloud: CloudEnv,
     names: ResourceNames,
@@ -324,6 +338,38 @@ struct Run {
     cancel: CancellationToken,
     /// This replica's shutdown.
     shutdown: CancellationToken,
+}
+
+impl Run {
+    /// The span of this execution, a child of the span of the request that created the
+    /// operation (whichever replica served it), so one operation is one trace.
+    fn span(&self) -> tracing::Span {
+        let labels = &self.labels;
+        let span = tracing::info_span!(
+            "operation",
+            operation_id = %labels.operation_id,
+            operation.verb = %labels.verb,
+            instance = %labels.instance,
+            replica = %labels.replica
+        );
+        crate::telemetry::parent_from_traceparent(&span, labels.trace_parent.as_deref());
+        span
+    }
+
+    /// The span of one step inside [`Run::span`]: its forward run (`phase = "forward"`,
+    /// retries included) or one attempt to undo it (`phase = "undo"`).
+    fn step_span(&self, phase: &'static str, step: &str) -> tracing::Span {
+        let labels = &self.labels;
+        tracing::info_span!(
+            "step",
+            step,
+            phase,
+            operation_id = %labels.operation_id,
+            operation.verb = %labels.verb,
+            instance = %labels.instance,
+            replica = %labels.replica
+        )
+    }
 }
 
 /// The newest events of an operation from `from_seq`, for watchers.

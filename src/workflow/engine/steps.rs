@@ -4,6 +4,7 @@
 //! so is every backoff or convergence wait between attempts.
 
 use futures::future::join_all;
+use tracing::Instrument;
 
 use crate::domain::operation::StepStatus;
 use crate::domain::{Operation, Phase, Step, Timestamp};
@@ -55,7 +56,11 @@ impl Engine {
                     })
                     .collect()
             };
-            let results = join_all(pending.iter().map(|name| self.run_step(run, name))).await;
+            let results = join_all(pending.iter().map(|name| {
+                self.run_step(run, name)
+                    .instrument(run.step_span("forward", name))
+            }))
+            .await;
             let mut failure = None;
             for result in results {
                 match result {
