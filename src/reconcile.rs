@@ -10,19 +10,41 @@
 //!   operation running. Resources belong to an instance, not to a (tenant, environment)
 //!   pair: a resource naming a live instance is never an orphan, whatever its state, since a
 //!   provisioning creates resources before recording them; one without an instance tag is
-//!   nobody's to judge. Where the kind tells its creation time, a resource younger than
-//!   `orphan_grace` is left for the next pass. The owner is read again from the store just
-//!   before a resource is counted, and removal (when enabled) uses the calls deprovisioning
-//!   uses, which succeed when the resource is already gone: two replicas removing the same
-//!   orphan both succeed. Rules go before target groups (a group in use cannot go).
-//!   Kinds covered: access points, secrets, target groups, listener rules.
+//!   nobody's to judge. Where the kind tells its creation time (secrets, ECS services'
+//!   `createdAt`, task definitions' `registeredAt`, user pools' `CreationDate`, database
+//!   claims' time), a resource younger than `orphan_grace` is left for the next pass. The
+//!   owner is read again from the store just before a resource is counted, and removal
+//!   (when enabled) uses the calls deprovisioning uses, which succeed when the resource is
+//!   already gone: two replicas removing the same orphan both succeed. Kinds, in removal
+//!   order ([`ORPHAN_KINDS`]): ECS services (ACTIVE ones: scaled to 0 and deleted; a
+//!   DRAINING service is already going and is not counted), listener rules, target groups
+//!   (rules and the service go first: a group in use cannot go), task definition families
+//!   (`bbws-{env}-…`, one per owner: its revisions deregistered and deleted, after the
+//!   service), user pools (the domain, then the pool), access points, secrets, and tenant
+//!   databases.
+//! - **Databases** carry no tags: the server's ownership table records which instance
+//!   claimed each database (and its user). A claim is judged when its owner is an instance
+//!   of this environment in the store and its name follows the naming rule for that tenant
+//!   here (`tenant_{t}_{env}_db`, or that with an operation's suffix, as a restore makes); it
+//!   is an orphan when that owner is DEPROVISIONED with no operation running, and removal
+//!   drops the database (with its user, unless a claim of another owner names the same
+//!   user) and releases the claim. A claim naming an instance the store never recorded is
+//!   not judged at all: instances are never purged from the store, so it belongs to another
+//!   control plane sharing the server (as every test's does on the emulator's MariaDB). A
+//!   database with no claim at all, named for a tenant that has instances here but none
+//!   live, is reported as an orphan and **never removed**: only a claim proves a database
+//!   is ours (claiming refuses a name that exists already, so an unclaimed one was made
+//!   by someone else, or by hand).
 //! - **Drift**: each resource recorded on an ACTIVE or SUSPENDED instance that has no
-//!   operation running is looked up (access point, secret, target group, listener rule,
-//!   ECS service, whose desired count must be the instance's, or 0 when suspended); what is
-//!   missing or different becomes a DRIFT condition on the instance, and a condition whose
-//!   cause is gone is cleared. The instance is written only when its conditions change,
-//!   conditional on the version read; a conflict (an operation started, another replica
-//!   wrote first) leaves it to the next pass.
+//!   operation running is looked up: access point, secret, target group, listener rule;
+//!   the ECS service, whose desired count must be the instance's (0 when suspended); the
+//!   task definition, which must still be registered (ACTIVE) and be the one the service
+//!   runs; the database and its tenant user (through the database adapter, as the master
+//!   user); the user pool, when the instance has one. What is missing or different becomes
+//!   a DRIFT condition on the instance, naming the resource, and a condition whose cause is
+//!   gone is cleared. The instance is written only when its conditions change, conditional
+//!   on the version read; a conflict (an operation started, another replica wrote first)
+//!   leaves it to the next pass.
 //!
 //! Everything found is counted in metrics (see [`crate::metrics`]).
 
@@ -32,20 +54,65 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::cloud::{CloudEnv, CloudError, ErrorKind, TaggedResource};
+use crate::cloud::{
+    CloudEnv, CloudError, ErrorKind, TaggedResource, Tags, TaskDefinitionInfo, owner_tags,
+};
 use crate::config::Config;
 use crate::domain::naming::{ResourceNames, tag_keys};
 use crate::domain::{
-    ConditionType, Environment, Instance, InstanceCondition, InstanceState, Timestamp,
+    ConditionType, Environment, Instance, InstanceCondition, InstanceName, InstanceState, Timestamp,
 };
 use crate::health::CloudEnvs;
 use crate::metrics::{self, Metrics};
 use crate::store::{InstanceQuery, StateStore, StoreError, Write};
-use crate::workflow::Engine;
 use crate::workflow::engine::StaleOutcome;
+use crate::workflow::provision::environment_master;
+use crate::workflow::{Engine, StepError};
 
-/// The orphan kinds the reconciler looks for, in the order they are removed.
-pub const ORPHAN_KINDS: [&str; 4] = ["listener_rule", "target_group", "access_point", "secret"];
+/// The orphan kinds the reconciler looks for, in the order they are removed: the service
+/// before the rule and target group it is attached to and the task definitions it runs.
+pub const ORPHAN_KINDS: [&str; 8] = [
+    "service",
+    "listener_rule",
+    "target_group",
+    "task_definition",
+    "user_pool",
+    "access_point",
+    "secret",
+    "database",
+];
+
+/// The listings that find them: one call each (the routing listing holds rules and target
+/// groups).
+const LISTINGS: [&str; 7] = [
+    "access_point",
+    "secret",
+    "routing",
+    "service",
+    "task_definition",
+    "user_pool",
+    "database",
+];
+
+/// The kinds of recorded resources drift is looked for in (a metric each).
+pub const DRIFT_KINDS: [&str; 8] = [
+    "access_point",
+    "secret",
+    "target_group",
+    "listener_rule",
+    "service",
+    "task_definition",
+    "database",
+    "user_pool",
+];
+
+/// One resource a listing found.
+struct Found {
+    resource: TaggedResource,
+    /// Its owner is proven (by its tags, or a database's claim). An unclaimed database is
+    /// reported, never removed.
+    provable: bool,
+}
 
 /// Stale operations taken per pass.
 const STALE_BATCH: usize = 100;
@@ -160,13 +227,7 @@ impl Reconciler {
                 report.drift += conditions.len();
             }
         }
-        for kind in [
-            "access_point",
-            "secret",
-            "target_group",
-            "listener_rule",
-            "service",
-        ] {
+        for kind in DRIFT_KINDS {
             let value = drift_by_kind.get(kind).copied().unwrap_or(0);
             self.metrics.set(metrics::DRIFT, &[("kind", kind)], value);
         }
@@ -286,37 +347,24 @@ impl Reconciler {
                 environment.as_str().to_owned(),
             ),
         ];
-        let platform = &cloud.platform;
-        let mut tagged: Vec<TaggedResource> = Vec::new();
-        let listings = [
-            (
-                "access_point",
-                cloud
-                    .files
-                    .tagged_access_points(&platform.file_system_id, &ours)
-                    .await,
-            ),
-            ("secret", cloud.secrets.tagged_secrets(&ours).await),
-            (
-                "routing",
-                cloud
-                    .routing
-                    .tagged_routing(&platform.listener_arn, &ours)
-                    .await,
-            ),
-        ];
-        for (what, listing) in listings {
-            match listing {
+        let mut tagged: Vec<Found> = Vec::new();
+        for listing in LISTINGS {
+            match self.listing(cloud, listing, &ours, instances).await {
                 Ok(found) => tagged.extend(found),
                 Err(error) => {
-                    tracing::warn!(%environment, what, %error, "cannot list tagged resources");
+                    tracing::warn!(%environment, listing, %error, "cannot list tagged resources");
                     self.fail(report, "orphans");
                 }
             }
         }
         let grace = millis(self.settings.orphan_grace);
-        let mut orphans: Vec<TaggedResource> = Vec::new();
-        for resource in tagged {
+        let mut orphans: Vec<Found> = Vec::new();
+        for found in tagged {
+            let resource = &found.resource;
+            if !found.provable {
+                orphans.push(found);
+                continue;
+            }
             let (Some(tenant), Some(instance)) = (
                 resource.tag(tag_keys::TENANT_ID),
                 resource.tag(tag_keys::INSTANCE_ID),
@@ -336,8 +384,9 @@ impl Reconciler {
                 continue;
             }
             // The listing may be older than an instance created since: ask again.
-            match self.ownerless(tenant, instance).await {
-                Ok(true) => orphans.push(resource),
+            let ownerless = self.ownerless(tenant, instance).await;
+            match ownerless {
+                Ok(true) => orphans.push(found),
                 Ok(false) => {}
                 Err(error) => {
                     tracing::warn!(%environment, %error, "cannot read an owner");
@@ -346,7 +395,7 @@ impl Reconciler {
             }
         }
         for kind in ORPHAN_KINDS {
-            let found = orphans.iter().filter(|r| r.kind == kind).count();
+            let found = orphans.iter().filter(|f| f.resource.kind == kind).count();
             report.orphans.insert((environment, kind), found);
             self.metrics.set(
                 metrics::ORPHANS,
@@ -354,22 +403,26 @@ impl Reconciler {
                 i64::try_from(found).unwrap_or(i64::MAX),
             );
         }
-        for resource in &orphans {
+        for Found { resource, provable } in &orphans {
             tracing::warn!(
                 %environment,
                 kind = resource.kind,
                 id = %resource.id,
                 tenant = resource.tag(tag_keys::TENANT_ID),
                 instance = resource.tag(tag_keys::INSTANCE_ID),
-                removing = self.settings.remove_orphans,
-                "orphaned resource"
+                removing = self.settings.remove_orphans && *provable,
+                "orphaned resource{}",
+                if *provable { "" } else { " (unclaimed: not provably ours, never removed)" }
             );
         }
         if !self.settings.remove_orphans {
             return;
         }
         for kind in ORPHAN_KINDS {
-            for resource in orphans.iter().filter(|r| r.kind == kind) {
+            let removable = orphans
+                .iter()
+                .filter(|f| f.provable && f.resource.kind == kind);
+            for Found { resource, .. } in removable {
                 let (Some(tenant), Some(instance)) = (
                     resource.tag(tag_keys::TENANT_ID),
                     resource.tag(tag_keys::INSTANCE_ID),
@@ -380,7 +433,7 @@ impl Reconciler {
                 if !matches!(self.ownerless(tenant, instance).await, Ok(true)) {
                     continue;
                 }
-                match remove(cloud, resource).await {
+                match self.remove(cloud, resource).await {
                     Ok(()) => {
                         report.removed += 1;
                         self.metrics.increment(
@@ -396,6 +449,187 @@ impl Reconciler {
                 }
             }
         }
+    }
+
+    /// What one listing finds in the environment (see [`LISTINGS`]).
+    async fn listing(
+        &self,
+        cloud: &CloudEnv,
+        listing: &str,
+        ours: &Tags,
+        instances: &HashMap<(String, String), Instance>,
+    ) -> Result<Vec<Found>, CloudError> {
+        let platform = &cloud.platform;
+        let tagged = match listing {
+            "access_point" => {
+                cloud
+                    .files
+                    .tagged_access_points(&platform.file_system_id, ours)
+                    .await?
+            }
+            "secret" => cloud.secrets.tagged_secrets(ours).await?,
+            "routing" => {
+                cloud
+                    .routing
+                    .tagged_routing(&platform.listener_arn, ours)
+                    .await?
+            }
+            "service" => {
+                cloud
+                    .compute
+                    .tagged_services(&platform.cluster, ours)
+                    .await?
+            }
+            "task_definition" => {
+                let prefix = ResourceNames::stack_prefix(cloud.environment);
+                cloud.compute.tagged_task_families(&prefix, ours).await?
+            }
+            "user_pool" => cloud.identity.tagged_user_pools(ours).await?,
+            "database" => return self.databases(cloud, instances).await,
+            other => return Err(CloudError::fatal(format!("no listing {other}"))),
+        };
+        Ok(tagged
+            .into_iter()
+            .map(|resource| Found {
+                resource,
+                provable: true,
+            })
+            .collect())
+    }
+
+    /// The environment's tenant databases, as far as this control plane knows their
+    /// tenants (one database server may serve several environments, or control planes): each
+    /// claim of an instance of this environment whose name follows the naming rule for its
+    /// tenant here, as a resource tagged with that owner (its claim time as its creation);
+    /// and each unclaimed database named for a tenant that has instances here but none live.
+    async fn databases(
+        &self,
+        cloud: &CloudEnv,
+        instances: &HashMap<(String, String), Instance>,
+    ) -> Result<Vec<Found>, CloudError> {
+        let environment = cloud.environment;
+        let master = environment_master(cloud).await.map_err(step_error)?;
+        let records = cloud.database.ownership_records(&master).await?;
+        let prefix = &self.settings.tag_prefix;
+        let mut found = Vec::new();
+        for record in &records {
+            let Ok(owner) = InstanceName::parse(&record.owner) else {
+                continue;
+            };
+            let key = (owner.tenant.to_string(), owner.instance.to_string());
+            // An owner this control plane never recorded is nobody's to judge here.
+            if !instances.contains_key(&key)
+                || !ResourceNames::derive(&owner.tenant, environment).is_database(&record.database)
+            {
+                continue;
+            }
+            found.push(Found {
+                resource: TaggedResource {
+                    kind: "database",
+                    id: record.database.clone(),
+                    tags: vec![
+                        (format!("{prefix}:{}", tag_keys::TENANT_ID), key.0),
+                        (format!("{prefix}:{}", tag_keys::INSTANCE_ID), key.1),
+                    ],
+                    created_at: Some(record.claimed_at),
+                },
+                provable: true,
+            });
+        }
+        let mut tenants: HashMap<&str, (ResourceNames, bool)> = HashMap::new();
+        for instance in instances.values() {
+            let entry = tenants
+                .entry(instance.name.tenant.as_str())
+                .or_insert_with(|| {
+                    (
+                        ResourceNames::derive(&instance.name.tenant, environment),
+                        false,
+                    )
+                });
+            entry.1 |= instance.state != InstanceState::Deprovisioned;
+        }
+        for database in cloud.database.databases_named(&master, "tenant_").await? {
+            let unclaimed = !records.iter().any(|r| r.database == database)
+                && tenants
+                    .values()
+                    .any(|(names, live)| !live && names.is_database(&database));
+            if unclaimed {
+                found.push(Found {
+                    resource: TaggedResource {
+                        kind: "database",
+                        id: database,
+                        tags: Vec::new(),
+                        created_at: None,
+                    },
+                    provable: false,
+                });
+            }
+        }
+        Ok(found)
+    }
+
+    /// Removes one orphan with the calls deprovisioning uses for its kind.
+    async fn remove(&self, cloud: &CloudEnv, resource: &TaggedResource) -> Result<(), CloudError> {
+        match resource.kind {
+            "service" => remove_service(cloud, resource).await,
+            "listener_rule" => cloud.routing.delete_rule(&resource.id).await,
+            "target_group" => cloud.routing.delete_target_group(&resource.id).await,
+            "task_definition" => {
+                cloud
+                    .compute
+                    .delete_task_definitions(&resource.id, &owner_tags(&resource.tags))
+                    .await
+            }
+            "user_pool" => cloud.identity.delete_user_pool(&resource.id).await,
+            "access_point" => cloud.files.delete_access_point(&resource.id).await,
+            "secret" => cloud.secrets.delete_secret(&resource.id).await,
+            "database" => self.remove_database(cloud, resource).await,
+            other => Err(CloudError::fatal(format!("no removal for kind {other}"))),
+        }
+    }
+
+    /// Drops an orphaned database as deprovisioning does (the database and its user, then
+    /// the claim), if the claim is still the orphan owner's. The user stays when a claim of
+    /// another owner names it too.
+    async fn remove_database(
+        &self,
+        cloud: &CloudEnv,
+        resource: &TaggedResource,
+    ) -> Result<(), CloudError> {
+        let (Some(tenant), Some(instance)) = (
+            resource.tag(tag_keys::TENANT_ID),
+            resource.tag(tag_keys::INSTANCE_ID),
+        ) else {
+            return Ok(());
+        };
+        let owner = format!("tenants/{tenant}/instances/{instance}");
+        let master = environment_master(cloud).await.map_err(step_error)?;
+        let records = cloud.database.ownership_records(&master).await?;
+        let Some(record) = records
+            .iter()
+            .find(|r| r.database == resource.id && r.owner == owner)
+        else {
+            // Released since the listing (another replica removed it).
+            return Ok(());
+        };
+        let shared = records
+            .iter()
+            .any(|r| r.user == record.user && r.owner != owner);
+        if shared {
+            cloud
+                .database
+                .drop_schema(&master, &record.database)
+                .await?;
+        } else {
+            cloud
+                .database
+                .drop_database(&master, &record.database, &record.user)
+                .await?;
+        }
+        cloud
+            .database
+            .release_database(&master, &record.database, &owner)
+            .await
     }
 
     /// The instance's DRIFT conditions after this pass (stored when they changed).
@@ -419,7 +653,7 @@ impl Reconciler {
         for (kind, id) in &instance.resources {
             match check(cloud, instance, kind, id).await {
                 Ok(None) => {}
-                Ok(Some(message)) => found.push((kind.clone(), id.clone(), message)),
+                Ok(Some(message)) => found.push((kind.clone(), condition_id(kind, id), message)),
                 Err(error) => {
                     tracing::warn!(instance = %instance.name, kind, %error, "cannot check a resource");
                     self.fail(report, "drift");
@@ -520,15 +754,52 @@ impl Reconciler {
     }
 }
 
-/// Removes one orphan with the call deprovisioning uses for its kind.
-async fn remove(cloud: &CloudEnv, resource: &TaggedResource) -> Result<(), CloudError> {
-    match resource.kind {
-        "listener_rule" => cloud.routing.delete_rule(&resource.id).await,
-        "target_group" => cloud.routing.delete_target_group(&resource.id).await,
-        "access_point" => cloud.files.delete_access_point(&resource.id).await,
-        "secret" => cloud.secrets.delete_secret(&resource.id).await,
-        other => Err(CloudError::fatal(format!("no removal for kind {other}"))),
+/// Deletes an orphaned service as deprovisioning does (scaled to 0, then deleted), if it
+/// is still ACTIVE and still the orphan owner's: its name is the tenant's, so a service of
+/// a new instance of the tenant may carry it by now.
+async fn remove_service(cloud: &CloudEnv, resource: &TaggedResource) -> Result<(), CloudError> {
+    let cluster = &cloud.platform.cluster;
+    let Some(tags) = cloud.compute.service_tags(cluster, &resource.id).await? else {
+        return Ok(());
+    };
+    if owner_tags(&tags) != owner_tags(&resource.tags) {
+        return Ok(());
     }
+    match cloud.compute.service_status(cluster, &resource.id).await? {
+        Some(status) if status.status == "ACTIVE" => {
+            cloud.compute.delete_service(cluster, &resource.id).await
+        }
+        // DRAINING: already going.
+        _ => Ok(()),
+    }
+}
+
+fn step_error(error: StepError) -> CloudError {
+    match error {
+        StepError::Transient(message) | StepError::NotYet(message) => {
+            CloudError::new(ErrorKind::Retryable, message)
+        }
+        StepError::Fatal(message) => CloudError::fatal(message),
+    }
+}
+
+/// How a drift condition names a recorded resource: its id, or for a user pool (recorded
+/// with its client and domain) the pool's id.
+fn condition_id(kind: &str, recorded: &str) -> String {
+    if kind == "user_pool"
+        && let Some(pool) = pool_id(recorded)
+    {
+        return pool;
+    }
+    recorded.to_owned()
+}
+
+fn pool_id(recorded: &str) -> Option<String> {
+    serde_json::from_str::<serde_json::Value>(recorded)
+        .ok()?
+        .get("pool_id")?
+        .as_str()
+        .map(str::to_owned)
 }
 
 /// What is wrong with one recorded resource (`None`: nothing found, or a kind not checked).
@@ -581,7 +852,71 @@ async fn check(
                 }
             }
         }
-        // The database, task definition and user pool are not checked (yet).
+        "task_definition" => task_definition_drift(cloud, instance, id).await?,
+        "database" => {
+            let master = environment_master(cloud).await.map_err(step_error)?;
+            let user = ResourceNames::derive(&instance.name.tenant, instance.spec.environment)
+                .database_user;
+            if !cloud.database.database_exists(&master, id).await? {
+                missing("database")
+            } else if !cloud.database.user_exists(&master, &user).await? {
+                Some(format!(
+                    "database user {user} of database {id} no longer exists"
+                ))
+            } else {
+                None
+            }
+        }
+        "user_pool" => {
+            let pool = pool_id(id).unwrap_or_else(|| id.to_owned());
+            (!cloud.identity.user_pool_exists(&pool).await?)
+                .then(|| format!("user pool {pool} no longer exists"))
+        }
+        // Anything else recorded (the site's URL) is not a resource to look up.
         _ => None,
     })
+}
+
+/// The recorded task definition must still be registered and be what the service runs.
+async fn task_definition_drift(
+    cloud: &CloudEnv,
+    instance: &Instance,
+    recorded: &str,
+) -> Result<Option<String>, CloudError> {
+    let Some(definition) = cloud.compute.task_definition(recorded).await? else {
+        return Ok(Some(format!("task definition {recorded} no longer exists")));
+    };
+    if definition.status != "ACTIVE" {
+        return Ok(Some(format!(
+            "task definition {recorded} is {}",
+            definition.status
+        )));
+    }
+    let names = ResourceNames::derive(&instance.name.tenant, instance.spec.environment);
+    // A missing service is the service's drift.
+    let Some(service) = cloud
+        .compute
+        .service_status(&cloud.platform.cluster, &names.stack)
+        .await?
+    else {
+        return Ok(None);
+    };
+    if service.task_definition == recorded {
+        return Ok(None);
+    }
+    let running = cloud
+        .compute
+        .task_definition(&service.task_definition)
+        .await?;
+    let image = |d: Option<&TaskDefinitionInfo>| {
+        d.and_then(|d| d.image.clone())
+            .unwrap_or_else(|| "unknown".into())
+    };
+    Ok(Some(format!(
+        "ECS service {} runs task definition {} (image {}), the instance's is {recorded} (image {})",
+        names.stack,
+        service.task_definition,
+        image(running.as_ref()),
+        image(Some(&definition)),
+    )))
 }

@@ -487,3 +487,491 @@ async fn a_long_expired_lease_ends_stuck_once_and_a_recent_one_does_not() {
         "IN_PROGRESS"
     );
 }
+
+/// An instance of `tenant` in DEV that was deprovisioned: in the store only, owning nothing.
+async fn deprovisioned(store: &dyn StateStore, tenant: &str) -> InstanceName {
+    let name = InstanceName::new(
+        TenantId::parse(tenant).unwrap(),
+        InstanceId::parse("wp").unwrap(),
+    );
+    let now = Timestamp::now();
+    let mut instance = Instance::new_pending(
+        name.clone(),
+        spec(),
+        instance_manager::domain::OperationId::generate(),
+        now,
+    );
+    instance.state = InstanceState::Deprovisioned;
+    instance.current_operation = None;
+    store
+        .commit(vec![Write::CreateInstance(instance)])
+        .await
+        .unwrap();
+    name
+}
+
+async fn sql(statements: &[String]) {
+    use mysql_async::prelude::Queryable;
+    let mut conn = platform::sql::master_conn().await;
+    for statement in statements {
+        conn.query_drop(statement)
+            .await
+            .unwrap_or_else(|e| panic!("{statement}: {e}"));
+    }
+    let _ = conn.disconnect().await;
+}
+
+/// (the database exists, its user exists, its claim exists), by the test's own SQL.
+async fn database_state(database: &str, user: &str) -> (bool, bool, bool) {
+    use mysql_async::prelude::Queryable;
+    let mut conn = platform::sql::master_conn().await;
+    let mut found = Vec::new();
+    for (query, value) in [
+        (
+            "SELECT COUNT(*) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = ?",
+            database,
+        ),
+        ("SELECT COUNT(*) FROM mysql.user WHERE User = ?", user),
+        (
+            "SELECT COUNT(*) FROM instance_manager.owned_databases WHERE database_name = ?",
+            database,
+        ),
+    ] {
+        let n: Option<u64> = conn.exec_first(query, (value,)).await.unwrap();
+        found.push(n.unwrap_or(0) > 0);
+    }
+    let _ = conn.disconnect().await;
+    (found[0], found[1], found[2])
+}
+
+/// The service's status as ECS describes it (`None`: never heard of).
+async fn service_state(sdk: &aws_config::SdkConfig, cluster: &str, name: &str) -> Option<String> {
+    let described = aws_sdk_ecs::Client::new(sdk)
+        .describe_services()
+        .cluster(cluster)
+        .services(name)
+        .send()
+        .await
+        .unwrap();
+    described
+        .services()
+        .first()
+        .and_then(|s| s.status())
+        .map(str::to_owned)
+}
+
+/// Revisions of `family` that are ACTIVE or INACTIVE (not deleted).
+async fn revisions(sdk: &aws_config::SdkConfig, family: &str) -> usize {
+    let ecs = aws_sdk_ecs::Client::new(sdk);
+    let mut n = 0;
+    for status in [
+        aws_sdk_ecs::types::TaskDefinitionStatus::Active,
+        aws_sdk_ecs::types::TaskDefinitionStatus::Inactive,
+    ] {
+        n += ecs
+            .list_task_definitions()
+            .family_prefix(family)
+            .status(status)
+            .send()
+            .await
+            .unwrap()
+            .task_definition_arns()
+            .len();
+    }
+    n
+}
+
+async fn user_pool_exists(sdk: &aws_config::SdkConfig, id: &str) -> bool {
+    match aws_sdk_cognitoidentityprovider::Client::new(sdk)
+        .describe_user_pool()
+        .user_pool_id(id)
+        .send()
+        .await
+    {
+        Ok(_) => true,
+        Err(error) => {
+            let text = format!("{error:?}");
+            assert!(text.contains("ResourceNotFound"), "{text}");
+            false
+        }
+    }
+}
+
+fn ecs_tags(tags: &[(String, String)]) -> Vec<aws_sdk_ecs::types::Tag> {
+    tags.iter()
+        .map(|(k, v)| aws_sdk_ecs::types::Tag::builder().key(k).value(v).build())
+        .collect()
+}
+
+/// Registers a revision of `family` running `image`, tagged `tags`; returns its ARN.
+async fn register(
+    sdk: &aws_config::SdkConfig,
+    family: &str,
+    image: &str,
+    tags: &[(String, String)],
+) -> String {
+    aws_sdk_ecs::Client::new(sdk)
+        .register_task_definition()
+        .family(family)
+        .requires_compatibilities(aws_sdk_ecs::types::Compatibility::Fargate)
+        .network_mode(aws_sdk_ecs::types::NetworkMode::Awsvpc)
+        .cpu("512")
+        .memory("1024")
+        .container_definitions(
+            aws_sdk_ecs::types::ContainerDefinition::builder()
+                .name("wordpress")
+                .image(image)
+                .memory(1024)
+                .build(),
+        )
+        .set_tags(Some(ecs_tags(tags)))
+        .send()
+        .await
+        .unwrap()
+        .task_definition()
+        .unwrap()
+        .task_definition_arn()
+        .unwrap()
+        .to_owned()
+}
+
+fn kind_count(report: &instance_manager::reconcile::ReconcileReport, kind: &str) -> usize {
+    report.orphans[&(Environment::Dev, kind)]
+}
+
+#[tokio::test]
+async fn orphaned_services_task_definitions_user_pools_and_databases() {
+    let config = platform::config_with_platforms(&[Environment::Dev]).await;
+    assert!(config.environments[0].platform.cognito_enabled);
+    let mut cp = platform::start(config, None).await;
+    let cloud = cp.cloud(Environment::Dev).await;
+    let sdk = account_sdk(&cloud).await;
+    let cluster = cloud.platform.cluster.clone();
+
+    // A live instance (with a user pool), whose resources are never reported.
+    let live = platform::tenant("alive");
+    let created = cp.create(&live, v1::Environment::Dev).await;
+    cp.completed(&created.name).await;
+    let live_before = inventory_of(&cloud, &live, "wp").await;
+    assert_eq!(live_before, platform::provisioned(true));
+
+    // By hand, with our tags, for an instance that does not exist: a service running a
+    // task definition of its family, and a user pool with a domain.
+    let ghost = platform::tenant("ghost");
+    let tags = our_tags(&ghost, "gone");
+    let names = ResourceNames::derive(&TenantId::parse(&ghost).unwrap(), Environment::Dev);
+    let family = names.stack.clone();
+    let revision = register(&sdk, &family, "wordpress:6.7", &tags).await;
+    let ecs = aws_sdk_ecs::Client::new(&sdk);
+    ecs.create_service()
+        .cluster(&cluster)
+        .service_name(&names.stack)
+        .task_definition(&revision)
+        .desired_count(2)
+        .launch_type(aws_sdk_ecs::types::LaunchType::Fargate)
+        .set_tags(Some(ecs_tags(&tags)))
+        .send()
+        .await
+        .unwrap();
+    let cognito = aws_sdk_cognitoidentityprovider::Client::new(&sdk);
+    let pool = cognito
+        .create_user_pool()
+        .pool_name(&names.user_pool)
+        .set_user_pool_tags(Some(tags.iter().cloned().collect()))
+        .send()
+        .await
+        .unwrap()
+        .user_pool()
+        .unwrap()
+        .id()
+        .unwrap()
+        .to_owned();
+    cognito
+        .create_user_pool_domain()
+        .user_pool_id(&pool)
+        .domain(&names.cognito_domain)
+        .send()
+        .await
+        .unwrap();
+
+    // By SQL: a database and user claimed by an instance that was deprovisioned, and an
+    // unclaimed database named for another deprovisioned instance's tenant.
+    let claimed_tenant = platform::tenant("dbgone");
+    let owner = deprovisioned(cp.store.as_ref(), &claimed_tenant).await;
+    let claimed = ResourceNames::derive(&owner.tenant, Environment::Dev);
+    let unclaimed_tenant = platform::tenant("dbhand");
+    deprovisioned(cp.store.as_ref(), &unclaimed_tenant).await;
+    let unclaimed = ResourceNames::derive(
+        &TenantId::parse(&unclaimed_tenant).unwrap(),
+        Environment::Dev,
+    );
+    sql(&[
+        format!("CREATE DATABASE `{}`", claimed.database),
+        format!(
+            "CREATE USER `{}`@'%' IDENTIFIED BY 'orphan-password'",
+            claimed.database_user
+        ),
+        format!(
+            "INSERT INTO instance_manager.owned_databases (database_name, user_name, owner) \
+             VALUES ('{}', '{}', '{owner}')",
+            claimed.database, claimed.database_user
+        ),
+        format!("CREATE DATABASE `{}`", unclaimed.database),
+    ])
+    .await;
+    assert_eq!(
+        database_state(&claimed.database, &claimed.database_user).await,
+        (true, true, true)
+    );
+
+    // Young: the pool (CreationDate) and the claim (its time) wait; moto tells no service
+    // or task definition creation time, and the unclaimed database has none.
+    let young = reconciler(&cp, settings(false, Duration::from_secs(3600)))
+        .reconcile_once(Timestamp::now())
+        .await;
+    assert_eq!(young.failures, 0, "{young:?}");
+    assert_eq!(kind_count(&young, "user_pool"), 0, "{young:?}");
+    assert_eq!(kind_count(&young, "database"), 1, "{young:?}");
+    assert_eq!(kind_count(&young, "service"), 1, "{young:?}");
+    assert_eq!(kind_count(&young, "task_definition"), 1, "{young:?}");
+
+    // Reported, not removed, when removal is off.
+    let reported = reconciler(&cp, settings(false, Duration::ZERO))
+        .reconcile_once(Timestamp::now())
+        .await;
+    assert_eq!(reported.failures, 0, "{reported:?}");
+    for (kind, n) in [
+        ("service", 1),
+        ("task_definition", 1),
+        ("user_pool", 1),
+        ("database", 2),
+        ("secret", 0),
+        ("target_group", 0),
+        ("listener_rule", 0),
+        ("access_point", 0),
+    ] {
+        assert_eq!(kind_count(&reported, kind), n, "{kind}: {reported:?}");
+    }
+    assert_eq!(reported.removed, 0);
+    let text = cp.engine.render_metrics();
+    for line in [
+        "im_reconcile_orphans{environment=\"DEV\",kind=\"service\"} 1",
+        "im_reconcile_orphans{environment=\"DEV\",kind=\"task_definition\"} 1",
+        "im_reconcile_orphans{environment=\"DEV\",kind=\"user_pool\"} 1",
+        "im_reconcile_orphans{environment=\"DEV\",kind=\"database\"} 2",
+    ] {
+        assert!(has_line(&text, line), "{line}\n{text}");
+    }
+    assert_eq!(
+        service_state(&sdk, &cluster, &names.stack).await.as_deref(),
+        Some("ACTIVE")
+    );
+    assert_eq!(revisions(&sdk, &family).await, 1);
+    assert!(user_pool_exists(&sdk, &pool).await);
+    assert_eq!(
+        database_state(&claimed.database, &claimed.database_user).await,
+        (true, true, true)
+    );
+
+    // Removed when enabled, each checked directly; the unclaimed database stays.
+    let removed = reconciler(&cp, settings(true, Duration::ZERO))
+        .reconcile_once(Timestamp::now())
+        .await;
+    assert_eq!(removed.failures, 0, "{removed:?}");
+    assert_eq!(removed.removed, 4, "{removed:?}");
+    assert_ne!(
+        service_state(&sdk, &cluster, &names.stack).await.as_deref(),
+        Some("ACTIVE")
+    );
+    assert_eq!(revisions(&sdk, &family).await, 0);
+    assert!(!user_pool_exists(&sdk, &pool).await);
+    assert_eq!(
+        database_state(&claimed.database, &claimed.database_user).await,
+        (false, false, false)
+    );
+    assert_eq!(
+        database_state(&unclaimed.database, &unclaimed.database_user).await,
+        (true, false, false)
+    );
+    let text = cp.engine.render_metrics();
+    for kind in ["service", "task_definition", "user_pool", "database"] {
+        let line =
+            format!("im_reconcile_orphans_removed_total{{environment=\"DEV\",kind=\"{kind}\"}} 1");
+        assert!(has_line(&text, &line), "{line}\n{text}");
+    }
+
+    let again = reconciler(&cp, settings(true, Duration::ZERO))
+        .reconcile_once(Timestamp::now())
+        .await;
+    assert_eq!(again.failures, 0, "{again:?}");
+    assert_eq!(again.orphans_found(), 1, "{again:?}");
+    assert_eq!(kind_count(&again, "database"), 1, "{again:?}");
+    assert_eq!(again.removed, 0);
+
+    // The live instance lost nothing, and is not drifted.
+    assert_eq!(inventory_of(&cloud, &live, "wp").await, live_before);
+    assert!(cp.instance(&live).await.conditions.is_empty());
+    sql(&[format!("DROP DATABASE `{}`", unclaimed.database)]).await;
+    platform::drop_tenant_databases(&[live]).await;
+}
+
+#[tokio::test]
+async fn drift_of_the_database_task_definition_and_user_pool() {
+    let config = platform::config_with_platforms(&[Environment::Dev]).await;
+    let mut cp = platform::start(config, None).await;
+    let cloud = cp.cloud(Environment::Dev).await;
+    let sdk = account_sdk(&cloud).await;
+    let tenant = platform::tenant("drift2");
+    let created = cp.create(&tenant, v1::Environment::Dev).await;
+    cp.completed(&created.name).await;
+    let reconcile = reconciler(&cp, settings(false, Duration::ZERO));
+    let clean = reconcile.reconcile_once(Timestamp::now()).await;
+    assert_eq!((clean.drift, clean.failures), (0, 0), "{clean:?}");
+    let instance = cp.instance(&tenant).await;
+    assert!(instance.conditions.is_empty(), "{instance:#?}");
+    let names = ResourceNames::derive(&TenantId::parse(&tenant).unwrap(), Environment::Dev);
+    let database = instance.resources["database"].clone();
+    assert_eq!(database, names.database);
+    let recorded = instance.resources["task_definition"].clone();
+    let pool: serde_json::Value = serde_json::from_str(&instance.resources["user_pool"]).unwrap();
+    let pool = pool["pool_id"].as_str().unwrap().to_owned();
+    let conditions = |instance: &v1::Instance| -> Vec<(String, String, String)> {
+        instance
+            .conditions
+            .iter()
+            .map(|c| {
+                assert_eq!(c.r#type(), v1::instance_condition::Type::Drift);
+                (
+                    c.resource_kind.clone(),
+                    c.resource_id.clone(),
+                    c.message.clone(),
+                )
+            })
+            .collect()
+    };
+
+    // The tenant user dropped behind our back.
+    sql(&[format!("DROP USER `{}`@'%'", names.database_user)]).await;
+    let found = reconcile.reconcile_once(Timestamp::now()).await;
+    assert_eq!(found.drift, 1, "{found:?}");
+    let seen = conditions(&cp.instance(&tenant).await);
+    assert_eq!(seen.len(), 1);
+    assert_eq!(
+        (seen[0].0.as_str(), seen[0].1.as_str()),
+        ("database", database.as_str())
+    );
+    assert!(seen[0].2.contains(&names.database_user), "{seen:?}");
+
+    // Then the database, the service's image and the user pool.
+    sql(&[format!("DROP DATABASE `{database}`")]).await;
+    let family = names.stack.clone();
+    let other = register(
+        &sdk,
+        &family,
+        "wordpress:0.1-defaced",
+        &platform::tenant_tags(&tenant, Environment::Dev),
+    )
+    .await;
+    let ecs = aws_sdk_ecs::Client::new(&sdk);
+    let switch = |arn: String| {
+        let ecs = ecs.clone();
+        let cluster = cloud.platform.cluster.clone();
+        let service = names.stack.clone();
+        async move {
+            ecs.update_service()
+                .cluster(cluster)
+                .service(service)
+                .task_definition(arn)
+                .send()
+                .await
+                .unwrap();
+        }
+    };
+    switch(other.clone()).await;
+    let cognito = aws_sdk_cognitoidentityprovider::Client::new(&sdk);
+    cognito
+        .delete_user_pool_domain()
+        .user_pool_id(&pool)
+        .domain(&names.cognito_domain)
+        .send()
+        .await
+        .unwrap();
+    cognito
+        .delete_user_pool()
+        .user_pool_id(&pool)
+        .send()
+        .await
+        .unwrap();
+    let found = reconcile.reconcile_once(Timestamp::now()).await;
+    assert_eq!((found.drift, found.failures), (3, 0), "{found:?}");
+    let seen = conditions(&cp.instance(&tenant).await);
+    let kinds: Vec<(&str, &str)> = seen
+        .iter()
+        .map(|(kind, id, _)| (kind.as_str(), id.as_str()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("database", database.as_str()),
+            ("task_definition", recorded.as_str()),
+            ("user_pool", pool.as_str())
+        ],
+        "{seen:#?}"
+    );
+    assert!(seen[0].2.contains(&database) && seen[0].2.contains("no longer exists"));
+    assert!(
+        seen[1].2.contains("wordpress:0.1-defaced") && seen[1].2.contains(&other),
+        "{seen:?}"
+    );
+    assert!(seen[2].2.contains(&pool));
+    let text = cp.engine.render_metrics();
+    for line in [
+        "im_reconcile_drift{kind=\"database\"} 1",
+        "im_reconcile_drift{kind=\"task_definition\"} 1",
+        "im_reconcile_drift{kind=\"user_pool\"} 1",
+        "im_reconcile_drift_detected_total{kind=\"task_definition\"} 1",
+        "im_reconcile_drift_detected_total{kind=\"user_pool\"} 1",
+    ] {
+        assert!(has_line(&text, line), "{line}\n{text}");
+    }
+
+    // Put back what can be: the database and its user, the recorded revision. A deleted
+    // pool cannot come back under its id: that condition stays.
+    sql(&[
+        format!("CREATE DATABASE `{database}`"),
+        format!(
+            "CREATE USER `{}`@'%' IDENTIFIED BY 'restored-password'",
+            names.database_user
+        ),
+    ])
+    .await;
+    switch(recorded.clone()).await;
+    let after = reconcile.reconcile_once(Timestamp::now()).await;
+    assert_eq!((after.drift, after.failures), (1, 0), "{after:?}");
+    let seen = conditions(&cp.instance(&tenant).await);
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].0, "user_pool");
+    let text = cp.engine.render_metrics();
+    for line in [
+        "im_reconcile_drift{kind=\"database\"} 0",
+        "im_reconcile_drift{kind=\"task_definition\"} 0",
+        "im_reconcile_drift{kind=\"user_pool\"} 1",
+    ] {
+        assert!(has_line(&text, line), "{line}\n{text}");
+    }
+
+    // A deregistered recorded revision is drift too.
+    ecs.deregister_task_definition()
+        .task_definition(&recorded)
+        .send()
+        .await
+        .unwrap();
+    reconcile.reconcile_once(Timestamp::now()).await;
+    let seen = conditions(&cp.instance(&tenant).await);
+    assert!(
+        seen.iter()
+            .any(|(kind, _, message)| kind == "task_definition" && message.contains("INACTIVE")),
+        "{seen:?}"
+    );
+    platform::drop_tenant_databases(&[tenant]).await;
+}

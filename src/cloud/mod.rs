@@ -33,8 +33,9 @@ pub type Tags = Vec<(String, String)>;
 /// tell whose it is).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TaggedResource {
-    /// What it is: `access_point`, `secret`, `target_group` or `listener_rule` (the keys of
-    /// an instance's `resources`).
+    /// What it is: `access_point`, `secret`, `target_group`, `listener_rule`, `service`,
+    /// `task_definition` (a family), `user_pool` or `database` (the keys of an instance's
+    /// `resources`).
     pub kind: &'static str,
     /// Its id or ARN, as the `delete_*` call of its kind takes it.
     pub id: String,
@@ -277,6 +278,28 @@ pub trait Database: Send + Sync {
         master: &MasterCredentials,
         owner: &str,
     ) -> CloudResult<Vec<String>>;
+    /// Every claim in the server's ownership table, sorted by database name.
+    async fn ownership_records(
+        &self,
+        master: &MasterCredentials,
+    ) -> CloudResult<Vec<DatabaseRecord>>;
+    /// Names of the server's databases that start with `prefix` (taken literally), sorted.
+    async fn databases_named(
+        &self,
+        master: &MasterCredentials,
+        prefix: &str,
+    ) -> CloudResult<Vec<String>>;
+}
+
+/// One row of the ownership table: who claimed a database (and its user), and when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatabaseRecord {
+    pub database: String,
+    pub user: String,
+    /// The owning instance's resource name (`tenants/{tenant}/instances/{instance}`).
+    pub owner: String,
+    /// When the claim was made.
+    pub claimed_at: crate::domain::Timestamp,
 }
 
 #[derive(Debug, Clone)]
@@ -392,6 +415,10 @@ pub trait Identity: Send + Sync {
     async fn delete_user_pool(&self, pool_id: &str) -> CloudResult<()>;
     /// Ids of user pools carrying every tag in `tags`.
     async fn find_tagged(&self, tags: &Tags) -> CloudResult<Vec<String>>;
+    /// User pools carrying every tag in `tags`, with all their tags and their creation time.
+    async fn tagged_user_pools(&self, tags: &Tags) -> CloudResult<Vec<TaggedResource>>;
+    /// Whether the pool exists.
+    async fn user_pool_exists(&self, pool_id: &str) -> CloudResult<bool>;
 }
 
 #[derive(Debug, Clone)]
@@ -521,6 +548,35 @@ pub trait Compute: Send + Sync {
     /// Deregisters and then deletes (DeleteTaskDefinitions) every revision of `family`
     /// carrying every tag in `owner`, active or already inactive.
     async fn delete_task_definitions(&self, family: &str, owner: &Tags) -> CloudResult<()>;
+    /// ACTIVE services of `cluster` carrying every tag in `tags` (kind `service`, id its
+    /// name), with all their tags and their creation time. DRAINING ones are being deleted
+    /// already and are left out.
+    async fn tagged_services(&self, cluster: &str, tags: &Tags)
+    -> CloudResult<Vec<TaggedResource>>;
+    /// Task definition families whose name starts with `family_prefix` and that have
+    /// revisions (ACTIVE or INACTIVE, not yet deleted) carrying every tag in `tags`: one
+    /// entry (kind `task_definition`, id the family) per owner (`…:tenant-id`,
+    /// `…:instance-id`) found in the family, with the tags of that owner's latest revision
+    /// and the registration time of its newest one.
+    async fn tagged_task_families(
+        &self,
+        family_prefix: &str,
+        tags: &Tags,
+    ) -> CloudResult<Vec<TaggedResource>>;
+    /// The revision as DescribeTaskDefinition reports it, `None` if ECS cannot describe it
+    /// (never registered, or deleted).
+    async fn task_definition(&self, arn: &str) -> CloudResult<Option<TaskDefinitionInfo>>;
+}
+
+/// One task definition revision.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TaskDefinitionInfo {
+    pub arn: String,
+    /// `ACTIVE`, `INACTIVE` or `DELETE_IN_PROGRESS`.
+    pub status: String,
+    /// The image of the WordPress container (the first container if there is none of that
+    /// name).
+    pub image: Option<String>,
 }
 
 #[async_trait]

@@ -29,7 +29,8 @@ use mysql_async::{Conn, OptsBuilder, SslOpts, Value};
 
 use super::settings::{DbTimeouts, Secret};
 use super::{
-    CloudError, CloudResult, Database, DatabaseClaim, DbTls, ErrorKind, MasterCredentials,
+    CloudError, CloudResult, Database, DatabaseClaim, DatabaseRecord, DbTls, ErrorKind,
+    MasterCredentials,
 };
 
 /// How much longer than the server's own limits the client waits for a statement.
@@ -37,6 +38,18 @@ const BACKSTOP_MARGIN: Duration = Duration::from_secs(5);
 /// Each INSERT of the dump carries rows up to about this many bytes, well under the
 /// default `max_allowed_packet` (64 MiB on MySQL 8, 16 MiB on MariaDB 10.11).
 const INSERT_BATCH_BYTES: usize = 512 * 1024;
+/// `value` as the literal start of a LIKE pattern whose escape character is `!`.
+fn like_escape(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        if matches!(c, '%' | '_' | '!') {
+            out.push('!');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// MySQL's identifier limit (database names); MySQL 8 limits user names to 32 and will
 /// refuse longer ones itself.
 const MAX_IDENTIFIER_LEN: usize = 64;
@@ -772,6 +785,64 @@ impl Database for MySqlDatabase {
         result
     }
 
+    async fn ownership_records(
+        &self,
+        master: &MasterCredentials,
+    ) -> CloudResult<Vec<DatabaseRecord>> {
+        let mut session = Session::open(master, self.timeouts).await?;
+        let result = async {
+            session.ensure_ownership_table().await?;
+            let secrets = session.secrets.clone();
+            // UNIX_TIMESTAMP: the claim time in seconds whatever the session's time zone.
+            let rows: Vec<(String, String, String, i64)> = bounded(
+                session.query_limit,
+                "list the database claims",
+                &secrets,
+                session.conn.query(format!(
+                    "SELECT database_name, user_name, owner, CAST(UNIX_TIMESTAMP(claimed_at) AS SIGNED) \
+                     FROM {OWNERSHIP_TABLE} ORDER BY database_name"
+                )),
+            )
+            .await?;
+            Ok(rows
+                .into_iter()
+                .map(|(database, user, owner, claimed)| DatabaseRecord {
+                    database,
+                    user,
+                    owner,
+                    claimed_at: crate::domain::Timestamp(claimed.saturating_mul(1000)),
+                })
+                .collect())
+        }
+        .await;
+        session.close().await;
+        result
+    }
+
+    async fn databases_named(
+        &self,
+        master: &MasterCredentials,
+        prefix: &str,
+    ) -> CloudResult<Vec<String>> {
+        // LIKE with the prefix's wildcards escaped: `_` is part of every tenant name.
+        let pattern = format!("{}%", like_escape(prefix));
+        let mut session = Session::open(master, self.timeouts).await?;
+        let secrets = session.secrets.clone();
+        let result = bounded(
+            session.query_limit,
+            "list databases",
+            &secrets,
+            session.conn.exec::<String, _, _>(
+                "SELECT SCHEMA_NAME FROM information_schema.SCHEMATA \
+                 WHERE SCHEMA_NAME LIKE ? ESCAPE '!' ORDER BY SCHEMA_NAME",
+                (pattern,),
+            ),
+        )
+        .await;
+        session.close().await;
+        result
+    }
+
     async fn database_size(
         &self,
         login: &MasterCredentials,
@@ -1129,6 +1200,11 @@ mod tests {
             let error = quote_identifier("database", bad).unwrap_err();
             assert_eq!(error.kind, ErrorKind::Fatal, "{bad}");
         }
+    }
+
+    #[test]
+    fn like_prefixes_match_literally() {
+        assert_eq!(like_escape("tenant_a%b!"), "tenant!_a!%b!!");
     }
 
     #[test]

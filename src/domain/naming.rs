@@ -22,6 +22,8 @@ use super::ids::TenantId;
 use super::spec::Environment;
 
 const HASH_LEN: usize = 10;
+/// How much of an operation id names the operation's databases.
+const OPERATION_SHORT: usize = 8;
 
 /// Limits, from each service's documentation.
 pub mod limits {
@@ -92,6 +94,44 @@ impl ResourceNames {
             log_stream_prefix: tenant.as_str().to_owned(),
             stack: fit(&stack, limits::ECS_NAME, '-'),
         }
+    }
+
+    /// What every ECS name (service, task definition families) of `environment` starts
+    /// with: `bbws-{env}-`.
+    pub fn stack_prefix(environment: Environment) -> String {
+        format!("bbws-{}-", environment.short())
+    }
+
+    /// A further database of one operation (a restore's `r`, a backup check's `v`): the
+    /// tenant database's name and `_{tag}{first 8 characters of the operation id}`, fitted
+    /// to MySQL's 64 characters.
+    pub fn operation_database(&self, tag: char, operation_id: &str) -> String {
+        let short = &operation_id[..operation_id.len().min(OPERATION_SHORT)];
+        let suffix = format!("_{tag}{short}");
+        format!(
+            "{}{suffix}",
+            fit(&self.database, limits::MYSQL_DATABASE - suffix.len(), '_')
+        )
+    }
+
+    /// Whether `name` is this tenant's database or one of its operations' databases
+    /// ([`ResourceNames::operation_database`]).
+    pub fn is_database(&self, name: &str) -> bool {
+        if name == self.database {
+            return true;
+        }
+        // `_{tag}{short}`: 3 to 10 characters, a letter after the underscore.
+        (3..=OPERATION_SHORT + 2).any(|len| {
+            let Some(cut) = name.len().checked_sub(len) else {
+                return false;
+            };
+            let (base, suffix) = name.split_at(cut);
+            let mut chars = suffix.chars();
+            chars.next() == Some('_')
+                && chars.next().is_some_and(|c| c.is_ascii_lowercase())
+                && chars.all(|c| c.is_ascii_alphanumeric() || c == '-')
+                && base == fit(&self.database, limits::MYSQL_DATABASE - len, '_')
+        })
     }
 
     /// The site's host name: `{tenant}.{domain}`.
@@ -188,6 +228,30 @@ mod tests {
     fn mysql_identifier(s: &str) -> bool {
         s.chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    }
+
+    #[test]
+    fn operation_databases_are_recognised_as_the_tenants() {
+        let long = "a".repeat(TenantId::MAX_LEN);
+        for tenant_id in ["acme", "shop-1", long.as_str()] {
+            let names = ResourceNames::derive(&tenant(tenant_id), Environment::Dev);
+            let restored = names.operation_database('r', "0123456789abcdef");
+            assert!(restored.len() <= limits::MYSQL_DATABASE, "{restored}");
+            assert!(names.is_database(&names.database));
+            assert!(names.is_database(&restored), "{restored}");
+            assert!(names.is_database(&names.operation_database('v', "ab")));
+            let other = ResourceNames::derive(&tenant("other"), Environment::Dev);
+            assert!(!other.is_database(&restored));
+            assert!(!names.is_database(&format!("{}_x", names.database)));
+            let sit = ResourceNames::derive(&tenant(tenant_id), Environment::Sit);
+            assert!(!sit.is_database(&restored));
+        }
+        let acme = ResourceNames::derive(&tenant("acme"), Environment::Dev);
+        let restored = acme.operation_database('r', "0123456789abcdef");
+        assert_eq!(restored, "tenant_acme_dev_db_r01234567");
+        assert!(!acme.is_database("tenant_acme_dev_dbx"));
+        assert!(!acme.is_database("tenant_acme_dev_db_"));
+        assert_eq!(ResourceNames::stack_prefix(Environment::Sit), "bbws-sit-");
     }
 
     #[test]

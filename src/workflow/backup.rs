@@ -30,7 +30,6 @@ use crate::backup::content::{self, ContentSummary};
 use crate::backup::{self, DatabaseFacts, DumpSummary, DumpTools};
 use crate::cloud::aws::WP_CONTENT_PATH;
 use crate::cloud::{CloudEnv, DEFAULT_PART_SIZE, OneOffTaskSpec};
-use crate::domain::naming::fit;
 use crate::domain::{
     Backup, BackupName, BackupOrigin, BackupState, Instance, InstanceState, Operation, Timestamp,
     Verb,
@@ -247,13 +246,7 @@ pub fn live_database(ctx: &StepCtx) -> String {
 /// A database name of this operation: the tenant database's name and a suffix, fitted to
 /// MySQL's 64 characters.
 pub fn operation_database(ctx: &StepCtx, tag: char) -> String {
-    let id = ctx.operation.id.as_str();
-    let short = &id[..id.len().min(8)];
-    let suffix = format!("_{tag}{short}");
-    format!(
-        "{}{suffix}",
-        fit(&ctx.names.database, 64 - suffix.len(), '_')
-    )
+    ctx.names.operation_database(tag, ctx.operation.id.as_str())
 }
 
 /// Streams the dump into `database.sql.gz` and writes its summary beside it.

@@ -365,12 +365,16 @@ fn json_secret(what: &str, secret: &Secret) -> StepResult<serde_json::Value> {
 /// The environment's MySQL master credentials: an RDS IAM token when the platform enables
 /// it, else from its master secret.
 pub async fn master_credentials(ctx: &StepCtx) -> StepResult<MasterCredentials> {
-    let platform = &ctx.cloud.platform;
+    environment_master(&ctx.cloud).await
+}
+
+/// [`master_credentials`] of an environment, outside any operation (the reconciler).
+pub async fn environment_master(cloud: &CloudEnv) -> StepResult<MasterCredentials> {
+    let platform = &cloud.platform;
     if platform.db_iam_auth {
-        return Ok(iam_credentials(&ctx.cloud).await?);
+        return Ok(iam_credentials(cloud).await?);
     }
-    let secret = ctx
-        .cloud
+    let secret = cloud
         .secrets
         .read_secret(&platform.master_secret_arn)
         .await?;

@@ -11,8 +11,10 @@ use aws_sdk_cognitoidentityprovider::types::{
 use super::{gone_is_ok, has_all_tags};
 use crate::cloud::error::classify;
 use crate::cloud::{
-    CloudError, CloudResult, ErrorKind, Identity, Tags, UserPool, UserPoolSpec, owner_tags,
+    CloudError, CloudResult, ErrorKind, Identity, TaggedResource, Tags, UserPool, UserPoolSpec,
+    owner_tags,
 };
+use crate::domain::Timestamp;
 
 /// The app client of pool `{pool}` is named `{pool}{APP_CLIENT_SUFFIX}`.
 pub const APP_CLIENT_SUFFIX: &str = "-app";
@@ -233,6 +235,13 @@ impl AwsIdentity {
     }
 
     async fn pool_tagged(&self, pool_id: &str, tags: &Tags) -> CloudResult<bool> {
+        Ok(self.pool_tags(pool_id).await?.is_some_and(|have| {
+            has_all_tags(have.iter().map(|(k, v)| (k.as_str(), v.as_str())), tags)
+        }))
+    }
+
+    /// The pool's tags, `None` if it does not exist.
+    async fn pool_tags(&self, pool_id: &str) -> CloudResult<Option<Tags>> {
         // DescribeUserPool rather than ListTagsForResource: it needs no ARN, and the
         // emulator answers ListTagsForResource for user pools with HTTP 500.
         let described = self
@@ -244,14 +253,16 @@ impl AwsIdentity {
         match described.map_err(|e| classify("cognito-idp:DescribeUserPool", &e)) {
             Ok(out) => {
                 let have = out.user_pool().and_then(|pool| pool.user_pool_tags());
-                let pairs = have
+                let mut tags: Tags = have
                     .into_iter()
                     .flatten()
-                    .map(|(k, v)| (k.as_str(), v.as_str()));
-                Ok(has_all_tags(pairs, tags))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                tags.sort();
+                Ok(Some(tags))
             }
             // Deleted between the listing and now.
-            Err(error) if error.is_not_found() => Ok(false),
+            Err(error) if error.is_not_found() => Ok(None),
             Err(error) => Err(error),
         }
     }
@@ -305,5 +316,31 @@ impl Identity for AwsIdentity {
             }
         }
         Ok(found)
+    }
+
+    async fn tagged_user_pools(&self, tags: &Tags) -> CloudResult<Vec<TaggedResource>> {
+        let mut found = Vec::new();
+        for pool in self.all_pools().await? {
+            let Some(id) = pool.id() else { continue };
+            let Some(have) = self.pool_tags(id).await? else {
+                continue;
+            };
+            if has_all_tags(have.iter().map(|(k, v)| (k.as_str(), v.as_str())), tags) {
+                found.push(TaggedResource {
+                    kind: "user_pool",
+                    id: id.to_owned(),
+                    tags: have,
+                    created_at: pool
+                        .creation_date()
+                        .and_then(|at| at.to_millis().ok())
+                        .map(Timestamp),
+                });
+            }
+        }
+        Ok(found)
+    }
+
+    async fn user_pool_exists(&self, pool_id: &str) -> CloudResult<bool> {
+        Ok(self.pool_tags(pool_id).await?.is_some())
     }
 }

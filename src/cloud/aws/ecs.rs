@@ -18,9 +18,11 @@ use sha2::{Digest, Sha256};
 use super::{gone_is_ok, has_all_tags};
 use crate::cloud::error::classify;
 use crate::cloud::{
-    CloudError, CloudResult, Compute, ErrorKind, OneOffTaskSpec, ServiceSpec, ServiceStatus, Tags,
-    TaskDefinitionSpec, TaskStatus, not_ours, owned_by,
+    CloudError, CloudResult, Compute, ErrorKind, OneOffTaskSpec, ServiceSpec, ServiceStatus,
+    TaggedResource, Tags, TaskDefinitionInfo, TaskDefinitionSpec, TaskStatus, not_ours, owned_by,
+    owner_tags,
 };
+use crate::domain::Timestamp;
 
 /// The WordPress container, the one the target group sends traffic to.
 pub const CONTAINER_NAME: &str = "wordpress";
@@ -507,7 +509,19 @@ impl AwsCompute {
     }
 
     /// ARNs of the cluster's live (not INACTIVE) services carrying every tag.
-    async fn tagged_services(&self, cluster: &str, tags: &Tags) -> CloudResult<Vec<String>> {
+    async fn tagged_service_arns(&self, cluster: &str, tags: &Tags) -> CloudResult<Vec<String>> {
+        Ok(self
+            .described_services(cluster, tags)
+            .await?
+            .iter()
+            .filter(|service| service.status() != Some("INACTIVE"))
+            .filter_map(|service| service.service_arn().map(str::to_owned))
+            .collect())
+    }
+
+    /// The cluster's services carrying every tag, as DescribeServices reports them (with
+    /// their tags; any status).
+    async fn described_services(&self, cluster: &str, tags: &Tags) -> CloudResult<Vec<Service>> {
         let arns: Vec<String> = self
             .client
             .list_services()
@@ -536,8 +550,8 @@ impl AwsCompute {
                     .tags()
                     .iter()
                     .filter_map(|t| Some((t.key()?, t.value()?)));
-                if service.status() != Some("INACTIVE") && has_all_tags(pairs, tags) {
-                    matching.extend(service.service_arn().map(str::to_owned));
+                if has_all_tags(pairs, tags) {
+                    matching.push(service.clone());
                 }
             }
         }
@@ -579,6 +593,36 @@ impl AwsCompute {
             .iter()
             .filter_map(|t| Some((t.key()?, t.value()?)));
         Ok(has_all_tags(pairs, tags).then_some(arn))
+    }
+
+    /// The revision with its tags (DescribeTaskDefinition `include: TAGS`), `None` if ECS
+    /// cannot describe it: an unknown or deleted revision is answered with a
+    /// ClientException ("Unable to describe task definition"), not a "not found".
+    async fn describe_revision(
+        &self,
+        arn: &str,
+    ) -> CloudResult<
+        Option<aws_sdk_ecs::operation::describe_task_definition::DescribeTaskDefinitionOutput>,
+    > {
+        let answer = self
+            .client
+            .describe_task_definition()
+            .task_definition(arn)
+            .include(aws_sdk_ecs::types::TaskDefinitionField::Tags)
+            .send()
+            .await
+            .map_err(|e| classify("ecs:DescribeTaskDefinition", &e));
+        match answer {
+            Ok(answer) => Ok(Some(answer)),
+            Err(error) if error.is_not_found() => Ok(None),
+            Err(error)
+                if error.kind == ErrorKind::Fatal
+                    && error.message.contains("Unable to describe task definition") =>
+            {
+                Ok(None)
+            }
+            Err(error) => Err(error),
+        }
     }
 
     /// Task definitions carrying every tag: ACTIVE and INACTIVE ones (a deregistered
@@ -796,7 +840,7 @@ impl Compute for AwsCompute {
     }
 
     async fn find_tagged(&self, cluster: &str, tags: &Tags) -> CloudResult<Vec<String>> {
-        let mut found = self.tagged_services(cluster, tags).await?;
+        let mut found = self.tagged_service_arns(cluster, tags).await?;
         found.extend(self.tagged_task_definitions(tags).await?);
         Ok(found)
     }
@@ -869,6 +913,134 @@ impl Compute for AwsCompute {
             }
         }
         Ok(())
+    }
+
+    async fn tagged_services(
+        &self,
+        cluster: &str,
+        tags: &Tags,
+    ) -> CloudResult<Vec<TaggedResource>> {
+        Ok(self
+            .described_services(cluster, tags)
+            .await?
+            .iter()
+            .filter(|service| service.status() == Some("ACTIVE"))
+            .filter_map(|service| {
+                Some(TaggedResource {
+                    kind: "service",
+                    id: service.service_name()?.to_owned(),
+                    tags: service
+                        .tags()
+                        .iter()
+                        .filter_map(|t| Some((t.key()?.to_owned(), t.value()?.to_owned())))
+                        .collect(),
+                    created_at: service
+                        .created_at()
+                        .and_then(|at| at.to_millis().ok())
+                        .map(Timestamp),
+                })
+            })
+            .collect())
+    }
+
+    async fn tagged_task_families(
+        &self,
+        family_prefix: &str,
+        tags: &Tags,
+    ) -> CloudResult<Vec<TaggedResource>> {
+        // ListTaskDefinitions' `familyPrefix` is an exact family; the families' listing
+        // is the one that takes a prefix.
+        let families: Vec<String> = self
+            .client
+            .list_task_definition_families()
+            .family_prefix(family_prefix)
+            .status(aws_sdk_ecs::types::TaskDefinitionFamilyStatus::All)
+            .into_paginator()
+            .items()
+            .send()
+            .try_collect()
+            .await
+            .map_err(|e| classify("ecs:ListTaskDefinitionFamilies", &e))?;
+        let mut arns = Vec::new();
+        for family in families.iter().filter(|f| f.starts_with(family_prefix)) {
+            for status in [TaskDefinitionStatus::Active, TaskDefinitionStatus::Inactive] {
+                arns.extend(self.revisions(family, status).await?);
+            }
+        }
+        let described: Vec<_> = futures::stream::iter(arns)
+            .map(|arn| async move { self.describe_revision(&arn).await })
+            .buffered(TAG_LOOKUPS_IN_FLIGHT)
+            .try_collect()
+            .await?;
+        // One entry per (family, owner): the owner's latest revision's tags, and the newest
+        // registration (a family is as young as its newest revision).
+        let mut found: Vec<(u32, TaggedResource)> = Vec::new();
+        for answer in described.into_iter().flatten() {
+            let Some(definition) = answer.task_definition() else {
+                continue;
+            };
+            let have: Tags = answer
+                .tags()
+                .iter()
+                .filter_map(|t| Some((t.key()?.to_owned(), t.value()?.to_owned())))
+                .collect();
+            let pairs = have.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+            if !has_all_tags(pairs, tags) {
+                continue;
+            }
+            let Some(family) = definition.family() else {
+                continue;
+            };
+            let revision = u32::try_from(definition.revision()).unwrap_or(0);
+            let registered = definition
+                .registered_at()
+                .and_then(|at| at.to_millis().ok())
+                .map(Timestamp);
+            let owner = owner_tags(&have);
+            let same = found
+                .iter_mut()
+                .find(|(_, entry)| entry.id == family && owner_tags(&entry.tags) == owner);
+            match same {
+                Some((latest, entry)) => {
+                    if revision > *latest {
+                        *latest = revision;
+                        entry.tags = have;
+                    }
+                    entry.created_at = entry.created_at.max(registered);
+                }
+                None => found.push((
+                    revision,
+                    TaggedResource {
+                        kind: "task_definition",
+                        id: family.to_owned(),
+                        tags: have,
+                        created_at: registered,
+                    },
+                )),
+            }
+        }
+        Ok(found.into_iter().map(|(_, entry)| entry).collect())
+    }
+
+    async fn task_definition(&self, arn: &str) -> CloudResult<Option<TaskDefinitionInfo>> {
+        let Some(answer) = self.describe_revision(arn).await? else {
+            return Ok(None);
+        };
+        Ok(answer.task_definition().map(|definition| {
+            let containers = definition.container_definitions();
+            let wordpress = containers
+                .iter()
+                .find(|c| c.name() == Some(CONTAINER_NAME))
+                .or_else(|| containers.first());
+            TaskDefinitionInfo {
+                arn: definition.task_definition_arn().unwrap_or(arn).to_owned(),
+                status: definition
+                    .status()
+                    .map(|s| s.as_str().to_owned())
+                    .unwrap_or_default(),
+                image: wordpress.and_then(|c| c.image()).map(str::to_owned),
+            }
+        }))
     }
 }
 
