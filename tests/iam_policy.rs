@@ -69,8 +69,16 @@ const RENAMED: &[(&str, &str, &str)] = &[
 const IMPLIED: &[(&str, &str, &str)] = &[
     // Tag-on-create: tags in a create call are authorised as a tagging action too.
     ("ecs", ".set_tags(", "ecs:TagResource"),
-    ("elasticloadbalancing", ".set_tags(", "elasticloadbalancing:AddTags"),
-    ("elasticfilesystem", ".set_tags(", "elasticfilesystem:TagResource"),
+    (
+        "elasticloadbalancing",
+        ".set_tags(",
+        "elasticloadbalancing:AddTags",
+    ),
+    (
+        "elasticfilesystem",
+        ".set_tags(",
+        "elasticfilesystem:TagResource",
+    ),
     ("secretsmanager", ".set_tags(", "secretsmanager:TagResource"),
     ("s3", ".set_tagging(", "s3:PutObjectTagging"),
     // A task definition naming roles passes them to ECS.
@@ -285,7 +293,10 @@ fn scan(source: &str) -> Scanned {
     let blanked = blank_comments_and_literals(source);
     let text = cut_gated_items(source, &blanked, &mut scanned.excluded_modules);
     for (at, _) in text.match_indices("aws_sdk_") {
-        let name: String = text[at..].chars().take_while(|c| is_ident_char(*c)).collect();
+        let name: String = text[at..]
+            .chars()
+            .take_while(|c| is_ident_char(*c))
+            .collect();
         scanned.crates.insert(name);
     }
     scanned.sends = text.matches(".send()").count();
@@ -412,7 +423,10 @@ fn module_files(declaring: &Path, name: &str) -> [PathBuf; 2] {
     } else {
         declaring.with_extension("")
     };
-    [dir.join(format!("{name}.rs")), dir.join(name).join("mod.rs")]
+    [
+        dir.join(format!("{name}.rs")),
+        dir.join(name).join("mod.rs"),
+    ]
 }
 
 /// Every action the production code calls, per file.
@@ -440,12 +454,14 @@ fn called_actions() -> BTreeMap<String, BTreeSet<String>> {
     let mut errors = Vec::new();
     let mut by_file = BTreeMap::new();
     for (path, s) in &scanned {
-        if excluded.contains(path)
-            || excluded_dirs.iter().any(|d| path.starts_with(d))
-        {
+        if excluded.contains(path) || excluded_dirs.iter().any(|d| path.starts_with(d)) {
             continue;
         }
-        let shown = path.strip_prefix(root).unwrap_or(path).display().to_string();
+        let shown = path
+            .strip_prefix(root)
+            .unwrap_or(path)
+            .display()
+            .to_string();
         match file_actions(&shown, s) {
             Ok(actions) if actions.is_empty() => {}
             Ok(actions) => {
@@ -483,7 +499,9 @@ fn policy_actions(name: &str) -> BTreeSet<String> {
     let mut sids = BTreeSet::new();
     let mut actions = BTreeSet::new();
     for statement in statements {
-        let sid = statement["Sid"].as_str().expect("every statement has a Sid");
+        let sid = statement["Sid"]
+            .as_str()
+            .expect("every statement has a Sid");
         assert!(sids.insert(sid.to_owned()), "{name}: Sid {sid} twice");
         assert_eq!(statement["Effect"], "Allow", "{name}: {sid}");
         assert!(
@@ -527,10 +545,8 @@ fn policies_grant_exactly_what_the_code_calls() {
         .filter(|a| CONTROL_PLANE_SERVICES.contains(&service(a)))
         .cloned()
         .collect();
-    let want_environment: BTreeSet<String> = called
-        .difference(&want_control_plane)
-        .cloned()
-        .collect();
+    let want_environment: BTreeSet<String> =
+        called.difference(&want_control_plane).cloned().collect();
 
     let mut problems = Vec::new();
     let mut report = |what: &str, actions: Vec<String>| {
@@ -550,10 +566,8 @@ fn policies_grant_exactly_what_the_code_calls() {
         "called but not in environment-policy.json",
         difference(&want_environment, &environment),
     );
-    let granted_not_called: BTreeSet<String> = environment
-        .difference(&want_environment)
-        .cloned()
-        .collect();
+    let granted_not_called: BTreeSet<String> =
+        environment.difference(&want_environment).cloned().collect();
     report(
         "in environment-policy.json but not called (and not PENDING)",
         difference(&granted_not_called, &pending),
@@ -566,7 +580,10 @@ fn policies_grant_exactly_what_the_code_calls() {
         "PENDING but not in environment-policy.json",
         difference(&pending, &environment),
     );
-    let free: BTreeSet<String> = NO_PERMISSION_NEEDED.iter().map(|a| (*a).to_owned()).collect();
+    let free: BTreeSet<String> = NO_PERMISSION_NEEDED
+        .iter()
+        .map(|a| (*a).to_owned())
+        .collect();
     report(
         "granted although IAM never checks them",
         free.intersection(&control_plane.union(&environment).cloned().collect())
@@ -579,7 +596,11 @@ fn policies_grant_exactly_what_the_code_calls() {
         problems.join("\n")
     );
     // The scan saw the adapters at all (a broken scanner would agree with an empty policy).
-    for file in ["src/cloud/aws/ecs.rs", "src/store/dynamo/mod.rs", "src/cloud/accounts.rs"] {
+    for file in [
+        "src/cloud/aws/ecs.rs",
+        "src/store/dynamo/mod.rs",
+        "src/cloud/accounts.rs",
+    ] {
         assert!(by_file.contains_key(file), "no calls found in {file}");
     }
 }
@@ -648,10 +669,16 @@ mod tests {
     let error = file_actions("hidden.rs", &hidden).unwrap_err();
     assert!(error.contains("1 `.send()` but 0 SDK calls"), "{error}");
     // A new SDK crate must be mapped before its calls count.
-    let unknown = scan("use aws_sdk_sqs::Client; fn h(client: &Client) { client.send_message().send(); }");
-    assert!(file_actions("sqs.rs", &unknown).unwrap_err().contains("aws_sdk_sqs"));
+    let unknown =
+        scan("use aws_sdk_sqs::Client; fn h(client: &Client) { client.send_message().send(); }");
+    assert!(
+        file_actions("sqs.rs", &unknown)
+            .unwrap_err()
+            .contains("aws_sdk_sqs")
+    );
     // The IAM adapter's calls are named with the iam prefix.
-    let iam = scan("use aws_sdk_iam::Client; fn i(client: &Client) { client.create_role().send(); }");
+    let iam =
+        scan("use aws_sdk_iam::Client; fn i(client: &Client) { client.create_role().send(); }");
     assert_eq!(
         file_actions("iam.rs", &iam).unwrap(),
         BTreeSet::from(["iam:CreateRole".to_owned()])
