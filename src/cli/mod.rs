@@ -50,6 +50,12 @@ enum Command {
     Client(client::ClientCommand),
 }
 
+/// The command line's definition (every subcommand, flag and `IM_*` variable), for the
+/// check of the configuration reference against it.
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
+}
+
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
