@@ -56,6 +56,7 @@ FROM ${RUNTIME_IMAGE} AS runtime
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates mariadb-client \
+    && apt-get clean \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --gid 10001 instance-manager \
     && useradd --uid 10001 --gid 10001 --no-create-home \

@@ -103,9 +103,18 @@ cleanup() {
         fi
         podman rm -f "$CONTAINER" >/dev/null 2>&1 || true
     fi
-    if [ "$started" = 1 ]; then bash scripts/moto.sh stop || true; fi
+    if [ "$started" = 1 ]; then
+        bash scripts/moto.sh stop || true
+        # moto's log is kept only when something failed.
+        if [ "$rc" -eq 0 ] && [ "$failures" -eq 0 ]; then rm -f "$IM_RUN/$MOTO_NAME.log"; fi
+    fi
     if [ "${IM_IMAGE_KEEP:-}" != 1 ]; then
         podman rmi -f "$IMAGE" >/dev/null 2>&1 || true
+        if [ -n "${dangling_before+set}" ]; then
+            comm -13 <(printf '%s\n' "$dangling_before") \
+                <(podman images --quiet --filter dangling=true | sort) |
+                xargs -r podman rmi -f >/dev/null 2>&1 || true
+        fi
         if [ "$rc" -eq 0 ] && [ "$failures" -eq 0 ]; then rm -rf "$work"; fi
     fi
 }
@@ -114,21 +123,46 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 # ---- binaries ----------------------------------------------------------------------------
-# The target directory may be shared with other checkouts (CARGO_TARGET_DIR): each binary is
-# copied away right after its build, before another build can replace it.
+# The target directory may be shared with other checkouts (CARGO_TARGET_DIR): the moment
+# cargo releases it, another checkout's build can replace target/debug/instance-manager. So
+# each binary is copied away and the copy checked: its debug info names the directory it
+# was compiled in (this checkout), and it has (or lacks) the emulator feature as asked.
 target_dir="${CARGO_TARGET_DIR:-$IM_ROOT/target}"
-build_bin() { cargo build --quiet "$@" --bin instance-manager; }
+compiled_here() {
+    "$IM_VENV/bin/python" - "$1" "$IM_ROOT" <<'PY'
+import mmap, sys
+with open(sys.argv[1], "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+    sys.exit(0 if m.find(sys.argv[2].encode() + b"\0") >= 0 else 1)
+PY
+}
+has_emulator() { "$1" bootstrap --help 2>/dev/null | grep -q -- --mysql-host; }
+# build_copy DEST emulator|plain
+build_copy() {
+    local dest="$1" kind="$2" features=() try
+    if [ "$kind" = emulator ]; then features=(--features emulator); fi
+    for try in 1 2 3; do
+        # Checkouts of the same crate share artifact names in a shared target directory, and
+        # cargo may take another checkout's build for fresh: touched, the crate is rebuilt
+        # from this one's sources.
+        if [ "$target_dir" != "$IM_ROOT/target" ]; then touch src/lib.rs src/main.rs; fi
+        cargo build --quiet "${features[@]}" --bin instance-manager
+        cp "$target_dir/debug/instance-manager" "$dest"
+        if compiled_here "$dest" && { if [ "$kind" = emulator ]; then has_emulator "$dest"; else ! has_emulator "$dest"; fi; }; then
+            return 0
+        fi
+        say "another build replaced $target_dir/debug/instance-manager before it was copied (try $try)"
+    done
+    die "could not copy this checkout's $kind binary out of $target_dir; set IM_BINARY / IM_BOOTSTRAP_BINARY"
+}
 if [ -n "${IM_BOOTSTRAP_BINARY:-}" ]; then
     cp "$IM_BOOTSTRAP_BINARY" "$work/bootstrap"
 else
-    build_bin --features emulator
-    cp "$target_dir/debug/instance-manager" "$work/bootstrap"
+    build_copy "$work/bootstrap" emulator
 fi
 if [ -n "${IM_BINARY:-}" ]; then
     cp "$IM_BINARY" "$work/context/instance-manager"
 else
-    build_bin
-    cp "$target_dir/debug/instance-manager" "$work/context/instance-manager"
+    build_copy "$work/context/instance-manager" plain
 fi
 binary="$work/context/instance-manager"
 "$binary" healthcheck --help >/dev/null 2>&1 ||
@@ -143,7 +177,9 @@ if [ "${IM_IMAGE_FRESH_BASE:-}" = 1 ] || ! podman image exists "$BASE_IMAGE"; th
         show_log_tail "$work/mmdebstrap.log"
         die "mmdebstrap failed (it needs Debian's mirrors)"
     }
+    previous_base="$(podman image inspect --format '{{.Id}}' "$BASE_IMAGE" 2>/dev/null || true)"
     podman import --quiet "$work/base.tar" "$BASE_IMAGE" >/dev/null
+    if [ -n "$previous_base" ]; then podman rmi "$previous_base" >/dev/null 2>&1 || true; fi
     rm -f "$work/base.tar"
     timings+=("base image (mmdebstrap + import): $(elapsed "$t0" "$(now)")")
 else
@@ -153,6 +189,9 @@ fi
 # ---- the runtime stage -----------------------------------------------------------------
 # --format docker: the OCI format has no HEALTHCHECK. The context is just the binary.
 t0="$(now)"
+# The binary-local stage stays behind as an untagged image: whatever untagged images the
+# build adds are removed at the end.
+dangling_before="$(podman images --quiet --filter dangling=true | sort)"
 podman build --quiet --format docker --network host "${RUN_LIMITS[@]}" \
     --file "$IM_ROOT/Dockerfile" --target runtime \
     --build-arg RUNTIME_IMAGE="$BASE_IMAGE" \
