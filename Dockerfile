@@ -29,7 +29,8 @@ RUN mkdir -p src tests examples \
            echo 'fn main() {}' > "examples/$target.rs"; \
          done \
     && cargo build --release --locked --bin instance-manager \
-    && rm -rf src tests examples
+    && rm -rf src
+# The stand-ins under tests/ and examples/ stay: the manifest names those targets.
 COPY src ./src
 # COPY keeps the files' own times, which can be older than the stand-ins' build: touched,
 # cargo rebuilds the crate itself (and only it).
