@@ -1,6 +1,6 @@
 # One-command entry points (see README). Everything runs through bash scripts
 # in scripts/ so that it works the same from a shell, make, and CI.
-.PHONY: dev test check bootstrap fmt clippy bench
+.PHONY: dev test check bootstrap fmt clippy bench image-test
 
 ifdef CI
 export CARGO_TERM_COLOR := never
@@ -17,6 +17,12 @@ bootstrap:
 # Whole test suite (unit, integration, doc) against a fresh moto.
 test:
 	bash scripts/test.sh
+
+# The container image's runtime stage, built with podman on a local Debian base (mmdebstrap)
+# and run read-only as its non-root user against moto and MariaDB: health, a CreateInstance.
+# Not part of `test`: it installs podman/runc/mmdebstrap if missing and takes minutes.
+image-test:
+	bash scripts/image-test.sh
 
 # Backup/restore throughput and peak RSS for two database sizes (not a test).
 bench:

@@ -4,10 +4,11 @@
 # Ensures the venv (moto, grpcurl, grpcio), MariaDB on 127.0.0.1:3306 and buf
 # (if scripts/buf-lint.sh exists), starts ONE moto server on a free port for
 # all test binaries, then runs unit, integration and doc tests with
-# --no-fail-fast. With arguments, runs just `cargo test --no-fail-fast ARGS`
-# instead (e.g. `scripts/test.sh --test harness_smoke`). Exits with cargo's
-# status. Every run enables the `emulator` cargo feature (the emulated-platform
-# bootstrap the integration tests use).
+# --no-fail-fast, and lints the Dockerfiles (hadolint). With arguments, runs
+# just `cargo test --no-fail-fast ARGS` instead (e.g. `scripts/test.sh --test
+# harness_smoke`). Exits with cargo's status (or hadolint's). Every run
+# enables the `emulator` cargo feature (the emulated-platform bootstrap the
+# integration tests use).
 #
 # Tests receive:
 #   IM_TEST_AWS_ENDPOINT   http://127.0.0.1:PORT of the shared moto server
@@ -67,6 +68,14 @@ else
         doc_rc=0
         cargo test "${features[@]}" --doc --no-fail-fast || doc_rc=$?
         if [ "$rc" -eq 0 ]; then rc="$doc_rc"; fi
+    fi
+    # The Dockerfiles' lint (hadolint from the venv; well under a second). The image itself
+    # is tested by `make image-test`.
+    lint_rc=0
+    "$IM_VENV/bin/hadolint" --no-color Dockerfile docker/*/Dockerfile || lint_rc=$?
+    if [ "$lint_rc" -ne 0 ]; then
+        say "hadolint found problems in the Dockerfiles"
+        if [ "$rc" -eq 0 ]; then rc="$lint_rc"; fi
     fi
 fi
 if [ "$rc" -ne 0 ]; then

@@ -351,3 +351,67 @@ fn bad_command_lines_and_unreachable_servers_exit_non_zero() {
     assert_eq!(exit_code(&out), Some(1), "{out:?}");
     assert!(out.stderr.contains("https://"), "{}", out.stderr);
 }
+
+#[test]
+fn healthcheck_exits_zero_only_while_the_server_is_serving() {
+    // Nothing listens: not healthy.
+    let out = Cli::new("127.0.0.1:9").run(&["healthcheck"]);
+    assert_eq!(exit_code(&out), Some(1), "{out:?}");
+    assert!(out.stderr.contains("cannot connect"), "{}", out.stderr);
+
+    // A server whose table does not exist yet answers NOT_SERVING (its state store does not
+    // answer): the check fails and says so.
+    let endpoint = common::aws_endpoint();
+    let table = common::unique_name("healthcheck");
+    let mut server = common::ServerProcess::spawn(
+        [
+            "serve",
+            "--listen",
+            common::ANY_PORT,
+            "--aws-endpoint",
+            &endpoint,
+            "--table",
+            &table,
+        ],
+        &[],
+    );
+    let addr = server.wait_serving().to_string();
+    let cli = Cli::new(&addr);
+    let out = cli.run(&["healthcheck"]);
+    assert_eq!(exit_code(&out), Some(1), "{out:?}");
+    assert!(
+        out.stderr.contains("the server answers NOT_SERVING"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stdout.is_empty(), "{}", out.stdout);
+
+    // Once the table exists the server turns SERVING by itself, and so does the check.
+    common::ServerProcess::run(
+        ["bootstrap", "--aws-endpoint", &endpoint, "--table", &table],
+        &[],
+        COMMAND_BOUND,
+    )
+    .assert_success();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let out = loop {
+        let out = cli.run(&["healthcheck"]);
+        if exit_code(&out) == Some(0) || std::time::Instant::now() >= deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(exit_code(&out), Some(0), "{out:?}\n{}", server.logs());
+    assert_eq!(out.stdout, "SERVING\n");
+
+    // One service by name; a name the server does not know is an error, not SERVING.
+    let out = cli.ok(&[
+        "healthcheck",
+        "--service",
+        "bbws.instance.v1.InstanceService",
+    ]);
+    assert_eq!(out, "SERVING\n");
+    let out = cli.run(&["healthcheck", "--service", "no.such.Service"]);
+    assert_eq!(exit_code(&out), Some(1), "{out:?}");
+    assert!(out.stderr.contains("NOT_FOUND"), "{}", out.stderr);
+}

@@ -40,6 +40,9 @@ pub enum ClientCommand {
     Scale(ScaleArgs),
     /// Check the health of an instance now.
     Health(NameArgs),
+    /// Ask the server itself whether it is serving (`grpc.health.v1.Health/Check`): exits
+    /// 0 on SERVING, 1 otherwise. For container and orchestrator health checks.
+    Healthcheck(HealthcheckArgs),
     /// CPU and memory utilisation, task counts and database size of an instance.
     Usage(UsageArgs),
     /// An instance's logs: a time range, or `--follow` to tail them.
@@ -128,6 +131,15 @@ pub struct MutateOpts {
 pub struct NameArgs {
     /// Resource name.
     pub name: String,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct HealthcheckArgs {
+    /// The service to ask about; empty: the server as a whole.
+    #[arg(long, default_value = "")]
+    pub service: String,
     #[command(flatten)]
     pub client: ClientArgs,
 }
@@ -448,6 +460,7 @@ impl ClientCommand {
         match self {
             Self::Create(a) => &a.client,
             Self::Get(a) | Self::Health(a) => &a.client,
+            Self::Healthcheck(a) => &a.client,
             Self::List(a) => &a.client,
             Self::Update(a) => &a.client,
             Self::Delete(a) => &a.client,
@@ -588,6 +601,7 @@ async fn execute(command: ClientCommand) -> Result<(), CliError> {
             print_health(&conn, &report);
             Ok(())
         }
+        ClientCommand::Healthcheck(args) => healthcheck(&conn, &args.service).await,
         ClientCommand::Usage(args) => {
             let usage = conn
                 .instances
@@ -1273,6 +1287,27 @@ fn print_instance(conn: &Conn, i: &v1::Instance) {
         println!();
         print!("{}", table.render());
     }
+}
+
+/// `grpc.health.v1.Health/Check`: Ok only when the answer is SERVING (the status is
+/// printed either way, so a probe's log says what the server answered).
+async fn healthcheck(conn: &Conn, service: &str) -> Result<(), CliError> {
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+    let status = conn
+        .health
+        .clone()
+        .check(conn.unary(HealthCheckRequest {
+            service: service.to_owned(),
+        }))
+        .await?
+        .into_inner()
+        .status();
+    let name = status.as_str_name();
+    if status != ServingStatus::Serving {
+        return Err(CliError::Local(format!("the server answers {name}")));
+    }
+    println!("{name}");
+    Ok(())
 }
 
 fn print_health(conn: &Conn, report: &v1::HealthReport) {

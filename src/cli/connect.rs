@@ -7,6 +7,7 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic_health::pb::health_client::HealthClient;
 
 use crate::proto::google_longrunning::operations_client::OperationsClient;
 use crate::proto::v1::instance_service_client::InstanceServiceClient;
@@ -64,11 +65,12 @@ impl Interceptor for Auth {
 
 type Transport = InterceptedService<Channel, Auth>;
 
-/// The clients of both services over one connection.
+/// The clients of both services, and of `grpc.health.v1`, over one connection.
 #[derive(Clone)]
 pub struct Conn {
     pub instances: InstanceServiceClient<Transport>,
     pub operations: OperationsClient<Transport>,
+    pub health: HealthClient<Transport>,
     pub format: Format,
     timeout: Duration,
 }
@@ -88,7 +90,8 @@ impl Conn {
         let transport = InterceptedService::new(channel, auth);
         Ok(Self {
             instances: InstanceServiceClient::new(transport.clone()),
-            operations: OperationsClient::new(transport),
+            operations: OperationsClient::new(transport.clone()),
+            health: HealthClient::new(transport),
             format: args.output,
             timeout: Duration::from_secs(args.timeout_secs.max(1)),
         })
