@@ -430,6 +430,11 @@ fn full_values_render_every_optional_part() {
         env["IM_PAGE_TOKEN_SECRET"]["valueFrom"]["secretKeyRef"],
         serde_json::json!({"name": "instance-manager-secrets", "key": "page-token"})
     );
+    assert_eq!(
+        env["IM_EXTERNAL_ID_PROD"]["valueFrom"]["secretKeyRef"],
+        serde_json::json!({"name": "instance-manager-secrets", "key": "prod-external-id"})
+    );
+    assert!(!env.contains_key("IM_EXTERNAL_ID_DEV"), "{env:#?}");
 }
 
 #[test]
@@ -679,6 +684,12 @@ fn the_rendered_configuration_is_accepted_by_the_binary() {
     );
     let environments = dumped["environments"].as_array().unwrap();
     assert_eq!(environments.len(), 2);
+    // PROD's ExternalId came from its Secret through IM_EXTERNAL_ID_PROD; DEV has none.
+    let external_ids: Vec<&str> = environments
+        .iter()
+        .map(|e| e["external_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(external_ids, ["<redacted>", ""]);
     assert_eq!(
         environments[0]["platform"]["subnets"]
             .as_array()
