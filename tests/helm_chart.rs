@@ -134,6 +134,15 @@ impl Manifests {
     }
 }
 
+/// The element of the array `list` that `matches`; panics (naming `what`) if none does.
+fn find<'a>(list: &'a Value, what: &str, matches: impl Fn(&Value) -> bool) -> &'a Value {
+    list.as_array()
+        .unwrap_or_else(|| panic!("{what}: not a list: {list:#?}"))
+        .iter()
+        .find(|item| matches(item))
+        .unwrap_or_else(|| panic!("no {what} in {list:#?}"))
+}
+
 fn port_named(container: &Value, name: &str) -> u64 {
     container["ports"]
         .as_array()
@@ -237,18 +246,12 @@ fn default_values_render_a_hardened_highly_available_deployment() {
     assert!(container["resources"]["requests"]["memory"].is_string());
     assert!(container["resources"]["limits"]["memory"].is_string());
     // The only writable place is an emptyDir on /tmp.
-    let tmp = container["volumeMounts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["mountPath"] == "/tmp")
-        .expect("/tmp is mounted");
-    let volume = pod["volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["name"] == tmp["name"])
-        .unwrap();
+    let tmp = find(&container["volumeMounts"], "/tmp", |m| {
+        m["mountPath"] == "/tmp"
+    });
+    let volume = find(&pod["volumes"], "the /tmp volume", |v| {
+        v["name"] == tmp["name"]
+    });
     assert!(volume["emptyDir"].is_object(), "{volume:#?}");
 
     // Native gRPC probes on the port the server listens on and the Service exposes.
@@ -354,18 +357,12 @@ fn full_values_render_every_optional_part() {
 
     // TLS: the Secret is mounted as a directory (renewals reach the files), the config
     // names its files, and the probes fall back to TCP (Kubernetes' gRPC probe has no TLS).
-    let tls_volume = pod["volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["secret"]["secretName"] == "instance-manager-tls")
-        .expect("the TLS secret volume");
-    let mount = container["volumeMounts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["name"] == tls_volume["name"])
-        .expect("the TLS mount");
+    let tls_volume = find(&pod["volumes"], "the TLS volume", |v| {
+        v["secret"]["secretName"] == "instance-manager-tls"
+    });
+    let mount = find(&container["volumeMounts"], "the TLS mount", |m| {
+        m["name"] == tls_volume["name"]
+    });
     assert!(mount["subPath"].is_null(), "{mount:#?}");
     let dir = mount["mountPath"].as_str().unwrap();
     let config = manifests.config();
@@ -565,12 +562,9 @@ fn container_env(manifests: &Manifests) -> Vec<(String, String)> {
 /// configuration file being the ConfigMap's config.toml written to `dir`.
 fn dump_config(manifests: &Manifests, dir: &Path) -> common::RunOutput {
     let container = manifests.container();
-    let mounted = container["volumeMounts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["subPath"] == "config.toml")
-        .expect("config.toml is mounted")["mountPath"]
+    let mounted = find(&container["volumeMounts"], "config.toml's mount", |m| {
+        m["subPath"] == "config.toml"
+    })["mountPath"]
         .as_str()
         .unwrap()
         .to_owned();
@@ -759,20 +753,6 @@ fn exported(scrape: &str, name: &str) -> bool {
             .any(|suffix| name.strip_suffix(suffix).is_some_and(histogram))
 }
 
-async fn scrape(addr: std::net::SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: prometheus\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    body.to_owned()
-}
-
 #[tokio::test]
 async fn alerts_and_dashboard_name_metrics_the_binary_exports() {
     let manifests = render_full();
@@ -819,7 +799,7 @@ async fn alerts_and_dashboard_name_metrics_the_binary_exports() {
     // The ending is counted after its write, which the watch may see first.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let scraped = loop {
-        let scraped = scrape(metrics).await;
+        let (_, scraped) = common::scrape_metrics(metrics).await;
         if exported(&scraped, "im_operations_stuck_total") {
             break scraped;
         }
