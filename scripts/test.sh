@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make test`: the whole test suite against local emulators.
 #
-# Ensures the venv (moto, grpcurl, grpcio), MariaDB on 127.0.0.1:3306 and buf
+# Ensures the venv (moto, grpcurl, grpcio), MariaDB on 127.0.0.1:3306, helm and buf
 # (if scripts/buf-lint.sh exists), starts ONE moto server on a free port for
 # all test binaries, then runs unit, integration and doc tests with
 # --no-fail-fast, and lints the Dockerfiles (hadolint). With arguments, runs
@@ -15,6 +15,7 @@
 #   IM_TEST_GRPCURL        $ROOT/.venv/bin/grpcurl
 #   IM_TEST_PYTHON         $ROOT/.venv/bin/python (grpcio, pymysql installed)
 #   IM_TEST_MYSQL_URL      mysql://root@127.0.0.1:3306/test
+#   IM_TEST_HELM           $ROOT/.tools/helm/helm (scripts/ensure-helm.sh)
 #   AWS_REGION, AWS_DEFAULT_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
 #                          test values for moto (us-east-1, testing/testing)
 set -euo pipefail
@@ -27,6 +28,8 @@ command -v cargo >/dev/null 2>&1 || die "cargo not found; install Rust (https://
 
 bash scripts/ensure-venv.sh
 bash scripts/mariadb.sh ensure
+IM_TEST_HELM="$(bash scripts/ensure-helm.sh)"
+export IM_TEST_HELM
 if [ -f scripts/buf-lint.sh ]; then
     bash scripts/buf-lint.sh install
 fi

@@ -505,8 +505,30 @@ impl ConfigArgs {
         if let Some(max) = self.scale_max {
             config.scale_bounds.max = max;
         }
+        external_ids_from(&mut config.environments, |name| std::env::var(name).ok());
         config.validate()?;
         Ok(config)
+    }
+}
+
+/// The variable that gives an environment's `external_id`: `IM_EXTERNAL_ID_PROD`, ….
+pub fn external_id_variable(environment: crate::domain::Environment) -> String {
+    format!("IM_EXTERNAL_ID_{}", environment.as_str())
+}
+
+/// Sets each environment's `external_id` from its variable ([`external_id_variable`]) where
+/// that is set and not empty, over the file's: a secret can then stay out of the file (the
+/// Helm chart takes it from a Kubernetes Secret).
+fn external_ids_from(
+    environments: &mut [EnvironmentConfig],
+    variable: impl Fn(&str) -> Option<String>,
+) {
+    for environment in environments {
+        if let Some(value) = variable(&external_id_variable(environment.name))
+            && !value.is_empty()
+        {
+            environment.external_id = Secret::new(value);
+        }
     }
 }
 
@@ -799,6 +821,27 @@ mod tests {
         let read: Config = toml::from_str(&written).unwrap();
         assert_eq!(read, config, "{written}");
         assert!(read.environments[1].external_id.is_empty());
+    }
+
+    #[test]
+    fn external_ids_come_from_their_variables() {
+        let mut config: Config = toml::from_str(
+            "[[environments]]\nname = \"PROD\"\naccount_id = \"111122223333\"\nregion = \"eu-west-1\"\nexternal_id = \"from-file\"\n[[environments]]\nname = \"DEV\"\naccount_id = \"111122223334\"\nregion = \"eu-west-1\"\nexternal_id = \"dev-file\"\n[[environments]]\nname = \"SIT\"\naccount_id = \"111122223335\"\nregion = \"eu-west-1\"\n",
+        )
+        .unwrap();
+        let variables = |name: &str| match name {
+            "IM_EXTERNAL_ID_PROD" => Some("prod-s3cr3t".to_owned()),
+            "IM_EXTERNAL_ID_DEV" => Some(String::new()),
+            _ => None,
+        };
+        external_ids_from(&mut config.environments, variables);
+        let ids: Vec<&str> = config
+            .environments
+            .iter()
+            .map(|e| e.external_id.expose())
+            .collect();
+        assert_eq!(ids, ["prod-s3cr3t", "dev-file", ""]);
+        assert!(!config.redacted_toml().contains("s3cr3t"));
     }
 
     #[test]

@@ -34,20 +34,6 @@ impl Drop for MasterUser {
     }
 }
 
-/// The body of `GET /metrics` at `addr`.
-async fn scrape(addr: std::net::SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: prometheus\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    response
-}
-
 #[tokio::test]
 async fn a_debug_level_provisioning_never_shows_a_password() {
     let mut config = platform::config_with_platforms(&[Environment::Dev]).await;
@@ -204,7 +190,7 @@ async fn a_debug_level_provisioning_never_shows_a_password() {
         .into_inner();
     assert!(operations.operations.len() >= 2, "{operations:?}");
     shown.push(("ListOperations".into(), format!("{operations:?}")));
-    shown.push(("/metrics".into(), scrape(metrics).await));
+    shown.push(("/metrics".into(), common::scrape_metrics(metrics).await.1));
 
     server.terminate();
     let stderr = server.stderr();

@@ -214,26 +214,6 @@ async fn grpcurl_watches_a_provisioning_step_by_step() {
     }
 }
 
-/// The body of `GET /metrics` at `addr`, with its content type.
-async fn scrape(addr: std::net::SocketAddr) -> (String, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: prometheus\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    let content_type = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-type: "))
-        .unwrap_or_default()
-        .to_owned();
-    (content_type, body.to_owned())
-}
-
 #[tokio::test]
 async fn the_metrics_endpoint_counts_operations() {
     let mut config = platform::config_with_platforms(&[Environment::Sit]).await;
@@ -243,7 +223,7 @@ async fn the_metrics_endpoint_counts_operations() {
     let (mut server, addr) = serve(&path, "");
     let metrics = server.wait_logged_address("serving metrics");
 
-    let (content_type, before) = scrape(metrics).await;
+    let (content_type, before) = common::scrape_metrics(metrics).await;
     assert!(
         content_type.starts_with("text/plain; version=0.0.4"),
         "{content_type}"
@@ -269,7 +249,7 @@ async fn the_metrics_endpoint_counts_operations() {
         .await
         .unwrap_err();
     assert_eq!(missing.code(), tonic::Code::NotFound);
-    let (_, after) = scrape(metrics).await;
+    let (_, after) = common::scrape_metrics(metrics).await;
     for line in [
         "im_operations_running 0",
         "im_operations_claimed_total{resumed=\"false\",verb=\"create\"} 1",

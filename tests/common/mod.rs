@@ -646,6 +646,27 @@ impl RunOutput {
     }
 }
 
+/// `GET /metrics` at `addr` (a server's `metrics_listen`): the content type and the body.
+/// Panics unless the answer is 200.
+pub async fn scrape_metrics(addr: SocketAddr) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: prometheus\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let content_type = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-type: "))
+        .unwrap_or_default()
+        .to_owned();
+    (content_type, body.to_owned())
+}
+
 /// Runs the future `make` builds on a thread and runtime of its own and waits for it: for
 /// cleanup in destructors (of thread-locals, say), where the test's runtime is gone.
 pub fn run_on_own_thread<F>(make: impl FnOnce() -> F + Send + 'static)
