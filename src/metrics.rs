@@ -37,6 +37,8 @@ pub const RECONCILE_FAILURES: &str = "im_reconcile_failures_total";
 
 pub const ORPHANS: &str = "im_reconcile_orphans";
 pub const DRIFT: &str = "im_reconcile_drift";
+pub const OPERATIONS_WAITING: &str = "im_operations_waiting";
+pub const OPERATIONS_WAITING_OLDEST: &str = "im_operations_waiting_oldest_seconds";
 
 pub const RPC_DURATION: &str = "im_rpc_duration_seconds";
 pub const OPERATION_DURATION: &str = "im_operation_duration_seconds";
@@ -80,7 +82,7 @@ const COUNTERS: [(&str, &str); 9] = [
     ),
 ];
 
-const GAUGES: [(&str, &str); 2] = [
+const GAUGES: [(&str, &str); 4] = [
     (
         ORPHANS,
         "Orphaned resources (tagged as ours, no live instance owns them) found by this replica's last reconcile pass, by environment and kind",
@@ -88,6 +90,14 @@ const GAUGES: [(&str, &str); 2] = [
     (
         DRIFT,
         "Drift conditions on instances seen by this replica's last reconcile pass, by kind",
+    ),
+    (
+        OPERATIONS_WAITING,
+        "Unfinished operations no worker holds (never claimed, or their lease expired), seen by this replica's last reconcile pass",
+    ),
+    (
+        OPERATIONS_WAITING_OLDEST,
+        "How long the longest-waiting of those has waited (since its creation, or since its lease expired), in seconds, at this replica's last reconcile pass",
     ),
 ];
 

@@ -35,6 +35,9 @@
 //!   live, is reported as an orphan and **never removed**: only a claim proves a database
 //!   is ours (claiming refuses a name that exists already, so an unclaimed one was made
 //!   by someone else, or by hand).
+//! - **Waiting operations**: unfinished operations no worker holds (never claimed, or
+//!   their lease expired) are counted, with how long the oldest has waited, so that
+//!   operations left PENDING can be alerted on.
 //! - **Drift**: each resource recorded on an ACTIVE or SUSPENDED instance that has no
 //!   operation running is looked up: access point, secret, target group, listener rule;
 //!   the ECS service, whose desired count must be the instance's (0 when suspended); the
@@ -117,6 +120,9 @@ struct Found {
 /// Stale operations taken per pass.
 const STALE_BATCH: usize = 100;
 
+/// Waiting operations counted per pass (the gauge saturates there).
+const WAITING_BATCH: usize = 1000;
+
 /// Instances read per page.
 const PAGE: usize = 200;
 
@@ -151,6 +157,10 @@ pub struct ReconcileReport {
     pub drift: usize,
     /// Operations this pass ended STUCK.
     pub stuck: usize,
+    /// Unfinished operations no worker held (never claimed, or lease expired), at most
+    /// 1000, and how long the oldest of them had waited, in seconds.
+    pub waiting: usize,
+    pub waiting_oldest_secs: i64,
     /// Checks that could not be done (logged; retried on the next pass).
     pub failures: usize,
 }
@@ -203,6 +213,7 @@ impl Reconciler {
     pub async fn reconcile_once(&self, now: Timestamp) -> ReconcileReport {
         let mut report = ReconcileReport::default();
         self.end_stale_operations(now, &mut report).await;
+        self.measure_waiting(now, &mut report).await;
         let mut drift_by_kind: HashMap<String, i64> = HashMap::new();
         for &environment in &self.environments {
             let cloud = match self.clouds.env(environment).await {
@@ -232,6 +243,36 @@ impl Reconciler {
             self.metrics.set(metrics::DRIFT, &[("kind", kind)], value);
         }
         report
+    }
+
+    /// Counts the operations no worker holds and how long the oldest has waited, so that
+    /// operations left PENDING (every worker busy, no replica claiming) can be alerted on.
+    async fn measure_waiting(&self, now: Timestamp, report: &mut ReconcileReport) {
+        let waiting = match self.store.runnable_operations(now, WAITING_BATCH).await {
+            Ok(waiting) => waiting,
+            Err(error) => {
+                tracing::warn!(%error, "cannot list the operations waiting for a worker");
+                self.fail(report, "waiting");
+                return;
+            }
+        };
+        let oldest = waiting
+            .iter()
+            .map(|operation| {
+                let since = operation
+                    .lease
+                    .as_ref()
+                    .map_or(operation.created_at, |lease| lease.expires_at);
+                (now.millis() - since.millis()).max(0) / 1000
+            })
+            .max()
+            .unwrap_or(0);
+        report.waiting = waiting.len();
+        report.waiting_oldest_secs = oldest;
+        self.metrics
+            .set(metrics::OPERATIONS_WAITING, &[], waiting.len() as i64);
+        self.metrics
+            .set(metrics::OPERATIONS_WAITING_OLDEST, &[], oldest);
     }
 
     async fn end_stale_operations(&self, now: Timestamp, report: &mut ReconcileReport) {

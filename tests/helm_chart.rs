@@ -415,6 +415,7 @@ fn full_values_render_every_optional_part() {
             "ImNoReplicaClaiming",
             "ImOperationFailureRatio",
             "ImOperationStuck",
+            "ImOperationWaitingTooLong",
             "ImOperationsPendingTooLong"
         ]
         .map(str::to_owned)
@@ -800,7 +801,10 @@ async fn alerts_and_dashboard_name_metrics_the_binary_exports() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let scraped = loop {
         let (_, scraped) = common::scrape_metrics(metrics).await;
-        if exported(&scraped, "im_operations_stuck_total") {
+        // The reconciler's gauges come with its first pass, at start-up.
+        if exported(&scraped, "im_operations_stuck_total")
+            && exported(&scraped, "im_operations_waiting_oldest_seconds")
+        {
             break scraped;
         }
         assert!(

@@ -461,6 +461,20 @@ async fn a_long_expired_lease_ends_stuck_once_and_a_recent_one_does_not() {
     );
     assert_eq!(a.stuck + b.stuck, 1, "{a:?} {b:?}");
     assert_eq!(stored_status(&dynamo, &config.table, &old).await, "STUCK");
+    // Left waiting: the recent one, its lease expired 10 s ago (the old one has ended).
+    for (report, engine) in [(&a, &one), (&b, &two)] {
+        assert_eq!(
+            (report.waiting, report.waiting_oldest_secs),
+            (1, 10),
+            "{report:?}"
+        );
+        let text = engine.render_metrics();
+        assert!(has_line(&text, "im_operations_waiting 1"), "{text}");
+        assert!(
+            has_line(&text, "im_operations_waiting_oldest_seconds 10"),
+            "{text}"
+        );
+    }
     assert_eq!(
         stored_status(&dynamo, &config.table, &recent).await,
         "IN_PROGRESS"
