@@ -15,7 +15,9 @@
 //!   before a resource is counted, and removal (when enabled) uses the calls deprovisioning
 //!   uses, which succeed when the resource is already gone: two replicas removing the same
 //!   orphan both succeed. Rules go before target groups (a group in use cannot go).
-//!   Kinds covered: access points, secrets, target groups, listener rules.
+//!   Kinds covered: access points, secrets, target groups, listener rules, and instances'
+//!   IAM task roles (`task_role`: the roles under `/bbws/instances/`, listed with their
+//!   tags; removed last, after anything that may still run as them).
 //! - **Drift**: each resource recorded on an ACTIVE or SUSPENDED instance that has no
 //!   operation running is looked up (access point, secret, target group, listener rule,
 //!   ECS service, whose desired count must be the instance's, or 0 when suspended); what is
@@ -45,7 +47,13 @@ use crate::workflow::Engine;
 use crate::workflow::engine::StaleOutcome;
 
 /// The orphan kinds the reconciler looks for, in the order they are removed.
-pub const ORPHAN_KINDS: [&str; 4] = ["listener_rule", "target_group", "access_point", "secret"];
+pub const ORPHAN_KINDS: [&str; 5] = [
+    "listener_rule",
+    "target_group",
+    "access_point",
+    "secret",
+    "task_role",
+];
 
 /// Stale operations taken per pass.
 const STALE_BATCH: usize = 100;
@@ -298,6 +306,13 @@ impl Reconciler {
             ),
             ("secret", cloud.secrets.tagged_secrets(&ours).await),
             (
+                "task_role",
+                cloud
+                    .task_roles
+                    .tagged_roles(crate::domain::naming::TASK_ROLE_PATH, &ours)
+                    .await,
+            ),
+            (
                 "routing",
                 cloud
                     .routing
@@ -527,6 +542,7 @@ async fn remove(cloud: &CloudEnv, resource: &TaggedResource) -> Result<(), Cloud
         "target_group" => cloud.routing.delete_target_group(&resource.id).await,
         "access_point" => cloud.files.delete_access_point(&resource.id).await,
         "secret" => cloud.secrets.delete_secret(&resource.id).await,
+        "task_role" => cloud.task_roles.delete_task_role(&resource.id).await,
         other => Err(CloudError::fatal(format!("no removal for kind {other}"))),
     }
 }
