@@ -175,7 +175,10 @@ async fn check_role(cp: &platform::ControlPlane, tenant: &str) -> Observed {
         );
     }
     let access_point_arn = access_point.access_point_arn().unwrap().to_owned();
-    assert_eq!(policy_access_points, [access_point_arn.clone()]);
+    assert_eq!(
+        policy_access_points,
+        std::slice::from_ref(&access_point_arn)
+    );
 
     // The service runs a task definition whose task role is this role, mounting through the
     // access point with transit encryption and IAM authorisation.
