@@ -1,7 +1,9 @@
 //! Every instance's own IAM task role, end to end on moto: what provisioning makes (read
 //! back with the IAM, EFS and ECS SDKs directly), that two instances' roles each name only
-//! their own access point, the rollback and the deprovisioning that remove it, and ECS
-//! refusing a role IAM has not propagated yet (injected: moto never does).
+//! their own access point, that scaling's new revision keeps it (and an instance recorded
+//! without one keeps the platform's shared role), the rollback and the deprovisioning that
+//! remove it, the reconciler's `task_role` orphans, and ECS refusing a role IAM has not
+//! propagated yet (injected: moto never does).
 
 mod common;
 mod platform;
@@ -51,6 +53,8 @@ fn role_name(arn: &str) -> &str {
 
 /// What the role of one instance is, read with the SDKs (not the product's adapters).
 struct Observed {
+    /// The task definition the service runs.
+    definition_arn: String,
     access_point_arn: String,
     policy_access_points: Vec<String>,
 }
@@ -221,9 +225,30 @@ async fn check_role(cp: &platform::ControlPlane, tenant: &str) -> Observed {
         Some(&aws_sdk_ecs::types::EfsAuthorizationConfigIam::Enabled)
     );
     Observed {
+        definition_arn,
         access_point_arn,
         policy_access_points,
     }
+}
+
+async fn scale(
+    client: &mut platform::Client,
+    tenant: &str,
+    cpu: i32,
+    memory_mib: i32,
+) -> instance_manager::proto::google_longrunning::Operation {
+    client
+        .instances
+        .scale_instance(v1::ScaleInstanceRequest {
+            name: format!("tenants/{tenant}/instances/wp"),
+            desired_count: 2,
+            cpu,
+            memory_mib,
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
 }
 
 async fn role_exists(cp: &platform::ControlPlane, name: &str) -> bool {
@@ -256,6 +281,44 @@ async fn each_instance_gets_its_own_role_which_deprovisioning_removes() {
     assert_ne!(role_a, role_b);
     let cloud = cp.cloud(Environment::Sit).await;
     assert_eq!(inventory_of(&cloud, &first, "wp").await.task_roles, 1);
+
+    // Scaling registers a new revision, still with the instance's own role.
+    let scaled = scale(&mut client, &second, 1024, 2048).await;
+    client.completed(&scaled.name).await;
+    let rescaled = check_role(&cp, &second).await;
+    assert_ne!(rescaled.definition_arn, b.definition_arn);
+
+    // An instance provisioned before instances had roles (none recorded) keeps the
+    // platform's shared role in its new revisions.
+    let name =
+        instance_manager::domain::InstanceName::parse(&format!("tenants/{second}/instances/wp"))
+            .unwrap();
+    let mut legacy = cp.store.get_instance(&name).await.unwrap().unwrap();
+    assert!(legacy.resources.remove("task_role").is_some());
+    cp.store
+        .commit(vec![instance_manager::store::Write::UpdateInstance(legacy)])
+        .await
+        .unwrap();
+    let scaled = scale(&mut client, &second, 512, 1024).await;
+    client.completed(&scaled.name).await;
+    let ecs = aws_sdk_ecs::Client::new(&cp.sdk(Environment::Sit));
+    let service = ecs
+        .describe_services()
+        .cluster(&cloud.platform.cluster)
+        .services(format!("bbws-sit-{second}"))
+        .send()
+        .await
+        .unwrap();
+    let definition = ecs
+        .describe_task_definition()
+        .task_definition(service.services()[0].task_definition().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        definition.task_definition().unwrap().task_role_arn(),
+        Some(cloud.platform.task_role_arn.as_str())
+    );
 
     // Deprovisioning the first removes its role (counted with the IAM SDK), not the
     // second's.
