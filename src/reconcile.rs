@@ -20,8 +20,10 @@
 //!   DRAINING service is already going and is not counted), listener rules, target groups
 //!   (rules and the service go first: a group in use cannot go), task definition families
 //!   (`bbws-{env}-…`, one per owner: its revisions deregistered and deleted, after the
-//!   service), user pools (the domain, then the pool), access points, secrets, and tenant
-//!   databases.
+//!   service), user pools (the domain, then the pool), access points, secrets, tenant
+//!   databases, and instances' IAM task roles (`task_role`: the roles under
+//!   `/bbws/instances/`, listed with their tags; removed last, after anything that may
+//!   still run as them).
 //! - **Databases** carry no tags: the server's ownership table records which instance
 //!   claimed each database (and its user). A claim is judged when its owner is an instance
 //!   of this environment in the store and its name follows the naming rule for that tenant
@@ -74,7 +76,7 @@ use crate::workflow::{Engine, StepError};
 
 /// The orphan kinds the reconciler looks for, in the order they are removed: the service
 /// before the rule and target group it is attached to and the task definitions it runs.
-pub const ORPHAN_KINDS: [&str; 8] = [
+pub const ORPHAN_KINDS: [&str; 9] = [
     "service",
     "listener_rule",
     "target_group",
@@ -83,11 +85,12 @@ pub const ORPHAN_KINDS: [&str; 8] = [
     "access_point",
     "secret",
     "database",
+    "task_role",
 ];
 
 /// The listings that find them: one call each (the routing listing holds rules and target
 /// groups).
-const LISTINGS: [&str; 7] = [
+const LISTINGS: [&str; 8] = [
     "access_point",
     "secret",
     "routing",
@@ -95,6 +98,7 @@ const LISTINGS: [&str; 7] = [
     "task_definition",
     "user_pool",
     "database",
+    "task_role",
 ];
 
 /// The kinds of recorded resources drift is looked for in (a metric each).
@@ -526,6 +530,12 @@ impl Reconciler {
                 cloud.compute.tagged_task_families(&prefix, ours).await?
             }
             "user_pool" => cloud.identity.tagged_user_pools(ours).await?,
+            "task_role" => {
+                cloud
+                    .task_roles
+                    .tagged_roles(crate::domain::naming::TASK_ROLE_PATH, ours)
+                    .await?
+            }
             "database" => return self.databases(cloud, instances).await,
             other => return Err(CloudError::fatal(format!("no listing {other}"))),
         };
@@ -625,6 +635,7 @@ impl Reconciler {
             "access_point" => cloud.files.delete_access_point(&resource.id).await,
             "secret" => cloud.secrets.delete_secret(&resource.id).await,
             "database" => self.remove_database(cloud, resource).await,
+            "task_role" => cloud.task_roles.delete_task_role(&resource.id).await,
             other => Err(CloudError::fatal(format!("no removal for kind {other}"))),
         }
     }

@@ -195,6 +195,7 @@ async fn grpcurl_watches_a_provisioning_step_by_step() {
         "user_pool",
         "database",
         "listener_rule",
+        "task_role",
         "task_definition",
         "service",
         "wait_steady",

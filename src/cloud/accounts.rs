@@ -18,7 +18,7 @@ use super::credentials::RefreshingCredentials;
 
 use super::aws::{
     AwsCompute, AwsDbInstances, AwsFiles, AwsIdentity, AwsLogs, AwsMetrics, AwsObjects, AwsRouting,
-    AwsSecrets,
+    AwsSecrets, AwsTaskRoles,
 };
 use super::mysql::MySqlDatabase;
 pub use super::settings::SessionSettings;
@@ -331,6 +331,7 @@ fn cloud_env(env: &EnvironmentConfig, sdk: &SdkConfig, database: Arc<MySqlDataba
         db_instances: Arc::new(AwsDbInstances::new(sdk)),
         logs: Arc::new(AwsLogs::new(sdk)),
         metrics: Arc::new(AwsMetrics::new(sdk)),
+        task_roles: Arc::new(AwsTaskRoles::new(sdk)),
         readiness: crate::cloud::readiness_for(&env.platform),
     }
 }

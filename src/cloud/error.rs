@@ -16,6 +16,11 @@ pub enum ErrorKind {
     Conflict,
     /// The request was refused as invalid or unauthorised; retrying will not help.
     Fatal,
+    /// Refused because something made a moment ago is not visible yet to the service that
+    /// refused it: ECS "unable to assume the role" for an IAM role just created (IAM is
+    /// eventually consistent). Worth retrying only for a bounded time after the change;
+    /// otherwise as fatal as [`ErrorKind::Fatal`].
+    NotYetVisible,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,7 +80,15 @@ const THROTTLING: &[&str] = &[
     "InternalServerError",
     "RequestTimeout",
     "RequestTimeoutException",
+    // IAM: another request is changing the same entity.
+    "ConcurrentModification",
 ];
+
+/// ECS's refusal of a task role it cannot assume (yet), with the codes it comes with
+/// (RegisterTaskDefinition: ClientException; CreateService, RunTask:
+/// InvalidParameterException).
+const ROLE_NOT_ASSUMABLE: &str = "unable to assume the role";
+const ROLE_NOT_ASSUMABLE_CODES: &[&str] = &["ClientException", "InvalidParameterException"];
 
 const NOT_FOUND_SUFFIXES: &[&str] = &[
     "NotFound",
@@ -126,6 +139,10 @@ where
             let server_error = service.raw().status().is_server_error();
             let kind = if THROTTLING.contains(&code) || server_error {
                 ErrorKind::Retryable
+            } else if ROLE_NOT_ASSUMABLE_CODES.contains(&code)
+                && message.to_ascii_lowercase().contains(ROLE_NOT_ASSUMABLE)
+            {
+                ErrorKind::NotYetVisible
             } else if NOT_FOUND.contains(&code)
                 || NOT_FOUND_SUFFIXES.iter().any(|s| code.ends_with(s))
             {

@@ -34,8 +34,8 @@ pub type Tags = Vec<(String, String)>;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TaggedResource {
     /// What it is: `access_point`, `secret`, `target_group`, `listener_rule`, `service`,
-    /// `task_definition` (a family), `user_pool` or `database` (the keys of an instance's
-    /// `resources`).
+    /// `task_definition` (a family), `user_pool`, `database` or `task_role` (the keys of an
+    /// instance's `resources`).
     pub kind: &'static str,
     /// Its id or ARN, as the `delete_*` call of its kind takes it.
     pub id: String,
@@ -421,6 +421,53 @@ pub trait Identity: Send + Sync {
     async fn user_pool_exists(&self, pool_id: &str) -> CloudResult<bool>;
 }
 
+/// The IAM role one instance's WordPress tasks run as: ECS tasks of this account may assume
+/// it, and it may mount and write the platform's file system only through the instance's
+/// own access point.
+#[derive(Debug, Clone)]
+pub struct TaskRoleSpec {
+    /// The role's name (at most 64 characters, see `domain::naming`).
+    pub name: String,
+    /// The role's path, e.g. `/bbws/instances/` (the platform's file-system policy names
+    /// the roles by it).
+    pub path: String,
+    pub description: String,
+    /// The account whose ECS tasks may assume the role (the trust policy's
+    /// `aws:SourceAccount` condition).
+    pub account_id: String,
+    /// ARN of the environment's file system (the only resource the policy allows).
+    pub file_system_arn: String,
+    /// ARN of the instance's access point (the policy's `elasticfilesystem:AccessPointArn`).
+    pub access_point_arn: String,
+    /// ARN of a managed policy set as the role's permissions boundary, if any.
+    pub permissions_boundary: Option<String>,
+    pub tags: Tags,
+}
+
+/// The name of the inline policy every task role carries.
+pub const TASK_ROLE_POLICY: &str = "tenant-file-system";
+
+#[async_trait]
+pub trait TaskRoles: Send + Sync {
+    /// Returns the role's ARN. A missing role is created (trust policy and tags); a role of
+    /// that name is adopted only if it carries the spec's owner tags (else it is another
+    /// instance's: `ErrorKind::Fatal`). Either way its inline policy [`TASK_ROLE_POLICY`] is
+    /// (re)written from the spec.
+    async fn ensure_task_role(&self, spec: &TaskRoleSpec) -> CloudResult<String>;
+    /// Deletes every inline policy, detaches every managed policy, then deletes the role.
+    /// Succeeds when the role is already gone.
+    async fn delete_task_role(&self, name: &str) -> CloudResult<()>;
+    /// The role's tags, `None` if it does not exist.
+    async fn role_tags(&self, name: &str) -> CloudResult<Option<Tags>>;
+    /// Roles under `path_prefix` carrying every tag in `tags`, with all their tags and their
+    /// creation time (`id` is the role's name, what [`TaskRoles::delete_task_role`] takes).
+    async fn tagged_roles(
+        &self,
+        path_prefix: &str,
+        tags: &Tags,
+    ) -> CloudResult<Vec<TaggedResource>>;
+}
+
 #[derive(Debug, Clone)]
 pub struct TaskDefinitionSpec {
     pub family: String,
@@ -789,7 +836,13 @@ pub struct Platform {
     pub archive_bucket: String,
     pub cognito_enabled: bool,
     pub execution_role_arn: String,
+    /// The role of the one-off archiver and cleaner tasks, and of the WordPress tasks of
+    /// instances provisioned before each instance got its own role (`task_role` among its
+    /// resources).
     pub task_role_arn: String,
+    /// ARN of a managed policy set as the permissions boundary of every instance's task
+    /// role; empty: none.
+    pub task_role_permissions_boundary: String,
     /// Image of the one-off task that archives wp-content to S3.
     pub archiver_image: String,
     /// The dump program backups run (`mariadb-dump` if empty; or `mysqldump`, a path).
@@ -922,6 +975,8 @@ pub struct CloudEnv {
     pub logs: Arc<dyn Logs>,
     /// CloudWatch metrics.
     pub metrics: Arc<dyn Metrics>,
+    /// The instances' IAM task roles.
+    pub task_roles: Arc<dyn TaskRoles>,
     /// What counts as a finished rollout or a successful task here.
     pub readiness: Arc<dyn Readiness>,
 }

@@ -36,7 +36,13 @@ pub mod limits {
     pub const SECRET_NAME: usize = 512;
     pub const COGNITO_POOL_NAME: usize = 128;
     pub const COGNITO_DOMAIN: usize = 63;
+    pub const IAM_ROLE_NAME: usize = 64;
 }
+
+/// The IAM path of every instance's task role: the platform's file-system policy grants
+/// mounts to the roles under it (`arn:aws:iam::ACCOUNT:role/bbws/instances/*`), and the
+/// reconciler lists them by it.
+pub const TASK_ROLE_PATH: &str = "/bbws/instances/";
 
 fn short_hash(value: &str) -> String {
     let digest = Sha256::digest(value.as_bytes());
@@ -132,6 +138,18 @@ impl ResourceNames {
                 && chars.all(|c| c.is_ascii_alphanumeric() || c == '-')
                 && base == fit(&self.database, limits::MYSQL_DATABASE - len, '_')
         })
+    }
+
+    /// The IAM role the tasks of instance `instance` run as: `bbws-{env}-{tenant}-{instance}`
+    /// (cut with a hash at 64). Unlike the other names it includes the instance id: the
+    /// role's policy names the instance's own access point, and a failed instance keeping
+    /// its resources must not hold the name its successor needs.
+    pub fn task_role(&self, instance: &str) -> String {
+        fit(
+            &format!("{}-{instance}", self.stack),
+            limits::IAM_ROLE_NAME,
+            '-',
+        )
     }
 
     /// The site's host name: `{tenant}.{domain}`.
@@ -267,6 +285,23 @@ mod tests {
             ResourceNames::host(&tenant("acme"), "sites.example"),
             "acme.sites.example"
         );
+    }
+
+    #[test]
+    fn task_roles_are_per_instance_and_fit_iam() {
+        let names = ResourceNames::derive(&tenant("acme"), Environment::Prod);
+        assert_eq!(names.task_role("wp"), "bbws-prod-acme-wp");
+        assert_ne!(names.task_role("wp"), names.task_role("wp2"));
+        let longest =
+            ResourceNames::derive(&tenant(&"z".repeat(TenantId::MAX_LEN)), Environment::Prod);
+        let (one, two) = (
+            longest.task_role(&"a".repeat(63)),
+            longest.task_role(&"b".repeat(63)),
+        );
+        assert_eq!(one.len(), limits::IAM_ROLE_NAME);
+        assert_ne!(one, two);
+        // IAM role names: [\w+=,.@-].
+        assert!(one.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::domain::{Instance, InstanceState, Operation, Verb};
 use super::backup::{self, BackupWorkflow};
 use super::provision::{
     self, ACCESS_POINT, DATABASE, LISTENER_RULE, SECRET, SERVICE, TARGET_GROUP, TASK_DEFINITION,
-    USER_POOL, master_credentials,
+    TASK_ROLE, USER_POOL, master_credentials,
 };
 use super::{Failure, StepCtx, StepError, StepResult, Workflow};
 
@@ -56,7 +56,8 @@ impl Workflow for Deprovision {
             stages.extend(BackupWorkflow.plan(operation, instance, cloud));
         }
         stages.push(vec![SERVICE]);
-        let mut third = vec![LISTENER_RULE, TASK_DEFINITION];
+        // The task role goes once no task of the service runs as it any more.
+        let mut third = vec![LISTENER_RULE, TASK_DEFINITION, TASK_ROLE];
         if cloud.platform.cognito_enabled || instance.resources.contains_key(USER_POOL) {
             third.push(USER_POOL);
         }
@@ -283,6 +284,12 @@ async fn verify(ctx: &StepCtx) -> StepResult<()> {
     let planned_pool = ctx.operation.steps.iter().any(|s| s.name == USER_POOL);
     if platform.cognito_enabled || planned_pool {
         left.extend(cloud.identity.find_tagged(&tags).await?);
+    }
+    let role = provision::task_role_name(ctx);
+    if let Some(role_tags) = cloud.task_roles.role_tags(&role).await?
+        && ctx.owns(&role_tags)
+    {
+        left.push(format!("IAM role {role}"));
     }
     let master = master_credentials(ctx).await?;
     // A claim is released only after the drop; either way something is left.

@@ -7,13 +7,13 @@ use async_trait::async_trait;
 use rand::distr::{Alphanumeric, SampleString};
 
 use crate::cloud::{
-    AccessPointSpec, CloudEnv, DEFAULT_DEREGISTRATION_DELAY_SECS, DatabaseClaim, HostRuleSpec,
-    MasterCredentials, Readiness, SecretSpec, ServiceSpec, ServiceStatus, TargetGroupSpec,
-    TaskDefinitionSpec, UserPoolSpec,
+    AccessPointSpec, CloudEnv, CloudError, DEFAULT_DEREGISTRATION_DELAY_SECS, DatabaseClaim,
+    ErrorKind, HostRuleSpec, MasterCredentials, Readiness, SecretSpec, ServiceSpec, ServiceStatus,
+    TargetGroupSpec, TaskDefinitionSpec, TaskRoleSpec, UserPoolSpec,
 };
 use crate::config::Secret;
-use crate::domain::naming::ResourceNames;
-use crate::domain::{Instance, InstanceState, Operation, OperationStatus, Verb};
+use crate::domain::naming::{ResourceNames, TASK_ROLE_PATH};
+use crate::domain::{Instance, InstanceState, Operation, OperationStatus, Timestamp, Verb};
 use crate::store::{PriorityClaim, StoreError, Write};
 
 use super::{Failure, StepCtx, StepError, StepResult, Workflow};
@@ -24,6 +24,8 @@ pub const TARGET_GROUP: &str = "target_group";
 pub const USER_POOL: &str = "user_pool";
 pub const DATABASE: &str = "database";
 pub const LISTENER_RULE: &str = "listener_rule";
+/// The instance's own IAM task role (its ARN is recorded).
+pub const TASK_ROLE: &str = "task_role";
 pub const TASK_DEFINITION: &str = "task_definition";
 pub const SERVICE: &str = "service";
 pub const WAIT_STEADY: &str = "wait_steady";
@@ -31,6 +33,10 @@ pub const WAIT_STEADY: &str = "wait_steady";
 /// www-data in the official WordPress image.
 const WWW_DATA: u32 = 33;
 const HIGHEST_PRIORITY: u32 = 50_000;
+
+/// How long after a step started ECS may still refuse the instance's new task role as one
+/// it cannot assume: IAM propagates a new role within seconds, rarely a minute or more.
+pub const ROLE_PROPAGATION: Duration = Duration::from_secs(120);
 
 pub struct Provision;
 
@@ -45,9 +51,11 @@ impl Workflow for Provision {
         if cloud.platform.cognito_enabled {
             independent.push(USER_POOL);
         }
+        // The task role names the access point; the task definition names the role.
         vec![
             independent,
-            vec![DATABASE, LISTENER_RULE, TASK_DEFINITION],
+            vec![DATABASE, LISTENER_RULE, TASK_ROLE],
+            vec![TASK_DEFINITION],
             vec![SERVICE],
             vec![WAIT_STEADY],
         ]
@@ -61,6 +69,7 @@ impl Workflow for Provision {
             USER_POOL => ensure_user_pool(ctx).await.map(Some),
             DATABASE => ensure_database(ctx).await.map(Some),
             LISTENER_RULE => ensure_listener_rule(ctx).await.map(Some),
+            TASK_ROLE => ensure_task_role(ctx).await.map(Some),
             TASK_DEFINITION => register_task_definition(ctx).await.map(Some),
             SERVICE => ensure_service(ctx).await.map(Some),
             WAIT_STEADY => wait_steady(ctx).await.map(|()| None),
@@ -220,6 +229,16 @@ pub async fn remove(ctx: &StepCtx, step: &str, _recorded: Option<&str>) -> StepR
                     .compute
                     .delete_task_definitions(&family, &ctx.owner_tags())
                     .await?;
+            }
+        }
+        TASK_ROLE => {
+            let name = task_role_name(ctx);
+            if let Some(tags) = cloud.task_roles.role_tags(&name).await? {
+                if ctx.owns(&tags) {
+                    cloud.task_roles.delete_task_role(&name).await?;
+                } else {
+                    tracing::info!(role = %name, "not removing an IAM role another instance owns");
+                }
             }
         }
         SERVICE => {
@@ -555,6 +574,89 @@ async fn ensure_listener_rule(ctx: &StepCtx) -> StepResult<String> {
     }
 }
 
+/// The instance's task role's name (per instance, see `ResourceNames::task_role`).
+pub fn task_role_name(ctx: &StepCtx) -> String {
+    ctx.names.task_role(ctx.instance.name.instance.as_str())
+}
+
+/// The AWS partition of a region (`aws-cn`, `aws-us-gov` or `aws`).
+fn partition(region: &str) -> &'static str {
+    if region.starts_with("cn-") {
+        "aws-cn"
+    } else if region.starts_with("us-gov-") {
+        "aws-us-gov"
+    } else {
+        "aws"
+    }
+}
+
+/// The ARN of an EFS resource (`file-system/{id}` or `access-point/{id}`) of the
+/// environment, as EFS forms it.
+fn efs_arn(cloud: &CloudEnv, resource: &str) -> String {
+    format!(
+        "arn:{}:elasticfilesystem:{}:{}:{resource}",
+        partition(&cloud.region),
+        cloud.region,
+        cloud.account_id
+    )
+}
+
+/// The instance's own role: ECS tasks of this account may assume it, and it may mount the
+/// platform's file system only through this instance's access point.
+async fn ensure_task_role(ctx: &StepCtx) -> StepResult<String> {
+    let cloud = &ctx.cloud;
+    let platform = &cloud.platform;
+    let access_point = ctx.require_output(ACCESS_POINT)?;
+    let spec = TaskRoleSpec {
+        name: task_role_name(ctx),
+        path: TASK_ROLE_PATH.to_owned(),
+        description: format!("tasks of {}", ctx.instance.name),
+        account_id: cloud.account_id.clone(),
+        file_system_arn: efs_arn(cloud, &format!("file-system/{}", platform.file_system_id)),
+        access_point_arn: efs_arn(cloud, &format!("access-point/{access_point}")),
+        permissions_boundary: (!platform.task_role_permissions_boundary.is_empty())
+            .then(|| platform.task_role_permissions_boundary.clone()),
+        tags: ctx.tags("task-role"),
+    };
+    Ok(cloud.task_roles.ensure_task_role(&spec).await?)
+}
+
+/// A step's failure to use the instance's task role: while ECS may still be catching up with
+/// IAM (the role is new, and the step started less than [`ROLE_PROPAGATION`] ago) it is
+/// waited for; after that, or for any other error, it is what it is.
+pub fn role_refusal(ctx: &StepCtx, step: &str, error: CloudError) -> StepError {
+    let started = ctx
+        .operation
+        .steps
+        .iter()
+        .find(|s| s.name == step)
+        .and_then(|s| s.started_at);
+    waiting_for_role(error, started, Timestamp::now())
+}
+
+/// The decision of [`role_refusal`], apart from the clock.
+pub fn waiting_for_role(
+    error: CloudError,
+    started: Option<Timestamp>,
+    now: Timestamp,
+) -> StepError {
+    if error.kind != ErrorKind::NotYetVisible {
+        return error.into();
+    }
+    let window = i64::try_from(ROLE_PROPAGATION.as_millis()).unwrap_or(i64::MAX);
+    match started {
+        Some(started) if now.millis() - started.millis() < window => StepError::NotYet(format!(
+            "waiting for IAM to propagate the task role: {}",
+            error.message
+        )),
+        _ => StepError::Fatal(format!(
+            "{} (still refused {} s after the step started)",
+            error.message,
+            ROLE_PROPAGATION.as_secs()
+        )),
+    }
+}
+
 async fn register_task_definition(ctx: &StepCtx) -> StepResult<String> {
     let spec = &ctx.instance.spec;
     let definition = task_definition_spec(
@@ -564,11 +666,21 @@ async fn register_task_definition(ctx: &StepCtx) -> StepResult<String> {
         ctx.require_output(ACCESS_POINT)?,
         ctx.require_output(SECRET)?,
     );
-    Ok(ctx
-        .cloud
+    ctx.cloud
         .compute
         .register_task_definition(&definition)
-        .await?)
+        .await
+        .map_err(|error| role_refusal(ctx, TASK_DEFINITION, error))
+}
+
+/// The role the instance's tasks run as: its own (this provisioning's, or the one recorded
+/// on the instance), else the platform's shared `task_role_arn` (an instance provisioned
+/// before instances had roles of their own keeps that one).
+pub fn task_role_arn(ctx: &StepCtx) -> String {
+    ctx.output(TASK_ROLE)
+        .or_else(|| ctx.instance.resources.get(TASK_ROLE).map(String::as_str))
+        .unwrap_or(&ctx.cloud.platform.task_role_arn)
+        .to_owned()
 }
 
 /// The instance's WordPress task definition with the given size, mounting `access_point`
@@ -597,7 +709,7 @@ pub fn task_definition_spec(
         log_region: ctx.cloud.region.clone(),
         log_stream_prefix: ctx.names.log_stream_prefix.clone(),
         execution_role_arn: platform.execution_role_arn.clone(),
-        task_role_arn: platform.task_role_arn.clone(),
+        task_role_arn: task_role_arn(ctx),
         db_tls: platform.db_require_tls,
         tags: ctx.tags("task-definition"),
     }
@@ -629,7 +741,11 @@ async fn ensure_service(ctx: &StepCtx) -> StepResult<String> {
         target_group_arn: ctx.require_output(TARGET_GROUP)?.to_owned(),
         tags: ctx.tags("service"),
     };
-    Ok(ctx.cloud.compute.ensure_service(&spec).await?)
+    ctx.cloud
+        .compute
+        .ensure_service(&spec)
+        .await
+        .map_err(|error| role_refusal(ctx, SERVICE, error))
 }
 
 /// Steady: every desired task running, one completed deployment, and enough healthy targets.
@@ -689,6 +805,46 @@ mod tests {
             task_definition: "td".into(),
             ..ServiceStatus::default()
         }
+    }
+
+    #[test]
+    fn a_refused_role_is_waited_for_a_bounded_time() {
+        let refused = || {
+            CloudError::new(
+                ErrorKind::NotYetVisible,
+                "ECS was unable to assume the role",
+            )
+        };
+        let started = Timestamp(1_000_000);
+        let window = ROLE_PROPAGATION.as_millis() as i64;
+        assert!(matches!(
+            waiting_for_role(refused(), Some(started), Timestamp(1_000_000 + window - 1)),
+            StepError::NotYet(_)
+        ));
+        assert!(matches!(
+            waiting_for_role(refused(), Some(started), Timestamp(1_000_000 + window)),
+            StepError::Fatal(_)
+        ));
+        assert!(matches!(
+            waiting_for_role(refused(), None, started),
+            StepError::Fatal(_)
+        ));
+        // Other errors keep their meaning.
+        assert!(matches!(
+            waiting_for_role(
+                CloudError::new(ErrorKind::Retryable, "x"),
+                Some(started),
+                started
+            ),
+            StepError::Transient(_)
+        ));
+        assert!(matches!(
+            waiting_for_role(CloudError::fatal("x"), Some(started), started),
+            StepError::Fatal(_)
+        ));
+        assert_eq!(partition("eu-west-1"), "aws");
+        assert_eq!(partition("cn-north-1"), "aws-cn");
+        assert_eq!(partition("us-gov-west-1"), "aws-us-gov");
     }
 
     fn not_yet(result: StepResult<()>) -> bool {

@@ -567,6 +567,8 @@ pub struct Inventory {
     pub target_groups: usize,
     pub listener_rules: usize,
     pub user_pools: usize,
+    /// IAM roles (any path) carrying the tags.
+    pub task_roles: usize,
     /// Databases and users of the tenant's names (they carry no tags).
     pub databases: usize,
     pub database_users: usize,
@@ -808,6 +810,33 @@ async fn count(cloud: &CloudEnv, tenant: &str, tags: Tags) -> Inventory {
         }
     }
 
+    // IAM roles, every one in the account (not only under the path the product uses).
+    let iam = aws_sdk_iam::Client::new(&sdk);
+    let roles: Vec<aws_sdk_iam::types::Role> = iam
+        .list_roles()
+        .into_paginator()
+        .items()
+        .send()
+        .try_collect()
+        .await
+        .unwrap();
+    for role in roles {
+        let listed = match iam
+            .list_role_tags()
+            .role_name(role.role_name())
+            .send()
+            .await
+        {
+            Ok(listed) => listed,
+            // Deleted between the listing and this call.
+            Err(error) if format!("{error:?}").contains("NoSuchEntity") => continue,
+            Err(error) => panic!("{error:?}"),
+        };
+        if carries(listed.tags().iter().map(|t| (t.key(), t.value())), &tags) {
+            inventory.task_roles += 1;
+        }
+    }
+
     // MySQL, by the tenant's names.
     let names = ResourceNames::derive(&TenantId::parse(tenant).unwrap(), cloud.environment);
     let mut conn =
@@ -839,6 +868,7 @@ pub fn provisioned(cognito: bool) -> Inventory {
         target_groups: 1,
         listener_rules: 1,
         user_pools: usize::from(cognito),
+        task_roles: 1,
         databases: 1,
         database_users: 1,
     }
