@@ -454,6 +454,26 @@ impl Compute for UnpropagatedRole {
     async fn delete_task_definitions(&self, family: &str, owner: &Tags) -> CloudResult<()> {
         self.inner.delete_task_definitions(family, owner).await
     }
+    async fn tagged_services(
+        &self,
+        cluster: &str,
+        tags: &Tags,
+    ) -> CloudResult<Vec<instance_manager::cloud::TaggedResource>> {
+        self.inner.tagged_services(cluster, tags).await
+    }
+    async fn tagged_task_families(
+        &self,
+        family_prefix: &str,
+        tags: &Tags,
+    ) -> CloudResult<Vec<instance_manager::cloud::TaggedResource>> {
+        self.inner.tagged_task_families(family_prefix, tags).await
+    }
+    async fn task_definition(
+        &self,
+        arn: &str,
+    ) -> CloudResult<Option<instance_manager::cloud::TaskDefinitionInfo>> {
+        self.inner.task_definition(arn).await
+    }
 }
 
 #[tokio::test]
