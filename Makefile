@@ -24,7 +24,8 @@ test:
 image-test:
 	bash scripts/image-test.sh
 
-# Backup/restore throughput and peak RSS for two database sizes (not a test).
+# Every benchmark (unary API overhead, footprint, backup/restore), one report on stdout and
+# in target/bench-report.md (not a test: asserts nothing about time).
 bench:
 	bash scripts/bench.sh
 

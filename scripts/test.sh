@@ -64,9 +64,10 @@ if [ $# -gt 0 ]; then
     # A selection from the caller: one cargo test run with it.
     cargo test "${features[@]}" --no-fail-fast "$@" || rc=$?
 else
-    # Unit tests (lib, bin), integration tests, examples and benches as tests.
-    cargo test "${features[@]}" --all-targets --no-fail-fast || rc=$?
-    # Doc tests (not part of --all-targets); only a library has them.
+    # Unit tests (lib, bin), integration tests, and the examples built. Not the benches
+    # (`--all-targets` would build and run them): they are `make bench`'s, and clippy checks them.
+    cargo test "${features[@]}" --lib --bins --tests --examples --no-fail-fast || rc=$?
+    # Doc tests (not part of the above); only a library has them.
     if [ -f src/lib.rs ]; then
         doc_rc=0
         cargo test "${features[@]}" --doc --no-fail-fast || doc_rc=$?

@@ -95,6 +95,15 @@ fn rpc_span(request: &http::Request<()>) -> tracing::Span {
     span
 }
 
+/// Turns Nagle's algorithm off on an accepted connection. With it on, a response larger
+/// than one write (a page of instances) waits for the client's delayed ACK, ~40 ms on Linux,
+/// before its last frames leave (measured by `make bench`, benches/unary_api.rs).
+pub(crate) fn no_delay(stream: &tokio::net::TcpStream) {
+    if let Err(error) = stream.set_nodelay(true) {
+        tracing::debug!(%error, "cannot set TCP_NODELAY");
+    }
+}
+
 /// Serves until `shutdown` is cancelled, with gRPC-Web open to no browser origin and
 /// authentication disabled (tests that are not about either; see [`serve_with`]).
 pub async fn serve(
@@ -195,9 +204,12 @@ pub async fn serve_with(
         Some(tls) => Box::pin(
             router.serve_with_incoming_shutdown(tls.incoming(listener, shutdown.clone()), stopping),
         ),
-        None => Box::pin(
-            router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopping),
-        ),
+        None => Box::pin(router.serve_with_incoming_shutdown(
+            tokio_stream::StreamExt::map(TcpListenerStream::new(listener), |accepted| {
+                accepted.inspect(no_delay)
+            }),
+            stopping,
+        )),
     };
     match local {
         // Tests and scripts that listen on port 0 read the bound address from this line.

@@ -170,7 +170,10 @@ impl TlsServer {
                         accepted = listener.accept() => accepted,
                     };
                     let (tcp, peer) = match accepted {
-                        Ok(pair) => pair,
+                        Ok(pair) => {
+                            crate::server::no_delay(&pair.0);
+                            pair
+                        }
                         Err(error) => {
                             // Out of file descriptors and the like: back off briefly
                             // rather than spin.
