@@ -656,16 +656,7 @@ fn the_rendered_configuration_is_accepted_by_the_binary() {
     }
 
     let full = render_full();
-    let mut accepted = dump_config(&full, dir.path());
-    // [tracing] (issue 13's traces) is added to the binary on another branch; until it is
-    // merged the binary refuses exactly that table, and the rest must pass without it.
-    if !accepted.status.success() && accepted.stderr.contains("unknown field `tracing`") {
-        eprintln!("this binary has no [tracing] yet: checking the full values without it");
-        accepted = dump_config(
-            &render(&["--values", FULL_VALUES, "--set", "tracing.otlp.endpoint="]),
-            dir.path(),
-        );
-    }
+    let accepted = dump_config(&full, dir.path());
     accepted.assert_success();
     let dumped: toml::Table = toml::from_str(&accepted.stdout).unwrap();
     assert_eq!(dumped["table"].as_str(), Some("bbws-instance-manager"));
