@@ -125,6 +125,7 @@ fn spec() -> InstanceSpec {
         labels: Default::default(),
         opportunity_id: "opp-1".to_owned(),
         cost_center: "cc-1".to_owned(),
+        custom_domains: Vec::new(),
     }
 }
 

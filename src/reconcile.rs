@@ -831,7 +831,9 @@ fn step_error(error: StepError) -> CloudError {
         StepError::Transient(message) | StepError::NotYet(message) => {
             CloudError::new(ErrorKind::Retryable, message)
         }
-        StepError::Fatal(message) => CloudError::fatal(message),
+        StepError::Fatal(message) | StepError::Refused { message, .. } => {
+            CloudError::fatal(message)
+        }
     }
 }
 

@@ -66,6 +66,7 @@ fn spec() -> InstanceSpec {
         labels: BTreeMap::new(),
         opportunity_id: "opp-1".to_owned(),
         cost_center: "cc-1".to_owned(),
+        custom_domains: Vec::new(),
     }
 }
 

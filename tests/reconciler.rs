@@ -355,6 +355,7 @@ fn spec() -> InstanceSpec {
         labels: Default::default(),
         opportunity_id: String::new(),
         cost_center: String::new(),
+        custom_domains: Vec::new(),
     }
 }
 

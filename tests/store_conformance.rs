@@ -132,6 +132,7 @@ fn spec(environment: Environment) -> InstanceSpec {
         labels: BTreeMap::from([("team".to_owned(), "web".to_owned())]),
         opportunity_id: "opp-1".to_owned(),
         cost_center: "cc-1".to_owned(),
+        custom_domains: Vec::new(),
     }
 }
 

@@ -7,7 +7,7 @@ use prost_types::Any;
 use crate::domain::operation::StepStatus;
 use crate::domain::spec::SpecInput;
 use crate::domain::{
-    Backup, BackupState, ConditionType, Environment, Instance, InstanceState, Operation,
+    Backup, BackupState, ConditionType, DnsPurpose, DomainState, Environment, Instance, InstanceState, Operation,
     OperationEvent, OperationStatus, Tier, Timestamp, Violations,
 };
 use crate::proto::google_longrunning as lro;
@@ -163,6 +163,7 @@ pub fn spec_input(instance: &v1::Instance, prefix: &str, violations: &mut Violat
         labels: instance.labels.clone(),
         opportunity_id: instance.opportunity_id.clone(),
         cost_center: instance.cost_center.clone(),
+        custom_domains: instance.custom_domains.clone(),
     }
 }
 
@@ -198,6 +199,50 @@ pub fn instance_to_proto(instance: &Instance) -> v1::Instance {
         update_time: Some(timestamp(instance.updated_at)),
         state_change_time: Some(timestamp(instance.state_changed_at)),
         etag: instance.etag(),
+        custom_domains: spec.custom_domains.clone(),
+        load_balancer: instance
+            .load_balancer
+            .as_ref()
+            .map(|lb| v1::LoadBalancerPlacement {
+                name: lb.name.clone(),
+                listener_arn: lb.listener_arn.clone(),
+                dns_name: lb.dns_name.clone(),
+            }),
+        dns_records: instance
+            .dns_records
+            .iter()
+            .map(|record| v1::DnsRecord {
+                name: record.name.clone(),
+                r#type: record.record_type.clone(),
+                value: record.value.clone(),
+                purpose: match record.purpose {
+                    DnsPurpose::Traffic => v1::dns_record::Purpose::Traffic,
+                    DnsPurpose::CertificateValidation => {
+                        v1::dns_record::Purpose::CertificateValidation
+                    }
+                }
+                .into(),
+                managed: record.managed,
+                in_sync: record.in_sync,
+            })
+            .collect(),
+        custom_domain_statuses: instance
+            .custom_domain_statuses
+            .iter()
+            .map(|status| v1::CustomDomainStatus {
+                domain: status.domain.clone(),
+                state: match status.state {
+                    DomainState::PendingValidation => {
+                        v1::custom_domain_status::State::PendingValidation
+                    }
+                    DomainState::Active => v1::custom_domain_status::State::Active,
+                    DomainState::Failed => v1::custom_domain_status::State::Failed,
+                }
+                .into(),
+                certificate_arn: status.certificate_arn.clone(),
+                message: status.message.clone(),
+            })
+            .collect(),
         failure_reason: instance.failure_reason.clone().unwrap_or_default(),
         conditions: instance
             .conditions
@@ -310,7 +355,8 @@ pub fn operation_to_proto(operation: &Operation, target: Option<&Instance>) -> l
                     "the operation was cancelled".to_owned(),
                 ),
                 (Some(error), _) => (
-                    tonic::Code::Aborted,
+                    crate::domain::operation::failure_reason::code(&error.reason)
+                        .map_or(tonic::Code::Aborted, tonic::Code::from),
                     error.reason.clone(),
                     error.message.clone(),
                 ),

@@ -124,6 +124,7 @@ fn input_of(spec: &InstanceSpec) -> SpecInput {
         labels: spec.labels.clone(),
         opportunity_id: spec.opportunity_id.clone(),
         cost_center: spec.cost_center.clone(),
+        custom_domains: spec.custom_domains.clone(),
     }
 }
 

@@ -391,6 +391,120 @@ pub trait Routing: Send + Sync {
     ) -> CloudResult<Vec<TaggedResource>>;
 }
 
+/// Values one host-header condition takes (ALB: at most three match evaluations per
+/// condition, five per rule).
+pub const HOSTS_PER_RULE: usize = 3;
+
+/// A DNS record set as Route53 holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DnsRecordSet {
+    /// Fully qualified, lower-case, without the trailing dot.
+    pub name: String,
+    /// `A`, `CNAME`, …
+    pub record_type: String,
+    /// An alias's target DNS name (without the trailing dot), or the first resource record.
+    pub value: String,
+    /// The alias target's hosted zone id; `None` for a plain record.
+    pub alias_zone_id: Option<String>,
+}
+
+/// An environment's Route53 hosted zones (the platform's zone, and managed customer zones).
+/// Every change is an UPSERT or a DELETE of one record set, answered with its change id;
+/// a change is visible to resolvers once GetChange reports it INSYNC.
+#[async_trait]
+pub trait Dns: Send + Sync {
+    /// UPSERTs the alias A record `name` → the load balancer (`target_dns_name`,
+    /// `target_zone_id`, no target health evaluation) in `zone_id`. Returns the change id.
+    async fn upsert_alias(
+        &self,
+        zone_id: &str,
+        name: &str,
+        target_dns_name: &str,
+        target_zone_id: &str,
+    ) -> CloudResult<String>;
+    /// UPSERTs the record `name` of `record_type` (`CNAME`: certificate validation) with the
+    /// one value `value`, TTL 300. Returns the change id.
+    async fn upsert_record(
+        &self,
+        zone_id: &str,
+        name: &str,
+        record_type: &str,
+        value: &str,
+    ) -> CloudResult<String>;
+    /// Deletes the record set `name` of `record_type` (a DELETE must repeat the record
+    /// exactly, so it is read first). Returns the change id, `None` when there was none.
+    async fn delete_record(
+        &self,
+        zone_id: &str,
+        name: &str,
+        record_type: &str,
+    ) -> CloudResult<Option<String>>;
+    /// Whether the change is INSYNC (GetChange); false while it is PENDING.
+    async fn change_in_sync(&self, change_id: &str) -> CloudResult<bool>;
+    /// The record set `name` of `record_type` in `zone_id`, `None` if there is none.
+    async fn record(
+        &self,
+        zone_id: &str,
+        name: &str,
+        record_type: &str,
+    ) -> CloudResult<Option<DnsRecordSet>>;
+}
+
+/// An ACM certificate for one custom domain, validated through DNS.
+#[derive(Debug, Clone)]
+pub struct CertificateSpec {
+    /// The domain (the certificate's only name).
+    pub domain: String,
+    /// RequestCertificate's idempotency token (at most 32 word characters): ACM answers
+    /// a repeated request with the same token within an hour with the same certificate.
+    pub idempotency_token: String,
+    pub tags: Tags,
+}
+
+/// The DNS record that proves control of a domain to ACM.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ValidationRecord {
+    /// Without the trailing dot.
+    pub name: String,
+    /// `CNAME`.
+    pub record_type: String,
+    /// Without the trailing dot.
+    pub value: String,
+}
+
+/// A certificate as DescribeCertificate reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CertificateStatus {
+    pub arn: String,
+    pub domain: String,
+    /// `PENDING_VALIDATION`, `ISSUED`, `INACTIVE`, `EXPIRED`, `VALIDATION_TIMED_OUT`,
+    /// `REVOKED` or `FAILED`.
+    pub status: String,
+    /// The validation record, once ACM has made it (DescribeCertificate leaves it out for
+    /// a few seconds after the request).
+    pub validation: Option<ValidationRecord>,
+    /// ACM's `FailureReason`, when FAILED.
+    pub failure_reason: Option<String>,
+    /// ARNs of what uses it (load balancers); ACM refuses to delete it while any does.
+    pub in_use_by: Vec<String>,
+}
+
+#[async_trait]
+pub trait Certificates: Send + Sync {
+    /// Returns the ARN of the certificate for `spec.domain`: one carrying the spec's owner
+    /// tags that is neither FAILED, VALIDATION_TIMED_OUT, REVOKED nor EXPIRED is adopted;
+    /// otherwise one is requested (DNS validation, the spec's token and tags).
+    async fn ensure_certificate(&self, spec: &CertificateSpec) -> CloudResult<String>;
+    /// The certificate, `None` if ACM does not know it.
+    async fn certificate(&self, arn: &str) -> CloudResult<Option<CertificateStatus>>;
+    /// Deletes it; succeeds when it is already gone. While a listener still uses it (ELB
+    /// lets go of a removed certificate after a while) the error is
+    /// `ErrorKind::Retryable`.
+    async fn delete_certificate(&self, arn: &str) -> CloudResult<()>;
+    /// Certificates carrying every tag in `tags`, with all their tags (kind `certificate`).
+    async fn tagged_certificates(&self, tags: &Tags) -> CloudResult<Vec<TaggedResource>>;
+}
+
 #[derive(Debug, Clone)]
 pub struct UserPoolSpec {
     pub name: String,
@@ -829,9 +943,28 @@ pub struct Platform {
     /// The MySQL user of `db_iam_auth`, created `IDENTIFIED WITH AWSAuthenticationPlugin AS
     /// 'RDS'` with the privileges to create databases and users and grant them.
     pub db_iam_user: String,
+    /// The HTTPS listener of an environment with one load balancer and no `load_balancers`
+    /// pool (it is then the pool's only member, `default`, with AWS's default quotas).
     pub listener_arn: String,
+    /// The environment's pool of load balancers: each provisioning places the instance on
+    /// the first one with room for its rules, target group and certificates (see
+    /// [`Platform::pool`]). Adding one is a configuration change; instances stay where they
+    /// were placed.
+    pub load_balancers: Vec<LoadBalancer>,
     /// Sites are served at `{tenant}.{domain}`.
     pub domain: String,
+    /// The Route53 hosted zone of `domain` in the environment's account: each instance gets
+    /// an alias record `{tenant}.{domain}` there, pointing at its load balancer. Empty: no
+    /// per-instance records (a wildcard record, made outside, must then point at the one
+    /// load balancer).
+    pub hosted_zone_id: String,
+    /// Hosted zones (in the environment's account) of customer domains delegated to us: a
+    /// custom domain under one of them gets its certificate's validation record and its
+    /// alias record created there; any other custom domain's records are the customer's to
+    /// create.
+    pub managed_zones: Vec<ManagedZone>,
+    /// Custom domains one instance may have; `None`: [`DEFAULT_MAX_CUSTOM_DOMAINS`].
+    pub max_custom_domains: Option<u32>,
     pub log_group: String,
     pub archive_bucket: String,
     pub cognito_enabled: bool,
@@ -873,6 +1006,112 @@ pub struct Platform {
     /// Status codes that count as serving, e.g. `200-399` or `200,301,302`; empty: `200-399`.
     pub health_probe_codes: String,
 }
+
+/// Custom domains per instance unless the platform sets a limit.
+pub const DEFAULT_MAX_CUSTOM_DOMAINS: u32 = 5;
+
+/// AWS's default quotas of one Application Load Balancer: rules (besides the default rules),
+/// target groups, and certificates (besides each listener's default certificate).
+pub const ALB_RULES_QUOTA: u32 = 100;
+pub const ALB_TARGET_GROUPS_QUOTA: u32 = 100;
+pub const ALB_CERTIFICATES_QUOTA: u32 = 25;
+
+/// One load balancer of an environment's pool: an ALB and its HTTPS listener, with what the
+/// control plane may place on it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoadBalancer {
+    /// Unique within the environment (`alb-1`); recorded on every instance placed here, so
+    /// it must not be renamed while instances use it.
+    pub name: String,
+    /// The HTTPS listener holding the instances' rules and certificates.
+    pub listener_arn: String,
+    /// The ALB's DNS name: the target of the instances' alias records.
+    pub dns_name: String,
+    /// The ALB's canonical hosted zone id (DescribeLoadBalancers `CanonicalHostedZoneId`),
+    /// which an alias record names with `dns_name`.
+    pub hosted_zone_id: String,
+    /// Listener rules the control plane may create on it; `None`: [`ALB_RULES_QUOTA`]. Lower
+    /// it by the rules others keep there.
+    pub max_rules: Option<u32>,
+    /// Target groups the control plane may attach; `None`: [`ALB_TARGET_GROUPS_QUOTA`].
+    pub max_target_groups: Option<u32>,
+    /// Certificates the control plane may add to the listener (SNI); `None`:
+    /// [`ALB_CERTIFICATES_QUOTA`].
+    pub max_certificates: Option<u32>,
+}
+
+impl LoadBalancer {
+    pub fn rules_quota(&self) -> u32 {
+        self.max_rules.unwrap_or(ALB_RULES_QUOTA)
+    }
+
+    pub fn target_groups_quota(&self) -> u32 {
+        self.max_target_groups.unwrap_or(ALB_TARGET_GROUPS_QUOTA)
+    }
+
+    pub fn certificates_quota(&self) -> u32 {
+        self.max_certificates.unwrap_or(ALB_CERTIFICATES_QUOTA)
+    }
+}
+
+/// A hosted zone of delegated customer domains (see [`Platform::managed_zones`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct ManagedZone {
+    /// The zone's domain, e.g. `customers.example.net`; it manages that name and every name
+    /// under it.
+    pub domain: String,
+    pub hosted_zone_id: String,
+}
+
+impl Platform {
+    /// The pool of load balancers: `load_balancers`, or when that is empty the one
+    /// `listener_arn` (named `default`, AWS's quotas), or nothing.
+    pub fn pool(&self) -> Vec<LoadBalancer> {
+        if !self.load_balancers.is_empty() {
+            return self.load_balancers.clone();
+        }
+        if self.listener_arn.is_empty() {
+            return Vec::new();
+        }
+        vec![LoadBalancer {
+            name: DEFAULT_LOAD_BALANCER.to_owned(),
+            listener_arn: self.listener_arn.clone(),
+            ..LoadBalancer::default()
+        }]
+    }
+
+    /// The pool member called `name`.
+    pub fn load_balancer(&self, name: &str) -> Option<LoadBalancer> {
+        self.pool().into_iter().find(|lb| lb.name == name)
+    }
+
+    /// Every listener of the pool (where the reconciler and the verify steps look).
+    pub fn listeners(&self) -> Vec<String> {
+        self.pool().into_iter().map(|lb| lb.listener_arn).collect()
+    }
+
+    /// Custom domains one instance may have.
+    pub fn custom_domains_limit(&self) -> u32 {
+        self.max_custom_domains
+            .unwrap_or(DEFAULT_MAX_CUSTOM_DOMAINS)
+    }
+
+    /// The managed zone holding `host`, the most specific one if several do.
+    pub fn managed_zone_of(&self, host: &str) -> Option<&ManagedZone> {
+        self.managed_zones
+            .iter()
+            .filter(|zone| {
+                let domain = zone.domain.trim_end_matches('.').to_ascii_lowercase();
+                host == domain || host.ends_with(&format!(".{domain}"))
+            })
+            .max_by_key(|zone| zone.domain.len())
+    }
+}
+
+/// The name of the pool's only member when a platform sets `listener_arn` alone.
+pub const DEFAULT_LOAD_BALANCER: &str = "default";
 
 /// The target groups' deregistration delay unless the platform sets one: long enough for
 /// in-flight WordPress requests to finish.

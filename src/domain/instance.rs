@@ -31,6 +31,18 @@ pub struct Instance {
     /// an entry goes when what it reports does.
     #[serde(default)]
     pub conditions: Vec<InstanceCondition>,
+    /// The load balancer of the environment's pool the instance is served from, once
+    /// provisioning placed it (`None` for an instance provisioned before pools existed: it is
+    /// on the platform's `listener_arn`).
+    #[serde(default)]
+    pub load_balancer: Option<Placement>,
+    /// The DNS records of the instance (its alias record; its custom domains' validation
+    /// and traffic records), as last written or observed by a workflow.
+    #[serde(default)]
+    pub dns_records: Vec<DnsRecordInfo>,
+    /// Where each custom domain stands, in the spec's order.
+    #[serde(default)]
+    pub custom_domain_statuses: Vec<CustomDomainInfo>,
     /// Optimistic-concurrency version, bumped by the store on every write.
     pub version: u64,
 }
@@ -54,6 +66,9 @@ impl Instance {
             failure_reason: None,
             released: false,
             conditions: Vec::new(),
+            load_balancer: None,
+            dns_records: Vec::new(),
+            custom_domain_statuses: Vec::new(),
             version: 0,
         }
     }
@@ -85,4 +100,57 @@ pub struct InstanceCondition {
     pub message: String,
     /// When a reconciler first saw it (kept while it lasts).
     pub since: Timestamp,
+}
+
+/// The pool member an instance is placed on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    /// The member's name in the platform configuration.
+    pub name: String,
+    pub listener_arn: String,
+    pub dns_name: String,
+}
+
+/// What a DNS record is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum DnsPurpose {
+    /// Sends a host's traffic to the instance's load balancer.
+    Traffic,
+    /// Proves control of a custom domain to ACM.
+    CertificateValidation,
+}
+
+/// One DNS record of an instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsRecordInfo {
+    /// Without the trailing dot.
+    pub name: String,
+    /// `A` (alias) or `CNAME`.
+    pub record_type: String,
+    pub value: String,
+    pub purpose: DnsPurpose,
+    /// The control plane writes and removes it (a zone it manages).
+    pub managed: bool,
+    /// It exists as shown (managed: Route53 reported the change INSYNC).
+    pub in_sync: bool,
+}
+
+/// The states of a custom domain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum DomainState {
+    PendingValidation,
+    Active,
+    Failed,
+}
+
+/// Where one custom domain stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CustomDomainInfo {
+    pub domain: String,
+    pub state: DomainState,
+    pub certificate_arn: String,
+    /// What ACM reported (empty when active).
+    pub message: String,
 }

@@ -18,7 +18,10 @@ pub use audit::AuditEvent;
 pub use backup::{Backup, BackupOrigin, BackupState};
 pub use ids::{BackupId, BackupName, InstanceId, InstanceName, OperationId, RequestId, TenantId};
 pub use image::ImagePolicy;
-pub use instance::{ConditionType, Instance, InstanceCondition};
+pub use instance::{
+    ConditionType, CustomDomainInfo, DnsPurpose, DnsRecordInfo, DomainState, Instance,
+    InstanceCondition, Placement,
+};
 pub use operation::{Operation, OperationEvent, OperationStatus, Phase, Step, StepStatus, Verb};
 pub use spec::{Environment, InstanceSpec, ScaleBounds, Tier};
 pub use state::InstanceState;

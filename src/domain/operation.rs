@@ -177,6 +177,29 @@ impl Step {
     }
 }
 
+/// Reasons of operation errors that have a canonical code of their own (the rest are
+/// ABORTED): the API maps them (see `api::convert::operation_to_proto`).
+pub mod failure_reason {
+    /// No load balancer of the environment's pool has room for the instance
+    /// (RESOURCE_EXHAUSTED).
+    pub const LOAD_BALANCER_POOL_FULL: &str = "LOAD_BALANCER_POOL_FULL";
+    /// The instance's load balancer has no room for what the change adds: more rules or
+    /// certificates for custom domains (RESOURCE_EXHAUSTED).
+    pub const LOAD_BALANCER_FULL: &str = "LOAD_BALANCER_FULL";
+    /// A custom domain is held by another instance (ALREADY_EXISTS).
+    pub const DOMAIN_TAKEN: &str = "DOMAIN_TAKEN";
+
+    /// The canonical code (`tonic::Code` as i32) of an operation error with `reason`, if it
+    /// has one of its own.
+    pub fn code(reason: &str) -> Option<i32> {
+        match reason {
+            LOAD_BALANCER_POOL_FULL | LOAD_BALANCER_FULL => Some(8),
+            DOMAIN_TAKEN => Some(6),
+            _ => None,
+        }
+    }
+}
+
 /// A failure recorded on an operation: a stable reason and a message safe to show.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OperationError {

@@ -123,6 +123,10 @@ pub struct InstanceSpec {
     pub labels: BTreeMap<String, String>,
     pub opportunity_id: String,
     pub cost_center: String,
+    /// The customer's own host names the site is also served at (validated, lower-case,
+    /// unique), in the order given.
+    #[serde(default)]
+    pub custom_domains: Vec<String>,
 }
 
 /// Unvalidated input for a spec, as it arrives from a client. `None` environment means
@@ -141,6 +145,7 @@ pub struct SpecInput {
     pub labels: BTreeMap<String, String>,
     pub opportunity_id: String,
     pub cost_center: String,
+    pub custom_domains: Vec<String>,
 }
 
 impl InstanceSpec {
@@ -208,6 +213,7 @@ impl InstanceSpec {
             labels: input.labels,
             opportunity_id: input.opportunity_id,
             cost_center: input.cost_center,
+            custom_domains: input.custom_domains,
         })
     }
 }

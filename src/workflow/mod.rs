@@ -40,12 +40,20 @@ pub enum StepError {
     NotYet(String),
     /// Retrying will not help.
     Fatal(String),
+    /// Retrying will not help, and the operation's error names why with its own reason (an
+    /// `ErrorInfo` reason such as `LOAD_BALANCER_POOL_FULL`, which the API maps to its
+    /// canonical code) instead of `STEP_FAILED`.
+    Refused {
+        reason: &'static str,
+        message: String,
+    },
 }
 
 impl StepError {
     pub fn message(&self) -> &str {
         match self {
             StepError::Transient(m) | StepError::NotYet(m) | StepError::Fatal(m) => m,
+            StepError::Refused { message, .. } => message,
         }
     }
 }

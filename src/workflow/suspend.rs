@@ -351,7 +351,7 @@ mod tests {
             .map(|s| match stopped(s, &AwsReadiness) {
                 Ok(()) => "stopped",
                 Err(StepError::NotYet(_)) => "waiting",
-                Err(StepError::Fatal(_)) => "fatal",
+                Err(StepError::Fatal(_) | StepError::Refused { .. }) => "fatal",
                 Err(StepError::Transient(_)) => "transient",
             })
             .collect()

@@ -34,6 +34,16 @@ impl Ending {
         }
     }
 
+    /// A step refused with its own reason (see `StepError::Refused`).
+    pub(super) fn refused(reason: &str, message: &str) -> Self {
+        Self {
+            status: OperationStatus::Failed,
+            reason: reason.to_owned(),
+            message: message.to_owned(),
+            compensate: true,
+        }
+    }
+
     pub(super) fn cancelled() -> Self {
         Self {
             status: OperationStatus::Cancelled,
@@ -240,7 +250,13 @@ impl Engine {
                             failures,
                         )
                     }
-                    Ok(Err(StepError::Transient(detail) | StepError::Fatal(detail))) => {
+                    Ok(Err(
+                        StepError::Transient(detail)
+                        | StepError::Fatal(detail)
+                        | StepError::Refused {
+                            message: detail, ..
+                        },
+                    )) => {
                         break Err(detail);
                     }
                 };

@@ -199,6 +199,11 @@ impl Engine {
                     self.mark_step_failed(run, name, &detail).await?;
                     return Err(StepOutcome::Failed(Ending::step_failed(name, &detail)));
                 }
+                Err(StepError::Refused { reason, message }) => {
+                    tracing::warn!(step = name, reason, %message, "step refused");
+                    self.mark_step_failed(run, name, &message).await?;
+                    return Err(StepOutcome::Failed(Ending::refused(reason, &message)));
+                }
             };
             if let Err(wake) = self
                 .guarded(run, deadline, true, tokio::time::sleep(pause))
