@@ -262,3 +262,109 @@ impl Certificates for AcmCertificates {
         Ok(found)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use aws_sdk_acm::operation::delete_certificate::DeleteCertificateError;
+    use aws_sdk_acm::types::{
+        CertificateStatus as AcmStatus, DomainValidation, RecordType, ResourceRecord,
+    };
+    use aws_smithy_runtime_api::http::{Response, StatusCode};
+    use aws_smithy_types::body::SdkBody;
+    use aws_smithy_types::error::ErrorMetadata;
+
+    use super::*;
+
+    fn delete_error(code: &str) -> SdkError<DeleteCertificateError, HttpResponse> {
+        let meta = ErrorMetadata::builder().code(code).message("m").build();
+        SdkError::service_error(
+            DeleteCertificateError::generic(meta),
+            Response::new(StatusCode::try_from(400).unwrap(), SdkBody::empty()),
+        )
+    }
+
+    #[test]
+    fn acm_errors_are_classified() {
+        const WHAT: &str = "acm:DeleteCertificate";
+        // A load balancer still holds it (ELB releases a removed certificate later).
+        let in_use = classify_acm(WHAT, &delete_error("ResourceInUseException"));
+        assert_eq!(in_use.kind, ErrorKind::Retryable);
+        // Without ACM's rule it would be a conflict.
+        assert_eq!(
+            classify(WHAT, &delete_error("ResourceInUseException")).kind,
+            ErrorKind::Conflict
+        );
+        let gone = classify_acm(WHAT, &delete_error("ResourceNotFoundException"));
+        assert_eq!(gone.kind, ErrorKind::NotFound);
+        assert_eq!(crate::cloud::aws::gone_is_ok(Err(gone)), Ok(()));
+        assert_eq!(
+            classify_acm(WHAT, &delete_error("RequestInProgressException")).kind,
+            ErrorKind::Retryable
+        );
+        assert_eq!(
+            classify_acm(WHAT, &delete_error("InvalidArnException")).kind,
+            ErrorKind::Fatal
+        );
+    }
+
+    #[test]
+    fn idempotency_tokens_are_checked_before_the_call() {
+        assert!(check_idempotency_token("acme_wp_shop_example_com").is_ok());
+        assert!(check_idempotency_token(&"a".repeat(IDEMPOTENCY_TOKEN_MAX)).is_ok());
+        assert!(check_idempotency_token(&"a".repeat(IDEMPOTENCY_TOKEN_MAX + 1)).is_err());
+        assert!(check_idempotency_token("").is_err());
+        assert!(check_idempotency_token("shop.example.com").is_err());
+        assert!(check_idempotency_token("acme-wp").is_err());
+    }
+
+    #[test]
+    fn every_key_type_is_listed() {
+        let types = all_key_types();
+        for wanted in [
+            KeyAlgorithm::Rsa2048,
+            KeyAlgorithm::EcPrime256v1,
+            KeyAlgorithm::EcSecp384r1,
+            KeyAlgorithm::Rsa4096,
+        ] {
+            assert!(types.contains(&wanted), "{wanted:?}");
+        }
+    }
+
+    fn detail(record: Option<ResourceRecord>) -> CertificateDetail {
+        let mut validation = DomainValidation::builder()
+            .domain_name("shop.example.com")
+            .set_resource_record(record);
+        validation = validation.validation_method(ValidationMethod::Dns);
+        CertificateDetail::builder()
+            .certificate_arn("arn:aws:acm:eu-west-1:111111111111:certificate/abc")
+            .domain_name("shop.example.com")
+            .status(AcmStatus::PendingValidation)
+            .domain_validation_options(validation.build().unwrap())
+            .in_use_by("arn:aws:elasticloadbalancing:eu-west-1:111111111111:loadbalancer/app/a/b")
+            .build()
+    }
+
+    #[test]
+    fn the_validation_record_is_absent_until_acm_has_made_it() {
+        let early = to_status(&detail(None));
+        assert_eq!(early.status, "PENDING_VALIDATION");
+        assert_eq!(early.validation, None);
+        assert_eq!(early.in_use_by.len(), 1);
+        let record = ResourceRecord::builder()
+            .name("_x1.Shop.Example.com.")
+            .r#type(RecordType::Cname)
+            .value("_y2.acm-validations.aws.")
+            .build()
+            .unwrap();
+        let later = to_status(&detail(Some(record)));
+        assert_eq!(
+            later.validation,
+            Some(ValidationRecord {
+                name: "_x1.shop.example.com".into(),
+                record_type: "CNAME".into(),
+                value: "_y2.acm-validations.aws".into(),
+            })
+        );
+        assert_eq!(later.domain, "shop.example.com");
+    }
+}

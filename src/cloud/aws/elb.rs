@@ -723,6 +723,59 @@ mod tests {
         TargetGroupTuple::builder().target_group_arn(arn).build()
     }
 
+    fn host_rule(values: &[&str], legacy: bool) -> Rule {
+        let condition = RuleCondition::builder().field("host-header");
+        let condition = if legacy {
+            condition.set_values(Some(values.iter().map(|v| v.to_string()).collect()))
+        } else {
+            condition.host_header_config(
+                HostHeaderConditionConfig::builder()
+                    .set_values(Some(values.iter().map(|v| v.to_string()).collect()))
+                    .build(),
+            )
+        };
+        Rule::builder().conditions(condition.build()).build()
+    }
+
+    #[test]
+    fn rule_hosts_are_read_from_either_field() {
+        for legacy in [false, true] {
+            let rule = host_rule(&["a.example", "Shop.Example.com", "c.example"], legacy);
+            assert_eq!(
+                rule_host_values(&rule).unwrap(),
+                vec!["a.example", "Shop.Example.com", "c.example"]
+            );
+            assert!(routes_host(&rule, "shop.example.com"));
+            assert!(!routes_host(&rule, "d.example"));
+        }
+        assert_eq!(rule_host_values(&Rule::builder().build()), None);
+    }
+
+    #[test]
+    fn a_rule_takes_one_to_three_hosts() {
+        let hosts = |n: usize| (0..n).map(|i| format!("h{i}.example")).collect::<Vec<_>>();
+        assert!(check_hosts("x", &hosts(0)).is_err());
+        assert!(check_hosts("x", &hosts(1)).is_ok());
+        assert!(check_hosts("x", &hosts(HOSTS_PER_RULE)).is_ok());
+        assert!(check_hosts("x", &hosts(HOSTS_PER_RULE + 1)).is_err());
+    }
+
+    #[test]
+    fn quota_errors_are_fatal_and_name_the_quota() {
+        let certificates = name_quota(CloudError::fatal(
+            "elbv2:AddListenerCertificates: TooManyCertificates: You've reached the limit",
+        ));
+        assert_eq!(certificates.kind, ErrorKind::Fatal);
+        assert!(certificates.message.contains("certificate quota"));
+        let rules = name_quota(CloudError::new(
+            ErrorKind::Fatal,
+            "elbv2:CreateRule: TooManyRules: too many",
+        ));
+        assert!(rules.message.contains("rule quota"));
+        let other = CloudError::new(ErrorKind::Conflict, "elbv2:CreateRule: PriorityInUse: x");
+        assert_eq!(name_quota(other.clone()), other);
+    }
+
     #[test]
     fn a_described_forward_is_read_from_either_field() {
         // DescribeRules reports a single-group forward both ways; older rules only one.

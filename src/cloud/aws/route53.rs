@@ -319,3 +319,131 @@ impl Dns for Route53Dns {
 fn is_changed_meanwhile(error: &CloudError) -> bool {
     error.kind == ErrorKind::Retryable && error.message.contains(": InvalidChangeBatch:")
 }
+
+#[cfg(test)]
+mod tests {
+    use aws_sdk_route53::operation::change_resource_record_sets::ChangeResourceRecordSetsError;
+    use aws_sdk_route53::operation::list_resource_record_sets::ListResourceRecordSetsError;
+    use aws_smithy_runtime_api::http::{Response, StatusCode};
+    use aws_smithy_types::body::SdkBody;
+    use aws_smithy_types::error::ErrorMetadata;
+
+    use super::*;
+
+    fn answer<E>(error: E, status: u16) -> SdkError<E, HttpResponse> {
+        SdkError::service_error(
+            error,
+            Response::new(StatusCode::try_from(status).unwrap(), SdkBody::empty()),
+        )
+    }
+
+    fn change_error(
+        code: &str,
+        status: u16,
+    ) -> SdkError<ChangeResourceRecordSetsError, HttpResponse> {
+        let meta = ErrorMetadata::builder().code(code).message("m").build();
+        answer(ChangeResourceRecordSetsError::generic(meta), status)
+    }
+
+    #[test]
+    fn names_are_compared_unescaped_lower_case_and_without_the_trailing_dot() {
+        assert_eq!(normalise_name("\\052.example.com."), "*.example.com");
+        assert_eq!(normalise_name("Acme.Example.COM."), "acme.example.com");
+        assert_eq!(normalise_name("acme.example.com"), "acme.example.com");
+        assert_eq!(normalise_name("a\\100b.example."), "a@b.example");
+        // Not an escape: left as it is.
+        assert_eq!(normalise_name("a\\9.example"), "a\\9.example");
+        assert_eq!(normalise_name("a\\05"), "a\\05");
+        assert_eq!(fqdn("acme.example.com"), "acme.example.com.");
+        assert_eq!(fqdn("acme.example.com."), "acme.example.com.");
+    }
+
+    #[test]
+    fn ids_are_taken_with_or_without_their_path() {
+        assert_eq!(bare_change_id("/change/C2682N5HXP0BZ4"), "C2682N5HXP0BZ4");
+        assert_eq!(bare_change_id("C2682N5HXP0BZ4"), "C2682N5HXP0BZ4");
+        assert_eq!(bare_zone_id("/hostedzone/Z1D633PJN98FT9"), "Z1D633PJN98FT9");
+        assert_eq!(bare_zone_id("Z1D633PJN98FT9"), "Z1D633PJN98FT9");
+    }
+
+    #[test]
+    fn route53_errors_are_classified() {
+        const WHAT: &str = "route53:ChangeResourceRecordSets";
+        // Another change of the zone is still being applied; throttled.
+        for code in ["PriorRequestNotComplete", "Throttling"] {
+            let error = classify_route53_change(WHAT, &change_error(code, 400), false);
+            assert_eq!(error.kind, ErrorKind::Retryable, "{code}");
+        }
+        // A DELETE that no longer matches the record set: read again. Elsewhere the batch
+        // itself is wrong.
+        let deleting =
+            classify_route53_change(WHAT, &change_error("InvalidChangeBatch", 400), true);
+        assert_eq!(deleting.kind, ErrorKind::Retryable);
+        assert!(is_changed_meanwhile(&deleting));
+        let upserting =
+            classify_route53_change(WHAT, &change_error("InvalidChangeBatch", 400), false);
+        assert_eq!(upserting.kind, ErrorKind::Fatal);
+        assert!(!is_changed_meanwhile(&upserting));
+        let zone_gone = classify_route53_change(WHAT, &change_error("NoSuchHostedZone", 404), true);
+        assert_eq!(zone_gone.kind, ErrorKind::NotFound);
+        assert!(!is_changed_meanwhile(&zone_gone));
+        let listing = answer(
+            ListResourceRecordSetsError::generic(
+                ErrorMetadata::builder().code("NoSuchHostedZone").build(),
+            ),
+            404,
+        );
+        let error = classify_route53("route53:ListResourceRecordSets", &listing);
+        assert_eq!(error.kind, ErrorKind::NotFound);
+        assert!(
+            error
+                .message
+                .starts_with("route53:ListResourceRecordSets: NoSuchHostedZone")
+        );
+        assert_eq!(
+            classify_route53_change(WHAT, &change_error("InvalidInput", 400), false).kind,
+            ErrorKind::Fatal
+        );
+    }
+
+    #[test]
+    fn record_sets_are_reported_normalised() {
+        let alias = ResourceRecordSet::builder()
+            .name("\\052.acme.example.com.")
+            .r#type(RrType::A)
+            .alias_target(
+                AliasTarget::builder()
+                    .hosted_zone_id("Z35SXDOTRQ7X7K")
+                    .dns_name("Dualstack.My-ALB-1.us-east-1.elb.amazonaws.com.")
+                    .evaluate_target_health(false)
+                    .build()
+                    .unwrap(),
+            )
+            .build()
+            .unwrap();
+        assert_eq!(
+            to_record_set(&alias),
+            DnsRecordSet {
+                name: "*.acme.example.com".into(),
+                record_type: "A".into(),
+                value: "dualstack.my-alb-1.us-east-1.elb.amazonaws.com".into(),
+                alias_zone_id: Some("Z35SXDOTRQ7X7K".into()),
+            }
+        );
+        let cname = ResourceRecordSet::builder()
+            .name("_abc.shop.example.")
+            .r#type(RrType::Cname)
+            .ttl(300)
+            .resource_records(
+                ResourceRecord::builder()
+                    .value("_def.acm-validations.aws.")
+                    .build()
+                    .unwrap(),
+            )
+            .build()
+            .unwrap();
+        let plain = to_record_set(&cname);
+        assert_eq!(plain.value, "_def.acm-validations.aws");
+        assert_eq!(plain.alias_zone_id, None);
+    }
+}
