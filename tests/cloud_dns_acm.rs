@@ -508,7 +508,7 @@ async fn certificates_on_the_listener_and_hosts_on_the_rule() {
     );
     assert_eq!(
         routing.listener_certificates(listener).await.unwrap(),
-        [cert.clone()]
+        vec![cert.clone()]
     );
 
     routing
