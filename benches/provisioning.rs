@@ -863,6 +863,22 @@ async fn main() {
             r.workers,
             services(&r.aws, r.provisions as f64)
         );
+        let mut heaviest: Vec<(&String, &(u64, Duration))> = r.aws.calls.iter().collect();
+        heaviest.sort_by_key(|(_, (_, t))| std::cmp::Reverse(*t));
+        println!(
+            "- workers {}: the calls moto spent most time on (calls, mean ms, total s): {}",
+            r.workers,
+            heaviest
+                .iter()
+                .take(8)
+                .map(|(label, (n, t))| format!(
+                    "{label} {n}, {:.0}, {:.1}",
+                    ms(*t) / *n as f64,
+                    t.as_secs_f64()
+                ))
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
         if !r.failed.is_empty() {
             println!(
                 "- workers {}: {} did not complete: {}",

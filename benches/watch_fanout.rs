@@ -6,7 +6,7 @@
 //! help. The server process only ever runs on DynamoDB (`serve` has no in-memory store).
 //!
 //! The events come from "another replica": this process writes `BENCH_WATCH_OPS` (default
-//! 10) operations straight into the table, leased to a replica that is not the server (so
+//! 5) operations straight into the table, leased to a replica that is not the server (so
 //! its engine leaves them alone), and appends one event to each every `BENCH_EVENT_MS`
 //! (default 500 ms) the way the engine does (the event and the operation's
 //! `last_event_seq` in one transaction). The server's watchers learn of them only by
@@ -18,7 +18,8 @@
 //!   B. the rest open (to `BENCH_WATCHERS`, default 10 000), then measure.
 //! Watchers are tonic streams spread over connections of 100 streams each, and resume from
 //! the operation's current sequence (as a reconnecting client does), so opening does not
-//! replay the whole history. Measured: the server's VmRSS idle and with every stream open
+//! replay the whole history; at most `BENCH_OPENING` (default 32) open at a time, since
+//! moto serves one request at a time and a burst of 10 000 times out in its queue. Measured: the server's VmRSS idle and with every stream open
 //! (KiB per stream); delivery latency from the moment the event's transaction returned
 //! (persisted) to its arrival at a watcher, p50/p99, for live events only; DynamoDB reads
 //! per second during each phase, and per watcher opened. It asserts nothing about time.
@@ -30,7 +31,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use instance_manager::domain::operation::Lease;
@@ -179,6 +180,9 @@ struct Persisted {
     base: Instant,
     slots: Vec<Vec<AtomicU64>>,
     phase: AtomicU8,
+    /// No events while streams open (moto, serving one request at a time, is the opening's
+    /// bottleneck; the openings' reads are counted apart).
+    paused: AtomicBool,
     /// The last sequence written per operation.
     last: Vec<AtomicU64>,
 }
@@ -207,6 +211,9 @@ async fn writer(
                 tokio::select! {
                     () = stop.cancelled() => return,
                     _ = ticks.tick() => {}
+                }
+                if persisted.paused.load(Ordering::SeqCst) {
+                    continue;
                 }
                 let seq = op.last_event_seq + 1;
                 if seq as usize >= MAX_EVENTS {
@@ -294,20 +301,32 @@ fn watcher(
     op_index: usize,
     op: OperationId,
     persisted: Arc<Persisted>,
-    ready: Arc<Semaphore>,
+    gates: (Arc<Semaphore>, Arc<Semaphore>),
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<Result<Samples, String>> {
     tokio::spawn(async move {
+        let (opening, ready) = gates;
+        // Opened (or failed to open): the next stream may open.
+        let mut opening = Some(opening.acquire_owned().await.expect("opening gate"));
+        let mut opened = move || {
+            drop(opening.take());
+            ready.add_permits(1);
+        };
         let mut client = InstanceServiceClient::new(channel);
         let from = persisted.last[op_index].load(Ordering::SeqCst).max(1);
-        let mut stream = client
+        let mut stream = match client
             .watch_operation(v1::WatchOperationRequest {
                 name: op.name(),
                 from_sequence: from as i64,
             })
             .await
-            .map_err(|s| format!("WatchOperation: {s}"))?
-            .into_inner();
+        {
+            Ok(stream) => stream.into_inner(),
+            Err(status) => {
+                opened();
+                return Err(format!("WatchOperation: {status}"));
+            }
+        };
         let mut samples = Samples::new();
         let mut opened_at: Option<u64> = None;
         loop {
@@ -317,13 +336,23 @@ fn watcher(
             };
             let event = match message {
                 Ok(Some(event)) => event,
-                Ok(None) => return Err("stream ended".into()),
-                Err(status) => return Err(format!("stream failed: {status}")),
+                Ok(None) => {
+                    if opened_at.is_none() {
+                        opened();
+                    }
+                    return Err("stream ended".into());
+                }
+                Err(status) => {
+                    if opened_at.is_none() {
+                        opened();
+                    }
+                    return Err(format!("stream failed: {status}"));
+                }
             };
             let now = persisted.micros();
-            let Some(opened) = opened_at else {
+            let Some(opened_micros) = opened_at else {
                 opened_at = Some(now);
-                ready.add_permits(1);
+                opened();
                 continue;
             };
             let slot = persisted.slots[op_index]
@@ -331,7 +360,7 @@ fn watcher(
                 .map_or(0, |s| s.load(Ordering::SeqCst));
             let (phase, at) = ((slot >> PHASE_SHIFT) as u8, slot & ((1 << PHASE_SHIFT) - 1));
             // Live events of a measured phase only: not replayed, persisted after opening.
-            if phase != 0 && at > opened {
+            if phase != 0 && at > opened_micros {
                 samples.push((
                     phase,
                     now.saturating_sub(at).min(u64::from(u32::MAX)) as u32,
@@ -367,6 +396,8 @@ struct Phase {
     reads: u64,
     calls: Snapshot,
     server_cpu: f64,
+    /// This process: the watchers' client side and the relay.
+    client_cpu: f64,
 }
 
 #[tokio::main]
@@ -383,7 +414,7 @@ async fn main() {
         .map(PathBuf::from)
         .expect("--binary PATH of instance-manager");
     let watchers: usize = env_or("BENCH_WATCHERS", 10_000);
-    let operations: usize = env_or("BENCH_WATCH_OPS", 10).max(1);
+    let operations: usize = env_or("BENCH_WATCH_OPS", 5).max(1);
     let seconds: f64 = env_or("BENCH_WATCH_SECONDS", 20.0);
     let interval = Duration::from_millis(env_or("BENCH_EVENT_MS", 500));
     let first_phase = (watchers / 100).max(operations).min(watchers);
@@ -408,7 +439,21 @@ async fn main() {
     let store = DynamoStore::new(aws_sdk_dynamodb::Client::new(&sdk), table.clone());
     store.ensure_table().await.expect("create table");
 
-    let relay = Relay::start(moto, Protocol::Aws).await;
+    // The relay on a runtime of its own, so the 10 000 client streams of this process do not
+    // delay the server's store calls in its scheduler queue.
+    let relay = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("relay runtime");
+        let relay = runtime.block_on(Relay::start(moto, Protocol::Aws));
+        // Its worker keeps relaying after this thread ends; it lives as long as the process.
+        std::mem::forget(runtime);
+        relay
+    })
+    .join()
+    .expect("relay thread");
     let log = dir.path().join("serve.log");
     let (server, addr) = start_server(&binary, &relay.url(), &table, watchers + 100, &log).await;
     let pid = server.0.id();
@@ -424,6 +469,7 @@ async fn main() {
             .map(|_| (0..MAX_EVENTS).map(|_| AtomicU64::new(0)).collect())
             .collect(),
         phase: AtomicU8::new(0),
+        paused: AtomicBool::new(false),
         last: (0..operations).map(|_| AtomicU64::new(1)).collect(),
     });
     let stop = CancellationToken::new();
@@ -440,6 +486,7 @@ async fn main() {
     let rss_idle = status_kib(pid, "VmRSS:");
     let idle_phase = {
         let (calls0, cpu0, t0) = (relay.snapshot(), cpu_ticks(pid), Instant::now());
+        let own0 = cpu_ticks(std::process::id());
         tokio::time::sleep(Duration::from_secs_f64(seconds.min(5.0))).await;
         let calls = relay.snapshot().since(&calls0);
         let secs = t0.elapsed().as_secs_f64();
@@ -449,6 +496,7 @@ async fn main() {
             reads: calls.total(is_read).0,
             calls,
             server_cpu: (cpu_ticks(pid) - cpu0) as f64 / ticks / secs,
+            client_cpu: (cpu_ticks(std::process::id()) - own0) as f64 / ticks / secs,
         }
     };
 
@@ -464,6 +512,9 @@ async fn main() {
         );
     }
     let ready = Arc::new(Semaphore::new(0));
+    // Streams opening at once: moto serves one request at a time, and 10 000 openings at
+    // once queue past the SDK's 30 s attempt timeout there.
+    let opening = Arc::new(Semaphore::new(env_or("BENCH_OPENING", 32)));
     let mut handles = Vec::with_capacity(watchers);
     let open = |from: usize, to: usize, handles: &mut Vec<_>| {
         for w in from..to {
@@ -473,7 +524,7 @@ async fn main() {
                 op,
                 ids[op].clone(),
                 persisted.clone(),
-                ready.clone(),
+                (opening.clone(), ready.clone()),
                 stop.clone(),
             ));
         }
@@ -491,6 +542,7 @@ async fn main() {
         }
         eprintln!("watch_fanout: opening {} streams (to {to})", to - from);
         let (calls0, t0) = (relay.snapshot(), Instant::now());
+        persisted.paused.store(true, Ordering::SeqCst);
         open(from, to, &mut handles);
         let wanted = u32::try_from(to - from).unwrap();
         tokio::time::timeout(Duration::from_secs(1800), ready.acquire_many(wanted))
@@ -498,11 +550,13 @@ async fn main() {
             .expect("streams opened within 30 minutes")
             .expect("semaphore")
             .forget();
+        persisted.paused.store(false, Ordering::SeqCst);
         let opened = relay.snapshot().since(&calls0);
         opening.push((to - from, t0.elapsed(), opened.total(is_read).0));
 
         eprintln!("watch_fanout: {to} watchers, measuring for {seconds} s");
         let (calls0, cpu0, t0) = (relay.snapshot(), cpu_ticks(pid), Instant::now());
+        let own0 = cpu_ticks(std::process::id());
         persisted.phase.store(number as u8 + 1, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
         persisted.phase.store(0, Ordering::SeqCst);
@@ -514,6 +568,7 @@ async fn main() {
             reads: calls.total(is_read).0,
             calls,
             server_cpu: (cpu_ticks(pid) - cpu0) as f64 / ticks / secs,
+            client_cpu: (cpu_ticks(std::process::id()) - own0) as f64 / ticks / secs,
         });
         // Let the last events of the phase arrive before reading the memory.
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -555,9 +610,9 @@ async fn main() {
         interval.as_millis()
     );
     println!(
-        "| watchers | measured s | deliveries | p50 ms | p99 ms | store reads/s | server CPU (cores) |"
+        "| watchers | measured s | deliveries | p50 ms | p99 ms | store reads/s | mean read ms | server CPU (cores) | client CPU (cores) |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (i, phase) in phases.iter().enumerate() {
         let (count, p50, p99) = match i {
             0 => ("-".to_owned(), "-".to_owned(), "-".to_owned()),
@@ -570,18 +625,21 @@ async fn main() {
                 )
             }
         };
+        let (reads, read_time) = phase.calls.total(is_read);
         println!(
-            "| {} | {:.1} | {count} | {p50} | {p99} | {:.1} | {:.2} |",
+            "| {} | {:.1} | {count} | {p50} | {p99} | {:.1} | {:.1} | {:.2} | {:.2} |",
             phase.watchers,
             phase.seconds,
             phase.reads as f64 / phase.seconds,
+            read_time.as_secs_f64() * 1000.0 / reads.max(1) as f64,
             phase.server_cpu,
+            phase.client_cpu,
         );
     }
     println!();
     for (n, took, reads) in &opening {
         println!(
-            "- opening {n} streams took {:.1} s and {reads} store reads ({:.2} per stream)",
+            "- opening {n} streams (no events meanwhile) took {:.1} s and {reads} store reads ({:.2} per stream)",
             took.as_secs_f64(),
             *reads as f64 / *n as f64
         );
