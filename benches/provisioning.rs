@@ -826,18 +826,19 @@ async fn main() {
         "\nWhere the time goes, per provisioning (sums over the round divided by the provisions; calls overlap, so sums exceed the wall time):\n"
     );
     println!(
-        "| workers | in AWS adapter calls ms | in store calls ms | in MySQL ms | moto busy / wall | p50 wait for a worker ms | p50 steps' critical path ms | p50 rest (engine) ms |"
+        "| workers | in AWS adapter calls ms | in store calls ms | MySQL round trips | in MySQL ms | moto busy / wall | p50 wait for a worker ms | p50 steps' critical path ms | p50 rest (engine) ms |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rounds {
         let n = r.provisions as f64;
         let (_, aws_t) = r.aws.total(|l| !is_store(l));
-        let (_, sql_t) = r.mysql.total(|_| true);
+        let (sql_n, sql_t) = r.mysql.total(|_| true);
         println!(
-            "| {} | {:.0} | {:.0} | {:.0} | {:.0}% | {} | {} | {} |",
+            "| {} | {:.0} | {:.0} | {:.1} | {:.0} | {:.0}% | {} | {} | {} |",
             r.workers,
             ms(aws_t) / n,
             ms(r.store.read_time + r.store.write_time) / n,
+            sql_n as f64 / n,
             ms(sql_t) / n,
             100.0 * r.aws.busy.as_secs_f64() / r.wall.as_secs_f64(),
             percentile(&r.queue_ms, 50.0),
@@ -866,7 +867,7 @@ async fn main() {
         let mut heaviest: Vec<(&String, &(u64, Duration))> = r.aws.calls.iter().collect();
         heaviest.sort_by_key(|(_, (_, t))| std::cmp::Reverse(*t));
         println!(
-            "- workers {}: the calls moto spent most time on (calls, mean ms, total s): {}",
+            "- workers {}: the calls with the most time at moto (calls, mean ms including the wait in its queue, total s): {}",
             r.workers,
             heaviest
                 .iter()
