@@ -39,6 +39,8 @@ pub const ORPHANS: &str = "im_reconcile_orphans";
 pub const DRIFT: &str = "im_reconcile_drift";
 pub const OPERATIONS_WAITING: &str = "im_operations_waiting";
 pub const OPERATIONS_WAITING_OLDEST: &str = "im_operations_waiting_oldest_seconds";
+pub const LOAD_BALANCER_SLOTS: &str = "im_load_balancer_slots";
+pub const LOAD_BALANCER_QUOTA: &str = "im_load_balancer_quota";
 
 pub const RPC_DURATION: &str = "im_rpc_duration_seconds";
 pub const OPERATION_DURATION: &str = "im_operation_duration_seconds";
@@ -82,7 +84,15 @@ const COUNTERS: [(&str, &str); 9] = [
     ),
 ];
 
-const GAUGES: [(&str, &str); 4] = [
+const GAUGES: [(&str, &str); 6] = [
+    (
+        LOAD_BALANCER_SLOTS,
+        "Rules, target groups and certificates instances hold on each load balancer of the pool (the state store's slots), by environment, load_balancer and kind, at this replica's last reconcile pass",
+    ),
+    (
+        LOAD_BALANCER_QUOTA,
+        "What each load balancer of the pool may hold, by environment, load_balancer and kind",
+    ),
     (
         ORPHANS,
         "Orphaned resources (tagged as ours, no live instance owns them) found by this replica's last reconcile pass, by environment and kind",

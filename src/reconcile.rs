@@ -168,6 +168,9 @@ pub struct ReconcileReport {
     /// 1000, and how long the oldest of them had waited, in seconds.
     pub waiting: usize,
     pub waiting_oldest_secs: i64,
+    /// What each load balancer of each environment's pool holds: (environment, member) →
+    /// its slots in use.
+    pub load_balancers: HashMap<(Environment, String), crate::workflow::placement::Usage>,
     /// Checks that could not be done (logged; retried on the next pass).
     pub failures: usize,
 }
@@ -234,6 +237,7 @@ impl Reconciler {
             let Some(instances) = self.instances(environment, &mut report).await else {
                 continue;
             };
+            self.measure_pool(&cloud, &mut report).await;
             self.orphans(&cloud, &instances, now, &mut report).await;
             for instance in instances.values() {
                 let conditions = self.drift(&cloud, instance, now, &mut report).await;
@@ -250,6 +254,42 @@ impl Reconciler {
             self.metrics.set(metrics::DRIFT, &[("kind", kind)], value);
         }
         report
+    }
+
+    /// What each member of the environment's pool holds and may hold (capacity planning:
+    /// alert well before a pool is full, and add an ALB).
+    async fn measure_pool(&self, cloud: &CloudEnv, report: &mut ReconcileReport) {
+        let environment = cloud.environment;
+        for lb in cloud.platform.pool() {
+            let usage = match crate::workflow::placement::usage(self.store.as_ref(), &lb).await {
+                Ok(usage) => usage,
+                Err(error) => {
+                    tracing::warn!(%environment, load_balancer = %lb.name, error = error.message(), "cannot read the pool's slots");
+                    self.fail(report, "load_balancers");
+                    continue;
+                }
+            };
+            for (kind, used, quota) in [
+                ("rule", usage.rules, lb.rules_quota()),
+                (
+                    "target_group",
+                    usage.target_groups,
+                    lb.target_groups_quota(),
+                ),
+                ("certificate", usage.certificates, lb.certificates_quota()),
+            ] {
+                let labels = [
+                    ("environment", environment.as_str()),
+                    ("load_balancer", lb.name.as_str()),
+                    ("kind", kind),
+                ];
+                self.metrics
+                    .set(metrics::LOAD_BALANCER_SLOTS, &labels, i64::from(used));
+                self.metrics
+                    .set(metrics::LOAD_BALANCER_QUOTA, &labels, i64::from(quota));
+            }
+            report.load_balancers.insert((environment, lb.name), usage);
+        }
     }
 
     /// Counts the operations no worker holds and how long the oldest has waited, so that

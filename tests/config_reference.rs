@@ -53,6 +53,15 @@ max = 3
 [environments.platform]
 min_healthy_targets = 1
 deregistration_delay_secs = 30
+
+[[environments.platform.load_balancers]]
+name = "alb-1"
+listener_arn = "arn:aws:elasticloadbalancing:us-east-1:111111111111:listener/app/a/1/2"
+max_rules = 10
+
+[[environments.platform.managed_zones]]
+domain = "customers.example"
+hosted_zone_id = "Z1"
 "#;
 
 /// Flattens a TOML value into dotted keys; an array of tables is `name[]`.

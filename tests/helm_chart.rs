@@ -411,6 +411,7 @@ fn full_values_render_every_optional_part() {
     assert_eq!(
         alerts,
         [
+            "ImLoadBalancerPoolNearlyFull",
             "ImNoReplica",
             "ImNoReplicaClaiming",
             "ImOperationFailureRatio",
@@ -795,6 +796,7 @@ async fn alerts_and_dashboard_name_metrics_the_binary_exports() {
         // The reconciler's gauges come with its first pass, at start-up.
         if exported(&scraped, "im_operations_stuck_total")
             && exported(&scraped, "im_operations_waiting_oldest_seconds")
+            && exported(&scraped, "im_load_balancer_quota")
         {
             break scraped;
         }

@@ -359,15 +359,10 @@ async fn tail_follows_new_and_late_lines_in_order_once_each_then_ends_at_shutdow
         &[(started - 120_000, "before since".into())],
     )
     .await;
-    let mut stream = w
-        .tail(v1::TailLogsRequest {
-            name: w.name(),
-            since: Some(at(started - 60_000)),
-            follow: true,
-            ..Default::default()
-        })
-        .await;
-    // Written after the tail started, in two streams.
+    // Interleaved in two streams, merged in time order. (Written before the tail starts:
+    // two PutLogEvents calls are not atomic, and a poll between them would rightly deliver
+    // the second stream's lines after the first's, as late lines. Lines written while the
+    // tail runs come below.)
     let t = now_ms();
     w.write(
         &w.stream("t1"),
@@ -379,6 +374,14 @@ async fn tail_follows_new_and_late_lines_in_order_once_each_then_ends_at_shutdow
         &[(t + 1, "a2".into()), (t + 3, "a4".into())],
     )
     .await;
+    let mut stream = w
+        .tail(v1::TailLogsRequest {
+            name: w.name(),
+            since: Some(at(started - 60_000)),
+            follow: true,
+            ..Default::default()
+        })
+        .await;
     let first = read_until(&mut stream, "a5").await;
     assert_eq!(messages(&first), ["a1", "a2", "a3", "a4", "a5"]);
 

@@ -151,6 +151,28 @@ async fn a_full_pool_refuses_before_creating_anything_and_a_deletion_frees_a_slo
     assert!(refused.load_balancer.is_none());
     let counts = rules_per_listener(&cp).await;
     assert_eq!((counts[&alb1], counts[&alb2]), (3, 3), "{counts:?}");
+    // The reconciler reports the pool's use (the im_load_balancer_slots gauges).
+    let report = instance_manager::reconcile::Reconciler::new(
+        cp.store.clone(),
+        cp.accounts.clone(),
+        cp.engine.clone(),
+        vec![Environment::Dev],
+        instance_manager::reconcile::ReconcileSettings {
+            remove_orphans: false,
+            orphan_grace: std::time::Duration::from_secs(3600),
+            stuck_after: std::time::Duration::from_secs(3600),
+            tag_prefix: "bbws".into(),
+        },
+    )
+    .reconcile_once(instance_manager::domain::Timestamp::now())
+    .await;
+    for name in ["alb-1", "alb-2"] {
+        let usage = &report.load_balancers[&(Environment::Dev, name.to_owned())];
+        assert_eq!(
+            (usage.rules, usage.target_groups, usage.certificates),
+            (3, 3, 0)
+        );
+    }
 
     // Deleting one of alb-1's instances frees its slot: the next tenant goes there.
     let leaving = placed["alb-1"][0].clone();
