@@ -7,8 +7,8 @@ use prost_types::Any;
 use crate::domain::operation::StepStatus;
 use crate::domain::spec::SpecInput;
 use crate::domain::{
-    Backup, BackupState, ConditionType, DnsPurpose, DomainState, Environment, Instance, InstanceState, Operation,
-    OperationEvent, OperationStatus, Tier, Timestamp, Violations,
+    Backup, BackupState, ConditionType, DnsPurpose, DomainState, Environment, Instance,
+    InstanceState, Operation, OperationEvent, OperationStatus, Tier, Timestamp, Violations,
 };
 use crate::proto::google_longrunning as lro;
 use crate::proto::v1;

@@ -1098,6 +1098,15 @@ impl Platform {
             .unwrap_or(DEFAULT_MAX_CUSTOM_DOMAINS)
     }
 
+    /// What the API accepts as custom domains here: not this platform's `domain` or under it,
+    /// at most [`Platform::custom_domains_limit`].
+    pub fn domain_rules(&self) -> crate::domain::spec::DomainRules {
+        crate::domain::spec::DomainRules {
+            platform_domain: self.domain.clone(),
+            limit: self.custom_domains_limit(),
+        }
+    }
+
     /// The managed zone holding `host`, the most specific one if several do.
     pub fn managed_zone_of(&self, host: &str) -> Option<&ManagedZone> {
         self.managed_zones
