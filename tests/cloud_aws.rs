@@ -528,7 +528,7 @@ fn target_group_spec(tenant: &Tenant, vpc: &str) -> TargetGroupSpec {
 fn rule_spec(tenant: &Tenant, listener: &str, target_group: &str, priority: u32) -> HostRuleSpec {
     HostRuleSpec {
         listener_arn: listener.to_owned(),
-        host: tenant.host(),
+        hosts: vec![tenant.host()],
         target_group_arn: target_group.to_owned(),
         priority,
         tags: tenant.tags("alb"),

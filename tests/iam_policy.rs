@@ -27,6 +27,7 @@ const CONTROL_PLANE_SERVICES: &[&str] = &["dynamodb", "sts"];
 
 /// The IAM service prefix of each SDK crate the production code may use.
 const SERVICE_PREFIXES: &[(&str, &str)] = &[
+    ("aws_sdk_acm", "acm"),
     ("aws_sdk_cloudwatch", "cloudwatch"),
     ("aws_sdk_cloudwatchlogs", "logs"),
     ("aws_sdk_cognitoidentityprovider", "cognito-idp"),
@@ -36,6 +37,7 @@ const SERVICE_PREFIXES: &[(&str, &str)] = &[
     ("aws_sdk_elasticloadbalancingv2", "elasticloadbalancing"),
     ("aws_sdk_iam", "iam"),
     ("aws_sdk_rds", "rds"),
+    ("aws_sdk_route53", "route53"),
     ("aws_sdk_s3", "s3"),
     ("aws_sdk_secretsmanager", "secretsmanager"),
     ("aws_sdk_sts", "sts"),
@@ -68,6 +70,9 @@ const IMPLIED: &[(&str, &str, &str)] = &[
     ),
     ("secretsmanager", ".set_tags(", "secretsmanager:TagResource"),
     ("iam", ".set_tags(", "iam:TagRole"),
+    // RequestCertificate with tags also needs acm:AddTagsToCertificate (ACM user guide,
+    // "Tag-based IAM policies").
+    ("acm", ".set_tags(", "acm:AddTagsToCertificate"),
     ("s3", ".set_tagging(", "s3:PutObjectTagging"),
     // A task definition naming roles passes them to ECS.
     ("ecs", "execution_role_arn(", "iam:PassRole"),

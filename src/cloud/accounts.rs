@@ -17,8 +17,8 @@ use aws_credential_types::provider::SharedCredentialsProvider;
 use super::credentials::RefreshingCredentials;
 
 use super::aws::{
-    AwsCompute, AwsDbInstances, AwsFiles, AwsIdentity, AwsLogs, AwsMetrics, AwsObjects, AwsRouting,
-    AwsSecrets, AwsTaskRoles,
+    AcmCertificates, AwsCompute, AwsDbInstances, AwsFiles, AwsIdentity, AwsLogs, AwsMetrics,
+    AwsObjects, AwsRouting, AwsSecrets, AwsTaskRoles, Route53Dns,
 };
 use super::mysql::MySqlDatabase;
 pub use super::settings::SessionSettings;
@@ -332,6 +332,10 @@ fn cloud_env(env: &EnvironmentConfig, sdk: &SdkConfig, database: Arc<MySqlDataba
         logs: Arc::new(AwsLogs::new(sdk)),
         metrics: Arc::new(AwsMetrics::new(sdk)),
         task_roles: Arc::new(AwsTaskRoles::new(sdk)),
+        // Route53's API is global (us-east-1, set by the adapter); ACM must be the
+        // environment's region, where its load balancers are (the SdkConfig's region).
+        dns: Arc::new(Route53Dns::new(sdk)),
+        certificates: Arc::new(AcmCertificates::new(sdk)),
         readiness: crate::cloud::readiness_for(&env.platform),
     }
 }

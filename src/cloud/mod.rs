@@ -317,7 +317,8 @@ pub struct TargetGroupSpec {
 #[derive(Debug, Clone)]
 pub struct HostRuleSpec {
     pub listener_arn: String,
-    pub host: String,
+    /// The values of the rule's host-header condition: 1..=[`HOSTS_PER_RULE`] host names.
+    pub hosts: Vec<String>,
     pub target_group_arn: String,
     pub priority: u32,
     pub tags: Tags,
@@ -364,8 +365,12 @@ pub trait Routing: Send + Sync {
     async fn delete_target_group(&self, arn: &str) -> CloudResult<()>;
     /// Priorities of every rule on the listener (ours or not).
     async fn rule_priorities(&self, listener_arn: &str) -> CloudResult<Vec<u32>>;
-    /// Returns the rule ARN: an existing rule forwarding `host` is adopted, else a rule is
-    /// created at `priority`. A priority taken on the listener is `ErrorKind::Conflict`.
+    /// Returns the rule ARN: an existing rule of the listener whose hosts include
+    /// `hosts[0]` is adopted when it carries the spec's owner tags and forwards to the
+    /// spec's target group (its hosts are left as they are: [`Routing::set_rule_hosts`]
+    /// changes them); else a rule is created at `priority`. A priority taken on the
+    /// listener is `ErrorKind::Conflict`; a rule of someone else's routing `hosts[0]`, or
+    /// no hosts or more than [`HOSTS_PER_RULE`], is `ErrorKind::Fatal`.
     async fn ensure_host_rule(&self, spec: &HostRuleSpec) -> CloudResult<String>;
     async fn delete_rule(&self, rule_arn: &str) -> CloudResult<()>;
     /// The final action of the rule (after any authenticate actions), `None` if the rule
@@ -389,6 +394,28 @@ pub trait Routing: Send + Sync {
         listener_arn: &str,
         tags: &Tags,
     ) -> CloudResult<Vec<TaggedResource>>;
+    /// Adds the certificate to the listener's certificate list (SNI); succeeds when it is
+    /// there already. The listener's certificate quota reached (`TooManyCertificates`) is
+    /// `ErrorKind::Fatal`, its message naming the quota.
+    async fn add_listener_certificate(
+        &self,
+        listener_arn: &str,
+        certificate_arn: &str,
+    ) -> CloudResult<()>;
+    /// Removes it from the listener's list; succeeds when it is not there.
+    async fn remove_listener_certificate(
+        &self,
+        listener_arn: &str,
+        certificate_arn: &str,
+    ) -> CloudResult<()>;
+    /// The listener's certificates besides its default one.
+    async fn listener_certificates(&self, listener_arn: &str) -> CloudResult<Vec<String>>;
+    /// The values of the rule's host-header condition, `None` if the rule does not exist.
+    async fn rule_hosts(&self, rule_arn: &str) -> CloudResult<Option<Vec<String>>>;
+    /// Makes `hosts` (1..=[`HOSTS_PER_RULE`]) the values of the rule's host-header
+    /// condition (ModifyRule; its action, priority and tags stay). A missing rule is
+    /// `ErrorKind::NotFound`.
+    async fn set_rule_hosts(&self, rule_arn: &str, hosts: &[String]) -> CloudResult<()>;
 }
 
 /// Values one host-header condition takes (ALB: at most three match evaluations per
@@ -1225,6 +1252,11 @@ pub struct CloudEnv {
     pub metrics: Arc<dyn Metrics>,
     /// The instances' IAM task roles.
     pub task_roles: Arc<dyn TaskRoles>,
+    /// Route53 (a global service) in the environment's account: the platform's hosted zone
+    /// and the managed customer zones.
+    pub dns: Arc<dyn Dns>,
+    /// ACM in the environment's region (where its load balancers are).
+    pub certificates: Arc<dyn Certificates>,
     /// What counts as a finished rollout or a successful task here.
     pub readiness: Arc<dyn Readiness>,
 }

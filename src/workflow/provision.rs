@@ -557,7 +557,10 @@ async fn ensure_listener_rule(ctx: &StepCtx) -> StepResult<String> {
     let priority = claim_priority(ctx).await?;
     let spec = HostRuleSpec {
         listener_arn: ctx.cloud.platform.listener_arn.clone(),
-        host: ResourceNames::host(&ctx.instance.name.tenant, &ctx.cloud.platform.domain),
+        hosts: vec![ResourceNames::host(
+            &ctx.instance.name.tenant,
+            &ctx.cloud.platform.domain,
+        )],
         target_group_arn: ctx.require_output(TARGET_GROUP)?.to_owned(),
         priority,
         tags: ctx.tags("listener-rule"),

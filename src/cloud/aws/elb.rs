@@ -1,18 +1,26 @@
-//! Tenant target groups and host-header rules on an environment's shared ALB listener.
+//! Tenant target groups and host-header rules on an environment's shared ALB listener, and
+//! the listener's SNI certificates (custom domains).
+//!
+//! AddListenerCertificates is idempotent in AWS, RemoveListenerCertificates of a certificate
+//! not on the listener succeeds, and DescribeListenerCertificates lists the listener's
+//! default certificate too (`IsDefault`). The listener's certificate and rule quotas
+//! (`TooManyCertificates`, `TooManyRules`) are fatal here: placement keeps below them, and
+//! this is the safety net.
 
 use async_trait::async_trait;
 use aws_config::SdkConfig;
 use aws_sdk_elasticloadbalancingv2::Client;
 use aws_sdk_elasticloadbalancingv2::types::{
-    Action, ActionTypeEnum, FixedResponseActionConfig, HostHeaderConditionConfig, Matcher,
-    ProtocolEnum, Rule, RuleCondition, Tag, TargetGroup, TargetGroupAttribute, TargetTypeEnum,
+    Action, ActionTypeEnum, Certificate, FixedResponseActionConfig, HostHeaderConditionConfig,
+    Matcher, ProtocolEnum, Rule, RuleCondition, Tag, TargetGroup, TargetGroupAttribute,
+    TargetTypeEnum,
 };
 
 use super::{gone_is_ok, has_all_tags};
 use crate::cloud::error::classify;
 use crate::cloud::{
-    CloudError, CloudResult, ErrorKind, FIXED_RESPONSE_BODY_MAX, HostRuleSpec, Routing, RuleAction,
-    TaggedResource, Tags, TargetGroupSpec, TargetHealth, not_ours, owner_tags,
+    CloudError, CloudResult, ErrorKind, FIXED_RESPONSE_BODY_MAX, HOSTS_PER_RULE, HostRuleSpec,
+    Routing, RuleAction, TaggedResource, Tags, TargetGroupSpec, TargetHealth, not_ours, owner_tags,
 };
 
 /// DescribeTags accepts at most 20 resource ARNs per call.
@@ -92,14 +100,7 @@ impl AwsRouting {
                 spec.priority
             ))
         })?;
-        let condition = RuleCondition::builder()
-            .field("host-header")
-            .host_header_config(
-                HostHeaderConditionConfig::builder()
-                    .values(&spec.host)
-                    .build(),
-            )
-            .build();
+        let condition = host_condition(&spec.hosts);
         let forward = Action::builder()
             .r#type(ActionTypeEnum::Forward)
             .target_group_arn(&spec.target_group_arn)
@@ -114,7 +115,7 @@ impl AwsRouting {
             .set_tags(Some(to_tags(&spec.tags)))
             .send()
             .await
-            .map_err(|e| classify("elbv2:CreateRule", &e))?;
+            .map_err(|e| name_quota(classify("elbv2:CreateRule", &e)))?;
         created
             .rules()
             .first()
@@ -150,6 +151,40 @@ impl AwsRouting {
         Ok(matching)
     }
 
+    /// The rule, `None` if it does not exist.
+    async fn rule(&self, rule_arn: &str) -> CloudResult<Option<Rule>> {
+        let answer = self
+            .client
+            .describe_rules()
+            .rule_arns(rule_arn)
+            .send()
+            .await
+            .map_err(|e| classify("elbv2:DescribeRules", &e));
+        match answer {
+            Ok(out) => Ok(out
+                .rules()
+                .iter()
+                .find(|rule| rule.rule_arn() == Some(rule_arn))
+                .cloned()),
+            // RuleNotFound
+            Err(error) if error.is_not_found() => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Every certificate of the listener, the default one (`IsDefault`) too.
+    async fn all_listener_certificates(&self, listener_arn: &str) -> CloudResult<Vec<Certificate>> {
+        self.client
+            .describe_listener_certificates()
+            .listener_arn(listener_arn)
+            .into_paginator()
+            .items()
+            .send()
+            .try_collect()
+            .await
+            .map_err(|e| classify("elbv2:DescribeListenerCertificates", &e))
+    }
+
     async fn filter_tagged(&self, arns: Vec<String>, tags: &Tags) -> CloudResult<Vec<String>> {
         let matching = self.tags_of(arns, tags).await?;
         Ok(matching.into_iter().map(|(arn, _)| arn).collect())
@@ -162,17 +197,76 @@ fn to_tags(tags: &Tags) -> Vec<Tag> {
         .collect()
 }
 
-/// Is this rule's only condition "host is `host`" (host names are case-insensitive)?
-fn routes_host(rule: &Rule, host: &str) -> bool {
-    let [condition] = rule.conditions() else {
-        return false;
-    };
+fn host_condition(hosts: &[String]) -> RuleCondition {
+    RuleCondition::builder()
+        .field("host-header")
+        .host_header_config(
+            HostHeaderConditionConfig::builder()
+                .set_values(Some(hosts.to_vec()))
+                .build(),
+        )
+        .build()
+}
+
+/// A rule's host list must fit one host-header condition.
+fn check_hosts(what: &str, hosts: &[String]) -> CloudResult<()> {
+    if hosts.is_empty() || hosts.len() > HOSTS_PER_RULE {
+        return Err(CloudError::fatal(format!(
+            "{what}: a rule takes 1 to {HOSTS_PER_RULE} hosts, not {}",
+            hosts.len()
+        )));
+    }
+    Ok(())
+}
+
+/// The values of the rule's host-header condition (DescribeRules reports them in
+/// `HostHeaderConfig`, older rules in `Values`), `None` if it has none.
+fn rule_host_values(rule: &Rule) -> Option<Vec<String>> {
+    let condition = rule
+        .conditions()
+        .iter()
+        .find(|condition| condition.field() == Some("host-header"))?;
     let values = match condition.host_header_config() {
-        Some(config) => config.values(),
-        None => condition.values(),
+        Some(config) if !config.values().is_empty() => config.values(),
+        _ => condition.values(),
     };
-    condition.field() == Some("host-header")
-        && matches!(values, [only] if only.eq_ignore_ascii_case(host))
+    Some(values.to_vec())
+}
+
+/// Is this rule's only condition a host-header one including `host` (host names are
+/// case-insensitive)?
+fn routes_host(rule: &Rule, host: &str) -> bool {
+    rule.conditions().len() == 1
+        && rule_host_values(rule)
+            .is_some_and(|hosts| hosts.iter().any(|h| h.eq_ignore_ascii_case(host)))
+}
+
+/// The quota errors ELB answers with, named: what the load balancer ran out of.
+const QUOTAS: &[(&str, &str)] = &[
+    (
+        "TooManyCertificates",
+        "the listener's certificate quota (certificates per Application Load Balancer, 25 \
+         by default besides the default certificate) is reached",
+    ),
+    (
+        "TooManyRules",
+        "the load balancer's rule quota (rules per Application Load Balancer, 100 by default \
+         besides the default rules) is reached",
+    ),
+    (
+        "TooManyConditionValues",
+        "a rule takes at most 5 condition values (match evaluations)",
+    ),
+];
+
+/// A quota error is fatal, with the quota named; other errors pass unchanged.
+fn name_quota(error: CloudError) -> CloudError {
+    for (code, quota) in QUOTAS {
+        if error.message.contains(&format!(": {code}:")) {
+            return CloudError::fatal(format!("{}: {quota}", error.message));
+        }
+    }
+    error
 }
 
 fn forwards_to(rule: &Rule, target_group_arn: &str) -> bool {
@@ -353,17 +447,25 @@ impl Routing for AwsRouting {
     }
 
     async fn ensure_host_rule(&self, spec: &HostRuleSpec) -> CloudResult<String> {
+        check_hosts("elbv2:CreateRule", &spec.hosts)?;
+        let first = &spec.hosts[0];
         let rules = self.rules(&spec.listener_arn).await?;
-        if let Some(rule) = rules.iter().find(|rule| routes_host(rule, &spec.host)) {
+        if let Some(rule) = rules.iter().find(|rule| routes_host(rule, first)) {
             let arn = rule.rule_arn().unwrap_or_default();
-            if forwards_to(rule, &spec.target_group_arn) {
+            let owner = owner_tags(&spec.tags);
+            let claims = owner.iter().any(|(key, _)| key.ends_with(":instance-id"));
+            let owned = !claims
+                || !self
+                    .filter_tagged(vec![arn.to_owned()], &owner)
+                    .await?
+                    .is_empty();
+            if owned && forwards_to(rule, &spec.target_group_arn) {
                 return Ok(arn.to_owned());
             }
             // Someone else routes this host: a second rule would be shadowed or shadow it,
             // and taking theirs over could break a site. An operator has to decide.
             return Err(CloudError::fatal(format!(
-                "elbv2:CreateRule: host {} is already routed elsewhere by rule {arn}",
-                spec.host
+                "elbv2:CreateRule: host {first} is already routed elsewhere by rule {arn}"
             )));
         }
         self.create_rule(spec).await
@@ -382,23 +484,7 @@ impl Routing for AwsRouting {
     }
 
     async fn rule_action(&self, rule_arn: &str) -> CloudResult<Option<RuleAction>> {
-        let answer = self
-            .client
-            .describe_rules()
-            .rule_arns(rule_arn)
-            .send()
-            .await
-            .map_err(|e| classify("elbv2:DescribeRules", &e));
-        match answer {
-            Ok(out) => Ok(out
-                .rules()
-                .iter()
-                .find(|rule| rule.rule_arn() == Some(rule_arn))
-                .and_then(final_action)),
-            // RuleNotFound
-            Err(error) if error.is_not_found() => Ok(None),
-            Err(error) => Err(error),
-        }
+        Ok(self.rule(rule_arn).await?.as_ref().and_then(final_action))
     }
 
     async fn set_rule_action(&self, rule_arn: &str, action: &RuleAction) -> CloudResult<()> {
@@ -528,6 +614,103 @@ impl Routing for AwsRouting {
         }
         Ok(found)
     }
+
+    async fn add_listener_certificate(
+        &self,
+        listener_arn: &str,
+        certificate_arn: &str,
+    ) -> CloudResult<()> {
+        // AWS answers a repeated add with success; reading first also keeps a list that an
+        // emulator would let grow with duplicates clean.
+        if self
+            .all_listener_certificates(listener_arn)
+            .await?
+            .iter()
+            .any(|c| c.certificate_arn() == Some(certificate_arn))
+        {
+            return Ok(());
+        }
+        self.client
+            .add_listener_certificates()
+            .listener_arn(listener_arn)
+            .certificates(
+                Certificate::builder()
+                    .certificate_arn(certificate_arn)
+                    .build(),
+            )
+            .send()
+            .await
+            .map(drop)
+            .map_err(|e| name_quota(classify("elbv2:AddListenerCertificates", &e)))
+    }
+
+    async fn remove_listener_certificate(
+        &self,
+        listener_arn: &str,
+        certificate_arn: &str,
+    ) -> CloudResult<()> {
+        let result = self
+            .client
+            .remove_listener_certificates()
+            .listener_arn(listener_arn)
+            .certificates(
+                Certificate::builder()
+                    .certificate_arn(certificate_arn)
+                    .build(),
+            )
+            .send()
+            .await
+            .map(drop)
+            .map_err(|e| classify("elbv2:RemoveListenerCertificates", &e));
+        // ListenerNotFound, CertificateNotFound: it is not there.
+        gone_is_ok(result)
+    }
+
+    async fn listener_certificates(&self, listener_arn: &str) -> CloudResult<Vec<String>> {
+        Ok(self
+            .all_listener_certificates(listener_arn)
+            .await?
+            .iter()
+            .filter(|c| c.is_default() != Some(true))
+            .filter_map(|c| c.certificate_arn().map(str::to_owned))
+            .collect())
+    }
+
+    async fn rule_hosts(&self, rule_arn: &str) -> CloudResult<Option<Vec<String>>> {
+        Ok(self
+            .rule(rule_arn)
+            .await?
+            .map(|rule| rule_host_values(&rule).unwrap_or_default()))
+    }
+
+    async fn set_rule_hosts(&self, rule_arn: &str, hosts: &[String]) -> CloudResult<()> {
+        check_hosts("elbv2:ModifyRule", hosts)?;
+        // ModifyRule replaces every condition: a rule that has others is not one of ours.
+        let rule = self.rule(rule_arn).await?.ok_or_else(|| {
+            CloudError::new(
+                ErrorKind::NotFound,
+                format!("elbv2:ModifyRule: rule {rule_arn} does not exist"),
+            )
+        })?;
+        if rule
+            .conditions()
+            .iter()
+            .any(|condition| condition.field() != Some("host-header"))
+        {
+            return Err(CloudError::fatal(format!(
+                "elbv2:ModifyRule: rule {rule_arn} has conditions besides its host-header; \
+                 not replacing them"
+            )));
+        }
+        self.client
+            .modify_rule()
+            .rule_arn(rule_arn)
+            .conditions(host_condition(hosts))
+            .send()
+            .await
+            .map(drop)
+            .map_err(|e| name_quota(classify("elbv2:ModifyRule", &e)))
+    }
 }
 
 #[cfg(test)]
@@ -538,6 +721,59 @@ mod tests {
 
     fn tuple(arn: &str) -> TargetGroupTuple {
         TargetGroupTuple::builder().target_group_arn(arn).build()
+    }
+
+    fn host_rule(values: &[&str], legacy: bool) -> Rule {
+        let condition = RuleCondition::builder().field("host-header");
+        let condition = if legacy {
+            condition.set_values(Some(values.iter().map(|v| v.to_string()).collect()))
+        } else {
+            condition.host_header_config(
+                HostHeaderConditionConfig::builder()
+                    .set_values(Some(values.iter().map(|v| v.to_string()).collect()))
+                    .build(),
+            )
+        };
+        Rule::builder().conditions(condition.build()).build()
+    }
+
+    #[test]
+    fn rule_hosts_are_read_from_either_field() {
+        for legacy in [false, true] {
+            let rule = host_rule(&["a.example", "Shop.Example.com", "c.example"], legacy);
+            assert_eq!(
+                rule_host_values(&rule).unwrap(),
+                vec!["a.example", "Shop.Example.com", "c.example"]
+            );
+            assert!(routes_host(&rule, "shop.example.com"));
+            assert!(!routes_host(&rule, "d.example"));
+        }
+        assert_eq!(rule_host_values(&Rule::builder().build()), None);
+    }
+
+    #[test]
+    fn a_rule_takes_one_to_three_hosts() {
+        let hosts = |n: usize| (0..n).map(|i| format!("h{i}.example")).collect::<Vec<_>>();
+        assert!(check_hosts("x", &hosts(0)).is_err());
+        assert!(check_hosts("x", &hosts(1)).is_ok());
+        assert!(check_hosts("x", &hosts(HOSTS_PER_RULE)).is_ok());
+        assert!(check_hosts("x", &hosts(HOSTS_PER_RULE + 1)).is_err());
+    }
+
+    #[test]
+    fn quota_errors_are_fatal_and_name_the_quota() {
+        let certificates = name_quota(CloudError::fatal(
+            "elbv2:AddListenerCertificates: TooManyCertificates: You've reached the limit",
+        ));
+        assert_eq!(certificates.kind, ErrorKind::Fatal);
+        assert!(certificates.message.contains("certificate quota"));
+        let rules = name_quota(CloudError::new(
+            ErrorKind::Fatal,
+            "elbv2:CreateRule: TooManyRules: too many",
+        ));
+        assert!(rules.message.contains("rule quota"));
+        let other = CloudError::new(ErrorKind::Conflict, "elbv2:CreateRule: PriorityInUse: x");
+        assert_eq!(name_quota(other.clone()), other);
     }
 
     #[test]

@@ -16,6 +16,7 @@ macro_rules! traced_client {
 }
 pub(crate) use traced_client;
 
+mod acm;
 mod cognito;
 mod ecs;
 mod efs;
@@ -24,9 +25,11 @@ mod iam;
 mod logs;
 mod metrics;
 mod rds;
+mod route53;
 mod s3;
 mod secrets;
 
+pub use acm::{AcmCertificates, IDEMPOTENCY_TOKEN_MAX, check_idempotency_token};
 pub use cognito::{APP_CLIENT_SUFFIX, AwsIdentity, GROUPS};
 pub use ecs::{AwsCompute, CONTAINER_NAME, FINGERPRINT_LABEL, WP_CONTENT_PATH};
 pub use efs::AwsFiles;
@@ -35,6 +38,7 @@ pub use iam::{AwsTaskRoles, file_system_policy, trust_policy};
 pub use logs::AwsLogs;
 pub use metrics::AwsMetrics;
 pub use rds::AwsDbInstances;
+pub use route53::{Route53Dns, normalise_name};
 pub use s3::AwsObjects;
 pub use secrets::AwsSecrets;
 
