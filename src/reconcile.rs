@@ -514,10 +514,17 @@ impl Reconciler {
             }
             "secret" => cloud.secrets.tagged_secrets(ours).await?,
             "routing" => {
-                cloud
-                    .routing
-                    .tagged_routing(&platform.listener_arn, ours)
-                    .await?
+                // Rules on every listener of the pool; target groups (found by tag, not
+                // by listener) once.
+                let mut found: Vec<crate::cloud::TaggedResource> = Vec::new();
+                for listener in platform.listeners() {
+                    for resource in cloud.routing.tagged_routing(&listener, ours).await? {
+                        if !found.iter().any(|f| f.id == resource.id) {
+                            found.push(resource);
+                        }
+                    }
+                }
+                found
             }
             "service" => {
                 cloud

@@ -102,8 +102,23 @@ pub async fn ensure_platform(
     let cluster = ensure_cluster(sdk, &names).await?;
     let file_system_id = ensure_file_system(sdk, &names, &subnets, &security_group).await?;
     let certificate_arn = ensure_certificate(sdk, &names, domain).await?;
-    let listener_arn =
-        ensure_load_balancer(sdk, &names, &subnets, &security_group, &certificate_arn).await?;
+    // A pool of two load balancers, so that placement is visible; the first is also the
+    // platform's `listener_arn`.
+    let mut load_balancers = Vec::new();
+    for (index, name) in [(1, names.base.clone()), (2, format!("{}-2", names.base))] {
+        let mut lb = ensure_load_balancer(
+            sdk,
+            &names,
+            &name,
+            &subnets,
+            &security_group,
+            &certificate_arn,
+        )
+        .await?;
+        lb.name = format!("alb-{index}");
+        load_balancers.push(lb);
+    }
+    let listener_arn = load_balancers[0].listener_arn.clone();
     ensure_db_instance(sdk, &names, db, &security_group).await?;
     let master_secret_arn = ensure_master_secret(sdk, &names, db).await?;
     let log_group = ensure_log_group(sdk, &names).await?;
@@ -126,6 +141,7 @@ pub async fn ensure_platform(
             .unwrap_or_default(),
         master_secret_arn,
         listener_arn,
+        load_balancers,
         domain: domain.to_owned(),
         log_group,
         archive_bucket,
@@ -532,46 +548,53 @@ async fn ensure_certificate(sdk: &SdkConfig, names: &Names, domain: &str) -> Clo
     Ok(arn)
 }
 
-/// The ALB and its HTTPS listener on 443, whose default action answers 404: a host that no
-/// tenant rule matches is no site. Returns the listener ARN.
+/// The ALB `name` and its HTTPS listener on 443, whose default action answers 404: a host
+/// that no tenant rule matches is no site. Returns it as a pool member (named `name`; the
+/// caller names it), with AWS's default quotas.
 async fn ensure_load_balancer(
     sdk: &SdkConfig,
     names: &Names,
+    name: &str,
     subnets: &[String],
     security_group: &str,
     certificate_arn: &str,
-) -> CloudResult<String> {
+) -> CloudResult<super::LoadBalancer> {
     use aws_sdk_elasticloadbalancingv2::types::{
         Action, ActionTypeEnum, Certificate, FixedResponseActionConfig, IpAddressType,
         LoadBalancerSchemeEnum, LoadBalancerTypeEnum, ProtocolEnum, Tag,
     };
     let elb = aws_sdk_elasticloadbalancingv2::Client::new(sdk);
     let tags: Vec<Tag> = names
-        .tags(&names.base)
+        .tags(name)
         .into_iter()
         .map(|(k, v)| Tag::builder().key(k).value(v).build())
         .collect();
+    let described = |lb: &aws_sdk_elasticloadbalancingv2::types::LoadBalancer| {
+        lb.load_balancer_arn().map(|arn| {
+            (
+                arn.to_owned(),
+                lb.dns_name().unwrap_or_default().to_owned(),
+                lb.canonical_hosted_zone_id().unwrap_or_default().to_owned(),
+            )
+        })
+    };
     let found = elb
         .describe_load_balancers()
-        .names(&names.base)
+        .names(name)
         .send()
         .await
         .map_err(|e| classify("elbv2:DescribeLoadBalancers", &e));
-    let found_arn = match found {
-        Ok(out) => out
-            .load_balancers()
-            .iter()
-            .find_map(|lb| lb.load_balancer_arn())
-            .map(str::to_owned),
+    let found = match found {
+        Ok(out) => out.load_balancers().iter().find_map(described),
         Err(e) if e.is_not_found() => None,
         Err(e) => return Err(e),
     };
-    let load_balancer_arn = match found_arn {
-        Some(arn) => arn,
+    let (load_balancer_arn, dns_name, hosted_zone_id) = match found {
+        Some(found) => found,
         None => {
             let created = elb
                 .create_load_balancer()
-                .name(&names.base)
+                .name(name)
                 .r#type(LoadBalancerTypeEnum::Application)
                 .scheme(LoadBalancerSchemeEnum::InternetFacing)
                 .ip_address_type(IpAddressType::Ipv4)
@@ -581,15 +604,21 @@ async fn ensure_load_balancer(
                 .send()
                 .await
                 .map_err(|e| classify("elbv2:CreateLoadBalancer", &e))?;
-            let arn = created
+            let found = created
                 .load_balancers()
                 .iter()
-                .find_map(|lb| lb.load_balancer_arn())
-                .ok_or_else(|| missing("elbv2:CreateLoadBalancer", "load balancer arn"))?
-                .to_owned();
-            tracing::info!(load_balancer = %arn, "load balancer created");
-            arn
+                .find_map(described)
+                .ok_or_else(|| missing("elbv2:CreateLoadBalancer", "load balancer arn"))?;
+            tracing::info!(load_balancer = %found.0, "load balancer created");
+            found
         }
+    };
+    let member = |listener_arn: String| super::LoadBalancer {
+        name: name.to_owned(),
+        listener_arn,
+        dns_name: dns_name.clone(),
+        hosted_zone_id: hosted_zone_id.clone(),
+        ..super::LoadBalancer::default()
     };
     let listeners = elb
         .describe_listeners()
@@ -604,7 +633,7 @@ async fn ensure_load_balancer(
         .find(|l| l.port() == Some(443))
         .and_then(|l| l.listener_arn())
     {
-        return Ok(arn.to_owned());
+        return Ok(member(arn.to_owned()));
     }
     let not_found = Action::builder()
         .r#type(ActionTypeEnum::FixedResponse)
@@ -639,7 +668,7 @@ async fn ensure_load_balancer(
         .ok_or_else(|| missing("elbv2:CreateListener", "listener arn"))?
         .to_owned();
     tracing::info!(listener = %arn, "https listener created");
-    Ok(arn)
+    Ok(member(arn))
 }
 
 /// The RDS instance record. moto invents an endpoint with no server behind it, so the

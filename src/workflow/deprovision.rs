@@ -13,6 +13,7 @@ use crate::cloud::{CloudEnv, OneOffTaskSpec};
 use crate::domain::{Instance, InstanceState, Operation, Verb};
 
 use super::backup::{self, BackupWorkflow};
+use super::placement::{self, LOAD_BALANCER};
 use super::provision::{
     self, ACCESS_POINT, DATABASE, LISTENER_RULE, SECRET, SERVICE, TARGET_GROUP, TASK_DEFINITION,
     TASK_ROLE, USER_POOL, master_credentials,
@@ -69,6 +70,9 @@ impl Workflow for Deprovision {
             ACCESS_POINT,
             REMOVE_CONTENT,
         ]);
+        // Its room on the load balancer is given back once its rules and target group
+        // are gone, never before (else another instance could overfill the listener).
+        stages.push(vec![LOAD_BALANCER]);
         stages.push(vec![VERIFY]);
         stages
     }
@@ -273,12 +277,24 @@ async fn verify(ctx: &StepCtx) -> StepResult<()> {
             .await?,
     );
     left.extend(cloud.secrets.find_tagged(&tags).await?);
-    left.extend(
-        cloud
-            .routing
-            .find_tagged(&platform.listener_arn, &tags)
-            .await?,
-    );
+    // Rules on any listener of the pool (and on the instance's own, should the pool no
+    // longer name it); target groups are found by tag wherever they are.
+    let mut listeners = platform.listeners();
+    if let Ok(lb) = placement::load_balancer_of(ctx)
+        && !listeners.contains(&lb.listener_arn)
+    {
+        listeners.push(lb.listener_arn);
+    }
+    let mut routing = Vec::new();
+    for listener in listeners.iter().filter(|l| !l.is_empty()) {
+        routing.extend(cloud.routing.find_tagged(listener, &tags).await?);
+    }
+    routing.sort();
+    routing.dedup();
+    left.extend(routing);
+    if placement::holds_any_slot(ctx).await? {
+        left.push("load-balancer slots (state store)".into());
+    }
     left.extend(cloud.compute.find_tagged(&platform.cluster, &tags).await?);
     // The persisted plan says whether a pool was removed, whatever the setting says now.
     let planned_pool = ctx.operation.steps.iter().any(|s| s.name == USER_POOL);

@@ -9,6 +9,7 @@ pub mod deprovision;
 pub mod engine;
 pub mod events;
 pub mod failpoints;
+pub mod placement;
 pub mod provision;
 pub mod restart;
 pub mod restore;

@@ -16,6 +16,7 @@ use crate::domain::naming::{ResourceNames, TASK_ROLE_PATH};
 use crate::domain::{Instance, InstanceState, Operation, OperationStatus, Timestamp, Verb};
 use crate::store::{PriorityClaim, StoreError, Write};
 
+use super::placement::{self, LOAD_BALANCER};
 use super::{Failure, StepCtx, StepError, StepResult, Workflow};
 
 pub const ACCESS_POINT: &str = "access_point";
@@ -52,7 +53,10 @@ impl Workflow for Provision {
             independent.push(USER_POOL);
         }
         // The task role names the access point; the task definition names the role.
+        // Placement comes first, alone: a full pool fails the operation before anything
+        // exists.
         vec![
+            vec![LOAD_BALANCER],
             independent,
             vec![DATABASE, LISTENER_RULE, TASK_ROLE],
             vec![TASK_DEFINITION],
@@ -63,6 +67,7 @@ impl Workflow for Provision {
 
     async fn run(&self, ctx: &StepCtx, step: &str) -> StepResult<Option<String>> {
         match step {
+            LOAD_BALANCER => placement::place(ctx).await.map(Some),
             ACCESS_POINT => ensure_access_point(ctx).await.map(Some),
             SECRET => ensure_secret(ctx).await.map(Some),
             TARGET_GROUP => ensure_target_group(ctx).await.map(Some),
@@ -108,6 +113,15 @@ impl Workflow for Provision {
                 .iter()
                 .filter_map(|s| s.resource_id.clone().map(|id| (s.name.clone(), id))),
         );
+        instance.load_balancer = instance
+            .resources
+            .get(LOAD_BALANCER)
+            .and_then(|name| cloud.platform.load_balancer(name))
+            .map(|lb| crate::domain::Placement {
+                name: lb.name,
+                listener_arn: lb.listener_arn,
+                dns_name: lb.dns_name,
+            });
         let domain = &cloud.platform.domain;
         if !domain.is_empty() {
             instance.resources.insert(
@@ -129,6 +143,7 @@ impl Workflow for Provision {
         let released = failure.rolled_back && failure.status != OperationStatus::Stuck;
         if released {
             instance.resources.clear();
+            instance.load_balancer = None;
             instance.released = true;
         }
         released
@@ -171,10 +186,13 @@ pub async fn remove(ctx: &StepCtx, step: &str, _recorded: Option<&str>) -> StepR
                 }
             }
         }
+        LOAD_BALANCER => placement::release(ctx).await?,
         TARGET_GROUP => {
+            // Target groups are found by tag alone (the listener only narrows rules).
+            let listener = placement::load_balancer_of(ctx)?.listener_arn;
             let tagged = cloud
                 .routing
-                .find_tagged(&platform.listener_arn, &ctx.component_tags("target-group"))
+                .find_tagged(&listener, &ctx.component_tags("target-group"))
                 .await?;
             for arn in dedup(tagged) {
                 cloud.routing.delete_target_group(&arn).await?;
@@ -212,14 +230,15 @@ pub async fn remove(ctx: &StepCtx, step: &str, _recorded: Option<&str>) -> StepR
             }
         }
         LISTENER_RULE => {
+            let listener = placement::load_balancer_of(ctx)?.listener_arn;
             let arns = cloud
                 .routing
-                .find_tagged(&platform.listener_arn, &ctx.component_tags("listener-rule"))
+                .find_tagged(&listener, &ctx.component_tags("listener-rule"))
                 .await?;
             for arn in dedup(arns) {
                 cloud.routing.delete_rule(&arn).await?;
             }
-            release_priority(ctx).await?;
+            release_priority(ctx, &listener).await?;
         }
         TASK_DEFINITION => {
             // The service's family, and the one-off archiver's (backups and restores run
@@ -511,8 +530,7 @@ async fn ensure_database(ctx: &StepCtx) -> StepResult<String> {
 
 /// Claims a listener priority in the store (a conditional put, so two replicas can never
 /// take the same one), skipping every priority already used on the listener.
-async fn claim_priority(ctx: &StepCtx) -> StepResult<u32> {
-    let listener = &ctx.cloud.platform.listener_arn;
+async fn claim_priority(ctx: &StepCtx, listener: &String) -> StepResult<u32> {
     for _ in 0..20 {
         let claims = ctx.store.listener_priorities(listener).await?;
         if let Some(mine) = claims.iter().find(|c| c.owner == ctx.instance.name) {
@@ -541,8 +559,7 @@ async fn claim_priority(ctx: &StepCtx) -> StepResult<u32> {
     ))
 }
 
-async fn release_priority(ctx: &StepCtx) -> StepResult<()> {
-    let listener = &ctx.cloud.platform.listener_arn;
+async fn release_priority(ctx: &StepCtx, listener: &str) -> StepResult<()> {
     let claims = ctx.store.listener_priorities(listener).await?;
     for claim in claims.into_iter().filter(|c| c.owner == ctx.instance.name) {
         match ctx.store.commit(vec![Write::ReleasePriority(claim)]).await {
@@ -554,9 +571,10 @@ async fn release_priority(ctx: &StepCtx) -> StepResult<()> {
 }
 
 async fn ensure_listener_rule(ctx: &StepCtx) -> StepResult<String> {
-    let priority = claim_priority(ctx).await?;
+    let listener = placement::load_balancer_of(ctx)?.listener_arn;
+    let priority = claim_priority(ctx, &listener).await?;
     let spec = HostRuleSpec {
-        listener_arn: ctx.cloud.platform.listener_arn.clone(),
+        listener_arn: listener.clone(),
         hosts: vec![ResourceNames::host(
             &ctx.instance.name.tenant,
             &ctx.cloud.platform.domain,
@@ -570,7 +588,7 @@ async fn ensure_listener_rule(ctx: &StepCtx) -> StepResult<String> {
         // Someone outside the control plane took the priority: give ours back and retry;
         // the next claim skips every priority the listener already uses.
         Err(error) if error.kind == crate::cloud::ErrorKind::Conflict => {
-            release_priority(ctx).await?;
+            release_priority(ctx, &listener).await?;
             Err(StepError::Transient(error.message))
         }
         Err(error) => Err(error.into()),

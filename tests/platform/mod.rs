@@ -619,6 +619,27 @@ fn carries<'a>(have: impl IntoIterator<Item = (&'a str, &'a str)>, want: &Tags) 
 }
 
 /// Everything of `tenant` (any instance) in `cloud`'s environment.
+/// Every listener of every load balancer in the account `elb` reaches, read with the SDK.
+pub async fn account_listeners(elb: &aws_sdk_elasticloadbalancingv2::Client) -> Vec<String> {
+    let balancers = elb.describe_load_balancers().send().await.unwrap();
+    let mut listeners = Vec::new();
+    for lb in balancers.load_balancers() {
+        let described = elb
+            .describe_listeners()
+            .load_balancer_arn(lb.load_balancer_arn().unwrap())
+            .send()
+            .await
+            .unwrap();
+        listeners.extend(
+            described
+                .listeners()
+                .iter()
+                .filter_map(|l| l.listener_arn().map(str::to_owned)),
+        );
+    }
+    listeners
+}
+
 pub async fn inventory(cloud: &CloudEnv, tenant: &str) -> Inventory {
     count(cloud, tenant, tenant_tags(tenant, cloud.environment)).await
 }
@@ -744,18 +765,24 @@ async fn count(cloud: &CloudEnv, tenant: &str, tags: Tags) -> Inventory {
         .iter()
         .filter_map(|g| g.target_group_arn().map(str::to_owned))
         .collect();
-    let rules = elb
-        .describe_rules()
-        .listener_arn(&platform.listener_arn)
-        .send()
-        .await
-        .unwrap();
-    let rule_arns: Vec<String> = rules
-        .rules()
-        .iter()
-        .filter(|r| r.is_default() != Some(true))
-        .filter_map(|r| r.rule_arn().map(str::to_owned))
-        .collect();
+    // Rules on every listener of every load balancer of the account (not only the ones the
+    // platform configuration names).
+    let mut rule_arns: Vec<String> = Vec::new();
+    for listener in account_listeners(&elb).await {
+        let rules = elb
+            .describe_rules()
+            .listener_arn(&listener)
+            .send()
+            .await
+            .unwrap();
+        rule_arns.extend(
+            rules
+                .rules()
+                .iter()
+                .filter(|r| r.is_default() != Some(true))
+                .filter_map(|r| r.rule_arn().map(str::to_owned)),
+        );
+    }
     for (arns, counter) in [
         (group_arns, &mut inventory.target_groups),
         (rule_arns, &mut inventory.listener_rules),
