@@ -885,10 +885,17 @@ async fn check(
             Err(error) if error.kind == ErrorKind::NotFound => missing("target group"),
             Err(error) => return Err(error),
         },
-        "listener_rule" => match cloud.routing.rule_action(id).await? {
-            None => missing("listener rule"),
-            Some(_) => None,
-        },
+        "listener_rule" => {
+            // One rule per three host names, recorded together.
+            let mut gone = Vec::new();
+            for rule in crate::workflow::provision::recorded_rules(id) {
+                if cloud.routing.rule_action(rule).await?.is_none() {
+                    gone.push(rule);
+                }
+            }
+            (!gone.is_empty())
+                .then(|| format!("listener rule {} no longer exists", gone.join(", ")))
+        }
         "service" => {
             let names = ResourceNames::derive(&instance.name.tenant, instance.spec.environment);
             match cloud

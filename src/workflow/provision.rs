@@ -8,8 +8,8 @@ use rand::distr::{Alphanumeric, SampleString};
 
 use crate::cloud::{
     AccessPointSpec, CloudEnv, CloudError, DEFAULT_DEREGISTRATION_DELAY_SECS, DatabaseClaim,
-    ErrorKind, HostRuleSpec, MasterCredentials, Readiness, SecretSpec, ServiceSpec, ServiceStatus,
-    TargetGroupSpec, TaskDefinitionSpec, TaskRoleSpec, UserPoolSpec,
+    ErrorKind, HOSTS_PER_RULE, HostRuleSpec, MasterCredentials, Readiness, SecretSpec, ServiceSpec,
+    ServiceStatus, TargetGroupSpec, TaskDefinitionSpec, TaskRoleSpec, UserPoolSpec,
 };
 use crate::config::Secret;
 use crate::domain::naming::{ResourceNames, TASK_ROLE_PATH};
@@ -528,23 +528,29 @@ async fn ensure_database(ctx: &StepCtx) -> StepResult<String> {
     Ok(ctx.names.database.clone())
 }
 
-/// Claims a listener priority in the store (a conditional put, so two replicas can never
-/// take the same one), skipping every priority already used on the listener.
-async fn claim_priority(ctx: &StepCtx, listener: &String) -> StepResult<u32> {
+/// A priority for a new rule of the instance: one it holds in the store that no rule on the
+/// listener uses (claimed by an earlier attempt that died before creating its rule), else a
+/// new claim (a conditional put, so two replicas can never take the same one), skipping
+/// every priority used on the listener or claimed by anyone.
+async fn claim_priority(ctx: &StepCtx, listener: &str) -> StepResult<u32> {
     for _ in 0..20 {
         let claims = ctx.store.listener_priorities(listener).await?;
-        if let Some(mine) = claims.iter().find(|c| c.owner == ctx.instance.name) {
+        let on_listener = ctx.cloud.routing.rule_priorities(listener).await?;
+        if let Some(mine) = claims
+            .iter()
+            .find(|c| c.owner == ctx.instance.name && !on_listener.contains(&c.priority))
+        {
             return Ok(mine.priority);
         }
         let mut used: Vec<u32> = claims.iter().map(|c| c.priority).collect();
-        used.extend(ctx.cloud.routing.rule_priorities(listener).await?);
+        used.extend(on_listener);
         let Some(free) = (1..=HIGHEST_PRIORITY).find(|p| !used.contains(p)) else {
             return Err(StepError::Fatal(
                 "the listener has no free rule priority".into(),
             ));
         };
         let claim = PriorityClaim {
-            listener_arn: listener.clone(),
+            listener_arn: listener.to_owned(),
             priority: free,
             owner: ctx.instance.name.clone(),
         };
@@ -559,9 +565,21 @@ async fn claim_priority(ctx: &StepCtx, listener: &String) -> StepResult<u32> {
     ))
 }
 
+/// Gives back every priority the instance holds on `listener`.
 async fn release_priority(ctx: &StepCtx, listener: &str) -> StepResult<()> {
+    release_priorities_where(ctx, listener, |_| true).await
+}
+
+async fn release_priorities_where(
+    ctx: &StepCtx,
+    listener: &str,
+    release: impl Fn(u32) -> bool,
+) -> StepResult<()> {
     let claims = ctx.store.listener_priorities(listener).await?;
-    for claim in claims.into_iter().filter(|c| c.owner == ctx.instance.name) {
+    for claim in claims
+        .into_iter()
+        .filter(|c| c.owner == ctx.instance.name && release(c.priority))
+    {
         match ctx.store.commit(vec![Write::ReleasePriority(claim)]).await {
             Ok(()) | Err(StoreError::Conflict { .. }) => {}
             Err(other) => return Err(other.into()),
@@ -570,16 +588,87 @@ async fn release_priority(ctx: &StepCtx, listener: &str) -> StepResult<()> {
     Ok(())
 }
 
-async fn ensure_listener_rule(ctx: &StepCtx) -> StepResult<String> {
+/// The host names the instance's rules route: its platform host, then its custom domains.
+pub fn routed_hosts(ctx: &StepCtx, custom_domains: &[String]) -> Vec<String> {
+    let mut hosts = vec![ResourceNames::host(
+        &ctx.instance.name.tenant,
+        &ctx.cloud.platform.domain,
+    )];
+    hosts.extend(custom_domains.iter().cloned());
+    hosts
+}
+
+/// The instance's listener rules as recorded (`listener_rule`: ARNs joined with `,`).
+pub fn recorded_rules(recorded: &str) -> Vec<&str> {
+    recorded.split(',').filter(|arn| !arn.is_empty()).collect()
+}
+
+/// Makes the instance's rules on its listener route exactly `hosts`, [`HOSTS_PER_RULE`] per
+/// rule (an ALB host-header condition takes at most three values), each rule forwarding to
+/// the instance's target group at a priority of its own: a rule already routing a chunk's
+/// first host is kept (its hosts set to the chunk), then any spare rule of the instance is
+/// reused, then new rules are made; rules left over are deleted and their priorities given
+/// back. The rule slots must be reserved already (see `placement::reserve`). Returns the
+/// rules' ARNs joined with `,`, the platform host's rule first.
+pub async fn sync_listener_rules(ctx: &StepCtx, hosts: &[String]) -> StepResult<String> {
     let listener = placement::load_balancer_of(ctx)?.listener_arn;
-    let priority = claim_priority(ctx, &listener).await?;
+    let routing = &ctx.cloud.routing;
+    let target_group = ctx
+        .output(TARGET_GROUP)
+        .or_else(|| ctx.instance.resources.get(TARGET_GROUP).map(String::as_str))
+        .ok_or_else(|| StepError::Fatal("the instance has no target group".into()))?
+        .to_owned();
+    let mut mine = Vec::new();
+    for arn in dedup(
+        routing
+            .find_tagged(&listener, &ctx.component_tags("listener-rule"))
+            .await?,
+    ) {
+        if let Some(current) = routing.rule_hosts(&arn).await? {
+            mine.push((arn, current));
+        }
+    }
+    let mut kept: Vec<String> = Vec::new();
+    for chunk in hosts.chunks(HOSTS_PER_RULE) {
+        let spare = |(arn, _): &&(String, Vec<String>)| !kept.contains(arn);
+        let existing = mine
+            .iter()
+            .filter(spare)
+            .find(|(_, current)| current.contains(&chunk[0]))
+            .or_else(|| mine.iter().find(spare))
+            .cloned();
+        let arn = match existing {
+            Some((arn, current)) => {
+                if current != chunk {
+                    routing.set_rule_hosts(&arn, chunk).await?;
+                }
+                arn
+            }
+            None => create_rule(ctx, &listener, chunk, &target_group).await?,
+        };
+        kept.push(arn);
+    }
+    for (arn, _) in mine.iter().filter(|(arn, _)| !kept.contains(arn)) {
+        routing.delete_rule(arn).await?;
+    }
+    // Priorities no rule uses any more (a rule just deleted may still be listed for a
+    // moment: its priority then goes with the next sync, or at deprovisioning).
+    let on_listener = routing.rule_priorities(&listener).await?;
+    release_priorities_where(ctx, &listener, |p| !on_listener.contains(&p)).await?;
+    Ok(kept.join(","))
+}
+
+async fn create_rule(
+    ctx: &StepCtx,
+    listener: &str,
+    hosts: &[String],
+    target_group: &str,
+) -> StepResult<String> {
+    let priority = claim_priority(ctx, listener).await?;
     let spec = HostRuleSpec {
-        listener_arn: listener.clone(),
-        hosts: vec![ResourceNames::host(
-            &ctx.instance.name.tenant,
-            &ctx.cloud.platform.domain,
-        )],
-        target_group_arn: ctx.require_output(TARGET_GROUP)?.to_owned(),
+        listener_arn: listener.to_owned(),
+        hosts: hosts.to_vec(),
+        target_group_arn: target_group.to_owned(),
         priority,
         tags: ctx.tags("listener-rule"),
     };
@@ -588,11 +677,16 @@ async fn ensure_listener_rule(ctx: &StepCtx) -> StepResult<String> {
         // Someone outside the control plane took the priority: give ours back and retry;
         // the next claim skips every priority the listener already uses.
         Err(error) if error.kind == crate::cloud::ErrorKind::Conflict => {
-            release_priority(ctx, &listener).await?;
+            release_priorities_where(ctx, listener, |p| p == priority).await?;
             Err(StepError::Transient(error.message))
         }
         Err(error) => Err(error.into()),
     }
+}
+
+async fn ensure_listener_rule(ctx: &StepCtx) -> StepResult<String> {
+    let hosts = routed_hosts(ctx, &ctx.instance.spec.custom_domains);
+    sync_listener_rules(ctx, &hosts).await
 }
 
 /// The instance's task role's name (per instance, see `ResourceNames::task_role`).

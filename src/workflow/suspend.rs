@@ -163,24 +163,37 @@ async fn set_action(
     want: RuleAction,
     replaceable: impl Fn(&RuleAction) -> bool,
 ) -> StepResult<String> {
-    let rule = recorded(ctx, LISTENER_RULE)?;
+    let rules = super::provision::recorded_rules(recorded(ctx, LISTENER_RULE)?);
+    for rule in &rules {
+        set_rule_action(ctx, rule, &want, &replaceable).await?;
+    }
+    Ok(rules.join(","))
+}
+
+/// [`set_action`] of one of the instance's rules (it has one per three host names).
+async fn set_rule_action(
+    ctx: &StepCtx,
+    rule: &str,
+    want: &RuleAction,
+    replaceable: impl Fn(&RuleAction) -> bool,
+) -> StepResult<()> {
     let routing = &ctx.cloud.routing;
     let Some(current) = routing.rule_action(rule).await? else {
         return Err(StepError::Fatal(format!(
             "the listener rule {rule} is gone"
         )));
     };
-    if current == want {
-        return Ok(rule.to_owned());
+    if current == *want {
+        return Ok(());
     }
     if !replaceable(&current) {
         return Err(StepError::Fatal(format!(
             "the listener rule {rule} was changed outside this control plane: {current:?}"
         )));
     }
-    routing.set_rule_action(rule, &want).await?;
+    routing.set_rule_action(rule, want).await?;
     match routing.rule_action(rule).await? {
-        Some(now) if now == want => Ok(rule.to_owned()),
+        Some(now) if now == *want => Ok(()),
         _ => Err(StepError::Transient(
             "the rule's new action is not visible yet".into(),
         )),
