@@ -291,7 +291,18 @@ impl Api {
                 "only ACTIVE instances can be updated",
             ));
         }
-        let change = classify(&current.spec, &spec);
+        let mut change = classify(&current.spec, &spec);
+        // The same domains again: resumes the wait for certificates still pending (or gives
+        // failed ones another pass).
+        if change == Change::Nothing
+            && paths.iter().any(|path| path == "custom_domains")
+            && current
+                .custom_domain_statuses
+                .iter()
+                .any(|status| status.state != crate::domain::DomainState::Active)
+        {
+            change = Change::Domains;
+        }
         if change == Change::Nothing {
             return Err(ApiError::invalid(
                 "update_mask",

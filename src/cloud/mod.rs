@@ -992,6 +992,10 @@ pub struct Platform {
     pub managed_zones: Vec<ManagedZone>,
     /// Custom domains one instance may have; `None`: [`DEFAULT_MAX_CUSTOM_DOMAINS`].
     pub max_custom_domains: Option<u32>,
+    /// How long an operation waits for ACM to issue a custom domain's certificate (its
+    /// DNS validation record must resolve) before it completes with the domain
+    /// PENDING_VALIDATION; `None`: 900 s.
+    pub certificate_validation_timeout_secs: Option<u32>,
     pub log_group: String,
     pub archive_bucket: String,
     pub cognito_enabled: bool,
