@@ -75,10 +75,12 @@ use crate::workflow::provision::environment_master;
 use crate::workflow::{Engine, StepError};
 
 /// The orphan kinds the reconciler looks for, in the order they are removed: the service
-/// before the rule and target group it is attached to and the task definitions it runs.
-pub const ORPHAN_KINDS: [&str; 9] = [
+/// before the rule and target group it is attached to and the task definitions it runs; a
+/// custom domain's certificate once its rule no longer routes to it.
+pub const ORPHAN_KINDS: [&str; 10] = [
     "service",
     "listener_rule",
+    "certificate",
     "target_group",
     "task_definition",
     "user_pool",
@@ -90,7 +92,7 @@ pub const ORPHAN_KINDS: [&str; 9] = [
 
 /// The listings that find them: one call each (the routing listing holds rules and target
 /// groups).
-const LISTINGS: [&str; 8] = [
+const LISTINGS: [&str; 9] = [
     "access_point",
     "secret",
     "routing",
@@ -99,6 +101,7 @@ const LISTINGS: [&str; 8] = [
     "user_pool",
     "database",
     "task_role",
+    "certificate",
 ];
 
 /// The kinds of recorded resources drift is looked for in (a metric each).
@@ -543,6 +546,7 @@ impl Reconciler {
                     .tagged_roles(crate::domain::naming::TASK_ROLE_PATH, ours)
                     .await?
             }
+            "certificate" => cloud.certificates.tagged_certificates(ours).await?,
             "database" => return self.databases(cloud, instances).await,
             other => return Err(CloudError::fatal(format!("no listing {other}"))),
         };
@@ -643,6 +647,7 @@ impl Reconciler {
             "secret" => cloud.secrets.delete_secret(&resource.id).await,
             "database" => self.remove_database(cloud, resource).await,
             "task_role" => cloud.task_roles.delete_task_role(&resource.id).await,
+            "certificate" => remove_certificate(cloud, &resource.id).await,
             other => Err(CloudError::fatal(format!("no removal for kind {other}"))),
         }
     }
@@ -816,6 +821,18 @@ impl Reconciler {
 /// Deletes an orphaned service as deprovisioning does (scaled to 0, then deleted), if it
 /// is still ACTIVE and still the orphan owner's: its name is the tenant's, so a service of
 /// a new instance of the tenant may carry it by now.
+/// Takes the certificate off every listener of the pool, then deletes it. ELB lets go of
+/// it asynchronously: until it has, ACM refuses (retryable), and a later pass deletes it.
+async fn remove_certificate(cloud: &CloudEnv, arn: &str) -> Result<(), CloudError> {
+    for listener in cloud.platform.listeners() {
+        cloud
+            .routing
+            .remove_listener_certificate(&listener, arn)
+            .await?;
+    }
+    cloud.certificates.delete_certificate(arn).await
+}
+
 async fn remove_service(cloud: &CloudEnv, resource: &TaggedResource) -> Result<(), CloudError> {
     let cluster = &cloud.platform.cluster;
     let Some(tags) = cloud.compute.service_tags(cluster, &resource.id).await? else {

@@ -990,3 +990,145 @@ async fn drift_of_the_database_task_definition_and_user_pool() {
     );
     platform::drop_tenant_databases(&[tenant]).await;
 }
+
+/// Whether ACM still knows the certificate (DescribeCertificate, with the SDK).
+async fn certificate_exists(sdk: &aws_config::SdkConfig, arn: &str) -> bool {
+    match aws_sdk_acm::Client::new(sdk)
+        .describe_certificate()
+        .certificate_arn(arn)
+        .send()
+        .await
+    {
+        Ok(_) => true,
+        Err(error) => {
+            let code = aws_sdk_acm::error::ProvideErrorMetadata::code(&error);
+            assert_eq!(code, Some("ResourceNotFoundException"), "{error:?}");
+            false
+        }
+    }
+}
+
+/// The listener's certificates besides its default one (DescribeListenerCertificates).
+async fn listener_certificates(sdk: &aws_config::SdkConfig, listener: &str) -> Vec<String> {
+    aws_sdk_elasticloadbalancingv2::Client::new(sdk)
+        .describe_listener_certificates()
+        .listener_arn(listener)
+        .send()
+        .await
+        .unwrap()
+        .certificates()
+        .iter()
+        .filter(|c| c.is_default() != Some(true))
+        .filter_map(|c| c.certificate_arn().map(str::to_owned))
+        .collect()
+}
+
+/// Requests a certificate for `domain` with `tags` and puts it on `listener`.
+async fn certificate_on_listener(
+    sdk: &aws_config::SdkConfig,
+    listener: &str,
+    domain: &str,
+    tags: &[(String, String)],
+) -> String {
+    let acm = aws_sdk_acm::Client::new(sdk);
+    let arn = acm
+        .request_certificate()
+        .domain_name(domain)
+        .validation_method(aws_sdk_acm::types::ValidationMethod::Dns)
+        .set_tags(Some(
+            tags.iter()
+                .map(|(k, v)| {
+                    aws_sdk_acm::types::Tag::builder()
+                        .key(k)
+                        .value(v)
+                        .build()
+                        .unwrap()
+                })
+                .collect(),
+        ))
+        .send()
+        .await
+        .unwrap()
+        .certificate_arn()
+        .unwrap()
+        .to_owned();
+    aws_sdk_elasticloadbalancingv2::Client::new(sdk)
+        .add_listener_certificates()
+        .listener_arn(listener)
+        .certificates(
+            aws_sdk_elasticloadbalancingv2::types::Certificate::builder()
+                .certificate_arn(&arn)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    arn
+}
+
+#[tokio::test]
+async fn orphaned_certificates_are_taken_off_the_listener_and_deleted() {
+    let config = platform::config_with_platforms(&[Environment::Dev]).await;
+    let cp = platform::start(config, None).await;
+    let cloud = cp.cloud(Environment::Dev).await;
+    let sdk = account_sdk(&cloud).await;
+    let listener = cloud.platform.listener_arn.clone();
+
+    // By hand, on the listener: a custom domain's certificate tagged for an instance that
+    // does not exist; one of ours naming no instance; one that is not ours at all.
+    let ghost = platform::tenant("certghost");
+    let mut orphan_tags = platform::tenant_tags(&ghost, Environment::Dev);
+    orphan_tags.push(("bbws:instance-id".into(), "gone".into()));
+    orphan_tags.push(("bbws:component".into(), "certificate".into()));
+    let orphan = certificate_on_listener(&sdk, &listener, "shop.ghost.example", &orphan_tags).await;
+    let unowned = certificate_on_listener(
+        &sdk,
+        &listener,
+        "shop.unowned.example",
+        &platform::tenant_tags(&ghost, Environment::Dev),
+    )
+    .await;
+    let foreign = certificate_on_listener(
+        &sdk,
+        &listener,
+        "shop.foreign.example",
+        &[("team".to_owned(), "web".to_owned())],
+    )
+    .await;
+    let mut all = vec![orphan.clone(), unowned.clone(), foreign.clone()];
+    all.sort();
+
+    // Reported, and left, when removal is off.
+    let reported = reconciler(&cp, settings(false, Duration::ZERO))
+        .reconcile_once(Timestamp::now())
+        .await;
+    assert_eq!(reported.failures, 0, "{reported:?}");
+    assert_eq!(kind_count(&reported, "certificate"), 1, "{reported:?}");
+    assert!(certificate_exists(&sdk, &orphan).await);
+    let mut on_listener = listener_certificates(&sdk, &listener).await;
+    on_listener.sort();
+    assert_eq!(on_listener, all);
+
+    // Removed when enabled: off the listener, then deleted; the others stay.
+    let removed = reconciler(&cp, settings(true, Duration::ZERO))
+        .reconcile_once(Timestamp::now())
+        .await;
+    assert_eq!(removed.failures, 0, "{removed:?}");
+    assert_eq!(removed.removed, 1, "{removed:?}");
+    assert!(!certificate_exists(&sdk, &orphan).await);
+    assert!(certificate_exists(&sdk, &unowned).await);
+    assert!(certificate_exists(&sdk, &foreign).await);
+    let mut left = listener_certificates(&sdk, &listener).await;
+    left.sort();
+    let mut want = vec![unowned.clone(), foreign.clone()];
+    want.sort();
+    assert_eq!(left, want);
+    let text = cp.engine.render_metrics();
+    let line = "im_reconcile_orphans_removed_total{environment=\"DEV\",kind=\"certificate\"} 1";
+    assert!(has_line(&text, line), "{line}\n{text}");
+
+    let again = reconciler(&cp, settings(true, Duration::ZERO))
+        .reconcile_once(Timestamp::now())
+        .await;
+    assert_eq!(kind_count(&again, "certificate"), 0, "{again:?}");
+}

@@ -1,6 +1,8 @@
 //! An environment's shared platform, created in an emulator (moto) for local runs and
 //! tests: VPC, subnets, security group, ECS cluster, EFS file system, ALB with its HTTPS
-//! listener, an RDS instance record, the master secret, the log group and the archive bucket.
+//! listener, an RDS instance record, the master secret, the log group, the archive bucket,
+//! and the Route53 zones: the sites' domain and a managed customer zone
+//! ([`EMULATED_MANAGED_ZONE`]).
 //!
 //! In production the platform is made by the platform team's infrastructure code and only
 //! referenced in the configuration; this module makes a faithful stand-in. Every step finds
@@ -15,13 +17,17 @@ use aws_smithy_runtime_api::client::result::SdkError;
 use aws_smithy_types::error::metadata::ProvideErrorMetadata;
 
 use super::error::classify;
-use super::{CloudError, CloudResult, ErrorKind, MasterCredentials, Platform};
+use super::{CloudError, CloudResult, ErrorKind, ManagedZone, MasterCredentials, Platform};
 use crate::domain::Environment;
 
 /// Tag key marking every platform resource with its environment (`DEV`, …).
 pub const PLATFORM_TAG: &str = "bbws:platform";
 /// Image of the one-off wp-content archiver task.
 pub const ARCHIVER_IMAGE: &str = "public.ecr.aws/docker/library/alpine:3";
+/// The emulated platform's managed customer zone: a clearly fake domain delegated to us, so
+/// that custom domains under it get their records created by the control plane, while any
+/// other custom domain's records are returned for its owner to create.
+pub const EMULATED_MANAGED_ZONE: &str = "bbws-customers.example";
 /// A new file system takes a few seconds to become available in AWS (at once in moto).
 const FILE_SYSTEM_WAIT: Duration = Duration::from_secs(120);
 
@@ -123,6 +129,7 @@ pub async fn ensure_platform(
     let master_secret_arn = ensure_master_secret(sdk, &names, db).await?;
     let log_group = ensure_log_group(sdk, &names).await?;
     let archive_bucket = ensure_bucket(sdk, &names, &account, &region).await?;
+    let (hosted_zone_id, managed_zones) = ensure_zones(sdk, domain).await?;
 
     let env = environment.short();
     Ok(Platform {
@@ -158,6 +165,8 @@ pub async fn ensure_platform(
         emulator: true,
         deregistration_delay_secs: None,
         db_instance_identifier: names.base.clone(),
+        hosted_zone_id,
+        managed_zones,
         ..Platform::default()
     })
 }
@@ -483,6 +492,74 @@ async fn ensure_file_system(
         }
     }
     Ok(file_system_id)
+}
+
+/// The public hosted zones: `domain`'s (the instances' alias records) and the managed
+/// customer zone [`EMULATED_MANAGED_ZONE`]. Returns their ids.
+async fn ensure_zones(sdk: &SdkConfig, domain: &str) -> CloudResult<(String, Vec<ManagedZone>)> {
+    let route53 = aws_sdk_route53::Client::new(sdk);
+    let sites = ensure_hosted_zone(&route53, domain).await?;
+    let customers = ensure_hosted_zone(&route53, EMULATED_MANAGED_ZONE).await?;
+    Ok((
+        sites,
+        vec![ManagedZone {
+            domain: EMULATED_MANAGED_ZONE.to_owned(),
+            hosted_zone_id: customers,
+        }],
+    ))
+}
+
+/// The public hosted zone of `domain`, found by name first; created with a caller reference
+/// derived from the name, so a repeated creation is refused rather than made twice. Returns
+/// its id without the `/hostedzone/` prefix.
+async fn ensure_hosted_zone(
+    route53: &aws_sdk_route53::Client,
+    domain: &str,
+) -> CloudResult<String> {
+    let bare = |id: &str| id.trim_start_matches("/hostedzone/").to_owned();
+    let want = super::aws::normalise_name(domain);
+    let find = || async {
+        let found = route53
+            .list_hosted_zones_by_name()
+            .dns_name(format!("{want}."))
+            .send()
+            .await
+            .map_err(|e| classify("route53:ListHostedZonesByName", &e))?;
+        CloudResult::Ok(
+            found
+                .hosted_zones()
+                .iter()
+                .find(|zone| {
+                    super::aws::normalise_name(zone.name()) == want
+                        && !zone.config().is_some_and(|c| c.private_zone())
+                })
+                .map(|zone| bare(zone.id())),
+        )
+    };
+    if let Some(id) = find().await? {
+        return Ok(id);
+    }
+    let created = route53
+        .create_hosted_zone()
+        .name(format!("{want}."))
+        .caller_reference(format!("bbws-platform-{want}"))
+        .send()
+        .await;
+    match created {
+        Ok(out) => {
+            let id = out
+                .hosted_zone()
+                .map(|zone| bare(zone.id()))
+                .ok_or_else(|| missing("route53:CreateHostedZone", "hosted zone"))?;
+            tracing::info!(zone = %want, hosted_zone_id = %id, "hosted zone created");
+            Ok(id)
+        }
+        // HostedZoneAlreadyExists: the same caller reference, made meanwhile.
+        Err(error) if code(&error) == Some("HostedZoneAlreadyExists") => find()
+            .await?
+            .ok_or_else(|| classify("route53:CreateHostedZone", &error)),
+        Err(error) => Err(classify("route53:CreateHostedZone", &error)),
+    }
 }
 
 /// A wildcard certificate for the sites. In AWS it stays PENDING_VALIDATION until its DNS
