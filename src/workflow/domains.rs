@@ -230,8 +230,8 @@ async fn certificate_of(ctx: &StepCtx, domain: &str) -> StepResult<Found> {
     if let Some(validation) = &status.validation {
         let managed = cloud.platform.managed_zone_of(domain).cloned();
         let in_sync = match (&managed, state) {
-            // Issued: the record did its job (and may have been removed by the customer).
-            (_, DomainState::Active) => true,
+            // Kept while the certificate lives: ACM's managed renewal validates with it
+            // again.
             (Some(zone), _) => {
                 let change = cloud
                     .dns
@@ -244,7 +244,8 @@ async fn certificate_of(ctx: &StepCtx, domain: &str) -> StepResult<Found> {
                     .await?;
                 cloud.dns.change_in_sync(&change).await?
             }
-            (None, _) => false,
+            // The customer's: it resolves, as far as we know, once ACM issued.
+            (None, state) => state == DomainState::Active,
         };
         records.push(DnsRecordInfo {
             name: validation.name.clone(),
