@@ -544,3 +544,76 @@ async fn custom_domains_from_request_to_removal() {
     assert_eq!(gate.refused_deletes.load(Ordering::SeqCst), 0);
     platform::drop_tenant_databases(&[tenant]).await;
 }
+
+/// The customer has not created the record when the bound passes: the instance is ACTIVE
+/// with the domain PENDING_VALIDATION (its host routed, no certificate on the listener yet);
+/// UpdateInstance with the same domains later resumes, and the domain becomes ACTIVE.
+#[tokio::test]
+async fn a_domain_still_pending_at_the_bound_does_not_fail_the_instance() {
+    let gate = Arc::new(Gate::default());
+    let mut cp = start(gate.clone(), Some(0)).await;
+    let aws = Aws::of(&cp).await;
+    let tenant = platform::tenant("cdpend");
+    let www = format!("www.{tenant}.example.net");
+    let accepted = cp
+        .instances
+        .create_instance(create_with(&tenant, &[&www]))
+        .await
+        .unwrap()
+        .into_inner();
+    cp.completed(&accepted.name).await;
+    let pending = cp.instance(&tenant).await;
+    assert_eq!(pending.state(), v1::InstanceState::Active);
+    assert_eq!(
+        state_of(&pending, &www),
+        v1::custom_domain_status::State::PendingValidation
+    );
+    assert!(
+        pending
+            .dns_records
+            .iter()
+            .any(|r| r.purpose() == v1::dns_record::Purpose::CertificateValidation),
+        "{:#?}",
+        pending.dns_records
+    );
+    let listener = pending.load_balancer.as_ref().unwrap().listener_arn.clone();
+    assert_eq!(
+        aws.listener_certificates(&listener).await,
+        Vec::<String>::new()
+    );
+    assert!(aws.rule_hosts(&listener).await.concat().contains(&www));
+    assert!(gate.pending_reads.load(Ordering::SeqCst) > 0);
+
+    // The record exists now; the same domains again resume.
+    gate.open.store(true, Ordering::SeqCst);
+    let resumed = cp
+        .instances
+        .update_instance(update_domains(&tenant, std::slice::from_ref(&www)))
+        .await
+        .unwrap()
+        .into_inner();
+    cp.completed(&resumed.name).await;
+    let active = cp.instance(&tenant).await;
+    assert_eq!(
+        state_of(&active, &www),
+        v1::custom_domain_status::State::Active
+    );
+    let arn = active.custom_domain_statuses[0].certificate_arn.clone();
+    assert_eq!(aws.listener_certificates(&listener).await, vec![arn]);
+    // Nothing else to change now: the same domains again are INVALID_ARGUMENT.
+    let refused = cp
+        .instances
+        .update_instance(update_domains(&tenant, std::slice::from_ref(&www)))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+
+    let deletion = cp.delete_skipping_archive(&tenant).await;
+    cp.completed(&deletion).await;
+    assert_eq!(aws.certificates().await, Vec::new());
+    assert_eq!(
+        aws.listener_certificates(&listener).await,
+        Vec::<String>::new()
+    );
+    platform::drop_tenant_databases(&[tenant]).await;
+}
