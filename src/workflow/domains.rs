@@ -331,6 +331,7 @@ async fn record(
     write_instance(ctx, |instance| {
         keep_only(instance, domains);
         instance.custom_domain_statuses = statuses.clone();
+        record_certificates(instance);
         instance.dns_records.extend(records.iter().cloned());
         // Suspension, resumption and drift checks act on every recorded rule.
         if let Some(rules) = rules
@@ -356,10 +357,29 @@ fn keep_only(instance: &mut Instance, keep: &[String]) {
     instance
         .custom_domain_statuses
         .retain(|s| keep.contains(&s.domain));
+    record_certificates(instance);
     instance.dns_records.retain(|r| match r.purpose {
         DnsPurpose::CertificateValidation => false,
         DnsPurpose::Traffic => !known.contains(&r.name),
     });
+}
+
+/// The instance's `custom_domains` resource: its certificates' ARNs joined with ',' (what
+/// provisioning's step recorded), kept current as domains come and go.
+fn record_certificates(instance: &mut Instance) {
+    let arns: Vec<&str> = instance
+        .custom_domain_statuses
+        .iter()
+        .map(|s| s.certificate_arn.as_str())
+        .filter(|arn| !arn.is_empty())
+        .collect();
+    if arns.is_empty() {
+        instance.resources.remove(CUSTOM_DOMAINS);
+    } else {
+        instance
+            .resources
+            .insert(CUSTOM_DOMAINS.to_owned(), arns.join(","));
+    }
 }
 
 /// Applies `edit` to the stored instance with a versioned write.

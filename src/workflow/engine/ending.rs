@@ -582,3 +582,87 @@ pub(crate) fn domains_to_release(
         .filter(|domain| gone || !after.spec.custom_domains.contains(domain))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::spec::SpecInput;
+    use crate::domain::{
+        Environment, InstanceName, InstanceSpec, InstanceState, OperationId, ScaleBounds, Verb,
+    };
+
+    fn instance(domains: &[&str], state: InstanceState) -> Instance {
+        let spec = InstanceSpec::parse(
+            SpecInput {
+                environment: Some(Environment::Dev),
+                organization_name: "Acme".into(),
+                contact_email: "ops@acme.example".into(),
+                custom_domains: domains.iter().map(|d| d.to_string()).collect(),
+                ..SpecInput::default()
+            },
+            ScaleBounds::default(),
+        )
+        .unwrap();
+        let mut instance = Instance::new_pending(
+            InstanceName::parse("tenants/acme/instances/wp").unwrap(),
+            spec,
+            OperationId::parse("op-1").unwrap(),
+            Timestamp(1),
+        );
+        instance.state = state;
+        instance
+    }
+
+    fn update(from: &[&str], to: &[&str]) -> Operation {
+        let mut operation = Operation::new(
+            Verb::Update,
+            InstanceName::parse("tenants/acme/instances/wp").unwrap(),
+            Vec::new(),
+            None,
+            Timestamp(1),
+        );
+        operation.params = serde_json::json!({
+            "previous_domains": from,
+            "spec": { "custom_domains": to },
+        });
+        operation
+    }
+
+    fn owned(domains: &[&str]) -> Vec<String> {
+        domains.iter().map(|d| d.to_string()).collect()
+    }
+
+    #[test]
+    fn endings_give_back_the_domains_the_instance_does_not_keep() {
+        let (a, b, c) = ("a.example.com", "b.example.com", "c.example.com");
+        let before = owned(&[a, b]);
+        let change = update(&[a, b], &[b, c]);
+        // Completed: the instance has the new domains; the removed one goes.
+        let completed = instance(&[b, c], InstanceState::Active);
+        assert_eq!(
+            domains_to_release(&before, &completed, &change, false),
+            owned(&[a])
+        );
+        // Failed: the instance keeps the old ones; the one it would have added goes.
+        let failed = instance(&[a, b], InstanceState::Active);
+        assert_eq!(
+            domains_to_release(&before, &failed, &change, false),
+            owned(&[c])
+        );
+        // Released (clean rollback) or deprovisioned: every one.
+        assert_eq!(
+            domains_to_release(&before, &failed, &change, true),
+            owned(&[a, b, c])
+        );
+        let gone = instance(&[a, b], InstanceState::Deprovisioned);
+        let mut delete = update(&[], &[]);
+        delete.params = serde_json::json!({});
+        assert_eq!(
+            domains_to_release(&before, &gone, &delete, false),
+            owned(&[a, b])
+        );
+        // An operation that does not touch domains gives back nothing.
+        let kept = instance(&[a, b], InstanceState::Active);
+        assert!(domains_to_release(&before, &kept, &delete, false).is_empty());
+    }
+}
