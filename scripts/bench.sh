@@ -5,14 +5,24 @@
 #   1. unary API overhead (benches/unary_api.rs): GetInstance / ListInstances against the
 #      server on the in-memory store and on DynamoDB (moto), beside their floors (a bare
 #      tonic Health/Check server; the SDK's GetItem / Query issued directly);
-#   4. footprint (benches/footprint.rs): exec to SERVING, idle RSS, binary size;
+#   2. provisioning throughput (benches/provisioning.rs): BENCH_PROVISIONS (default 50)
+#      concurrent CreateInstance through the real engine with workers BENCH_WORKERS (default
+#      "10 50"), beside the sequential floor (BENCH_FLOOR provisionings, default 5);
+#   3. watch fan-out (benches/watch_fanout.rs): BENCH_WATCHERS (default 10000) WatchOperation
+#      streams on one `instance-manager serve` while operations emit events
+#      (BENCH_WATCH_OPS, BENCH_EVENT_MS, BENCH_WATCH_SECONDS);
+#   4. footprint (benches/footprint.rs): exec to SERVING, idle RSS, binary size; with
+#      BENCH_RELEASE_SIZE=1 also the release binary's size (a release build of the server
+#      alone, whatever BENCH_PROFILE says: it takes long on a small machine, so it is opt-in);
 #   backup/restore throughput and peak RSS (examples/backup_bench.rs) for BENCH_SIZES
 #      (MiB of rows, default "50 400"), each size in its own process, against the local
 #      MariaDB.
 #
 # Settings: BENCH_PROFILE=debug|release (default debug: a release build of everything takes
 # long on a small machine; the ratios, not the absolute figures, are the point), BENCH_SECONDS
-# (per unary cell, default 5), BENCH_SIZES. One private moto for the whole run.
+# (per unary cell, default 5), BENCH_SIZES, the knobs above, and BENCH_ONLY (a subset of
+# "unary provisioning watch footprint backup", default all). One private moto for the whole
+# run.
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$IM_ROOT"
@@ -62,10 +72,34 @@ build() {
 say "building ($profile_name)"
 # The server binary as it ships: no emulator feature.
 build --bin instance-manager
-build --features emulator --bench unary_api --bench footprint --example backup_bench
-for exe in instance-manager unary_api footprint backup_bench; do
+build --features emulator --bench unary_api --bench footprint --bench provisioning \
+    --bench watch_fanout --example backup_bench
+for exe in instance-manager unary_api footprint provisioning watch_fanout backup_bench; do
     [ -x "$work/$exe" ] || die "cargo built no $exe"
 done
+# The release binary's size: only the server, without the emulator feature, as it ships.
+release_size=""
+if [ "${BENCH_RELEASE_SIZE:-0}" = 1 ]; then
+    say "building the release binary (for its size)"
+    started=$SECONDS
+    cargo build --release --bin instance-manager --message-format=json-render-diagnostics |
+        executables | while read -r name path; do cp "$path" "$work/$name.release"; done
+    [ -x "$work/instance-manager.release" ] || die "cargo built no release instance-manager"
+    bytes=$(stat -c %s "$work/instance-manager.release")
+    strip -o "$work/instance-manager.release.stripped" "$work/instance-manager.release"
+    stripped=$(stat -c %s "$work/instance-manager.release.stripped")
+    release_size="$(awk -v b="$bytes" -v s="$stripped" -v t="$((SECONDS - started))" \
+        'BEGIN { printf "release binary %.1f MiB, %.1f MiB stripped (release build of the server took %d s)", b / 1048576, s / 1048576, t }')"
+fi
+
+wanted() {
+    case " ${BENCH_ONLY:-unary provisioning watch footprint backup} " in
+        *" $1 "*) return 0 ;;
+        *) return 1 ;;
+    esac
+}
+# 10 000 streams take ~100 connections on each side; raise the soft limit anyway.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 mkdir -p target
 report="$IM_ROOT/target/bench-report.md"
@@ -82,23 +116,46 @@ memory="$(awk '/^MemTotal:/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)"
     echo
 } >"$report"
 
-say "part 1: unary API overhead"
-"$work/unary_api" --bench >>"$report"
-echo >>"$report"
+if wanted unary; then
+    say "part 1: unary API overhead"
+    "$work/unary_api" --bench >>"$report"
+    echo >>"$report"
+fi
 
-say "part 4: footprint"
-"$work/footprint" --bench --binary "$work/instance-manager" >>"$report"
-echo >>"$report"
+if wanted provisioning; then
+    say "part 2: provisioning throughput"
+    "$work/provisioning" --bench >>"$report"
+    echo >>"$report"
+fi
 
-say "backup and restore"
-{
-    echo "## Backup and restore"
-    echo
-    echo "A generated database dumped to moto's S3 and restored into the local MariaDB, each size in its own process."
-    echo
-} >>"$report"
-for mb in ${BENCH_SIZES:-50 400}; do
-    printf -- '- %s\n' "$("$work/backup_bench" --mb "$mb")" >>"$report"
-done
+if wanted watch; then
+    say "part 3: watch fan-out"
+    "$work/watch_fanout" --bench --binary "$work/instance-manager" >>"$report"
+    echo >>"$report"
+fi
+
+if wanted footprint; then
+    say "part 4: footprint"
+    "$work/footprint" --bench --binary "$work/instance-manager" >>"$report"
+    if [ -n "$release_size" ]; then
+        printf -- '- %s\n' "$release_size" >>"$report"
+    else
+        echo "- release binary size: not measured (BENCH_RELEASE_SIZE=1 builds it)" >>"$report"
+    fi
+    echo >>"$report"
+fi
+
+if wanted backup; then
+    say "backup and restore"
+    {
+        echo "## Backup and restore"
+        echo
+        echo "A generated database dumped to moto's S3 and restored into the local MariaDB, each size in its own process."
+        echo
+    } >>"$report"
+    for mb in ${BENCH_SIZES:-50 400}; do
+        printf -- '- %s\n' "$("$work/backup_bench" --mb "$mb")" >>"$report"
+    done
+fi
 
 cat "$report"

@@ -661,6 +661,32 @@ impl Config {
                     env.name
                 )));
             }
+            let pool = &env.platform.load_balancers;
+            for (j, lb) in pool.iter().enumerate() {
+                let problem = if lb.name.is_empty() {
+                    Some("has no name".to_owned())
+                } else if pool[..j].iter().any(|other| other.name == lb.name) {
+                    Some("is listed twice".to_owned())
+                } else if pool[..j].iter().any(|other| {
+                    !lb.listener_arn.is_empty() && other.listener_arn == lb.listener_arn
+                }) {
+                    Some("has the listener of an earlier member".to_owned())
+                } else if lb.listener_arn.is_empty() && !env.platform.cluster.is_empty() {
+                    // Before `bootstrap --emulate-platform` a member may carry only its
+                    // quotas; a platform in use needs every member's listener.
+                    Some("has no listener_arn".to_owned())
+                } else if lb.max_rules == Some(0) || lb.max_target_groups == Some(0) {
+                    Some("allows no rules or no target groups".to_owned())
+                } else {
+                    None
+                };
+                if let Some(problem) = problem {
+                    return Err(ConfigError::Invalid(format!(
+                        "environment {}: load balancer {:?} (load_balancers[{j}]) {problem}",
+                        env.name, lb.name
+                    )));
+                }
+            }
             if env.account_id.len() != 12 || !env.account_id.chars().all(|c| c.is_ascii_digit()) {
                 return Err(ConfigError::Invalid(format!(
                     "environment {}: account_id must be 12 digits",

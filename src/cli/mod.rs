@@ -247,14 +247,34 @@ async fn emulate_platforms(config: &mut Config, args: &BootstrapArgs) -> anyhow:
             env.platform.domain.clone()
         };
         let sdk = accounts.sdk_config(env.name)?;
-        let platform = cloud::platform::ensure_platform(&sdk, env.name, &master, &domain)
+        let mut platform = cloud::platform::ensure_platform(&sdk, env.name, &master, &domain)
             .await
             .with_context(|| format!("cannot create the platform of environment {}", env.name))?;
+        // Quotas the configuration sets for the emulated pool's members (by name) stay.
+        for lb in &mut platform.load_balancers {
+            if let Some(given) = env
+                .platform
+                .load_balancers
+                .iter()
+                .find(|given| given.name == lb.name)
+            {
+                lb.max_rules = given.max_rules;
+                lb.max_target_groups = given.max_target_groups;
+                lb.max_certificates = given.max_certificates;
+            }
+        }
+        platform.max_custom_domains = env.platform.max_custom_domains;
         tracing::info!(
             environment = %env.name,
             vpc = %platform.vpc_id,
             cluster = %platform.cluster,
-            listener = %platform.listener_arn,
+            load_balancers = %platform
+                .load_balancers
+                .iter()
+                .map(|lb| lb.name.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+            hosted_zone = %platform.hosted_zone_id,
             "platform ready"
         );
         env.platform = platform;

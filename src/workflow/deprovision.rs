@@ -15,8 +15,8 @@ use crate::domain::{Instance, InstanceState, Operation, Verb};
 use super::backup::{self, BackupWorkflow};
 use super::placement::{self, LOAD_BALANCER};
 use super::provision::{
-    self, ACCESS_POINT, DATABASE, LISTENER_RULE, SECRET, SERVICE, TARGET_GROUP, TASK_DEFINITION,
-    TASK_ROLE, USER_POOL, master_credentials,
+    self, ACCESS_POINT, DATABASE, DNS_RECORD, LISTENER_RULE, SECRET, SERVICE, TARGET_GROUP,
+    TASK_DEFINITION, TASK_ROLE, USER_POOL, master_credentials,
 };
 use super::{Failure, StepCtx, StepError, StepResult, Workflow, domains};
 
@@ -59,6 +59,9 @@ impl Workflow for Deprovision {
         stages.push(vec![SERVICE]);
         // The task role goes once no task of the service runs as it any more.
         let mut third = vec![LISTENER_RULE, TASK_DEFINITION, TASK_ROLE];
+        if !cloud.platform.hosted_zone_id.is_empty() {
+            third.push(DNS_RECORD);
+        }
         if cloud.platform.cognito_enabled || instance.resources.contains_key(USER_POOL) {
             third.push(USER_POOL);
         }
@@ -295,6 +298,21 @@ async fn verify(ctx: &StepCtx) -> StepResult<()> {
     routing.sort();
     routing.dedup();
     left.extend(routing);
+    // The alias record, if this removal planned it (a record written by hand for the host
+    // afterwards is someone else's business).
+    let planned_dns = ctx.operation.steps.iter().any(|s| s.name == DNS_RECORD);
+    if planned_dns && !platform.hosted_zone_id.is_empty() {
+        let host =
+            crate::domain::naming::ResourceNames::host(&ctx.instance.name.tenant, &platform.domain);
+        if cloud
+            .dns
+            .record(&platform.hosted_zone_id, &host, "A")
+            .await?
+            .is_some()
+        {
+            left.push(format!("DNS record {host}"));
+        }
+    }
     if placement::holds_any_slot(ctx).await? {
         left.push("load-balancer slots (state store)".into());
     }

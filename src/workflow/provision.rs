@@ -13,7 +13,9 @@ use crate::cloud::{
 };
 use crate::config::Secret;
 use crate::domain::naming::{ResourceNames, TASK_ROLE_PATH};
-use crate::domain::{Instance, InstanceState, Operation, OperationStatus, Timestamp, Verb};
+use crate::domain::{
+    DnsPurpose, DnsRecordInfo, Instance, InstanceState, Operation, OperationStatus, Timestamp, Verb,
+};
 use crate::store::{PriorityClaim, StoreError, Write};
 
 use super::placement::{self, LOAD_BALANCER};
@@ -30,6 +32,11 @@ pub const TASK_ROLE: &str = "task_role";
 pub const TASK_DEFINITION: &str = "task_definition";
 pub const SERVICE: &str = "service";
 pub const WAIT_STEADY: &str = "wait_steady";
+/// The alias record `{tenant}.{domain}` → the instance's load balancer (output: the
+/// Route53 change id), when the platform names its hosted zone.
+pub const DNS_RECORD: &str = "dns_record";
+/// Waits until Route53 reports that change INSYNC (every name server has it).
+pub const WAIT_DNS: &str = "wait_dns";
 
 /// www-data in the official WordPress image.
 const WWW_DATA: u32 = 33;
@@ -52,13 +59,21 @@ impl Workflow for Provision {
         if cloud.platform.cognito_enabled {
             independent.push(USER_POOL);
         }
+        let dns = !cloud.platform.hosted_zone_id.is_empty();
+        if dns {
+            independent.push(DNS_RECORD);
+        }
+        let mut second = vec![DATABASE, LISTENER_RULE, TASK_ROLE];
+        if dns {
+            second.push(WAIT_DNS);
+        }
         // The task role names the access point; the task definition names the role.
         // Placement comes first, alone: a full pool fails the operation before anything
         // exists.
         let mut stages = vec![
             vec![LOAD_BALANCER],
             independent,
-            vec![DATABASE, LISTENER_RULE, TASK_ROLE],
+            second,
             vec![TASK_DEFINITION],
             vec![SERVICE],
             vec![WAIT_STEADY],
@@ -73,6 +88,8 @@ impl Workflow for Provision {
     async fn run(&self, ctx: &StepCtx, step: &str) -> StepResult<Option<String>> {
         match step {
             LOAD_BALANCER => placement::place(ctx).await.map(Some),
+            DNS_RECORD => upsert_dns_record(ctx).await.map(Some),
+            WAIT_DNS => wait_dns(ctx).await.map(|()| None),
             ACCESS_POINT => ensure_access_point(ctx).await.map(Some),
             SECRET => ensure_secret(ctx).await.map(Some),
             TARGET_GROUP => ensure_target_group(ctx).await.map(Some),
@@ -129,6 +146,25 @@ impl Workflow for Provision {
                 dns_name: lb.dns_name,
             });
         let domain = &cloud.platform.domain;
+        let host = ResourceNames::host(&instance.name.tenant, domain);
+        instance
+            .dns_records
+            .retain(|r| !(r.purpose == DnsPurpose::Traffic && r.name == host));
+        if let Some(lb) = &instance.load_balancer
+            && instance.resources.contains_key(DNS_RECORD)
+        {
+            instance.dns_records.insert(
+                0,
+                DnsRecordInfo {
+                    name: host,
+                    record_type: "A".into(),
+                    value: lb.dns_name.clone(),
+                    purpose: DnsPurpose::Traffic,
+                    managed: true,
+                    in_sync: true,
+                },
+            );
+        }
         if !domain.is_empty() {
             instance.resources.insert(
                 "url".into(),
@@ -150,6 +186,7 @@ impl Workflow for Provision {
         if released {
             instance.resources.clear();
             instance.load_balancer = None;
+            instance.dns_records.clear();
             instance.released = true;
         }
         released
@@ -193,6 +230,18 @@ pub async fn remove(ctx: &StepCtx, step: &str, _recorded: Option<&str>) -> StepR
             }
         }
         LOAD_BALANCER => placement::release(ctx).await?,
+        DNS_RECORD => {
+            // The record is per (tenant, environment): only the instance holding that slot
+            // (the guard) ever runs this, so it is this instance's record.
+            if !platform.hosted_zone_id.is_empty() {
+                let host = ResourceNames::host(&ctx.instance.name.tenant, &platform.domain);
+                cloud
+                    .dns
+                    .delete_record(&platform.hosted_zone_id, &host, "A")
+                    .await?;
+            }
+        }
+        WAIT_DNS => {}
         TARGET_GROUP => {
             // Target groups are found by tag alone (the listener only narrows rules).
             let listener = placement::load_balancer_of(ctx)?.listener_arn;
@@ -695,6 +744,42 @@ async fn create_rule(
 async fn ensure_listener_rule(ctx: &StepCtx) -> StepResult<String> {
     let hosts = routed_hosts(ctx, &ctx.instance.spec.custom_domains);
     sync_listener_rules(ctx, &hosts).await
+}
+
+/// UPSERTs the instance's alias record to its load balancer; the output is the change id.
+async fn upsert_dns_record(ctx: &StepCtx) -> StepResult<String> {
+    let platform = &ctx.cloud.platform;
+    let lb = placement::load_balancer_of(ctx)?;
+    if lb.dns_name.is_empty() || lb.hosted_zone_id.is_empty() {
+        return Err(StepError::Fatal(format!(
+            "load balancer {} has no dns_name or hosted_zone_id in the platform configuration, \
+             which its alias records need",
+            lb.name
+        )));
+    }
+    let host = ResourceNames::host(&ctx.instance.name.tenant, &platform.domain);
+    Ok(ctx
+        .cloud
+        .dns
+        .upsert_alias(
+            &platform.hosted_zone_id,
+            &host,
+            &lb.dns_name,
+            &lb.hosted_zone_id,
+        )
+        .await?)
+}
+
+/// Waits for the alias record's change to be INSYNC.
+async fn wait_dns(ctx: &StepCtx) -> StepResult<()> {
+    let change = ctx.require_output(DNS_RECORD)?;
+    if ctx.cloud.dns.change_in_sync(change).await? {
+        Ok(())
+    } else {
+        Err(StepError::NotYet(format!(
+            "Route53 change {change} is PENDING"
+        )))
+    }
 }
 
 /// The instance's task role's name (per instance, see `ResourceNames::task_role`).
