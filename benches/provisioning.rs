@@ -42,9 +42,9 @@ use instance_manager::domain::{
 use instance_manager::proto::v1;
 use instance_manager::proto::v1::instance_service_client::InstanceServiceClient;
 use instance_manager::store::{
-    AuditCursor, AuditQuery, BackupCursor, DynamoStore, Guard, InstanceCursor, InstanceQuery,
-    OperationCursor, OperationQuery, Page, PriorityClaim, RequestRecord, StateStore, StoreResult,
-    Write,
+    AuditCursor, AuditQuery, BackupCursor, DomainClaim, DynamoStore, Guard, InstanceCursor,
+    InstanceQuery, OperationCursor, OperationQuery, Page, PriorityClaim, RequestRecord, StateStore,
+    StoreResult, Write,
 };
 use instance_manager::workflow::provision::Provision;
 use instance_manager::workflow::{
@@ -183,6 +183,9 @@ impl StateStore for CountingStore {
         environment: Environment,
     ) -> StoreResult<Option<Guard>> {
         self.read(self.inner.get_guard(tenant, environment)).await
+    }
+    async fn get_domain_claim(&self, domain: &str) -> StoreResult<Option<DomainClaim>> {
+        self.read(self.inner.get_domain_claim(domain)).await
     }
     async fn get_operation(&self, id: &OperationId) -> StoreResult<Option<Operation>> {
         self.read(self.inner.get_operation(id)).await

@@ -450,6 +450,11 @@ pub async fn run(
                 .iter()
                 .filter_map(|env| env.scale_bounds.map(|bounds| (env.name, bounds)))
                 .collect(),
+            environment_domains: config
+                .environments
+                .iter()
+                .map(|env| (env.name, env.platform.domain_rules()))
+                .collect(),
             rollout_timeout: Duration::from_secs(config.rollout_timeout_secs),
             backup_retention: Duration::from_secs(
                 u64::from(config.backup_retention_days) * 24 * 60 * 60,

@@ -651,3 +651,194 @@ async fn an_environment_may_set_its_own_task_count_bounds() {
         .into_inner();
     assert_eq!(instance.desired_count, 3);
 }
+
+fn with_domains(
+    mut request: v1::CreateInstanceRequest,
+    domains: &[&str],
+) -> v1::CreateInstanceRequest {
+    request.instance.as_mut().unwrap().custom_domains =
+        domains.iter().map(|d| d.to_string()).collect();
+    request
+}
+
+/// Custom domains: host names checked per environment (the platform's domain and limit),
+/// each violation naming its index; a domain held by another instance is ALREADY_EXISTS
+/// (DOMAIN_TAKEN) for any tenant, decided by the create's own transaction when two race;
+/// a create cancelled before it ran gives its domains back; UpdateInstance claims what it
+/// adds.
+#[tokio::test]
+async fn custom_domains_are_validated_and_unique_across_tenants() {
+    let mut server = start_with(ApiSettings {
+        environment_domains: vec![(
+            instance_manager::domain::Environment::Dev,
+            instance_manager::domain::spec::DomainRules {
+                platform_domain: "dev.sites.test".into(),
+                limit: 2,
+            },
+        )],
+        ..settings()
+    })
+    .await;
+    let refused = server
+        .instances
+        .create_instance(with_domains(
+            create_request("acme", "wp"),
+            &[
+                "ok.example.com",
+                "bad_name.example.com",
+                "acme.dev.sites.test",
+            ],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        violated_fields(&refused),
+        vec![
+            "instance.custom_domains",
+            "instance.custom_domains[1]",
+            "instance.custom_domains[2]"
+        ]
+    );
+    let refused = server
+        .instances
+        .create_instance(with_domains(
+            create_request("acme", "wp"),
+            &["*.example.com", "www.example.com."],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        violated_fields(&refused),
+        vec!["instance.custom_domains[0]", "instance.custom_domains[1]"]
+    );
+    assert_eq!(operation_count(&mut server).await, 0);
+
+    let acme = server
+        .instances
+        .create_instance(with_domains(
+            create_request("acme", "wp"),
+            &["WWW.Acme.example"],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let taken = server
+        .instances
+        .create_instance(with_domains(
+            create_request("globex", "wp"),
+            &["shop.globex.example", "www.acme.example"],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(taken.code(), Code::AlreadyExists, "{taken:?}");
+    assert_eq!(reason(&taken), "DOMAIN_TAKEN");
+    let globex = InstanceName::parse("tenants/globex/instances/wp").unwrap();
+    assert_eq!(server.store.get_instance(&globex).await.unwrap(), None);
+    assert_eq!(
+        server
+            .store
+            .get_domain_claim("shop.globex.example")
+            .await
+            .unwrap(),
+        None,
+        "nothing of the refused request is written"
+    );
+
+    // Two tenants race for one domain: one create wins, the other is ALREADY_EXISTS.
+    let racers = ["initech", "umbrella", "hooli", "vandelay"];
+    let calls = racers.iter().map(|tenant| {
+        let mut client = server.instances.clone();
+        let request = with_domains(create_request(tenant, "wp"), &["race.example.com"]);
+        async move { client.create_instance(request).await }
+    });
+    let results = futures::future::join_all(calls).await;
+    let won = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(won, 1, "{results:?}");
+    for refused in results.iter().filter_map(|r| r.as_ref().err()) {
+        assert_eq!(refused.code(), Code::AlreadyExists, "{refused:?}");
+        assert_eq!(reason(refused), "DOMAIN_TAKEN");
+    }
+
+    // Cancelled before it ran: acme's domain is free again.
+    server
+        .operations
+        .cancel_operation(lro::CancelOperationRequest {
+            name: acme.name.clone(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        server
+            .store
+            .get_domain_claim("www.acme.example")
+            .await
+            .unwrap(),
+        None
+    );
+    let globex_op = server
+        .instances
+        .create_instance(with_domains(
+            create_request("globex", "wp"),
+            &["www.acme.example"],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+
+    // An ACTIVE instance adds a domain with UpdateInstance: claimed with the operation.
+    end_operation(&server, &globex_op.name, OperationStatus::Completed).await;
+    let mut instance = server.store.get_instance(&globex).await.unwrap().unwrap();
+    instance.state = InstanceState::Active;
+    instance.current_operation = None;
+    server
+        .store
+        .commit(vec![Write::UpdateInstance(instance)])
+        .await
+        .unwrap();
+    let update = |domains: &[&str]| v1::UpdateInstanceRequest {
+        instance: Some(v1::Instance {
+            name: globex.to_string(),
+            custom_domains: domains.iter().map(|d| d.to_string()).collect(),
+            ..Default::default()
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["custom_domains".into()],
+        }),
+        request_id: String::new(),
+    };
+    let refused = server
+        .instances
+        .update_instance(update(&["www.acme.example", "race.example.com"]))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::AlreadyExists, "{refused:?}");
+    assert_eq!(reason(&refused), "DOMAIN_TAKEN");
+    let refused = server
+        .instances
+        .update_instance(update(&["www.acme.example", "-x.example.com"]))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        violated_fields(&refused),
+        vec!["instance.custom_domains[1]"]
+    );
+    let accepted = server
+        .instances
+        .update_instance(update(&["www.acme.example", "blog.globex.example"]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        !accepted.done,
+        "a change of domains reaches AWS: a workflow"
+    );
+    assert_eq!(
+        server
+            .store
+            .get_domain_claim("blog.globex.example")
+            .await
+            .unwrap()
+            .map(|c| c.owner),
+        Some(globex.clone())
+    );
+}

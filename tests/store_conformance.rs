@@ -15,9 +15,9 @@ use instance_manager::domain::{
     StepStatus, TenantId, Tier, Timestamp, Verb,
 };
 use instance_manager::store::{
-    AuditCursor, AuditQuery, BackupCursor, DynamoStore, Guard, InstanceCursor, InstanceQuery,
-    MemoryStore, OperationCursor, OperationQuery, PriorityClaim, RequestRecord, StateStore,
-    StoreError, StoreResult, Write, WriteKind,
+    AuditCursor, AuditQuery, BackupCursor, DomainClaim, DynamoStore, Guard, InstanceCursor,
+    InstanceQuery, MemoryStore, OperationCursor, OperationQuery, PriorityClaim, RequestRecord,
+    StateStore, StoreError, StoreResult, Write, WriteKind,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -40,6 +40,8 @@ macro_rules! conformance_tests {
         conformance_tests!(@expand $store, $make,
             instances_are_versioned,
             guards_are_exclusive,
+            domain_claims_are_exclusive_across_tenants,
+            domain_claims_commit_with_their_batch,
             batches_apply_atomically,
             invalid_batches_write_nothing,
             operations_are_versioned,
@@ -396,6 +398,125 @@ async fn guards_are_exclusive(store: &dyn StateStore) {
             .unwrap()
             .is_some()
     );
+}
+
+fn domain(domain: &str, tenant_id: &str, instance: &str) -> DomainClaim {
+    DomainClaim {
+        domain: domain.to_owned(),
+        owner: name(tenant_id, instance),
+    }
+}
+
+async fn domain_claims_are_exclusive_across_tenants(store: &dyn StateStore) {
+    let www = domain("www.shop.example", "acme", "wp");
+    assert_eq!(store.get_domain_claim(&www.domain).await.unwrap(), None);
+    commit(store, vec![Write::ClaimDomain(www.clone())]).await;
+    assert_eq!(
+        store.get_domain_claim(&www.domain).await.unwrap(),
+        Some(www.clone())
+    );
+    // The same owner claiming again changes nothing (an update that keeps a domain).
+    commit(store, vec![Write::ClaimDomain(www.clone())]).await;
+    assert_eq!(
+        store.get_domain_claim(&www.domain).await.unwrap(),
+        Some(www.clone())
+    );
+
+    // Another tenant, and another instance of the same tenant, are refused: claim and
+    // release alike, and the claim stays as it was.
+    for other in [
+        domain("www.shop.example", "globex", "wp"),
+        domain("www.shop.example", "acme", "other"),
+    ] {
+        assert_conflict(
+            store.commit(vec![Write::ClaimDomain(other.clone())]).await,
+            0,
+            WriteKind::ClaimDomain,
+        );
+        assert_conflict(
+            store
+                .commit(vec![Write::ReleaseDomain(other.clone())])
+                .await,
+            0,
+            WriteKind::ReleaseDomain,
+        );
+    }
+    assert_eq!(
+        store.get_domain_claim(&www.domain).await.unwrap(),
+        Some(www.clone()),
+        "failed claims and releases leave the claim as it was"
+    );
+    // Other domains are separate claims, whoever holds them.
+    let shop = domain("shop.example", "globex", "wp");
+    commit(store, vec![Write::ClaimDomain(shop.clone())]).await;
+    assert_eq!(
+        store.get_domain_claim("shop.example").await.unwrap(),
+        Some(shop)
+    );
+
+    // Releasing is idempotent, and frees the domain for anyone.
+    commit(store, vec![Write::ReleaseDomain(www.clone())]).await;
+    assert_eq!(store.get_domain_claim(&www.domain).await.unwrap(), None);
+    commit(store, vec![Write::ReleaseDomain(www.clone())]).await;
+    assert_eq!(store.get_domain_claim(&www.domain).await.unwrap(), None);
+    let globex = domain("www.shop.example", "globex", "wp");
+    commit(store, vec![Write::ClaimDomain(globex.clone())]).await;
+    assert_eq!(
+        store.get_domain_claim(&www.domain).await.unwrap(),
+        Some(globex)
+    );
+}
+
+/// Claims ride in the transaction that creates an instance and its operation: a claim held
+/// by someone else fails the whole batch, so nothing of the second request is written.
+async fn domain_claims_commit_with_their_batch(store: &dyn StateStore) {
+    let first = instance("acme", "wp", Environment::Prod, InstanceState::Provisioning);
+    commit(
+        store,
+        vec![
+            Write::CreateInstance(first.clone()),
+            Write::ClaimDomain(domain("a.example.org", "acme", "wp")),
+            Write::ClaimDomain(domain("b.example.org", "acme", "wp")),
+        ],
+    )
+    .await;
+    let second = instance(
+        "globex",
+        "wp",
+        Environment::Dev,
+        InstanceState::Provisioning,
+    );
+    assert_conflict(
+        store
+            .commit(vec![
+                Write::CreateInstance(second.clone()),
+                Write::ClaimDomain(domain("c.example.org", "globex", "wp")),
+                Write::ClaimDomain(domain("b.example.org", "globex", "wp")),
+            ])
+            .await,
+        2,
+        WriteKind::ClaimDomain,
+    );
+    assert_eq!(store.get_instance(&second.name).await.unwrap(), None);
+    assert_eq!(store.get_domain_claim("c.example.org").await.unwrap(), None);
+    assert_eq!(
+        store
+            .get_domain_claim("b.example.org")
+            .await
+            .unwrap()
+            .map(|c| c.owner),
+        Some(first.name.clone())
+    );
+    // Two writes to one claim in a batch are refused, as for any item.
+    assert_invalid_batch(
+        store
+            .commit(vec![
+                Write::ClaimDomain(domain("d.example.org", "acme", "wp")),
+                Write::ReleaseDomain(domain("d.example.org", "acme", "wp")),
+            ])
+            .await,
+    );
+    assert_eq!(store.get_domain_claim("d.example.org").await.unwrap(), None);
 }
 
 async fn operations_are_versioned(store: &dyn StateStore) {

@@ -22,8 +22,8 @@ use instance_manager::domain::{
 use instance_manager::proto::google_longrunning as lro;
 use instance_manager::proto::v1;
 use instance_manager::store::{
-    BackupCursor, Guard, InstanceCursor, InstanceQuery, OperationCursor, OperationQuery, Page,
-    PriorityClaim, RequestRecord, StateStore, StoreError, StoreResult, Write,
+    BackupCursor, DomainClaim, Guard, InstanceCursor, InstanceQuery, OperationCursor,
+    OperationQuery, Page, PriorityClaim, RequestRecord, StateStore, StoreError, StoreResult, Write,
 };
 use instance_manager::workflow::{EngineOptions, ManualClock, StepError, StepHook, StepResult};
 use platform::{inventory, metadata, provisioned};
@@ -231,6 +231,9 @@ impl StateStore for RejectingStore {
     }
     async fn get_guard(&self, tenant: &TenantId, env: Environment) -> StoreResult<Option<Guard>> {
         self.inner.get_guard(tenant, env).await
+    }
+    async fn get_domain_claim(&self, domain: &str) -> StoreResult<Option<DomainClaim>> {
+        self.inner.get_domain_claim(domain).await
     }
     async fn get_operation(&self, id: &OperationId) -> StoreResult<Option<Operation>> {
         self.inner.get_operation(id).await

@@ -12,7 +12,7 @@ use crate::proto::google_longrunning as lro;
 use crate::proto::v1;
 use crate::proto::v1::instance_service_server::InstanceService;
 use crate::store::{
-    Guard, InstanceCursor, InstanceQuery, RequestRecord, StoreError, Write, WriteKind,
+    DomainClaim, Guard, InstanceCursor, InstanceQuery, RequestRecord, StoreError, Write, WriteKind,
 };
 
 use super::Api;
@@ -69,7 +69,10 @@ fn parse_create(api: &Api, request: &v1::CreateInstanceRequest) -> ApiResult<Cre
             let bounds = input.environment.map_or(api.settings.scale_bounds, |env| {
                 api.settings.scale_bounds_for(env)
             });
-            match InstanceSpec::parse(input, bounds) {
+            let domain_rules = input
+                .environment
+                .map_or_else(Default::default, |env| api.settings.domain_rules_for(env));
+            match InstanceSpec::parse_with_domains(input, bounds, &domain_rules) {
                 Ok(spec) => match api.settings.images.refusal(&spec.wordpress_image) {
                     Some(why) => {
                         violations.add("instance.wordpress_image", why);
@@ -166,6 +169,39 @@ impl Api {
         }
     }
 
+    /// A custom domain another instance holds. The holder is not named: it may be another
+    /// tenant's.
+    pub(crate) fn domain_taken(domain: &str) -> ApiError {
+        ApiError::AlreadyExists {
+            reason: crate::domain::operation::failure_reason::DOMAIN_TAKEN,
+            message: format!("the custom domain {domain} is already used by another instance"),
+            metadata: vec![("domain", domain.to_owned())],
+        }
+    }
+
+    /// Claims of `domains` for `owner`: ALREADY_EXISTS (DOMAIN_TAKEN) for the first one that
+    /// another instance holds now. The claims go in the transaction that starts the
+    /// operation, whose precondition settles a race with another request.
+    pub(crate) async fn domain_claims(
+        &self,
+        domains: &[String],
+        owner: &InstanceName,
+    ) -> ApiResult<Vec<Write>> {
+        let mut writes = Vec::with_capacity(domains.len());
+        for domain in domains {
+            if let Some(claim) = self.store.get_domain_claim(domain).await?
+                && &claim.owner != owner
+            {
+                return Err(Self::domain_taken(domain));
+            }
+            writes.push(Write::ClaimDomain(DomainClaim {
+                domain: domain.clone(),
+                owner: owner.clone(),
+            }));
+        }
+        Ok(writes)
+    }
+
     fn instance_exists(name: &InstanceName) -> ApiError {
         ApiError::AlreadyExists {
             reason: reason::INSTANCE_ALREADY_EXISTS,
@@ -208,6 +244,9 @@ impl Api {
             return Err(Self::instance_exists(&name));
         }
 
+        let claims = self
+            .domain_claims(&create.spec.custom_domains, &name)
+            .await?;
         let mut operation = super::new_operation(
             Verb::Create,
             name.clone(),
@@ -229,6 +268,9 @@ impl Api {
             Write::CreateOperation(operation.clone()),
             Write::AppendEvent(event),
         ];
+        let claimed: Vec<String> = create.spec.custom_domains.clone();
+        let first_claim = writes.len();
+        writes.extend(claims);
         writes.extend(self.request_write(create.request_id.as_ref(), fingerprint, &operation, now));
         match self.store.commit(writes).await {
             Ok(()) => {
@@ -249,6 +291,14 @@ impl Api {
                 kind: WriteKind::CreateInstance,
                 ..
             }) => Err(Self::instance_exists(&name)),
+            // Another instance claimed one of the domains since they were checked.
+            Err(StoreError::Conflict {
+                kind: WriteKind::ClaimDomain,
+                index,
+            }) => match index.checked_sub(first_claim).and_then(|i| claimed.get(i)) {
+                Some(domain) => Err(Self::domain_taken(domain)),
+                None => Err(StoreError::Contention.into()),
+            },
             Err(StoreError::Conflict {
                 kind: WriteKind::PutRequest,
                 ..

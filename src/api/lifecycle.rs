@@ -165,6 +165,13 @@ impl Api {
         fingerprint: &str,
         mut operation: Operation,
     ) -> ApiResult<lro::Operation> {
+        let claims: Vec<Option<String>> = writes
+            .iter()
+            .map(|write| match write {
+                Write::ClaimDomain(claim) => Some(claim.domain.clone()),
+                _ => None,
+            })
+            .collect();
         match self.store.commit(writes).await {
             Ok(()) => {
                 operation.version = 1;
@@ -177,6 +184,14 @@ impl Api {
                 ..
             }) => match self.replayed(request_id, fingerprint).await? {
                 Some(operation) => Ok(operation),
+                None => Err(StoreError::Contention.into()),
+            },
+            // Another instance claimed the domain since it was checked.
+            Err(StoreError::Conflict {
+                kind: WriteKind::ClaimDomain,
+                index,
+            }) => match claims.get(index).cloned().flatten() {
+                Some(domain) => Err(Self::domain_taken(&domain)),
                 None => Err(StoreError::Contention.into()),
             },
             Err(other) => Err(other.into()),
@@ -653,6 +668,18 @@ impl Api {
                 })),
             }
         }
+        // The custom domains the operation gives the instance: a clean rollback or a failed
+        // update gave back their claims, so take them again (a repeated claim of one still
+        // held changes nothing).
+        let domains: Vec<String> = match operation.verb {
+            Verb::Create => instance.spec.custom_domains.clone(),
+            Verb::Update => {
+                serde_json::from_value(operation.params["spec"]["custom_domains"].clone())
+                    .unwrap_or_default()
+            }
+            _ => Vec::new(),
+        };
+        writes.extend(self.domain_claims(&domains, &instance.name).await?);
         operation.status = OperationStatus::Pending;
         operation.error = None;
         operation.ended_at = None;
@@ -679,8 +706,24 @@ impl Api {
         writes.push(Write::AppendEvent(event));
         writes.push(Write::UpdateInstance(instance));
         writes.extend(self.request_write(request_id, fingerprint, &operation, now));
+        let claimed: Vec<Option<String>> = writes
+            .iter()
+            .map(|write| match write {
+                Write::ClaimDomain(claim) => Some(claim.domain.clone()),
+                _ => None,
+            })
+            .collect();
         match self.store.commit(writes).await {
             Ok(()) => {}
+            Err(StoreError::Conflict {
+                kind: WriteKind::ClaimDomain,
+                index,
+            }) => {
+                return match claimed.get(index).cloned().flatten() {
+                    Some(domain) => Err(Self::domain_taken(&domain)),
+                    None => Err(StoreError::Contention.into()),
+                };
+            }
             Err(StoreError::Conflict {
                 kind: WriteKind::ClaimGuard,
                 ..
@@ -780,6 +823,23 @@ impl Api {
                     environment: instance.spec.environment,
                     instance: instance.name.instance.clone(),
                 }));
+                writes.extend(domain_releases(
+                    &instance.spec.custom_domains,
+                    &instance.name,
+                ));
+            }
+            Verb::Update => {
+                // The domains it would have added were claimed with it.
+                let wanted: Vec<String> =
+                    serde_json::from_value(operation.params["spec"]["custom_domains"].clone())
+                        .unwrap_or_default();
+                let added: Vec<String> = wanted
+                    .into_iter()
+                    .filter(|domain| !instance.spec.custom_domains.contains(domain))
+                    .collect();
+                writes.extend(domain_releases(&added, &instance.name));
+                instance.state = serde_json::from_value(operation.params["from_state"].clone())
+                    .unwrap_or(InstanceState::Active);
             }
             _ => {
                 instance.state = serde_json::from_value(operation.params["from_state"].clone())
@@ -789,6 +849,19 @@ impl Api {
         writes.push(Write::UpdateInstance(instance));
         Ok(writes)
     }
+}
+
+/// Releases of the claims `owner` holds on `domains` (idempotent: an absent claim is fine).
+fn domain_releases(domains: &[String], owner: &InstanceName) -> Vec<Write> {
+    domains
+        .iter()
+        .map(|domain| {
+            Write::ReleaseDomain(crate::store::DomainClaim {
+                domain: domain.clone(),
+                owner: owner.clone(),
+            })
+        })
+        .collect()
 }
 
 /// The longest suspension reason kept, in characters.

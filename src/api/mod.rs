@@ -21,6 +21,7 @@ use std::sync::Arc;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use crate::domain::spec::DomainRules;
 use crate::domain::{Environment, ScaleBounds};
 use crate::store::StateStore;
 use crate::workflow::EventBus;
@@ -60,6 +61,9 @@ pub struct ApiSettings {
     pub health: crate::health::HealthSettings,
     /// Task-count bounds of environments that set their own (others use `scale_bounds`).
     pub environment_scale_bounds: Vec<(Environment, ScaleBounds)>,
+    /// The custom-domain rules of each configured environment (its platform's `domain` and
+    /// `custom_domains_limit()`); others use [`DomainRules::default`].
+    pub environment_domains: Vec<(Environment, DomainRules)>,
     /// How long the new tasks of a scale or update may take to be steady and healthy before
     /// the rollout is rolled back.
     pub rollout_timeout: std::time::Duration,
@@ -81,6 +85,14 @@ impl ApiSettings {
             .find(|(env, _)| *env == environment)
             .map_or(self.scale_bounds, |(_, bounds)| *bounds)
     }
+
+    /// The custom-domain rules in `environment`.
+    pub fn domain_rules_for(&self, environment: Environment) -> DomainRules {
+        self.environment_domains
+            .iter()
+            .find(|(env, _)| *env == environment)
+            .map_or_else(DomainRules::default, |(_, rules)| rules.clone())
+    }
 }
 
 impl Default for ApiSettings {
@@ -93,6 +105,7 @@ impl Default for ApiSettings {
             max_request_bytes: 1024 * 1024,
             max_streams: 1000,
             environment_scale_bounds: Vec::new(),
+            environment_domains: Vec::new(),
             rollout_timeout: std::time::Duration::from_secs(15 * 60),
             backup_retention: std::time::Duration::from_secs(
                 backup_ops::DEFAULT_RETENTION_DAYS * 24 * 60 * 60,

@@ -33,7 +33,7 @@ use super::lifecycle::{busy, fingerprint, optional_request_id, wrong_state};
 use super::{Api, convert};
 
 /// Paths UpdateInstance accepts.
-pub const UPDATABLE: [&str; 8] = [
+pub const UPDATABLE: [&str; 9] = [
     "wordpress_image",
     "wordpress_version",
     "cpu",
@@ -42,10 +42,11 @@ pub const UPDATABLE: [&str; 8] = [
     "labels",
     "organization_name",
     "contact_email",
+    "custom_domains",
 ];
 
 /// Fields of `Instance` that exist but cannot be changed by UpdateInstance, and why.
-const NOT_UPDATABLE: [(&str, &str); 14] = [
+const NOT_UPDATABLE: [(&str, &str); 17] = [
     ("name", "identifies the instance"),
     ("environment", "is immutable"),
     ("tier", "is immutable; change cpu and memory_mib instead"),
@@ -60,6 +61,9 @@ const NOT_UPDATABLE: [(&str, &str); 14] = [
     ("state_change_time", "is output only"),
     ("etag", "is output only; send it in instance.etag"),
     ("failure_reason", "is output only"),
+    ("load_balancer", "is output only"),
+    ("dns_records", "is output only"),
+    ("custom_domain_statuses", "is output only"),
 ];
 
 /// Checks the mask's paths; returns them sorted and without duplicates.
@@ -141,6 +145,7 @@ fn masked(current: &InstanceSpec, request: &v1::Instance, paths: &[String]) -> S
             "labels" => input.labels = request.labels.clone(),
             "organization_name" => input.organization_name = request.organization_name.clone(),
             "contact_email" => input.contact_email = request.contact_email.clone(),
+            "custom_domains" => input.custom_domains = request.custom_domains.clone(),
             _ => {}
         }
     }
@@ -157,6 +162,9 @@ enum Change {
     Scale,
     /// A new image or tag (with or without anything else).
     Rollout,
+    /// Custom domains added or removed, with record fields perhaps, and nothing to roll out:
+    /// an update (`Verb::Update`) of the domains' certificates, listener and rules only.
+    Domains,
 }
 
 fn classify(old: &InstanceSpec, new: &InstanceSpec) -> Change {
@@ -166,8 +174,12 @@ fn classify(old: &InstanceSpec, new: &InstanceSpec) -> Change {
         != (new.desired_count, new.cpu, new.memory_mib);
     let record = (&old.labels, &old.organization_name, &old.contact_email)
         != (&new.labels, &new.organization_name, &new.contact_email);
+    let domains = old.custom_domains != new.custom_domains;
     match (image, size, record) {
         (true, _, _) => Change::Rollout,
+        // New domains with a new count or size: one update that does both.
+        (false, true, _) if domains => Change::Rollout,
+        (false, false, _) if domains => Change::Domains,
         // The contract: SCALING when only the count or size changes.
         (false, true, false) => Change::Scale,
         // A new size with new labels: one rolling operation that records both.
@@ -212,6 +224,9 @@ impl Api {
                     "desired_count" => instance.desired_count.to_string(),
                     "labels" => serde_json::to_string(&instance.labels).unwrap_or_default(),
                     "organization_name" => instance.organization_name.clone(),
+                    "custom_domains" => {
+                        serde_json::to_string(&instance.custom_domains).unwrap_or_default()
+                    }
                     _ => instance.contact_email.clone(),
                 };
                 (path.clone(), value)
@@ -249,9 +264,10 @@ impl Api {
                 ),
             });
         }
-        let spec = InstanceSpec::parse(
+        let spec = InstanceSpec::parse_with_domains(
             masked(&current.spec, request, paths),
             self.settings.scale_bounds_for(current.spec.environment),
+            &self.settings.domain_rules_for(current.spec.environment),
         )
         .map_err(|errors| {
             let mut violations = Violations::new();
@@ -275,7 +291,18 @@ impl Api {
                 "only ACTIVE instances can be updated",
             ));
         }
-        let change = classify(&current.spec, &spec);
+        let mut change = classify(&current.spec, &spec);
+        // The same domains again: resumes the wait for certificates still pending (or gives
+        // failed ones another pass).
+        if change == Change::Nothing
+            && paths.iter().any(|path| path == "custom_domains")
+            && current
+                .custom_domain_statuses
+                .iter()
+                .any(|status| status.state != crate::domain::DomainState::Active)
+        {
+            change = Change::Domains;
+        }
         if change == Change::Nothing {
             return Err(ApiError::invalid(
                 "update_mask",
@@ -302,13 +329,24 @@ impl Api {
                 "scale requested (UpdateInstance)",
             )
         } else {
-            (
-                Verb::Update,
-                update::params(&spec, &previous, timeout),
-                "update requested",
-            )
+            let mut params = update::params(&spec, &previous, timeout);
+            if change == Change::Domains {
+                // Nothing to roll out: the update's steps are the domains' only.
+                params["rollout"] = serde_json::json!(false);
+            }
+            (Verb::Update, params, "update requested")
         };
         params["from_state"] = serde_json::json!(current.state);
+        params["previous_domains"] = serde_json::json!(current.spec.custom_domains);
+        // The domains this update adds are claimed in its own transaction: a domain another
+        // instance holds is ALREADY_EXISTS now, not a failed operation later.
+        let added: Vec<String> = spec
+            .custom_domains
+            .iter()
+            .filter(|domain| !current.spec.custom_domains.contains(domain))
+            .cloned()
+            .collect();
+        let claims = self.domain_claims(&added, &name).await?;
         params["update_mask"] = serde_json::json!(paths);
         let workflow = crate::workflow::workflow_for(verb)
             .ok_or(ApiError::NotImplemented { rpc: "this verb" })?;
@@ -324,7 +362,7 @@ impl Api {
             request_id,
             fingerprint,
             now,
-            Vec::new(),
+            claims,
         )
         .await
     }

@@ -188,6 +188,10 @@ pub struct CreateArgs {
     /// A label, KEY=VALUE (repeatable).
     #[arg(long = "label", value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
+    /// A host name of the customer's own the site is also served at, with its own
+    /// certificate (repeatable).
+    #[arg(long = "custom-domain")]
+    pub custom_domains: Vec<String>,
     /// Sales opportunity (the `bbws:opportunity` tag).
     #[arg(long)]
     pub opportunity: Option<String>,
@@ -254,6 +258,13 @@ pub struct UpdateArgs {
     /// New technical contact.
     #[arg(long)]
     pub contact_email: Option<String>,
+    /// Replace the custom domains with these (repeatable; the same ones again resume
+    /// certificates still pending validation).
+    #[arg(long = "custom-domain")]
+    pub custom_domains: Vec<String>,
+    /// Remove every custom domain.
+    #[arg(long, conflicts_with = "custom_domains")]
+    pub clear_custom_domains: bool,
     /// Only if the instance still has this etag (from `get`).
     #[arg(long)]
     pub etag: Option<String>,
@@ -706,6 +717,7 @@ async fn create(conn: &Conn, args: CreateArgs) -> Result<(), CliError> {
         labels: args.labels.into_iter().collect(),
         opportunity_id: args.opportunity.unwrap_or_default(),
         cost_center: args.cost_center.unwrap_or_default(),
+        custom_domains: args.custom_domains,
         ..Default::default()
     };
     let request = v1::CreateInstanceRequest {
@@ -816,6 +828,10 @@ async fn update(conn: &Conn, args: UpdateArgs) -> Result<(), CliError> {
     if let Some(email) = args.contact_email {
         instance.contact_email = email;
         paths.push("contact_email");
+    }
+    if !args.custom_domains.is_empty() || args.clear_custom_domains {
+        instance.custom_domains = args.custom_domains;
+        paths.push("custom_domains");
     }
     // An empty mask goes to the server too, which says what is wrong with it.
     let request = v1::UpdateInstanceRequest {
@@ -1279,6 +1295,52 @@ fn print_instance(conn: &Conn, i: &v1::Instance) {
             ("etag", i.etag.clone()),
         ])
     );
+    if let Some(lb) = &i.load_balancer {
+        println!();
+        print!(
+            "{}",
+            fields(&[
+                ("load balancer", lb.name.clone()),
+                ("listener", lb.listener_arn.clone()),
+                ("dns name", lb.dns_name.clone()),
+            ])
+        );
+    }
+    if !i.custom_domain_statuses.is_empty() {
+        let mut table = Table::new(&["CUSTOM DOMAIN", "STATE", "CERTIFICATE", "MESSAGE"]);
+        for status in &i.custom_domain_statuses {
+            table.row(vec![
+                status.domain.clone(),
+                short(status.state().as_str_name(), "STATE_"),
+                status.certificate_arn.clone(),
+                status.message.clone(),
+            ]);
+        }
+        println!();
+        print!("{}", table.render());
+    } else if !i.custom_domains.is_empty() {
+        println!();
+        println!("custom domains: {}", i.custom_domains.join(", "));
+    }
+    if !i.dns_records.is_empty() {
+        let mut table = Table::new(&["DNS RECORD", "TYPE", "VALUE", "PURPOSE", "CREATED BY"]);
+        for record in &i.dns_records {
+            let by = match (record.managed, record.in_sync) {
+                (true, true) => "us (in sync)",
+                (true, false) => "us (pending)",
+                (false, _) => "the customer",
+            };
+            table.row(vec![
+                record.name.clone(),
+                record.r#type.clone(),
+                record.value.clone(),
+                short(record.purpose().as_str_name(), "PURPOSE_"),
+                by.to_owned(),
+            ]);
+        }
+        println!();
+        print!("{}", table.render());
+    }
     if !i.resources.is_empty() {
         let mut table = Table::new(&["RESOURCE", "ID"]);
         for (kind, id) in &i.resources {
@@ -1588,5 +1650,42 @@ mod tests {
         assert!(parse_time("yesterday").is_err());
         assert_eq!(parse_label("a=b=c"), Ok(("a".into(), "b=c".into())));
         assert!(parse_label("ab").is_err());
+    }
+
+    #[test]
+    fn custom_domains_repeat_and_clear() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Update {
+            #[command(flatten)]
+            args: UpdateArgs,
+        }
+        let parsed = Update::try_parse_from([
+            "update",
+            "acme/wp",
+            "--custom-domain",
+            "www.acme.example",
+            "--custom-domain",
+            "shop.acme.example",
+        ])
+        .unwrap();
+        assert_eq!(
+            parsed.args.custom_domains,
+            vec!["www.acme.example", "shop.acme.example"]
+        );
+        assert!(!parsed.args.clear_custom_domains);
+        let cleared =
+            Update::try_parse_from(["update", "acme/wp", "--clear-custom-domains"]).unwrap();
+        assert!(cleared.args.clear_custom_domains && cleared.args.custom_domains.is_empty());
+        assert!(
+            Update::try_parse_from([
+                "update",
+                "acme/wp",
+                "--clear-custom-domains",
+                "--custom-domain",
+                "www.acme.example"
+            ])
+            .is_err()
+        );
     }
 }

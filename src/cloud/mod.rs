@@ -992,6 +992,10 @@ pub struct Platform {
     pub managed_zones: Vec<ManagedZone>,
     /// Custom domains one instance may have; `None`: [`DEFAULT_MAX_CUSTOM_DOMAINS`].
     pub max_custom_domains: Option<u32>,
+    /// How long an operation waits for ACM to issue a custom domain's certificate (its
+    /// DNS validation record must resolve) before it completes with the domain
+    /// PENDING_VALIDATION; `None`: 900 s.
+    pub certificate_validation_timeout_secs: Option<u32>,
     pub log_group: String,
     pub archive_bucket: String,
     pub cognito_enabled: bool,
@@ -1123,6 +1127,15 @@ impl Platform {
     pub fn custom_domains_limit(&self) -> u32 {
         self.max_custom_domains
             .unwrap_or(DEFAULT_MAX_CUSTOM_DOMAINS)
+    }
+
+    /// What the API accepts as custom domains here: not this platform's `domain` or under it,
+    /// at most [`Platform::custom_domains_limit`].
+    pub fn domain_rules(&self) -> crate::domain::spec::DomainRules {
+        crate::domain::spec::DomainRules {
+            platform_domain: self.domain.clone(),
+            limit: self.custom_domains_limit(),
+        }
     }
 
     /// The managed zone holding `host`, the most specific one if several do.

@@ -148,9 +148,141 @@ pub struct SpecInput {
     pub custom_domains: Vec<String>,
 }
 
+/// What custom domains an environment accepts: not the platform's own domain or a name
+/// under it, and at most `limit` per instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainRules {
+    /// The platform's `domain` (sites are `{tenant}.{domain}`); empty: none to keep out.
+    pub platform_domain: String,
+    /// Custom domains one instance may have.
+    pub limit: u32,
+}
+
+impl Default for DomainRules {
+    fn default() -> Self {
+        Self {
+            platform_domain: String::new(),
+            limit: crate::cloud::DEFAULT_MAX_CUSTOM_DOMAINS,
+        }
+    }
+}
+
+/// The longest DNS name, in characters (without the trailing dot).
+pub const MAX_DOMAIN_CHARS: usize = 253;
+/// The longest DNS label.
+pub const MAX_LABEL_CHARS: usize = 63;
+
+/// A custom domain, already lower-cased: a DNS host name of at least two labels, each 1–63
+/// of `[a-z0-9-]` not starting or ending with `-`, at most 253 characters, no wildcard, no
+/// trailing dot, not an IP address.
+pub fn check_domain(domain: &str) -> Result<(), String> {
+    if domain.is_empty() {
+        return Err("must be a host name such as www.example.com".into());
+    }
+    if domain.len() > MAX_DOMAIN_CHARS {
+        return Err(format!("must be at most {MAX_DOMAIN_CHARS} characters"));
+    }
+    if domain.ends_with('.') {
+        return Err("must not end with a dot".into());
+    }
+    if domain.contains('*') {
+        return Err("must not be a wildcard: name each host".into());
+    }
+    if domain.parse::<std::net::IpAddr>().is_ok()
+        || domain
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::Ipv6Addr>()
+            .is_ok()
+    {
+        return Err("must be a host name, not an IP address".into());
+    }
+    let labels: Vec<&str> = domain.split('.').collect();
+    if labels.len() < 2 {
+        return Err("must have at least two labels (e.g. example.com)".into());
+    }
+    for label in &labels {
+        if label.is_empty() || label.len() > MAX_LABEL_CHARS {
+            return Err(format!(
+                "each label (between dots) must be 1-{MAX_LABEL_CHARS} characters"
+            ));
+        }
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            return Err("labels may contain only letters, digits and '-'".into());
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err("labels must not start or end with '-'".into());
+        }
+    }
+    // Four all-numeric labels read as an IPv4 address to browsers (and ACM refuses them);
+    // a numeric top-level label is no registrable name either.
+    if labels
+        .last()
+        .is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err("must be a host name, not an IP address (its last label is numeric)".into());
+    }
+    Ok(())
+}
+
+/// Validates and normalises (lower-cases) `domains` against `rules`, reporting each bad one
+/// as `custom_domains[i]`. Returns the normalised list, in the order given.
+pub fn check_custom_domains(
+    domains: &[String],
+    rules: &DomainRules,
+    violations: &mut Violations,
+) -> Vec<String> {
+    let limit = rules.limit as usize;
+    if domains.len() > limit {
+        violations.add(
+            "custom_domains",
+            format!(
+                "at most {limit} custom domains per instance (got {})",
+                domains.len()
+            ),
+        );
+    }
+    let platform = rules
+        .platform_domain
+        .trim_end_matches('.')
+        .to_ascii_lowercase();
+    let mut normalised: Vec<String> = Vec::with_capacity(domains.len());
+    for (index, raw) in domains.iter().enumerate() {
+        let field = format!("custom_domains[{index}]");
+        let domain = raw.trim().to_ascii_lowercase();
+        if let Err(why) = check_domain(&domain) {
+            violations.add(field, why);
+        } else if !platform.is_empty()
+            && (domain == platform || domain.ends_with(&format!(".{platform}")))
+        {
+            violations.add(
+                field,
+                format!("must not be the platform's own domain {platform} or a name under it"),
+            );
+        } else if let Some(first) = normalised.iter().position(|d| *d == domain) {
+            violations.add(field, format!("repeats custom_domains[{first}] ({domain})"));
+        }
+        normalised.push(domain);
+    }
+    normalised
+}
+
 impl InstanceSpec {
     /// Validates `input`, applying defaults; every problem is reported with its field name.
+    /// Custom domains follow the default [`DomainRules`] (no platform domain to keep out).
     pub fn parse(input: SpecInput, bounds: ScaleBounds) -> Result<Self, Violations> {
+        Self::parse_with_domains(input, bounds, &DomainRules::default())
+    }
+
+    /// [`InstanceSpec::parse`] with the environment's rules for custom domains.
+    pub fn parse_with_domains(
+        input: SpecInput,
+        bounds: ScaleBounds,
+        domain_rules: &DomainRules,
+    ) -> Result<Self, Violations> {
         let mut violations = Violations::new();
         if input.environment.is_none() {
             violations.add("environment", "is required (DEV, SIT or PROD)");
@@ -198,6 +330,8 @@ impl InstanceSpec {
         check_labels(&input.labels, &mut violations);
         violations.check("opportunity_id", check_tag_value(&input.opportunity_id, 64));
         violations.check("cost_center", check_tag_value(&input.cost_center, 64));
+        let custom_domains =
+            check_custom_domains(&input.custom_domains, domain_rules, &mut violations);
 
         let (cpu, memory_mib) = size.unwrap_or((0, 0));
         violations.into_result(()).map(|()| InstanceSpec {
@@ -213,7 +347,7 @@ impl InstanceSpec {
             labels: input.labels,
             opportunity_id: input.opportunity_id,
             cost_center: input.cost_center,
-            custom_domains: input.custom_domains,
+            custom_domains,
         })
     }
 }
@@ -612,5 +746,101 @@ mod tests {
             ..valid_input()
         };
         assert!(InstanceSpec::parse(long, ScaleBounds::default()).is_err());
+    }
+
+    #[test]
+    fn custom_domains_are_host_names() {
+        let long_label = "a".repeat(63);
+        let too_long_label = "a".repeat(64);
+        let name_253 = format!("{0}.{0}.{0}.{1}.com", long_label, "b".repeat(57));
+        assert_eq!(name_253.len(), 253);
+        let name_254 = format!("a{name_253}");
+        for (domain, ok) in [
+            ("www.example.com", true),
+            ("example.com", true),
+            ("xn--bcher-kva.example", true),
+            ("a-b.c1.example.org", true),
+            (name_253.as_str(), true),
+            (name_254.as_str(), false),
+            (&format!("{long_label}.com"), true),
+            (&format!("{too_long_label}.com"), false),
+            ("localhost", false),
+            ("", false),
+            ("www.example.com.", false),
+            ("*.example.com", false),
+            ("-www.example.com", false),
+            ("www-.example.com", false),
+            ("www..example.com", false),
+            (".example.com", false),
+            ("www.exa_mple.com", false),
+            ("www.exämple.com", false),
+            ("www example.com", false),
+            ("192.168.1.10", false),
+            ("::1", false),
+            ("[2001:db8::1]", false),
+            ("10.0.0.com", true),
+        ] {
+            assert_eq!(check_domain(domain).is_ok(), ok, "{domain:?}");
+        }
+    }
+
+    #[test]
+    fn custom_domains_are_normalised_unique_bounded_and_not_the_platform_s() {
+        let rules = DomainRules {
+            platform_domain: "sites.example.net".into(),
+            limit: 3,
+        };
+        let parse = |domains: &[&str]| {
+            InstanceSpec::parse_with_domains(
+                SpecInput {
+                    custom_domains: domains.iter().map(|d| d.to_string()).collect(),
+                    ..valid_input()
+                },
+                ScaleBounds::default(),
+                &rules,
+            )
+        };
+        let spec = parse(&["WWW.Example.COM", "shop.example.com"]).unwrap();
+        assert_eq!(
+            spec.custom_domains,
+            vec!["www.example.com", "shop.example.com"]
+        );
+        assert_eq!(
+            fields(parse(&[
+                "www.example.com",
+                "bad_name.com",
+                "WWW.EXAMPLE.COM"
+            ])),
+            vec!["custom_domains[1]", "custom_domains[2]"]
+        );
+        assert_eq!(
+            fields(parse(&[
+                "a.example.com",
+                "b.example.com",
+                "c.example.com",
+                "d.example.com"
+            ])),
+            vec!["custom_domains"]
+        );
+        assert_eq!(
+            fields(parse(&[
+                "ok.example.com",
+                "sites.example.net",
+                "acme.sites.example.net"
+            ])),
+            vec!["custom_domains[1]", "custom_domains[2]"]
+        );
+        // A name that merely ends with the same letters is not under the platform's domain.
+        assert!(parse(&["mysites.example.net"]).is_ok());
+        // The default rules: five, no platform domain.
+        let six: Vec<String> = (0..6).map(|i| format!("d{i}.example.com")).collect();
+        let input = SpecInput {
+            custom_domains: six,
+            ..valid_input()
+        };
+        assert_eq!(
+            fields(InstanceSpec::parse(input, ScaleBounds::default())),
+            vec!["custom_domains"]
+        );
     }
 }

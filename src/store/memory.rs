@@ -8,9 +8,9 @@ use std::sync::{Mutex, MutexGuard};
 use async_trait::async_trait;
 
 use super::{
-    AuditCursor, AuditQuery, BackupCursor, Guard, InstanceCursor, InstanceQuery, OperationCursor,
-    OperationQuery, Page, PriorityClaim, RequestRecord, StateStore, StoreError, StoreResult, Write,
-    WriteKind,
+    AuditCursor, AuditQuery, BackupCursor, DomainClaim, Guard, InstanceCursor, InstanceQuery,
+    OperationCursor, OperationQuery, Page, PriorityClaim, RequestRecord, StateStore, StoreError,
+    StoreResult, Write, WriteKind,
 };
 use crate::domain::{
     AuditEvent, Backup, BackupName, Environment, Instance, InstanceName, Operation, OperationEvent,
@@ -24,6 +24,7 @@ const MAX_BATCH_WRITES: usize = 100;
 struct State {
     instances: BTreeMap<InstanceName, Instance>,
     guards: HashMap<(TenantId, Environment), Guard>,
+    domains: HashMap<String, DomainClaim>,
     operations: HashMap<OperationId, Operation>,
     events: BTreeMap<(OperationId, u64), OperationEvent>,
     requests: HashMap<RequestId, RequestRecord>,
@@ -38,6 +39,7 @@ struct State {
 enum ItemKey {
     Instance(InstanceName),
     Guard(TenantId, Environment),
+    Domain(String),
     Operation(OperationId),
     Event(OperationId, u64),
     Request(RequestId),
@@ -52,6 +54,9 @@ fn item_key(write: &Write) -> ItemKey {
         }
         Write::ClaimGuard(guard) | Write::ReleaseGuard(guard) => {
             ItemKey::Guard(guard.tenant.clone(), guard.environment)
+        }
+        Write::ClaimDomain(claim) | Write::ReleaseDomain(claim) => {
+            ItemKey::Domain(claim.domain.clone())
         }
         Write::CreateOperation(operation) | Write::UpdateOperation(operation) => {
             ItemKey::Operation(operation.id.clone())
@@ -105,6 +110,10 @@ impl State {
                 .guards
                 .get(&(guard.tenant.clone(), guard.environment))
                 .is_none_or(|stored| stored.instance == guard.instance),
+            Write::ClaimDomain(claim) | Write::ReleaseDomain(claim) => self
+                .domains
+                .get(&claim.domain)
+                .is_none_or(|stored| stored.owner == claim.owner),
             Write::CreateOperation(operation) => !self.operations.contains_key(&operation.id),
             Write::UpdateOperation(operation) => self
                 .operations
@@ -149,6 +158,12 @@ impl State {
             }
             Write::ReleaseGuard(guard) => {
                 self.guards.remove(&(guard.tenant, guard.environment));
+            }
+            Write::ClaimDomain(claim) => {
+                self.domains.insert(claim.domain.clone(), claim);
+            }
+            Write::ReleaseDomain(claim) => {
+                self.domains.remove(&claim.domain);
             }
             Write::CreateOperation(mut operation) => {
                 operation.version = 1;
@@ -317,6 +332,10 @@ impl StateStore for MemoryStore {
             .guards
             .get(&(tenant.clone(), environment))
             .cloned())
+    }
+
+    async fn get_domain_claim(&self, domain: &str) -> StoreResult<Option<DomainClaim>> {
+        Ok(self.lock().domains.get(domain).cloned())
     }
 
     async fn get_backup(&self, name: &BackupName) -> StoreResult<Option<Backup>> {

@@ -54,6 +54,15 @@ pub struct PriorityClaim {
     pub owner: InstanceName,
 }
 
+/// A custom domain held by one instance (issue 14): a domain serves one site, so while the
+/// claim exists no other instance, of any tenant or environment, can have it. The domain is
+/// lower-case (as [`crate::domain::spec::check_domain`] accepts it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DomainClaim {
+    pub domain: String,
+    pub owner: InstanceName,
+}
+
 /// One write of an atomic batch, with its precondition.
 #[derive(Debug, Clone)]
 pub enum Write {
@@ -67,6 +76,13 @@ pub enum Write {
     /// idempotent: repeating one that landed succeeds). Deletes it. A guard held by another
     /// instance is a conflict and stays.
     ReleaseGuard(Guard),
+    /// Precondition: the domain is unclaimed, or claimed by the same owner (so a repeated
+    /// claim succeeds and changes nothing). A claim held by another owner is a conflict.
+    ClaimDomain(DomainClaim),
+    /// Precondition: the claim is absent or held by the same owner (idempotent, like
+    /// [`Write::ReleaseGuard`]). Deletes it. A claim held by another owner is a conflict
+    /// and stays.
+    ReleaseDomain(DomainClaim),
     /// Precondition: no operation with this id exists. Stored with version 1.
     CreateOperation(Operation),
     /// Precondition: the stored version equals `operation.version`. Stored with version + 1.
@@ -95,6 +111,8 @@ impl Write {
             Write::UpdateInstance(_) => WriteKind::UpdateInstance,
             Write::ClaimGuard(_) => WriteKind::ClaimGuard,
             Write::ReleaseGuard(_) => WriteKind::ReleaseGuard,
+            Write::ClaimDomain(_) => WriteKind::ClaimDomain,
+            Write::ReleaseDomain(_) => WriteKind::ReleaseDomain,
             Write::CreateOperation(_) => WriteKind::CreateOperation,
             Write::UpdateOperation(_) => WriteKind::UpdateOperation,
             Write::AppendEvent(_) => WriteKind::AppendEvent,
@@ -114,6 +132,8 @@ pub enum WriteKind {
     UpdateInstance,
     ClaimGuard,
     ReleaseGuard,
+    ClaimDomain,
+    ReleaseDomain,
     CreateOperation,
     UpdateOperation,
     AppendEvent,
@@ -245,6 +265,9 @@ pub trait StateStore: Send + Sync + 'static {
         tenant: &TenantId,
         environment: Environment,
     ) -> StoreResult<Option<Guard>>;
+
+    /// Who holds the custom domain `domain` (lower-case), if anyone.
+    async fn get_domain_claim(&self, domain: &str) -> StoreResult<Option<DomainClaim>>;
 
     async fn get_operation(&self, id: &OperationId) -> StoreResult<Option<Operation>>;
 

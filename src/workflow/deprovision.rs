@@ -18,7 +18,7 @@ use super::provision::{
     self, ACCESS_POINT, DATABASE, DNS_RECORD, LISTENER_RULE, SECRET, SERVICE, TARGET_GROUP,
     TASK_DEFINITION, TASK_ROLE, USER_POOL, master_credentials,
 };
-use super::{Failure, StepCtx, StepError, StepResult, Workflow};
+use super::{Failure, StepCtx, StepError, StepResult, Workflow, domains};
 
 pub const STOP_SITE: &str = "stop_site";
 pub const REMOVE_CONTENT: &str = "remove_content";
@@ -72,6 +72,9 @@ impl Workflow for Deprovision {
             SECRET,
             ACCESS_POINT,
             REMOVE_CONTENT,
+            // After the rules: the hosts are out of them; certificates off the listener and
+            // deleted, managed records deleted.
+            domains::REMOVE_CUSTOM_DOMAINS,
         ]);
         // Its room on the load balancer is given back once its rules and target group
         // are gone, never before (else another instance could overfill the listener).
@@ -314,6 +317,8 @@ async fn verify(ctx: &StepCtx) -> StepResult<()> {
         left.push("load-balancer slots (state store)".into());
     }
     left.extend(cloud.compute.find_tagged(&platform.cluster, &tags).await?);
+    // Certificates of the custom domains, and their records in managed zones.
+    left.extend(domains::leftovers(ctx).await?);
     // The persisted plan says whether a pool was removed, whatever the setting says now.
     let planned_pool = ctx.operation.steps.iter().any(|s| s.name == USER_POOL);
     if platform.cognito_enabled || planned_pool {

@@ -6,6 +6,7 @@
 
 pub mod backup;
 pub mod deprovision;
+pub mod domains;
 pub mod engine;
 pub mod events;
 pub mod failpoints;

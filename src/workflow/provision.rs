@@ -19,7 +19,7 @@ use crate::domain::{
 use crate::store::{PriorityClaim, StoreError, Write};
 
 use super::placement::{self, LOAD_BALANCER};
-use super::{Failure, StepCtx, StepError, StepResult, Workflow};
+use super::{Failure, StepCtx, StepError, StepResult, Workflow, domains};
 
 pub const ACCESS_POINT: &str = "access_point";
 pub const SECRET: &str = "secret";
@@ -54,7 +54,7 @@ impl Workflow for Provision {
         Verb::Create
     }
 
-    fn plan(&self, _: &Operation, _: &Instance, cloud: &CloudEnv) -> Vec<Vec<&'static str>> {
+    fn plan(&self, _: &Operation, instance: &Instance, cloud: &CloudEnv) -> Vec<Vec<&'static str>> {
         let mut independent = vec![ACCESS_POINT, SECRET, TARGET_GROUP];
         if cloud.platform.cognito_enabled {
             independent.push(USER_POOL);
@@ -70,14 +70,19 @@ impl Workflow for Provision {
         // The task role names the access point; the task definition names the role.
         // Placement comes first, alone: a full pool fails the operation before anything
         // exists.
-        vec![
+        let mut stages = vec![
             vec![LOAD_BALANCER],
             independent,
             second,
             vec![TASK_DEFINITION],
             vec![SERVICE],
             vec![WAIT_STEADY],
-        ]
+        ];
+        // Last: the site is up at its platform host while certificates wait for validation.
+        if !instance.spec.custom_domains.is_empty() {
+            stages.push(vec![domains::CUSTOM_DOMAINS]);
+        }
+        stages
     }
 
     async fn run(&self, ctx: &StepCtx, step: &str) -> StepResult<Option<String>> {
@@ -95,6 +100,7 @@ impl Workflow for Provision {
             TASK_DEFINITION => register_task_definition(ctx).await.map(Some),
             SERVICE => ensure_service(ctx).await.map(Some),
             WAIT_STEADY => wait_steady(ctx).await.map(|()| None),
+            domains::CUSTOM_DOMAINS => domains::ensure(ctx).await.map(Some),
             other => Err(StepError::Fatal(format!("unknown step {other}"))),
         }
     }
@@ -346,6 +352,8 @@ pub async fn remove(ctx: &StepCtx, step: &str, _recorded: Option<&str>) -> StepR
             }
         }
         WAIT_STEADY => {}
+        domains::CUSTOM_DOMAINS => domains::undo_ensure(ctx).await?,
+        domains::REMOVE_CUSTOM_DOMAINS => domains::remove_dropped(ctx).await?,
         other => return Err(StepError::Fatal(format!("unknown step {other}"))),
     }
     Ok(())

@@ -26,7 +26,7 @@ use crate::cloud::CloudEnv;
 use crate::domain::{Instance, InstanceSpec, InstanceState, Operation, Verb};
 
 use super::rollout::{self, Previous, Target};
-use super::{Failure, StepCtx, StepResult, Workflow};
+use super::{Failure, StepCtx, StepResult, Workflow, domains};
 
 /// The params of an update operation.
 pub fn params(
@@ -52,6 +52,22 @@ fn new_spec(operation: &Operation) -> Option<InstanceSpec> {
     serde_json::from_value(operation.params["spec"].clone()).ok()
 }
 
+/// Whether the update rolls out a revision or count (`rollout: false`: only custom domains
+/// change).
+fn rolls_out(operation: &Operation) -> bool {
+    operation
+        .params
+        .get("rollout")
+        .and_then(serde_json::Value::as_bool)
+        != Some(false)
+}
+
+/// The custom domains the instance had when the update was requested.
+fn previous_domains(operation: &Operation, instance: &Instance) -> Vec<String> {
+    serde_json::from_value(operation.params["previous_domains"].clone())
+        .unwrap_or_else(|_| instance.spec.custom_domains.clone())
+}
+
 pub struct Update;
 
 #[async_trait]
@@ -60,16 +76,49 @@ impl Workflow for Update {
         Verb::Update
     }
 
-    fn plan(&self, operation: &Operation, _: &Instance, _: &CloudEnv) -> Vec<Vec<&'static str>> {
-        rollout::plan(operation)
+    fn plan(
+        &self,
+        operation: &Operation,
+        instance: &Instance,
+        _: &CloudEnv,
+    ) -> Vec<Vec<&'static str>> {
+        let mut stages = if rolls_out(operation) {
+            rollout::plan(operation)
+        } else {
+            Vec::new()
+        };
+        if let Some(spec) = new_spec(operation) {
+            let previous = previous_domains(operation, instance);
+            // Also when the domains are the same: an update naming them resumes the wait for
+            // certificates that were still pending validation.
+            let named = operation.params["update_mask"]
+                .as_array()
+                .is_some_and(|paths| paths.iter().any(|p| p == "custom_domains"));
+            if spec.custom_domains != previous || named {
+                stages.push(vec![domains::CUSTOM_DOMAINS]);
+            }
+            if previous.iter().any(|d| !spec.custom_domains.contains(d)) {
+                stages.push(vec![domains::REMOVE_CUSTOM_DOMAINS]);
+            }
+        }
+        stages
     }
 
     async fn run(&self, ctx: &StepCtx, step: &str) -> StepResult<Option<String>> {
-        rollout::run(ctx, step).await
+        match step {
+            domains::CUSTOM_DOMAINS => domains::ensure(ctx).await.map(Some),
+            domains::REMOVE_CUSTOM_DOMAINS => domains::remove_dropped(ctx).await.map(|()| None),
+            _ => rollout::run(ctx, step).await,
+        }
     }
 
     async fn undo(&self, ctx: &StepCtx, step: &str, _: Option<&str>) -> StepResult<()> {
-        rollout::undo(ctx, step).await
+        match step {
+            domains::CUSTOM_DOMAINS => domains::undo_ensure(ctx).await,
+            // What was removed is gone; the domains' claims stay until the ending.
+            domains::REMOVE_CUSTOM_DOMAINS => Ok(()),
+            _ => rollout::undo(ctx, step).await,
+        }
     }
 
     fn rolls_back(&self) -> bool {
@@ -88,6 +137,7 @@ impl Workflow for Update {
             instance.spec.labels = spec.labels;
             instance.spec.organization_name = spec.organization_name;
             instance.spec.contact_email = spec.contact_email;
+            instance.spec.custom_domains = spec.custom_domains;
         }
         false
     }

@@ -307,6 +307,11 @@ pub async fn start_with(
                 .iter()
                 .filter_map(|env| env.scale_bounds.map(|bounds| (env.name, bounds)))
                 .collect(),
+            environment_domains: config
+                .environments
+                .iter()
+                .map(|env| (env.name, env.platform.domain_rules()))
+                .collect(),
             rollout_timeout: std::time::Duration::from_secs(config.rollout_timeout_secs),
             health: instance_manager::health::HealthSettings::from_config(&config),
             logs: instance_manager::logs::LogSettings::from_config(&config),

@@ -5,6 +5,7 @@
 //! |---|---|---|---|
 //! | instance | `TENANT#{tenant}` | `INSTANCE#{instance}` | gsi1 `ENV#{ENV}` / `{tenant}#{instance}` |
 //! | guard | `UNIQUE#{tenant}#{ENV}` | `UNIQUE` | |
+//! | custom domain claim | `DOMAIN#{domain}` | `DOMAIN` | |
 //! | operation | `OP#{id}` | `OP` | gsi1 `OPERATIONS` / `{created_at:015}#{id}`; gsi2 `RUNNABLE` / `{lease expiry:015}#{id}` while runnable |
 //! | event | `OP#{id}` | `EVENT#{seq:020}` | |
 //! | request | `REQ#{request_id}` | `REQ` | TTL `expires_at` |
@@ -28,7 +29,9 @@ use crate::domain::{
     AuditEvent, Backup, BackupName, Environment, Instance, InstanceName, Operation, OperationEvent,
     OperationId, RequestId, TenantId, Timestamp,
 };
-use crate::store::{Guard, PriorityClaim, RequestRecord, StoreError, StoreResult, Write};
+use crate::store::{
+    DomainClaim, Guard, PriorityClaim, RequestRecord, StoreError, StoreResult, Write,
+};
 
 pub(super) type Item = HashMap<String, AttributeValue>;
 
@@ -100,6 +103,12 @@ pub(super) fn guard_key(tenant: &TenantId, environment: Environment) -> Item {
         format!("UNIQUE#{tenant}#{}", environment.as_str()),
         "UNIQUE".to_owned(),
     )
+}
+
+/// A custom domain's claim: one item per domain (lower-case; DNS names use `[a-z0-9.-]`),
+/// whatever tenant or environment holds it, so the claim is unique across all of them.
+pub(super) fn domain_key(domain: &str) -> Item {
+    key(format!("DOMAIN#{domain}"), "DOMAIN".to_owned())
 }
 
 pub(super) fn operation_key(id: &OperationId) -> Item {
@@ -248,6 +257,24 @@ fn guard_item(guard: &Guard) -> StoreResult<Item> {
         (BODY.to_owned(), body(guard)?),
     ]);
     Ok(item)
+}
+
+fn domain_item(claim: &DomainClaim) -> StoreResult<Item> {
+    let mut item = domain_key(&claim.domain);
+    item.extend([
+        ("owner".to_owned(), s(claim.owner.to_string())),
+        (BODY.to_owned(), body(claim)?),
+    ]);
+    Ok(item)
+}
+
+/// Absent, or held by `claim.owner`: what both a (repeated) claim and a release require.
+fn domain_owner_condition(claim: &DomainClaim) -> Condition {
+    Condition {
+        expression: "attribute_not_exists(#owner) OR #owner = :owner".to_owned(),
+        names: HashMap::from([("#owner".to_owned(), "owner".to_owned())]),
+        values: HashMap::from([(":owner".to_owned(), s(claim.owner.to_string()))]),
+    }
 }
 
 fn operation_item(operation: &Operation) -> StoreResult<Item> {
@@ -436,6 +463,11 @@ pub(super) fn plan(write: &Write) -> StoreResult<PlannedWrite> {
                 names: HashMap::from([("#instance".to_owned(), "instance".to_owned())]),
                 values: HashMap::from([(":instance".to_owned(), s(guard.instance.as_str()))]),
             },
+        },
+        Write::ClaimDomain(claim) => put(domain_item(claim)?, domain_owner_condition(claim)),
+        Write::ReleaseDomain(claim) => PlannedWrite {
+            action: Action::Delete(domain_key(&claim.domain)),
+            condition: domain_owner_condition(claim),
         },
         Write::CreateOperation(operation) => {
             let stored = Operation {

@@ -32,9 +32,9 @@ use serde::de::DeserializeOwned;
 use self::errors::{cancellation_error, classify};
 use self::items::{Action, Condition, Item, PlannedWrite};
 use super::{
-    AuditCursor, AuditQuery, BackupCursor, Guard, InstanceCursor, InstanceQuery, OperationCursor,
-    OperationQuery, Page, PriorityClaim, RequestRecord, StateStore, StoreError, StoreResult, Write,
-    WriteKind,
+    AuditCursor, AuditQuery, BackupCursor, DomainClaim, Guard, InstanceCursor, InstanceQuery,
+    OperationCursor, OperationQuery, Page, PriorityClaim, RequestRecord, StateStore, StoreError,
+    StoreResult, Write, WriteKind,
 };
 use crate::domain::{
     AuditEvent, Backup, BackupName, Environment, Instance, InstanceName, Operation, OperationEvent,
@@ -413,6 +413,10 @@ impl StateStore for DynamoStore {
     ) -> StoreResult<Option<Guard>> {
         self.get_decoded(items::guard_key(tenant, environment))
             .await
+    }
+
+    async fn get_domain_claim(&self, domain: &str) -> StoreResult<Option<DomainClaim>> {
+        self.get_decoded(items::domain_key(domain)).await
     }
 
     async fn get_operation(&self, id: &OperationId) -> StoreResult<Option<Operation>> {

@@ -5,7 +5,7 @@
 use crate::domain::operation::{OperationError, StepStatus};
 use crate::domain::{Instance, Operation, OperationStatus, Phase, Timestamp};
 use crate::metrics;
-use crate::store::{Guard, StoreError, Write, WriteKind};
+use crate::store::{DomainClaim, Guard, StoreError, Write, WriteKind};
 use tracing::Instrument;
 
 use super::super::{Failure, StepError};
@@ -351,6 +351,7 @@ impl Engine {
                 .map_err(|_| Interrupt::LeaseLost)?;
             let mut instance = stored.clone();
             if let Some(instance) = &mut instance {
+                let before = instance.spec.custom_domains.clone();
                 let release = change(instance, &operation);
                 instance.state_changed_at = now;
                 instance.updated_at = now;
@@ -371,13 +372,27 @@ impl Engine {
                         }));
                     }
                 }
+                for domain in domains_to_release(&before, instance, &operation, release) {
+                    let claim = self
+                        .store
+                        .get_domain_claim(&domain)
+                        .await
+                        .map_err(|_| Interrupt::LeaseLost)?;
+                    if claim.is_some_and(|c| c.owner == instance.name) {
+                        writes.push(Write::ReleaseDomain(DomainClaim {
+                            domain,
+                            owner: instance.name.clone(),
+                        }));
+                    }
+                }
             }
             let may_retry = attempt < 5;
             let committed = match self.store.commit(writes).await {
                 Ok(()) => true,
                 // The API changed the instance meanwhile: re-read it and apply the edit again.
                 Err(StoreError::Conflict {
-                    kind: WriteKind::UpdateInstance | WriteKind::ReleaseGuard,
+                    kind:
+                        WriteKind::UpdateInstance | WriteKind::ReleaseGuard | WriteKind::ReleaseDomain,
                     ..
                 }) if may_retry => continue,
                 Err(StoreError::Unavailable(_) | StoreError::Contention) if may_retry => {
@@ -538,5 +553,116 @@ impl Engine {
         self.count_finished(&ended);
         self.bus.publish(event);
         Ok(StaleOutcome::Stuck)
+    }
+}
+
+/// The custom domains whose claims an ending gives back: every domain the instance had or
+/// the operation would have given it (its params' `spec` and `previous_domains`) that the
+/// instance, as the ending leaves it, does not keep — all of them when the instance is
+/// released (a clean provisioning rollback, deprovisioning's end). So a completed update
+/// gives back the domains it removed, and a failed one those it would have added.
+pub(crate) fn domains_to_release(
+    before: &[String],
+    after: &Instance,
+    operation: &Operation,
+    released: bool,
+) -> Vec<String> {
+    let listed = |value: &serde_json::Value| -> Vec<String> {
+        serde_json::from_value(value.clone()).unwrap_or_default()
+    };
+    let mut candidates: Vec<String> = before.to_vec();
+    candidates.extend(listed(&operation.params["spec"]["custom_domains"]));
+    candidates.extend(listed(&operation.params["previous_domains"]));
+    candidates.extend(after.spec.custom_domains.iter().cloned());
+    candidates.sort();
+    candidates.dedup();
+    let gone = released || after.state == crate::domain::InstanceState::Deprovisioned;
+    candidates
+        .into_iter()
+        .filter(|domain| gone || !after.spec.custom_domains.contains(domain))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::spec::SpecInput;
+    use crate::domain::{
+        Environment, InstanceName, InstanceSpec, InstanceState, OperationId, ScaleBounds, Verb,
+    };
+
+    fn instance(domains: &[&str], state: InstanceState) -> Instance {
+        let spec = InstanceSpec::parse(
+            SpecInput {
+                environment: Some(Environment::Dev),
+                organization_name: "Acme".into(),
+                contact_email: "ops@acme.example".into(),
+                custom_domains: domains.iter().map(|d| d.to_string()).collect(),
+                ..SpecInput::default()
+            },
+            ScaleBounds::default(),
+        )
+        .unwrap();
+        let mut instance = Instance::new_pending(
+            InstanceName::parse("tenants/acme/instances/wp").unwrap(),
+            spec,
+            OperationId::parse("op-1").unwrap(),
+            Timestamp(1),
+        );
+        instance.state = state;
+        instance
+    }
+
+    fn update(from: &[&str], to: &[&str]) -> Operation {
+        let mut operation = Operation::new(
+            Verb::Update,
+            InstanceName::parse("tenants/acme/instances/wp").unwrap(),
+            Vec::new(),
+            None,
+            Timestamp(1),
+        );
+        operation.params = serde_json::json!({
+            "previous_domains": from,
+            "spec": { "custom_domains": to },
+        });
+        operation
+    }
+
+    fn owned(domains: &[&str]) -> Vec<String> {
+        domains.iter().map(|d| d.to_string()).collect()
+    }
+
+    #[test]
+    fn endings_give_back_the_domains_the_instance_does_not_keep() {
+        let (a, b, c) = ("a.example.com", "b.example.com", "c.example.com");
+        let before = owned(&[a, b]);
+        let change = update(&[a, b], &[b, c]);
+        // Completed: the instance has the new domains; the removed one goes.
+        let completed = instance(&[b, c], InstanceState::Active);
+        assert_eq!(
+            domains_to_release(&before, &completed, &change, false),
+            owned(&[a])
+        );
+        // Failed: the instance keeps the old ones; the one it would have added goes.
+        let failed = instance(&[a, b], InstanceState::Active);
+        assert_eq!(
+            domains_to_release(&before, &failed, &change, false),
+            owned(&[c])
+        );
+        // Released (clean rollback) or deprovisioned: every one.
+        assert_eq!(
+            domains_to_release(&before, &failed, &change, true),
+            owned(&[a, b, c])
+        );
+        let gone = instance(&[a, b], InstanceState::Deprovisioned);
+        let mut delete = update(&[], &[]);
+        delete.params = serde_json::json!({});
+        assert_eq!(
+            domains_to_release(&before, &gone, &delete, false),
+            owned(&[a, b])
+        );
+        // An operation that does not touch domains gives back nothing.
+        let kept = instance(&[a, b], InstanceState::Active);
+        assert!(domains_to_release(&before, &kept, &delete, false).is_empty());
     }
 }
