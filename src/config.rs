@@ -54,6 +54,10 @@ pub struct Config {
     pub max_request_bytes: usize,
     /// Server streams one replica keeps open at once.
     pub max_streams: usize,
+    /// How often a server stream's feed re-reads the store when nothing in this replica
+    /// woke it: the delay of events written by another replica, against one read per
+    /// watched operation per interval (whatever the number of watchers).
+    pub watch_poll_ms: u64,
     /// This replica's name (lease owner); defaults to host name and process id.
     pub replica_id: String,
     /// Prefix of the unified tag keys (`{prefix}:tenant-id`, …).
@@ -164,6 +168,7 @@ impl Default for Config {
             max_page_size: 1000,
             max_request_bytes: 1024 * 1024,
             max_streams: 1000,
+            watch_poll_ms: 250,
             replica_id: String::new(),
             tag_prefix: "bbws".into(),
             project: "bbws-wordpress".into(),
@@ -321,6 +326,8 @@ pub struct ConfigArgs {
     pub max_request_bytes: Option<usize>,
     #[arg(long, env = "IM_MAX_STREAMS")]
     pub max_streams: Option<usize>,
+    #[arg(long, env = "IM_WATCH_POLL_MS")]
+    pub watch_poll_ms: Option<u64>,
     #[arg(long, env = "IM_REPLICA_ID")]
     pub replica_id: Option<String>,
     #[arg(long, env = "IM_WORKERS")]
@@ -430,7 +437,7 @@ impl ConfigArgs {
             )*};
         }
         overlay!(listen, table, log_format, log_filter, idempotency_ttl_secs);
-        overlay!(max_request_bytes, max_streams);
+        overlay!(max_request_bytes, max_streams, watch_poll_ms);
         overlay!(
             shutdown_grace_secs,
             replica_id,
@@ -546,6 +553,9 @@ impl Config {
         }
         if self.max_request_bytes < 1024 || self.max_streams == 0 {
             return invalid("max_request_bytes must be at least 1024 and max_streams positive");
+        }
+        if !(20..=60_000).contains(&self.watch_poll_ms) {
+            return invalid("watch_poll_ms must be between 20 and 60000");
         }
         self.auth
             .validate()
@@ -900,6 +910,16 @@ mod tests {
             ..ConfigArgs::default()
         };
         assert!(matches!(args.load(), Err(ConfigError::Invalid(m)) if m.contains("deadline")));
+        for poll in [0, 19, 60_001] {
+            let args = ConfigArgs {
+                watch_poll_ms: Some(poll),
+                ..ConfigArgs::default()
+            };
+            assert!(
+                matches!(args.load(), Err(ConfigError::Invalid(m)) if m.contains("watch_poll_ms")),
+                "watch_poll_ms {poll}"
+            );
+        }
     }
 
     #[test]
@@ -925,6 +945,12 @@ mod tests {
         assert_eq!(config.role_refresh_margin_secs, 120);
         assert_eq!(config.metrics_listen, Some("0.0.0.0:9090".parse().unwrap()));
         assert_eq!(Config::default().metrics_listen, None);
+        assert_eq!(config.watch_poll_ms, 250);
+        let args = ConfigArgs {
+            watch_poll_ms: Some(50),
+            ..ConfigArgs::default()
+        };
+        assert_eq!(args.load().unwrap().watch_poll_ms, 50);
     }
 
     #[test]

@@ -445,6 +445,7 @@ pub async fn run(
             max_page_size: config.max_page_size,
             max_request_bytes: config.max_request_bytes,
             max_streams: config.max_streams,
+            watch_poll: Duration::from_millis(config.watch_poll_ms),
             environment_scale_bounds: config
                 .environments
                 .iter()

@@ -10,7 +10,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use instance_manager::api::{Api, ApiSettings, PageTokens};
 use instance_manager::domain::{
-    InstanceName, InstanceState, OperationId, OperationStatus, ScaleBounds, Timestamp,
+    InstanceName, InstanceState, OperationEvent, OperationId, OperationStatus, ScaleBounds,
+    Timestamp,
 };
 use instance_manager::proto::google_longrunning as lro;
 use instance_manager::proto::google_longrunning::operations_client::OperationsClient;
@@ -514,6 +515,85 @@ async fn watchers_share_one_feed_per_operation_and_streams_are_capped() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The next event of `name` (not stored): what the engine would publish.
+async fn next_event(server: &TestServer, name: &str, text: &str) -> OperationEvent {
+    let id = OperationId::from_name(name).unwrap();
+    let mut operation = server.store.get_operation(&id).await.unwrap().unwrap();
+    let event = operation.next_event(Timestamp::now(), None, text);
+    server
+        .store
+        .commit(vec![Write::UpdateOperation(operation)])
+        .await
+        .unwrap();
+    event
+}
+
+/// The stream's next event (within 5 s).
+async fn received(stream: &mut tonic::Streaming<v1::OperationEvent>) -> v1::OperationEvent {
+    tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .expect("an event within 5 s")
+        .unwrap()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_running_replicas_events_reach_watchers_from_its_bus_and_gaps_from_the_store() {
+    // A poll far longer than the test: whatever arrives came through the bus, or through a
+    // store read the bus caused.
+    let server = start_with(ApiSettings {
+        watch_poll: Duration::from_secs(600),
+        ..settings()
+    })
+    .await;
+    let mut client = server.instances.clone();
+    let operation = client
+        .create_instance(create_request("bus", "wp"))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut stream = open_watch(&server, &operation.name).await.unwrap();
+
+    // The next event in order goes out as published: it is never read back (this one is
+    // not even in the store, which the engine never does; it proves where it came from).
+    let published = next_event(&server, &operation.name, "from the bus").await;
+    server.api.bus.publish(published.clone());
+    let got = received(&mut stream).await;
+    assert_eq!(
+        (got.sequence, got.message.as_str()),
+        (published.seq as i64, "from the bus")
+    );
+
+    // One out of order (a gap: an event this replica did not publish, such as another
+    // replica's): the feed reads the store, and the watcher gets both, in order.
+    let id = OperationId::from_name(&operation.name).unwrap();
+    let mut stored = server.store.get_operation(&id).await.unwrap().unwrap();
+    let missed = stored.next_event(Timestamp::now(), None, "written elsewhere");
+    let later = stored.next_event(Timestamp::now(), None, "published late");
+    server
+        .store
+        .commit(vec![
+            Write::UpdateOperation(stored),
+            Write::AppendEvent(missed.clone()),
+            Write::AppendEvent(later.clone()),
+        ])
+        .await
+        .unwrap();
+    server.api.bus.publish(later.clone());
+    let first = received(&mut stream).await;
+    let second = received(&mut stream).await;
+    assert_eq!(
+        [
+            (first.sequence, first.message.as_str()),
+            (second.sequence, second.message.as_str())
+        ],
+        [
+            (missed.seq as i64, "written elsewhere"),
+            (later.seq as i64, "published late")
+        ]
+    );
 }
 
 #[tokio::test]

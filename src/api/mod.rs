@@ -57,6 +57,9 @@ pub struct ApiSettings {
     /// Server streams (WatchOperation, WatchInstance) one replica keeps open at once; past
     /// it a new one is refused with RESOURCE_EXHAUSTED (TOO_MANY_STREAMS).
     pub max_streams: usize,
+    /// How often a stream's feed re-reads the store when no local event woke it: bounds
+    /// the delay of events written by another replica.
+    pub watch_poll: std::time::Duration,
     /// CheckInstanceHealth's time limits.
     pub health: crate::health::HealthSettings,
     /// Task-count bounds of environments that set their own (others use `scale_bounds`).
@@ -104,6 +107,7 @@ impl Default for ApiSettings {
             max_page_size: 1000,
             max_request_bytes: 1024 * 1024,
             max_streams: 1000,
+            watch_poll: std::time::Duration::from_millis(250),
             environment_scale_bounds: Vec::new(),
             environment_domains: Vec::new(),
             rollout_timeout: std::time::Duration::from_secs(15 * 60),

@@ -1,7 +1,8 @@
 //! Server streams: WatchOperation, WatchInstance, and WaitOperation (which waits the same
 //! way). One producer task per stream feeds a bounded channel; it reads the store (so events
-//! written by any replica are seen), is woken early by local events, and stops when the
-//! client goes away, when the stream is complete, or when the server shuts down.
+//! written by any replica are seen), takes this replica's events from its in-process bus as
+//! they are published, and stops when the client goes away, when the stream is complete,
+//! or when the server shuts down.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -21,8 +22,9 @@ use super::error::{ApiError, ApiResult, reason};
 use super::{Api, convert};
 
 /// One store reader per watched operation in this replica, shared by all its watchers: it
-/// polls the store (events written by any replica), is woken early by local events, and
-/// stops when the last watcher is gone.
+/// polls the store every `watch_poll` (events written by any replica), passes on the events
+/// this replica's engine publishes as they come (reading the store only when one is out of
+/// order), and stops when the last watcher is gone.
 #[derive(Clone, Default)]
 pub struct OperationFeeds {
     feeds: Arc<Mutex<HashMap<OperationId, broadcast::Sender<OperationEvent>>>>,
@@ -49,8 +51,12 @@ impl OperationFeeds {
         let (sender, receiver) = broadcast::channel(256);
         feeds.insert(id.clone(), sender.clone());
         let span = tracing::debug_span!("operation_feed", operation = %id);
+        // Subscribed before the feed's first read, so no event published from here on is
+        // missed.
+        let local = api.bus.subscribe();
         tokio::spawn(tracing::Instrument::instrument(
-            self.clone().run(api.clone(), id.clone(), sender, from_seq),
+            self.clone()
+                .run(api.clone(), id.clone(), sender, local, from_seq),
             span,
         ));
         receiver
@@ -61,9 +67,9 @@ impl OperationFeeds {
         api: Api,
         id: OperationId,
         sender: broadcast::Sender<OperationEvent>,
+        mut local: broadcast::Receiver<OperationEvent>,
         mut next: u64,
     ) {
-        let mut local = api.bus.subscribe();
         loop {
             match api.store.read_events(&id, next, PAGE).await {
                 Ok(batch) => {
@@ -86,14 +92,20 @@ impl OperationFeeds {
                     return;
                 }
             }
-            let poll = tokio::time::sleep(STORE_POLL);
+            let poll = tokio::time::sleep(api.settings.watch_poll);
             tokio::pin!(poll);
             loop {
                 tokio::select! {
                     () = api.shutdown.cancelled() => break,
                     () = &mut poll => break,
                     event = local.recv() => match event {
-                        Ok(event) if event.operation != id => continue,
+                        Ok(event) if event.operation != id || event.seq < next => continue,
+                        // The engine publishes an event once its transaction landed: the
+                        // next one in order goes out without reading it back.
+                        Ok(event) if event.seq == next => {
+                            next += 1;
+                            let _ = sender.send(event);
+                        }
                         Err(broadcast::error::RecvError::Closed) => {
                             (&mut poll).await;
                             break;
@@ -106,9 +118,6 @@ impl OperationFeeds {
     }
 }
 
-/// How often a watcher re-reads the store when nothing local woke it; bounds the latency
-/// of events written by another replica.
-const STORE_POLL: Duration = Duration::from_millis(250);
 const PAGE: usize = 100;
 
 pub type RpcStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -123,7 +132,7 @@ impl Api {
         tokio::select! {
             () = self.shutdown.cancelled() => false,
             _ = events.recv() => true,
-            () = tokio::time::sleep(STORE_POLL) => true,
+            () = tokio::time::sleep(self.settings.watch_poll) => true,
         }
     }
 
