@@ -529,6 +529,41 @@ async fn custom_domains_from_request_to_removal() {
     assert_eq!(cp.store.get_domain_claim(&managed).await.unwrap(), None);
     assert!(cp.store.get_domain_claim(&www).await.unwrap().is_some());
 
+    // A removed domain added again within the hour gets a certificate of its own (ACM
+    // answers a RequestCertificate token it has seen with the certificate it made then,
+    // deleted or not).
+    let again = four
+        .iter()
+        .find(|d| !kept.contains(d) && **d != managed)
+        .expect("a removed customer domain")
+        .clone();
+    let mut readded = kept.clone();
+    readded.push(again.clone());
+    let update = cp
+        .instances
+        .update_instance(update_domains(&tenant, &readded))
+        .await
+        .unwrap()
+        .into_inner();
+    cp.completed(&update.name).await;
+    let back = cp.instance(&tenant).await;
+    assert_eq!(
+        state_of(&back, &again),
+        v1::custom_domain_status::State::Active
+    );
+    let arn = &back
+        .custom_domain_statuses
+        .iter()
+        .find(|s| s.domain == again)
+        .unwrap()
+        .certificate_arn;
+    assert!(!removed_arns.contains(arn), "{arn} was deleted");
+    assert!(
+        aws.certificates().await.iter().any(|(a, _)| a == arn),
+        "{arn} is not in ACM"
+    );
+    assert!(aws.listener_certificates(&listener).await.contains(arn));
+
     // Deprovisioning leaves nothing: no certificate, none on the listener, no rule.
     let deletion = cp.delete_skipping_archive(&tenant).await;
     cp.completed(&deletion).await;
@@ -616,4 +651,107 @@ async fn a_domain_still_pending_at_the_bound_does_not_fail_the_instance() {
         Vec::<String>::new()
     );
     platform::drop_tenant_databases(&[tenant]).await;
+}
+
+/// An update whose domains the instance's load balancer has no room for (a listener takes
+/// one certificate here) fails at once with RESOURCE_EXHAUSTED (`LOAD_BALANCER_FULL`) and
+/// changes nothing in AWS; one that fits then goes through.
+#[tokio::test]
+async fn a_domain_update_the_load_balancer_has_no_room_for_changes_nothing() {
+    let gate = Arc::new(Gate::default());
+    // ACM issues at once: this test is about room, not validation.
+    gate.open.store(true, Ordering::SeqCst);
+    let mut config = platform::config_with_platforms(&[Environment::Dev]).await;
+    for lb in &mut config.environments[0].platform.load_balancers {
+        lb.max_certificates = Some(1);
+    }
+    let mut cp = platform::start_with(
+        config,
+        EngineOptions::default(),
+        |store| store,
+        Some(gated(gate.clone())),
+    )
+    .await;
+    let aws = Aws::of(&cp).await;
+    let tenant = platform::tenant("cdom-room");
+    let accepted = cp
+        .instances
+        .create_instance(create_with(&tenant, &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    cp.completed(&accepted.name).await;
+    let active = cp.instance(&tenant).await;
+    let placed = active.load_balancer.clone().expect("placed");
+    let hosts = aws.rule_hosts(&placed.listener_arn).await;
+    assert_eq!(hosts.len(), 1, "{hosts:?}");
+
+    // Two domains need two certificates on a listener that takes one.
+    let two = vec![
+        format!("www.{tenant}.example.org"),
+        format!("shop.{tenant}.example.org"),
+    ];
+    let update = cp
+        .instances
+        .update_instance(update_domains(&tenant, &two))
+        .await
+        .unwrap()
+        .into_inner();
+    let (events, done) = cp.watch(&update.name).await;
+    assert_eq!(
+        platform::metadata(&done).status(),
+        v1::OperationStatus::Failed,
+        "{events:#?}"
+    );
+    let Some(instance_manager::proto::google_longrunning::operation::Result::Error(error)) =
+        done.result.as_ref()
+    else {
+        panic!("no error on {done:?}");
+    };
+    assert_eq!(error.code, Code::ResourceExhausted as i32, "{error:?}");
+    assert!(
+        error.message.contains(&placed.name) && error.message.contains("certificate"),
+        "{error:?}"
+    );
+    let info = error
+        .details
+        .iter()
+        .find(|d| d.type_url.ends_with("google.rpc.ErrorInfo"))
+        .map(|d| <tonic_types::pb::ErrorInfo as prost::Message>::decode(d.value.as_slice()))
+        .expect("an ErrorInfo detail")
+        .unwrap();
+    assert_eq!(info.reason, "LOAD_BALANCER_FULL");
+
+    // Nothing changed, read with the SDKs: no certificate in ACM or on the listener, the
+    // rules route what they routed; the instance is serving with no custom domain.
+    let after = cp.instance(&tenant).await;
+    assert_eq!(after.state(), v1::InstanceState::Active);
+    assert!(after.custom_domains.is_empty(), "{after:?}");
+    assert!(aws.certificates().await.is_empty());
+    assert!(
+        aws.listener_certificates(&placed.listener_arn)
+            .await
+            .is_empty()
+    );
+    assert_eq!(aws.rule_hosts(&placed.listener_arn).await, hosts);
+
+    // One domain fits (and its claim, taken by the failed update, was given back).
+    let one = vec![two[1].clone()];
+    let update = cp
+        .instances
+        .update_instance(update_domains(&tenant, &one))
+        .await
+        .unwrap()
+        .into_inner();
+    cp.completed(&update.name).await;
+    let grown = cp.instance(&tenant).await;
+    assert_eq!(grown.custom_domains, one);
+    assert_eq!(aws.certificates().await.len(), 1);
+    assert_eq!(
+        aws.listener_certificates(&placed.listener_arn).await.len(),
+        1
+    );
+    let deletion = cp.delete_skipping_archive(&tenant).await;
+    cp.completed(&deletion).await;
+    assert!(aws.certificates().await.is_empty());
 }

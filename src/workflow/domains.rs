@@ -2,10 +2,12 @@
 //! instance's listener (SNI), and the host on the instance's listener rules.
 //!
 //! Steps:
-//! - [`CUSTOM_DOMAINS`] (provisioning, last; an update that changes the domains): for every
-//!   domain the instance is to have, a certificate (adopted by its owner tags, else requested
-//!   with DNS validation, an idempotency token from the instance and the domain, and the
-//!   domain as a tag). Its validation record is created (UPSERT) and waited for INSYNC when
+//! - [`CUSTOM_DOMAINS`] (provisioning, last; an update that changes the domains): first the
+//!   instance's reservation on its load balancer is made `need(n)` (LOAD_BALANCER_FULL when
+//!   the listener lacks room, before anything is requested); then for every domain the
+//!   instance is to have, a certificate (adopted by its owner tags, else requested with DNS
+//!   validation, an idempotency token from the instance, the domain and the operation's
+//!   attempt, and the domain as a tag). Its validation record is created (UPSERT) and waited for INSYNC when
 //!   a managed zone of the platform holds the domain; otherwise it is written on the instance
 //!   (`dns_records`, not managed) for the customer to create. The instance record is written
 //!   (a versioned `UpdateInstance` of the statuses and records only) on every pass, so
@@ -16,9 +18,8 @@
 //!   When the bound passes with certificates still pending, the operation goes on and
 //!   completes with those domains PENDING_VALIDATION (a customer who has not created a
 //!   record yet does not roll back a whole instance); UpdateInstance with the same
-//!   `custom_domains` later runs the step again and resumes. Then the instance's reservation
-//!   on its load balancer is made `need(n)` (LOAD_BALANCER_FULL when the listener lacks
-//!   room), each ISSUED certificate is added to the listener, the rules are made to route
+//!   `custom_domains` later runs the step again and resumes. Then each ISSUED certificate
+//!   is added to the listener, the rules are made to route
 //!   the platform host and every domain (`sync_listener_rules`), and for a managed zone the
 //!   domain's alias record to the load balancer is created; for other zones the traffic
 //!   record is shown for the customer.
@@ -87,10 +88,19 @@ pub fn previous_domains(ctx: &StepCtx) -> Vec<String> {
     }
 }
 
-/// RequestCertificate's idempotency token for this instance and domain: 32 hex characters
-/// (ACM: at most 32 word characters).
+/// RequestCertificate's idempotency token for this instance, domain and attempt of the
+/// operation: 32 hex characters (ACM: at most 32 word characters). ACM answers a token it
+/// has seen within the hour with the certificate it made then, even one deleted since, so a
+/// domain removed (or rolled back) and added again by a later operation or attempt needs a
+/// token of its own; an attempt resumed after a crash keeps its token (and its certificate).
 pub fn idempotency_token(ctx: &StepCtx, domain: &str) -> String {
-    let digest = Sha256::digest(format!("{}|{domain}", ctx.instance.name).as_bytes());
+    let digest = Sha256::digest(
+        format!(
+            "{}|{domain}|{}|{}",
+            ctx.instance.name, ctx.operation.id, ctx.operation.attempt
+        )
+        .as_bytes(),
+    );
     hex::encode(digest)[..32].to_owned()
 }
 
@@ -167,6 +177,9 @@ fn domain_state(status: &CertificateStatus) -> (DomainState, String) {
 /// Runs [`CUSTOM_DOMAINS`]. Returns the certificate ARNs joined with ','.
 pub async fn ensure(ctx: &StepCtx) -> StepResult<String> {
     let domains = target_domains(ctx);
+    // Room first: a load balancer that cannot take the domains refuses before anything is
+    // requested for them.
+    placement::reserve(ctx, need(domains.len())).await?;
     let mut found = Vec::with_capacity(domains.len());
     for domain in &domains {
         found.push(certificate_of(ctx, domain).await?);
@@ -187,7 +200,6 @@ pub async fn ensure(ctx: &StepCtx) -> StepResult<String> {
         return Err(StepError::NotYet(detail));
     }
     let lb = placement::load_balancer_of(ctx)?;
-    placement::reserve(ctx, need(domains.len())).await?;
     for f in found.iter().filter(|f| f.info.state == DomainState::Active) {
         ctx.cloud
             .routing
