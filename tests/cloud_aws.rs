@@ -9,8 +9,7 @@ mod common;
 
 use std::sync::{Arc, Mutex};
 
-use aws_config::{BehaviorVersion, Region, SdkConfig};
-use aws_credential_types::Credentials;
+use aws_config::SdkConfig;
 use aws_sdk_elasticloadbalancingv2::types::ActionTypeEnum;
 use aws_smithy_runtime_api::box_error::BoxError;
 use aws_smithy_runtime_api::client::interceptors::Intercept;
@@ -35,29 +34,7 @@ const DOMAIN: &str = "sites.example.com";
 
 /// SdkConfig for a fresh, empty AWS account in the shared moto.
 async fn fresh_account() -> SdkConfig {
-    let endpoint = common::aws_endpoint();
-    let base = common::aws_sdk_config(&endpoint).await;
-    let account = format!("{:012}", uuid::Uuid::new_v4().as_u128() % 1_000_000_000_000);
-    let assumed = aws_sdk_sts::Client::new(&base)
-        .assume_role()
-        .role_arn(format!("arn:aws:iam::{account}:role/test"))
-        .role_session_name("cloud-aws-tests")
-        .send()
-        .await
-        .expect("assume role");
-    let credentials = assumed.credentials().expect("credentials");
-    aws_config::defaults(BehaviorVersion::latest())
-        .region(Region::new(common::TEST_REGION))
-        .endpoint_url(&endpoint)
-        .credentials_provider(Credentials::new(
-            credentials.access_key_id(),
-            credentials.secret_access_key(),
-            Some(credentials.session_token().to_owned()),
-            None,
-            "assumed-role",
-        ))
-        .load()
-        .await
+    common::fresh_account("cloud-aws-tests").await
 }
 
 struct Tenant {

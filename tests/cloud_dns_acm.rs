@@ -27,8 +27,7 @@
 
 mod common;
 
-use aws_config::{BehaviorVersion, Region, SdkConfig};
-use aws_credential_types::Credentials;
+use aws_config::SdkConfig;
 use aws_sdk_route53::types::RrType;
 use instance_manager::cloud::aws::{AcmCertificates, AwsRouting, Route53Dns};
 use instance_manager::cloud::platform::{EMULATED_MANAGED_ZONE, ensure_platform};
@@ -41,29 +40,7 @@ use instance_manager::domain::Environment;
 
 /// SdkConfig for a fresh, empty AWS account in the shared moto.
 async fn fresh_account() -> SdkConfig {
-    let endpoint = common::aws_endpoint();
-    let base = common::aws_sdk_config(&endpoint).await;
-    let account = format!("{:012}", uuid::Uuid::new_v4().as_u128() % 1_000_000_000_000);
-    let assumed = aws_sdk_sts::Client::new(&base)
-        .assume_role()
-        .role_arn(format!("arn:aws:iam::{account}:role/test"))
-        .role_session_name("cloud-dns-acm-tests")
-        .send()
-        .await
-        .expect("assume role");
-    let credentials = assumed.credentials().expect("credentials");
-    aws_config::defaults(BehaviorVersion::latest())
-        .region(Region::new(common::TEST_REGION))
-        .endpoint_url(&endpoint)
-        .credentials_provider(Credentials::new(
-            credentials.access_key_id(),
-            credentials.secret_access_key(),
-            Some(credentials.session_token().to_owned()),
-            None,
-            "assumed-role",
-        ))
-        .load()
-        .await
+    common::fresh_account("cloud-dns-acm-tests").await
 }
 
 fn mariadb() -> MasterCredentials {

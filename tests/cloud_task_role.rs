@@ -15,13 +15,13 @@ use async_trait::async_trait;
 use aws_smithy_mocks::{MockResponseInterceptor, RuleMode, mock};
 use instance_manager::cloud::error::classify;
 use instance_manager::cloud::{
-    CloudEnv, CloudError, CloudResult, Compute, ErrorKind, OneOffTaskSpec, ServiceSpec,
-    ServiceStatus, Tags, TaskDefinitionSpec, TaskStatus,
+    CloudEnv, CloudError, CloudResult, Compute, ErrorKind, ServiceSpec, TaskDefinitionSpec,
 };
 use instance_manager::domain::{Environment, Timestamp};
 use instance_manager::proto::v1;
 use instance_manager::reconcile::{ReconcileSettings, Reconciler};
 use instance_manager::workflow::failpoints::Failpoints;
+use platform::compute::{Changed, ComputeChanges};
 use platform::{inventory_of, metadata};
 
 /// IAM returns policy documents URL-encoded (RFC 3986); moto may not.
@@ -385,7 +385,10 @@ fn unable_to_assume(what: &str, role: &str) -> CloudError {
 }
 
 #[async_trait]
-impl Compute for UnpropagatedRole {
+impl ComputeChanges for UnpropagatedRole {
+    fn inner(&self) -> &dyn Compute {
+        self.inner.as_ref()
+    }
     async fn register_task_definition(&self, spec: &TaskDefinitionSpec) -> CloudResult<String> {
         self.roles_seen
             .lock()
@@ -399,9 +402,6 @@ impl Compute for UnpropagatedRole {
         }
         self.inner.register_task_definition(spec).await
     }
-    async fn deregister_task_definitions(&self, family: &str) -> CloudResult<()> {
-        self.inner.deregister_task_definitions(family).await
-    }
     async fn ensure_service(&self, spec: &ServiceSpec) -> CloudResult<String> {
         if self.creations.fetch_add(1, Ordering::SeqCst) < self.refusals {
             return Err(unable_to_assume(
@@ -410,69 +410,6 @@ impl Compute for UnpropagatedRole {
             ));
         }
         self.inner.ensure_service(spec).await
-    }
-    async fn service_status(
-        &self,
-        cluster: &str,
-        name: &str,
-    ) -> CloudResult<Option<ServiceStatus>> {
-        self.inner.service_status(cluster, name).await
-    }
-    async fn update_service(
-        &self,
-        cluster: &str,
-        name: &str,
-        desired_count: Option<u32>,
-        task_definition_arn: Option<&str>,
-        force_new_deployment: bool,
-    ) -> CloudResult<()> {
-        self.inner
-            .update_service(
-                cluster,
-                name,
-                desired_count,
-                task_definition_arn,
-                force_new_deployment,
-            )
-            .await
-    }
-    async fn delete_service(&self, cluster: &str, name: &str) -> CloudResult<()> {
-        self.inner.delete_service(cluster, name).await
-    }
-    async fn run_task(&self, spec: &OneOffTaskSpec) -> CloudResult<String> {
-        self.inner.run_task(spec).await
-    }
-    async fn task_status(&self, cluster: &str, task_arn: &str) -> CloudResult<Option<TaskStatus>> {
-        self.inner.task_status(cluster, task_arn).await
-    }
-    async fn find_tagged(&self, cluster: &str, tags: &Tags) -> CloudResult<Vec<String>> {
-        self.inner.find_tagged(cluster, tags).await
-    }
-    async fn service_tags(&self, cluster: &str, name: &str) -> CloudResult<Option<Tags>> {
-        self.inner.service_tags(cluster, name).await
-    }
-    async fn delete_task_definitions(&self, family: &str, owner: &Tags) -> CloudResult<()> {
-        self.inner.delete_task_definitions(family, owner).await
-    }
-    async fn tagged_services(
-        &self,
-        cluster: &str,
-        tags: &Tags,
-    ) -> CloudResult<Vec<instance_manager::cloud::TaggedResource>> {
-        self.inner.tagged_services(cluster, tags).await
-    }
-    async fn tagged_task_families(
-        &self,
-        family_prefix: &str,
-        tags: &Tags,
-    ) -> CloudResult<Vec<instance_manager::cloud::TaggedResource>> {
-        self.inner.tagged_task_families(family_prefix, tags).await
-    }
-    async fn task_definition(
-        &self,
-        arn: &str,
-    ) -> CloudResult<Option<instance_manager::cloud::TaskDefinitionInfo>> {
-        self.inner.task_definition(arn).await
     }
 }
 
@@ -489,13 +426,13 @@ async fn ecs_refusing_a_role_not_yet_propagated_is_waited_for() {
         let (registrations, creations, roles_seen) =
             (registrations.clone(), creations.clone(), roles_seen.clone());
         Arc::new(move |mut cloud: CloudEnv| {
-            cloud.compute = Arc::new(UnpropagatedRole {
+            cloud.compute = Arc::new(Changed(UnpropagatedRole {
                 inner: cloud.compute.clone(),
                 refusals: REFUSALS,
                 registrations: registrations.clone(),
                 creations: creations.clone(),
                 roles_seen: roles_seen.clone(),
-            });
+            }));
             cloud
         })
     };

@@ -15,10 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use instance_manager::cloud::{
-    CloudEnv, CloudResult, Compute, OneOffTaskSpec, ServiceSpec, ServiceStatus, Tags,
-    TaskDefinitionSpec, TaskStatus,
-};
+use instance_manager::cloud::{CloudEnv, CloudResult, Compute, ServiceStatus};
 use instance_manager::config::Config;
 use instance_manager::domain::naming::ResourceNames;
 use instance_manager::domain::{Environment, TenantId};
@@ -26,6 +23,7 @@ use instance_manager::proto::v1;
 use instance_manager::workflow::EngineOptions;
 use mysql_async::prelude::Queryable;
 use platform::ControlPlane;
+use platform::compute::{Changed, ComputeChanges};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tonic::Code;
@@ -49,15 +47,9 @@ struct TasksRun {
 }
 
 #[async_trait]
-impl Compute for TasksRun {
-    async fn register_task_definition(&self, spec: &TaskDefinitionSpec) -> CloudResult<String> {
-        self.inner.register_task_definition(spec).await
-    }
-    async fn deregister_task_definitions(&self, family: &str) -> CloudResult<()> {
-        self.inner.deregister_task_definitions(family).await
-    }
-    async fn ensure_service(&self, spec: &ServiceSpec) -> CloudResult<String> {
-        self.inner.ensure_service(spec).await
+impl ComputeChanges for TasksRun {
+    fn inner(&self) -> &dyn Compute {
+        self.inner.as_ref()
     }
     async fn service_status(
         &self,
@@ -74,62 +66,6 @@ impl Compute for TasksRun {
                 rollout_state: Some("COMPLETED".into()),
                 ..status
             }))
-    }
-    async fn update_service(
-        &self,
-        cluster: &str,
-        name: &str,
-        desired_count: Option<u32>,
-        task_definition_arn: Option<&str>,
-        force_new_deployment: bool,
-    ) -> CloudResult<()> {
-        self.inner
-            .update_service(
-                cluster,
-                name,
-                desired_count,
-                task_definition_arn,
-                force_new_deployment,
-            )
-            .await
-    }
-    async fn delete_service(&self, cluster: &str, name: &str) -> CloudResult<()> {
-        self.inner.delete_service(cluster, name).await
-    }
-    async fn run_task(&self, spec: &OneOffTaskSpec) -> CloudResult<String> {
-        self.inner.run_task(spec).await
-    }
-    async fn task_status(&self, cluster: &str, task_arn: &str) -> CloudResult<Option<TaskStatus>> {
-        self.inner.task_status(cluster, task_arn).await
-    }
-    async fn find_tagged(&self, cluster: &str, tags: &Tags) -> CloudResult<Vec<String>> {
-        self.inner.find_tagged(cluster, tags).await
-    }
-    async fn service_tags(&self, cluster: &str, name: &str) -> CloudResult<Option<Tags>> {
-        self.inner.service_tags(cluster, name).await
-    }
-    async fn delete_task_definitions(&self, family: &str, owner: &Tags) -> CloudResult<()> {
-        self.inner.delete_task_definitions(family, owner).await
-    }
-    async fn tagged_services(
-        &self,
-        cluster: &str,
-        tags: &Tags,
-    ) -> CloudResult<Vec<instance_manager::cloud::TaggedResource>> {
-        self.inner.tagged_services(cluster, tags).await
-    }
-    async fn tagged_task_families(
-        &self,
-        family_prefix: &str,
-        tags: &Tags,
-    ) -> CloudResult<Vec<instance_manager::cloud::TaggedResource>> {
-        self.inner.tagged_task_families(family_prefix, tags).await
-    }
-    async fn task_definition(
-        &self,
-        arn: &str,
-    ) -> CloudResult<Option<instance_manager::cloud::TaskDefinitionInfo>> {
-        self.inner.task_definition(arn).await
     }
 }
 
@@ -193,9 +129,9 @@ async fn world(prefix: &str, tune: impl FnOnce(&mut Config)) -> World {
         let probe = probe.clone();
         Arc::new(move |mut cloud: CloudEnv| {
             cloud.platform.health_probe_url = probe.lock().unwrap().clone();
-            cloud.compute = Arc::new(TasksRun {
+            cloud.compute = Arc::new(Changed(TasksRun {
                 inner: cloud.compute,
-            });
+            }));
             cloud
         })
     };

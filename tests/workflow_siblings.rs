@@ -13,8 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use instance_manager::cloud::{
-    CloudEnv, CloudResult, Compute, OneOffTaskSpec, ServiceSpec, ServiceStatus, Tags,
-    TaskDefinitionSpec, TaskStatus,
+    CloudEnv, CloudResult, Compute, OneOffTaskSpec, ServiceSpec, ServiceStatus, Tags, TaskStatus,
 };
 use instance_manager::domain::naming::ResourceNames;
 use instance_manager::domain::{Environment, Operation, TenantId};
@@ -22,6 +21,7 @@ use instance_manager::proto::google_longrunning as lro;
 use instance_manager::proto::v1;
 use instance_manager::workflow::{StepError, StepHook, StepResult};
 use mysql_async::prelude::Queryable;
+use platform::compute::{Changed, ComputeChanges};
 use platform::{inventory, inventory_of, metadata, provisioned};
 
 fn status(operation: &lro::Operation) -> v1::OperationStatus {
@@ -189,12 +189,9 @@ impl DrainingCompute {
 }
 
 #[async_trait]
-impl Compute for DrainingCompute {
-    async fn register_task_definition(&self, spec: &TaskDefinitionSpec) -> CloudResult<String> {
-        self.inner.register_task_definition(spec).await
-    }
-    async fn deregister_task_definitions(&self, family: &str) -> CloudResult<()> {
-        self.inner.deregister_task_definitions(family).await
+impl ComputeChanges for DrainingCompute {
+    fn inner(&self) -> &dyn Compute {
+        self.inner.as_ref()
     }
     async fn ensure_service(&self, spec: &ServiceSpec) -> CloudResult<String> {
         if self.peek(&spec.name).is_some() {
@@ -223,24 +220,6 @@ impl Compute for DrainingCompute {
             }));
         }
         self.inner.service_status(cluster, name).await
-    }
-    async fn update_service(
-        &self,
-        cluster: &str,
-        name: &str,
-        desired_count: Option<u32>,
-        task_definition_arn: Option<&str>,
-        force_new_deployment: bool,
-    ) -> CloudResult<()> {
-        self.inner
-            .update_service(
-                cluster,
-                name,
-                desired_count,
-                task_definition_arn,
-                force_new_deployment,
-            )
-            .await
     }
     async fn delete_service(&self, cluster: &str, name: &str) -> CloudResult<()> {
         let tags = self.inner.service_tags(cluster, name).await?;
@@ -276,37 +255,11 @@ impl Compute for DrainingCompute {
         }
         self.inner.task_status(cluster, task_arn).await
     }
-    async fn find_tagged(&self, cluster: &str, tags: &Tags) -> CloudResult<Vec<String>> {
-        self.inner.find_tagged(cluster, tags).await
-    }
     async fn service_tags(&self, cluster: &str, name: &str) -> CloudResult<Option<Tags>> {
         if let Some(tags) = self.peek(name) {
             return Ok(Some(tags));
         }
         self.inner.service_tags(cluster, name).await
-    }
-    async fn delete_task_definitions(&self, family: &str, owner: &Tags) -> CloudResult<()> {
-        self.inner.delete_task_definitions(family, owner).await
-    }
-    async fn tagged_services(
-        &self,
-        cluster: &str,
-        tags: &Tags,
-    ) -> CloudResult<Vec<instance_manager::cloud::TaggedResource>> {
-        self.inner.tagged_services(cluster, tags).await
-    }
-    async fn tagged_task_families(
-        &self,
-        family_prefix: &str,
-        tags: &Tags,
-    ) -> CloudResult<Vec<instance_manager::cloud::TaggedResource>> {
-        self.inner.tagged_task_families(family_prefix, tags).await
-    }
-    async fn task_definition(
-        &self,
-        arn: &str,
-    ) -> CloudResult<Option<instance_manager::cloud::TaskDefinitionInfo>> {
-        self.inner.task_definition(arn).await
     }
 }
 
@@ -319,14 +272,14 @@ async fn a_draining_service_is_waited_for_on_delete_and_on_re_create() {
     let wrap: platform::CloudWrapper = {
         let (draining, observed) = (draining.clone(), observed.clone());
         Arc::new(move |mut cloud: CloudEnv| {
-            cloud.compute = Arc::new(DrainingCompute {
+            cloud.compute = Arc::new(Changed(DrainingCompute {
                 inner: cloud.compute.clone(),
                 polls: POLLS,
                 one_offs: Arc::default(),
                 cleaner_exit: None,
                 draining: draining.clone(),
                 observed: observed.clone(),
-            });
+            }));
             cloud
         })
     };
@@ -381,14 +334,14 @@ async fn with_recorded_tasks(
     let wrap: platform::CloudWrapper = {
         let one_offs = one_offs.clone();
         Arc::new(move |mut cloud: CloudEnv| {
-            cloud.compute = Arc::new(DrainingCompute {
+            cloud.compute = Arc::new(Changed(DrainingCompute {
                 inner: cloud.compute.clone(),
                 polls: 0,
                 one_offs: one_offs.clone(),
                 cleaner_exit: Some(cleaner_exit),
                 draining: Arc::default(),
                 observed: Arc::default(),
-            });
+            }));
             cloud
         })
     };

@@ -12,14 +12,14 @@ use std::time::Duration;
 use async_trait::async_trait;
 use aws_sdk_elasticloadbalancingv2::types::ActionTypeEnum;
 use instance_manager::cloud::{
-    AwsReadiness, CloudEnv, CloudResult, Compute, EmulatorReadiness, OneOffTaskSpec, Readiness,
-    ServiceSpec, ServiceStatus, Tags, TaskDefinitionSpec, TaskStatus,
+    AwsReadiness, CloudEnv, CloudResult, Compute, EmulatorReadiness, Readiness, ServiceStatus,
 };
 use instance_manager::domain::{Environment, Operation, Verb};
 use instance_manager::proto::google_longrunning as lro;
 use instance_manager::proto::v1;
 use instance_manager::workflow::{EngineOptions, ManualClock, StepError, StepHook, StepResult};
 use mysql_async::prelude::Queryable;
+use platform::compute::{Changed, ComputeChanges};
 use platform::{ControlPlane, metadata};
 use tokio::sync::Notify;
 use tonic::Code;
@@ -781,15 +781,9 @@ struct DrainingCompute {
 const DRAINING: [u32; 5] = [2, 2, 1, 1, 0];
 
 #[async_trait]
-impl Compute for DrainingCompute {
-    async fn register_task_definition(&self, spec: &TaskDefinitionSpec) -> CloudResult<String> {
-        self.inner.register_task_definition(spec).await
-    }
-    async fn deregister_task_definitions(&self, family: &str) -> CloudResult<()> {
-        self.inner.deregister_task_definitions(family).await
-    }
-    async fn ensure_service(&self, spec: &ServiceSpec) -> CloudResult<String> {
-        self.inner.ensure_service(spec).await
+impl ComputeChanges for DrainingCompute {
+    fn inner(&self) -> &dyn Compute {
+        self.inner.as_ref()
     }
     async fn service_status(
         &self,
@@ -816,62 +810,6 @@ impl Compute for DrainingCompute {
         }
         Ok(status)
     }
-    async fn update_service(
-        &self,
-        cluster: &str,
-        name: &str,
-        desired_count: Option<u32>,
-        task_definition_arn: Option<&str>,
-        force_new_deployment: bool,
-    ) -> CloudResult<()> {
-        self.inner
-            .update_service(
-                cluster,
-                name,
-                desired_count,
-                task_definition_arn,
-                force_new_deployment,
-            )
-            .await
-    }
-    async fn delete_service(&self, cluster: &str, name: &str) -> CloudResult<()> {
-        self.inner.delete_service(cluster, name).await
-    }
-    async fn run_task(&self, spec: &OneOffTaskSpec) -> CloudResult<String> {
-        self.inner.run_task(spec).await
-    }
-    async fn task_status(&self, cluster: &str, task_arn: &str) -> CloudResult<Option<TaskStatus>> {
-        self.inner.task_status(cluster, task_arn).await
-    }
-    async fn find_tagged(&self, cluster: &str, tags: &Tags) -> CloudResult<Vec<String>> {
-        self.inner.find_tagged(cluster, tags).await
-    }
-    async fn service_tags(&self, cluster: &str, name: &str) -> CloudResult<Option<Tags>> {
-        self.inner.service_tags(cluster, name).await
-    }
-    async fn delete_task_definitions(&self, family: &str, owner: &Tags) -> CloudResult<()> {
-        self.inner.delete_task_definitions(family, owner).await
-    }
-    async fn tagged_services(
-        &self,
-        cluster: &str,
-        tags: &Tags,
-    ) -> CloudResult<Vec<instance_manager::cloud::TaggedResource>> {
-        self.inner.tagged_services(cluster, tags).await
-    }
-    async fn tagged_task_families(
-        &self,
-        family_prefix: &str,
-        tags: &Tags,
-    ) -> CloudResult<Vec<instance_manager::cloud::TaggedResource>> {
-        self.inner.tagged_task_families(family_prefix, tags).await
-    }
-    async fn task_definition(
-        &self,
-        arn: &str,
-    ) -> CloudResult<Option<instance_manager::cloud::TaskDefinitionInfo>> {
-        self.inner.task_definition(arn).await
-    }
 }
 
 /// AWS's rule for stopped tasks; the emulator's for rollouts (moto never finishes one, so
@@ -896,11 +834,11 @@ async fn on_aws_a_suspend_waits_until_the_last_task_has_drained() {
     let reported = Arc::new(std::sync::Mutex::new(Vec::new()));
     let shared = reported.clone();
     let wrap: platform::CloudWrapper = Arc::new(move |mut cloud: CloudEnv| {
-        cloud.compute = Arc::new(DrainingCompute {
+        cloud.compute = Arc::new(Changed(DrainingCompute {
             inner: cloud.compute.clone(),
             reported: shared.clone(),
             never_steady: Arc::new(AtomicBool::new(false)),
-        });
+        }));
         cloud.readiness = Arc::new(AwsStoppedRule);
         cloud
     });
@@ -933,11 +871,11 @@ async fn a_resume_never_healthy_goes_back_to_suspended_at_the_rollout_timeout() 
     let never_steady = Arc::new(AtomicBool::new(false));
     let flag = never_steady.clone();
     let wrap: platform::CloudWrapper = Arc::new(move |mut cloud: CloudEnv| {
-        cloud.compute = Arc::new(DrainingCompute {
+        cloud.compute = Arc::new(Changed(DrainingCompute {
             inner: cloud.compute.clone(),
             reported: Arc::new(std::sync::Mutex::new(Vec::new())),
             never_steady: flag.clone(),
-        });
+        }));
         cloud
     });
     // The engine's clock is ours: the timeout passes when the test says so.

@@ -15,14 +15,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use instance_manager::cloud::{
-    CloudEnv, CloudResult, Compute, OneOffTaskSpec, ServiceSpec, ServiceStatus, Tags,
-    TaskDefinitionSpec, TaskStatus,
-};
+use instance_manager::cloud::{CloudEnv, CloudResult, Compute, ServiceStatus};
 use instance_manager::domain::{Environment, Operation, Verb};
 use instance_manager::proto::google_longrunning as lro;
 use instance_manager::proto::v1;
 use instance_manager::workflow::{EngineOptions, ManualClock, StepHook, StepResult};
+use platform::compute::{Changed, ComputeChanges};
 use platform::{ControlPlane, metadata};
 use tokio::sync::Notify;
 use tonic::Code;
@@ -462,15 +460,9 @@ impl RollingCompute {
 }
 
 #[async_trait]
-impl Compute for RollingCompute {
-    async fn register_task_definition(&self, spec: &TaskDefinitionSpec) -> CloudResult<String> {
-        self.inner.register_task_definition(spec).await
-    }
-    async fn deregister_task_definitions(&self, family: &str) -> CloudResult<()> {
-        self.inner.deregister_task_definitions(family).await
-    }
-    async fn ensure_service(&self, spec: &ServiceSpec) -> CloudResult<String> {
-        self.inner.ensure_service(spec).await
+impl ComputeChanges for RollingCompute {
+    fn inner(&self) -> &dyn Compute {
+        self.inner.as_ref()
     }
     async fn service_status(
         &self,
@@ -533,44 +525,6 @@ impl Compute for RollingCompute {
             )
             .await
     }
-    async fn delete_service(&self, cluster: &str, name: &str) -> CloudResult<()> {
-        self.inner.delete_service(cluster, name).await
-    }
-    async fn run_task(&self, spec: &OneOffTaskSpec) -> CloudResult<String> {
-        self.inner.run_task(spec).await
-    }
-    async fn task_status(&self, cluster: &str, task_arn: &str) -> CloudResult<Option<TaskStatus>> {
-        self.inner.task_status(cluster, task_arn).await
-    }
-    async fn find_tagged(&self, cluster: &str, tags: &Tags) -> CloudResult<Vec<String>> {
-        self.inner.find_tagged(cluster, tags).await
-    }
-    async fn service_tags(&self, cluster: &str, name: &str) -> CloudResult<Option<Tags>> {
-        self.inner.service_tags(cluster, name).await
-    }
-    async fn delete_task_definitions(&self, family: &str, owner: &Tags) -> CloudResult<()> {
-        self.inner.delete_task_definitions(family, owner).await
-    }
-    async fn tagged_services(
-        &self,
-        cluster: &str,
-        tags: &Tags,
-    ) -> CloudResult<Vec<instance_manager::cloud::TaggedResource>> {
-        self.inner.tagged_services(cluster, tags).await
-    }
-    async fn tagged_task_families(
-        &self,
-        family_prefix: &str,
-        tags: &Tags,
-    ) -> CloudResult<Vec<instance_manager::cloud::TaggedResource>> {
-        self.inner.tagged_task_families(family_prefix, tags).await
-    }
-    async fn task_definition(
-        &self,
-        arn: &str,
-    ) -> CloudResult<Option<instance_manager::cloud::TaskDefinitionInfo>> {
-        self.inner.task_definition(arn).await
-    }
 }
 
 struct Rolling {
@@ -588,13 +542,13 @@ fn rolling(mode: Rollout) -> Rolling {
     let wrap: platform::CloudWrapper = {
         let (mode, polls, rollbacks) = (mode.clone(), polls.clone(), rollbacks.clone());
         Arc::new(move |mut cloud: CloudEnv| {
-            cloud.compute = Arc::new(RollingCompute {
+            cloud.compute = Arc::new(Changed(RollingCompute {
                 inner: cloud.compute.clone(),
                 mode: mode.clone(),
                 previous: previous.clone(),
                 polls: polls.clone(),
                 rollbacks: rollbacks.clone(),
-            });
+            }));
             cloud
         })
     };

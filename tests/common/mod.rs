@@ -251,6 +251,34 @@ pub async fn aws_sdk_config(endpoint: &str) -> aws_config::SdkConfig {
         .await
 }
 
+/// SDK config for a fresh, empty AWS account in the shared moto: a role assumed in a
+/// random account id (moto keeps every account apart), `session` naming the session.
+pub async fn fresh_account(session: &str) -> aws_config::SdkConfig {
+    let endpoint = aws_endpoint();
+    let base = aws_sdk_config(&endpoint).await;
+    let account = format!("{:012}", uuid::Uuid::new_v4().as_u128() % 1_000_000_000_000);
+    let assumed = aws_sdk_sts::Client::new(&base)
+        .assume_role()
+        .role_arn(format!("arn:aws:iam::{account}:role/test"))
+        .role_session_name(session)
+        .send()
+        .await
+        .expect("assume role");
+    let credentials = assumed.credentials().expect("credentials");
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new(TEST_REGION))
+        .endpoint_url(&endpoint)
+        .credentials_provider(aws_credential_types::Credentials::new(
+            credentials.access_key_id(),
+            credentials.secret_access_key(),
+            Some(credentials.session_token().to_owned()),
+            None,
+            "assumed-role",
+        ))
+        .load()
+        .await
+}
+
 /// [`aws_sdk_config`] for [`aws_endpoint`].
 pub async fn test_sdk_config() -> aws_config::SdkConfig {
     aws_sdk_config(&aws_endpoint()).await

@@ -4,6 +4,7 @@
 //! workflow engine, and the gRPC server on an ephemeral port.
 #![allow(dead_code)]
 
+pub mod compute;
 pub mod sql;
 
 use std::sync::Arc;
