@@ -7,59 +7,24 @@
 //! Three start-ups; prints a Markdown section. It asserts nothing about time. Without
 //! `--bench` (as `cargo test --all-targets` would run it) it only says so and exits.
 
-use std::net::SocketAddr;
+#[path = "support/sdk.rs"]
+mod sdk;
+#[path = "support/serve.rs"]
+mod serve;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use instance_manager::store::dynamo::DynamoStore;
-use tonic_health::pb::HealthCheckRequest;
-use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
+use serve::Server;
 
 const STARTS: usize = 3;
 const DEADLINE: Duration = Duration::from_secs(60);
 
 /// A `kB` field of /proc/PID/status, in MiB.
 fn status_mib(pid: u32, field: &str) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
-
-/// The address the server logged it serves on (`--listen 127.0.0.1:0` binds its own port).
-fn logged_address(log: &Path) -> Option<SocketAddr> {
-    let text = std::fs::read_to_string(log).ok()?;
-    text.lines()
-        .filter(|line| line.contains("serving gRPC"))
-        .find_map(|line| {
-            let start = line
-                .find("address=")
-                .map(|i| i + "address=".len())
-                .or_else(|| line.find("\"address\":\"").map(|i| i + 11))?;
-            let rest = &line[start..];
-            let end = rest
-                .find(|c: char| c.is_whitespace() || c == '"' || c == ',')
-                .unwrap_or(rest.len());
-            rest[..end].parse().ok()
-        })
-}
-
-async fn serving(addr: SocketAddr) -> bool {
-    let Ok(channel) = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-        .expect("uri")
-        .connect()
-        .await
-    else {
-        return false;
-    };
-    HealthClient::new(channel)
-        .check(HealthCheckRequest::default())
-        .await
-        .is_ok_and(|r| r.into_inner().status == ServingStatus::Serving as i32)
+    serve::status_kib(pid, field) as f64 / 1024.0
 }
 
 struct Start {
@@ -68,48 +33,17 @@ struct Start {
     rss_idle_mib: f64,
 }
 
-/// Kills the child when dropped (a benchmark that panics leaves no server behind).
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 async fn start_once(binary: &Path, endpoint: &str, table: &str, dir: &Path, n: usize) -> Start {
     let log = dir.join(format!("serve-{n}.log"));
     let started = Instant::now();
-    let mut server = Server(
-        Command::new(binary)
-            .args(["serve", "--listen", "127.0.0.1:0"])
-            .args(["--aws-endpoint", endpoint, "--table", table])
-            .env("IM_AUTH_DISABLED", "true")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("spawn instance-manager"),
-    );
-    let deadline = started + DEADLINE;
-    let addr = loop {
-        if let Some(addr) = logged_address(&log) {
-            break addr;
-        }
-        if let Ok(Some(status)) = server.0.try_wait() {
-            panic!("server exited ({status}) before serving; log in {log:?}");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no address logged; log in {log:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
-    while !serving(addr).await {
-        assert!(Instant::now() < deadline, "not SERVING; log in {log:?}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let mut command = Command::new(binary);
+    command
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(["--aws-endpoint", endpoint, "--table", table])
+        .env("IM_AUTH_DISABLED", "true")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    let (server, _) = Server::start(command, &log, Duration::from_millis(5), DEADLINE).await;
     let to_serving = started.elapsed();
     let pid = server.0.id();
     let rss_serving_mib = status_mib(pid, "VmRSS:");
@@ -156,14 +90,7 @@ async fn main() {
     let dir = tempfile::tempdir().expect("temp dir");
 
     // The server answers NOT_SERVING until its table answers: create it first.
-    let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new("us-east-1"))
-        .endpoint_url(&endpoint)
-        .credentials_provider(aws_credential_types::Credentials::new(
-            "testing", "testing", None, None, "bench",
-        ))
-        .load()
-        .await;
+    let sdk = sdk::moto_sdk_config(&endpoint).await;
     let table = format!(
         "footprint-{}",
         &uuid::Uuid::new_v4().simple().to_string()[..8]

@@ -7,6 +7,9 @@
 //! round in a fresh account, platform and table. Per round: create accepted → operation
 //! ended (p50 / p99), total wall time, AWS calls and store writes per provisioning.
 //!
+//! Then `BENCH_WATCHED` (default 10) more, each with a WatchOperation stream on the same
+//! server: the delay from the engine publishing an event to the watcher receiving it.
+//!
 //! The floor: a minimal driver with no engine issues the same adapter calls (the workflow's
 //! own step functions, in plan order) one after another, `BENCH_FLOOR` (default 5) times.
 //!
@@ -22,6 +25,8 @@
 
 #[path = "support/relay.rs"]
 mod relay;
+#[path = "support/sdk.rs"]
+mod sdk;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -94,17 +99,6 @@ fn random_hex(n: usize) -> String {
 fn random_account() -> String {
     let n = u64::from_str_radix(&random_hex(12), 16).unwrap();
     format!("{:012}", 100_000_000_000 + n % 900_000_000_000)
-}
-
-async fn sdk_config(endpoint: &str) -> aws_config::SdkConfig {
-    aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new("us-east-1"))
-        .endpoint_url(endpoint)
-        .credentials_provider(aws_credential_types::Credentials::new(
-            "testing", "testing", None, None, "bench",
-        ))
-        .load()
-        .await
 }
 
 // ---------------------------------------------------------------------------------------
@@ -284,7 +278,7 @@ async fn setup(aws: &Relay, mysql: &Relay, workers: u32) -> Setup {
         }],
         ..Config::default()
     };
-    let control_plane = sdk_config(&aws.url()).await;
+    let control_plane = sdk::moto_sdk_config(&aws.url()).await;
     let accounts = Accounts::with_control_plane(&control_plane, &config).await;
     let sdk = accounts.sdk_config(Environment::Dev).expect("DEV sdk");
     config.environments[0].platform = ensure_platform(
@@ -412,6 +406,32 @@ struct Round {
     aws: Snapshot,
     mysql: Snapshot,
     store: StoreCounts,
+    /// With watchers: the engine published an event (this process's bus subscriber got
+    /// it) → a WatchOperation stream on this server delivered it (ms), live events only,
+    /// sorted.
+    delivery_ms: Vec<f64>,
+}
+
+/// One WatchOperation stream from the start of operation `name`: when it was opened, and
+/// when each event arrived (by sequence).
+async fn watch(
+    mut client: InstanceServiceClient<Channel>,
+    name: String,
+) -> (Instant, Vec<(u64, Instant)>) {
+    let opened = Instant::now();
+    let mut arrivals = Vec::new();
+    let mut stream = client
+        .watch_operation(v1::WatchOperationRequest {
+            name,
+            from_sequence: 0,
+        })
+        .await
+        .unwrap_or_else(|s| panic!("WatchOperation: {s}"))
+        .into_inner();
+    while let Ok(Some(event)) = stream.message().await {
+        arrivals.push((event.sequence as u64, Instant::now()));
+    }
+    (opened, arrivals)
 }
 
 async fn start_server(setup: &Setup, bus: EventBus, shutdown: &CancellationToken) -> SocketAddr {
@@ -470,6 +490,7 @@ async fn round(
     mysql: &Relay,
     workers: u32,
     provisions: usize,
+    watched: bool,
     tenants: &mut Vec<String>,
 ) -> Round {
     let setup = setup(aws, mysql, workers).await;
@@ -510,12 +531,22 @@ async fn round(
         .await
         .into_iter()
         .collect();
+    let watchers: Vec<_> = if watched {
+        accepted
+            .keys()
+            .map(|id| tokio::spawn(watch(client.clone(), id.name())))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut published: HashMap<(OperationId, u64), Instant> = HashMap::new();
     let mut pending: HashSet<OperationId> = accepted.keys().cloned().collect();
     let mut lagged = false;
     let deadline = tokio::time::Instant::now() + ROUND_LIMIT;
     while !pending.is_empty() {
         match tokio::time::timeout_at(deadline, events.recv()).await {
             Ok(Ok(event)) => {
+                published.insert((event.operation.clone(), event.seq), Instant::now());
                 if event.terminal {
                     pending.remove(&event.operation);
                 }
@@ -540,6 +571,19 @@ async fn round(
     if lagged {
         eprintln!("provisioning: the bus lagged; some ends were read from the store");
     }
+    let mut delivery_ms = Vec::new();
+    for (id, watcher) in accepted.keys().zip(watchers) {
+        let (opened, arrivals) = watcher.await.expect("watcher");
+        for (seq, arrived) in arrivals {
+            // Live events only: published after the stream was opened.
+            if let Some(&at) = published.get(&(id.clone(), seq))
+                && at > opened
+            {
+                delivery_ms.push(ms(arrived.saturating_duration_since(at)));
+            }
+        }
+    }
+    delivery_ms.sort_by(f64::total_cmp);
 
     let mut result = Round {
         workers,
@@ -554,6 +598,7 @@ async fn round(
         aws: aws1.since(&aws0),
         mysql: mysql1.since(&mysql0),
         store: store1.since(&store0),
+        delivery_ms,
     };
     for (id, accepted_at) in &accepted {
         let Some(op) = setup.store.inner.get_operation(id).await.unwrap() else {
@@ -718,6 +763,7 @@ async fn main() {
         return;
     }
     let provisions: usize = env_or("BENCH_PROVISIONS", 50);
+    let watched_provisions: usize = env_or("BENCH_WATCHED", 10);
     let floor_runs: usize = env_or("BENCH_FLOOR", 5);
     let workers: Vec<u32> = std::env::var("BENCH_WORKERS")
         .unwrap_or_else(|_| "10 50".into())
@@ -764,8 +810,27 @@ async fn main() {
     let mut rounds = Vec::new();
     for &w in &workers {
         eprintln!("provisioning: {provisions} concurrent CreateInstance, workers = {w}");
-        rounds.push(round(&aws, &mysql, w, provisions, &mut tenants).await);
+        rounds.push(round(&aws, &mysql, w, provisions, false, &mut tenants).await);
     }
+    // Watched: fewer operations (each stream's feed reads the store 4 times a second, which
+    // would load moto and move the figures above), one WatchOperation each.
+    let watched = if watched_provisions > 0 {
+        eprintln!(
+            "provisioning: {watched_provisions} concurrent CreateInstance, each watched, workers = {watched_provisions}"
+        );
+        let round = round(
+            &aws,
+            &mysql,
+            watched_provisions as u32,
+            watched_provisions,
+            true,
+            &mut tenants,
+        )
+        .await;
+        Some(round)
+    } else {
+        None
+    };
 
     eprintln!("provisioning: dropping the bench tenants' databases");
     drop_bench_databases().await;
@@ -891,5 +956,36 @@ async fn main() {
                 r.failed.join("; ")
             );
         }
+    }
+    if let Some(r) = watched {
+        let d = &r.delivery_ms;
+        let at = |p: f64| {
+            d.get(((p / 100.0 * d.len() as f64).ceil() as usize).clamp(1, d.len().max(1)) - 1)
+                .copied()
+                .unwrap_or(f64::NAN)
+        };
+        println!(
+            "\n**Delivery on the replica running the operation** ({} concurrent CreateInstance, \
+             workers {}, one WatchOperation each on the same server, from sequence 0): the \
+             engine published an event once its transaction landed (this process's bus \
+             subscriber got it) → the watcher received it over gRPC, live events only: {} \
+             events, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} of {} ACTIVE; provisioning \
+             p50 {} ms). This is the path of every watcher on the replica that runs the \
+             operation: its feed passes the engine's events on without reading the store.{}",
+            r.provisions,
+            r.workers,
+            d.len(),
+            at(50.0),
+            at(99.0),
+            d.last().copied().unwrap_or(f64::NAN),
+            r.active,
+            r.provisions,
+            percentile(&r.latencies_ms, 50.0),
+            if r.failed.is_empty() {
+                String::new()
+            } else {
+                format!(" Not completed: {}.", r.failed.join("; "))
+            }
+        );
     }
 }

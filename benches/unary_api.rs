@@ -14,6 +14,9 @@
 //! asserts nothing about time. `cargo test --all-targets` would run it without `--bench`;
 //! it then only says so and exits (scripts/bench.sh passes `--bench`).
 
+#[path = "support/sdk.rs"]
+mod sdk;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -348,14 +351,7 @@ async fn main() {
     let echo = connect(start_echo(&shutdown).await).await;
 
     // (b) DynamoDB on moto, and the direct SDK floor on the same table.
-    let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new("us-east-1"))
-        .endpoint_url(&endpoint)
-        .credentials_provider(aws_credential_types::Credentials::new(
-            "testing", "testing", None, None, "bench",
-        ))
-        .load()
-        .await;
+    let sdk = sdk::moto_sdk_config(&endpoint).await;
     let dynamo_client = aws_sdk_dynamodb::Client::new(&sdk);
     let table = format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let dynamo = DynamoStore::new(dynamo_client.clone(), table.clone());

@@ -13,6 +13,9 @@
 //! reading the store: this is the path every replica but the one running an operation
 //! takes; the one running it also wakes its feeds from its in-process bus.
 //!
+//! `BENCH_WATCH_POLL_MS` sets the server's `watch_poll_ms` (how often a feed re-reads the
+//! store; unset: the server's default, 250 ms).
+//!
 //! Phases, each with events flowing for `BENCH_WATCH_SECONDS` (default 20):
 //!   A. 1 % of the watchers (100 of 10 000; at least one per operation) open, then measure;
 //!   B. the rest open (to `BENCH_WATCHERS`, default 10 000), then measure.
@@ -26,10 +29,14 @@
 
 #[path = "support/relay.rs"]
 mod relay;
+#[path = "support/sdk.rs"]
+mod sdk;
+#[path = "support/serve.rs"]
+mod serve;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -43,12 +50,10 @@ use instance_manager::proto::v1;
 use instance_manager::proto::v1::instance_service_client::InstanceServiceClient;
 use instance_manager::store::{DynamoStore, StateStore, Write};
 use relay::{Protocol, Relay, Snapshot};
+use serve::{Server, status_kib};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
-use tonic_health::pb::HealthCheckRequest;
-use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
 
 const STREAMS_PER_CONNECTION: usize = 100;
 /// Events per operation the latency table holds.
@@ -61,15 +66,6 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
 }
 
 /// User + system CPU time of `pid`, in clock ticks.
@@ -98,80 +94,26 @@ fn clock_ticks_per_second() -> f64 {
         .unwrap_or(100.0)
 }
 
-fn logged_address(log: &Path) -> Option<SocketAddr> {
-    let text = std::fs::read_to_string(log).ok()?;
-    text.lines()
-        .filter(|line| line.contains("serving gRPC"))
-        .find_map(|line| {
-            let start = line
-                .find("address=")
-                .map(|i| i + "address=".len())
-                .or_else(|| line.find("\"address\":\"").map(|i| i + 11))?;
-            let rest = &line[start..];
-            let end = rest
-                .find(|c: char| c.is_whitespace() || c == '"' || c == ',')
-                .unwrap_or(rest.len());
-            rest[..end].parse().ok()
-        })
-}
-
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-async fn serving(addr: SocketAddr) -> bool {
-    let Ok(channel) = Channel::from_shared(format!("http://{addr}"))
-        .expect("uri")
-        .connect()
-        .await
-    else {
-        return false;
-    };
-    HealthClient::new(channel)
-        .check(HealthCheckRequest::default())
-        .await
-        .is_ok_and(|r| r.into_inner().status == ServingStatus::Serving as i32)
-}
-
 /// The server, once health says SERVING; and its address.
 async fn start_server(
     binary: &Path,
     endpoint: &str,
     table: &str,
     max_streams: usize,
+    watch_poll_ms: u64,
     log: &Path,
 ) -> (Server, SocketAddr) {
-    let server = Server(
-        Command::new(binary)
-            .args(["serve", "--listen", "127.0.0.1:0"])
-            .args(["--aws-endpoint", endpoint, "--table", table])
-            .args(["--max-streams", &max_streams.to_string()])
-            .env("IM_AUTH_DISABLED", "true")
-            .env("IM_LOG", "warn,instance_manager=info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).expect("log file"))
-            .spawn()
-            .expect("spawn instance-manager"),
-    );
-    let deadline = Instant::now() + DEADLINE;
-    let addr = loop {
-        if let Some(addr) = logged_address(log) {
-            break addr;
-        }
-        assert!(Instant::now() < deadline, "no address logged; see {log:?}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
-    while !serving(addr).await {
-        assert!(Instant::now() < deadline, "not SERVING; see {log:?}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    (server, addr)
+    let mut command = Command::new(binary);
+    command
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(["--aws-endpoint", endpoint, "--table", table])
+        .args(["--max-streams", &max_streams.to_string()])
+        .args(["--watch-poll-ms", &watch_poll_ms.to_string()])
+        .env("IM_AUTH_DISABLED", "true")
+        .env("IM_LOG", "warn,instance_manager=info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    Server::start(command, log, Duration::from_millis(10), DEADLINE).await
 }
 
 /// When each event was persisted: micros since `base`, with the phase in the top byte
@@ -417,6 +359,10 @@ async fn main() {
     let operations: usize = env_or("BENCH_WATCH_OPS", 5).max(1);
     let seconds: f64 = env_or("BENCH_WATCH_SECONDS", 20.0);
     let interval = Duration::from_millis(env_or("BENCH_EVENT_MS", 500));
+    let poll_ms: u64 = env_or(
+        "BENCH_WATCH_POLL_MS",
+        instance_manager::config::Config::default().watch_poll_ms,
+    );
     let first_phase = (watchers / 100).max(operations).min(watchers);
     let endpoint = std::env::var("IM_TEST_AWS_ENDPOINT").expect("IM_TEST_AWS_ENDPOINT");
     let moto: SocketAddr = endpoint
@@ -427,14 +373,7 @@ async fn main() {
     let dir = tempfile::tempdir().expect("temp dir");
     let ticks = clock_ticks_per_second();
 
-    let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new("us-east-1"))
-        .endpoint_url(&endpoint)
-        .credentials_provider(aws_credential_types::Credentials::new(
-            "testing", "testing", None, None, "bench",
-        ))
-        .load()
-        .await;
+    let sdk = sdk::moto_sdk_config(&endpoint).await;
     let table = format!("watch-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let store = DynamoStore::new(aws_sdk_dynamodb::Client::new(&sdk), table.clone());
     store.ensure_table().await.expect("create table");
@@ -455,7 +394,8 @@ async fn main() {
     .join()
     .expect("relay thread");
     let log = dir.path().join("serve.log");
-    let (server, addr) = start_server(&binary, &relay.url(), &table, watchers + 100, &log).await;
+    let (server, addr) =
+        start_server(&binary, &relay.url(), &table, watchers + 100, poll_ms, &log).await;
     let pid = server.0.id();
 
     let mut ops = Vec::new();
@@ -595,14 +535,14 @@ async fn main() {
         list.sort_unstable();
     }
 
-    println!("## 3. Watch fan-out\n");
+    println!("## 3. Watch fan-out: {watchers} watchers, watch_poll_ms {poll_ms}\n");
     println!(
         "`instance-manager serve` (the binary as it ships) on DynamoDB in moto, through a \
          counting relay. {operations} operations run by \"another replica\" (this process \
          writes them into the table, leased to it) each get an event every {} ms (the event \
          and the operation in one transaction); the server learns of them only from the store \
-         (its feed per operation polls every 250 ms; no in-process bus wakes it: that is the \
-         path every replica but the running one takes). Watchers: tonic streams, \
+         (its feed per operation polls every {poll_ms} ms, `watch_poll_ms`; no in-process bus \
+         wakes it: that is the path every replica but the running one takes). Watchers: tonic streams, \
          {STREAMS_PER_CONNECTION} per HTTP/2 connection, resuming from the operation's current \
          sequence. Latency: the writer's transaction returned → the watcher received the \
          event (same clock), live events only. Store reads: DynamoDB GetItem/Query/Scan the \

@@ -7,10 +7,14 @@
 #      tonic Health/Check server; the SDK's GetItem / Query issued directly);
 #   2. provisioning throughput (benches/provisioning.rs): BENCH_PROVISIONS (default 50)
 #      concurrent CreateInstance through the real engine with workers BENCH_WORKERS (default
-#      "10 50"), beside the sequential floor (BENCH_FLOOR provisionings, default 5);
+#      "10 50"), beside the sequential floor (BENCH_FLOOR provisionings, default 5); then
+#      BENCH_WATCHED (default 10) more, each watched on the same server (event delivery on
+#      the replica running the operation);
 #   3. watch fan-out (benches/watch_fanout.rs): BENCH_WATCHERS (default 10000) WatchOperation
 #      streams on one `instance-manager serve` while operations emit events
-#      (BENCH_WATCH_OPS, BENCH_EVENT_MS, BENCH_WATCH_SECONDS);
+#      (BENCH_WATCH_OPS, BENCH_EVENT_MS, BENCH_WATCH_SECONDS), the server's default
+#      `watch_poll_ms`; then once more with 100 watchers and `watch_poll_ms`
+#      BENCH_SHORT_POLL_MS (default 50): the latency a shorter poll buys, and its reads;
 #   4. footprint (benches/footprint.rs): exec to SERVING, idle RSS, binary size; with
 #      BENCH_RELEASE_SIZE=1 also the release binary's size (a release build of the server
 #      alone, whatever BENCH_PROFILE says: it takes long on a small machine, so it is opt-in);
@@ -131,6 +135,10 @@ fi
 if wanted watch; then
     say "part 3: watch fan-out"
     "$work/watch_fanout" --bench --binary "$work/instance-manager" >>"$report"
+    echo >>"$report"
+    say "part 3, again: 100 watchers, watch_poll_ms ${BENCH_SHORT_POLL_MS:-50}"
+    BENCH_WATCHERS=100 BENCH_WATCH_POLL_MS="${BENCH_SHORT_POLL_MS:-50}" \
+        "$work/watch_fanout" --bench --binary "$work/instance-manager" >>"$report"
     echo >>"$report"
 fi
 
