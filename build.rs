@@ -44,6 +44,8 @@ fn main() -> Result<(), Box<dyn Error>> {
         .build_client(true)
         .build_server(true)
         .extern_path(".google.rpc", "::tonic_types::pb")
+        // prost's codec with a smaller first encode buffer (see `proto::Codec`).
+        .codec_path("crate::proto::Codec")
         .protoc_arg(format!("--descriptor_set_in={}", google_rpc_set.display()))
         .file_descriptor_set_path(out_dir.join("descriptor.bin"))
         .compile_with_config(config, PROTOS, &["proto", path_str(&protoc_include)?])?;

@@ -39,6 +39,46 @@ pub mod google {
     }
 }
 
+/// The codec of the generated services and clients (`build.rs` names it): prost's, with a
+/// first encode buffer of 1 KiB per response instead of tonic's 8 KiB. A server stream keeps
+/// its buffer while it is open, and ours carry events of a few hundred bytes: with 10 000
+/// WatchOperation streams open that is ~70 MiB less. A larger response grows the buffer as
+/// it is encoded.
+pub struct Codec<T, U>(std::marker::PhantomData<fn() -> (T, U)>);
+
+/// [`Codec`]'s first encode buffer.
+pub const ENCODE_BUFFER_BYTES: usize = 1024;
+/// tonic's default: a stream flushes what it encoded once this much is buffered.
+const YIELD_THRESHOLD_BYTES: usize = 32 * 1024;
+
+impl<T, U> Default for Codec<T, U> {
+    fn default() -> Self {
+        Self(std::marker::PhantomData)
+    }
+}
+
+impl<T, U> tonic::codec::Codec for Codec<T, U>
+where
+    T: prost::Message + Send + 'static,
+    U: prost::Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = tonic_prost::ProstEncoder<T>;
+    type Decoder = tonic_prost::ProstDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        tonic_prost::ProstEncoder::new(tonic::codec::BufferSettings::new(
+            ENCODE_BUFFER_BYTES,
+            YIELD_THRESHOLD_BYTES,
+        ))
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstDecoder::default()
+    }
+}
+
 pub use bbws::instance::v1 as bbws_instance_v1;
 pub use bbws::instance::v1;
 pub use google::longrunning as google_longrunning;
