@@ -139,7 +139,9 @@ pub async fn place(ctx: &StepCtx) -> StepResult<String> {
     }
     let wanted = need(ctx.instance.spec.custom_domains.len());
     for lb in &pool {
-        if holds_any(ctx, lb).await? {
+        // A reservation always has a rule slot, claimed in the one transaction with the
+        // others: the rule slots alone say where a resumed step placed the instance.
+        if holds_kind(ctx, lb, Kind::Rule).await? {
             return match reserve_on(ctx, lb, wanted).await? {
                 Ok(()) => Ok(lb.name.clone()),
                 Err(short) => Err(full(failure_reason::LOAD_BALANCER_FULL, &lb.name, &short)),
@@ -246,15 +248,19 @@ pub async fn holds_any_slot(ctx: &StepCtx) -> StepResult<bool> {
 
 async fn holds_any(ctx: &StepCtx, lb: &LoadBalancer) -> StepResult<bool> {
     for kind in Kind::ALL {
-        let held = ctx
-            .store
-            .listener_priorities(&slot_key(&lb.listener_arn, kind))
-            .await?;
-        if held.iter().any(|c| c.owner == ctx.instance.name) {
+        if holds_kind(ctx, lb, kind).await? {
             return Ok(true);
         }
     }
     Ok(false)
+}
+
+async fn holds_kind(ctx: &StepCtx, lb: &LoadBalancer, kind: Kind) -> StepResult<bool> {
+    let held = ctx
+        .store
+        .listener_priorities(&slot_key(&lb.listener_arn, kind))
+        .await?;
+    Ok(held.iter().any(|c| c.owner == ctx.instance.name))
 }
 
 /// Rules on the listener that hold a priority but no rule slot: those of instances placed
@@ -272,6 +278,18 @@ async fn unslotted_rules(
     Ok(u32::try_from(count).unwrap_or(u32::MAX))
 }
 
+/// Where `owner` starts looking among free slots (or priorities) on its `attempt`-th try.
+/// Placements that run at once would all choose the lowest free one and collide (one wins a
+/// round, the rest read and try again: a burst of n costs ~n² reads); starting each from an
+/// offset of its own spreads them, and a new attempt moves on.
+pub(super) fn spread(owner: &crate::domain::InstanceName, attempt: usize) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::hash::DefaultHasher::new();
+    owner.to_string().hash(&mut hasher);
+    attempt.hash(&mut hasher);
+    usize::try_from(hasher.finish() % (1 << 31)).unwrap_or(0)
+}
+
 /// One attempt loop of [`reserve`] on `lb`: `Ok(Err(shortfall))` when it has no room.
 async fn reserve_on(
     ctx: &StepCtx,
@@ -279,7 +297,7 @@ async fn reserve_on(
     need: Need,
 ) -> StepResult<Result<(), String>> {
     let me = &ctx.instance.name;
-    for _ in 0..ATTEMPTS {
+    for attempt in 0..ATTEMPTS {
         let mut writes = Vec::new();
         for kind in Kind::ALL {
             let key = slot_key(&lb.listener_arn, kind);
@@ -306,7 +324,6 @@ async fn reserve_on(
             }
             let free: Vec<u32> = (0..quota)
                 .filter(|slot| !held.iter().any(|c| c.priority == *slot))
-                .take(missing)
                 .collect();
             if free.len() < missing {
                 return Ok(Err(format!(
@@ -317,13 +334,20 @@ async fn reserve_on(
                     missing
                 )));
             }
-            writes.extend(free.into_iter().map(|slot| {
-                Write::ClaimPriority(PriorityClaim {
-                    listener_arn: key.clone(),
-                    priority: slot,
-                    owner: me.clone(),
-                })
-            }));
+            let start = spread(me, attempt) % free.len();
+            writes.extend(
+                free.into_iter()
+                    .cycle()
+                    .skip(start)
+                    .take(missing)
+                    .map(|slot| {
+                        Write::ClaimPriority(PriorityClaim {
+                            listener_arn: key.clone(),
+                            priority: slot,
+                            owner: me.clone(),
+                        })
+                    }),
+            );
         }
         if writes.is_empty() {
             return Ok(Ok(()));

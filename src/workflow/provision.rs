@@ -41,6 +41,8 @@ pub const WAIT_DNS: &str = "wait_dns";
 /// www-data in the official WordPress image.
 const WWW_DATA: u32 = 33;
 const HIGHEST_PRIORITY: u32 = 50_000;
+/// How many of the lowest free priorities a new rule chooses from.
+const PRIORITY_SPREAD: usize = 64;
 
 /// How long after a step started ECS may still refuse the instance's new task role as one
 /// it cannot assume: IAM propagates a new role within seconds, rarely a minute or more.
@@ -590,7 +592,7 @@ async fn ensure_database(ctx: &StepCtx) -> StepResult<String> {
 /// new claim (a conditional put, so two replicas can never take the same one), skipping
 /// every priority used on the listener or claimed by anyone.
 async fn claim_priority(ctx: &StepCtx, listener: &str) -> StepResult<u32> {
-    for _ in 0..20 {
+    for attempt in 0..20 {
         let claims = ctx.store.listener_priorities(listener).await?;
         let on_listener = ctx.cloud.routing.rule_priorities(listener).await?;
         if let Some(mine) = claims
@@ -601,11 +603,18 @@ async fn claim_priority(ctx: &StepCtx, listener: &str) -> StepResult<u32> {
         }
         let mut used: Vec<u32> = claims.iter().map(|c| c.priority).collect();
         used.extend(on_listener);
-        let Some(free) = (1..=HIGHEST_PRIORITY).find(|p| !used.contains(p)) else {
+        // One of the lowest free priorities, from an offset of the instance's own (see
+        // `placement::spread`), so that rules claimed at once do not collide.
+        let lowest: Vec<u32> = (1..=HIGHEST_PRIORITY)
+            .filter(|p| !used.contains(p))
+            .take(PRIORITY_SPREAD)
+            .collect();
+        if lowest.is_empty() {
             return Err(StepError::Fatal(
                 "the listener has no free rule priority".into(),
             ));
-        };
+        }
+        let free = lowest[placement::spread(&ctx.instance.name, attempt) % lowest.len()];
         let claim = PriorityClaim {
             listener_arn: listener.to_owned(),
             priority: free,
