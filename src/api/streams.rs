@@ -70,52 +70,86 @@ impl OperationFeeds {
         mut local: broadcast::Receiver<OperationEvent>,
         mut next: u64,
     ) {
+        // The bus is listened to while a store read is in flight (a read at a busy store
+        // must not hold up the events this replica publishes). At most one read at a time;
+        // `again` asks for another as soon as it ends (a full page, or a gap the bus showed
+        // that the read may have started before).
+        let mut reading = Some(read_events(&api, &id, next));
+        let mut again = false;
+        let mut bus_open = true;
+        let poll = tokio::time::sleep(api.settings.watch_poll);
+        tokio::pin!(poll);
         loop {
-            match api.store.read_events(&id, next, PAGE).await {
-                Ok(batch) => {
-                    let full = batch.len() == PAGE;
-                    for event in batch {
-                        next = event.seq + 1;
-                        let _ = sender.send(event);
-                    }
-                    if full {
-                        continue;
-                    }
-                }
-                // Watchers keep waiting; the next round reads again.
-                Err(error) => tracing::warn!(%error, "cannot read operation events"),
-            }
-            {
-                let mut feeds = self.feeds.lock().expect("feeds lock");
-                if sender.receiver_count() == 0 || api.shutdown.is_cancelled() {
-                    feeds.remove(&id);
+            tokio::select! {
+                () = api.shutdown.cancelled() => {
+                    self.feeds.lock().expect("feeds lock").remove(&id);
                     return;
                 }
-            }
-            let poll = tokio::time::sleep(api.settings.watch_poll);
-            tokio::pin!(poll);
-            loop {
-                tokio::select! {
-                    () = api.shutdown.cancelled() => break,
-                    () = &mut poll => break,
-                    event = local.recv() => match event {
-                        Ok(event) if event.operation != id || event.seq < next => continue,
-                        // The engine publishes an event once its transaction landed: the
-                        // next one in order goes out without reading it back.
-                        Ok(event) if event.seq == next => {
-                            next += 1;
-                            let _ = sender.send(event);
+                result = async { reading.as_mut().expect("a read in flight").await },
+                    if reading.is_some() =>
+                {
+                    reading = None;
+                    match result {
+                        Ok(batch) => {
+                            again |= batch.len() == PAGE;
+                            // What the bus delivered meanwhile is not sent twice.
+                            for event in batch {
+                                if event.seq >= next {
+                                    next = event.seq + 1;
+                                    let _ = sender.send(event);
+                                }
+                            }
                         }
-                        Err(broadcast::error::RecvError::Closed) => {
-                            (&mut poll).await;
-                            break;
+                        // Watchers keep waiting; the next round reads again.
+                        Err(error) => {
+                            again = false;
+                            tracing::warn!(%error, "cannot read operation events");
                         }
-                        _ => break,
-                    },
+                    }
+                    if std::mem::take(&mut again) {
+                        reading = Some(read_events(&api, &id, next));
+                        continue;
+                    }
+                    {
+                        let mut feeds = self.feeds.lock().expect("feeds lock");
+                        if sender.receiver_count() == 0 {
+                            feeds.remove(&id);
+                            return;
+                        }
+                    }
+                    poll.as_mut()
+                        .reset(tokio::time::Instant::now() + api.settings.watch_poll);
                 }
+                () = &mut poll, if reading.is_none() => {
+                    reading = Some(read_events(&api, &id, next));
+                }
+                event = local.recv(), if bus_open => match event {
+                    Ok(event) if event.operation != id || event.seq < next => {}
+                    // The engine publishes an event once its transaction landed: the next
+                    // one in order goes out without reading it back.
+                    Ok(event) if event.seq == next => {
+                        next += 1;
+                        let _ = sender.send(event);
+                    }
+                    Err(broadcast::error::RecvError::Closed) => bus_open = false,
+                    // A gap (an event this replica did not publish came first) or a lag:
+                    // read the store now.
+                    _ if reading.is_some() => again = true,
+                    _ => reading = Some(read_events(&api, &id, next)),
+                },
             }
         }
     }
+}
+
+/// A feed's store read of `id`'s events from `from` (one page).
+fn read_events(
+    api: &Api,
+    id: &OperationId,
+    from: u64,
+) -> Pin<Box<dyn Future<Output = crate::store::StoreResult<Vec<OperationEvent>>> + Send>> {
+    let (store, id) = (api.store.clone(), id.clone());
+    Box::pin(async move { store.read_events(&id, from, PAGE).await })
 }
 
 const PAGE: usize = 100;
