@@ -254,19 +254,25 @@ pub async fn aws_sdk_config(endpoint: &str) -> aws_config::SdkConfig {
 /// SDK config for a fresh, empty AWS account in the shared moto: a role assumed in a
 /// random account id (moto keeps every account apart), `session` naming the session.
 pub async fn fresh_account(session: &str) -> aws_config::SdkConfig {
+    let account = format!("{:012}", uuid::Uuid::new_v4().as_u128() % 1_000_000_000_000);
+    assumed_role(&account, TEST_REGION, session).await
+}
+
+/// SDK config in `account` (role `{session}` assumed there with the test credentials; moto
+/// puts what the role makes in the role's account), in `region`.
+pub async fn assumed_role(account: &str, region: &str, session: &str) -> aws_config::SdkConfig {
     let endpoint = aws_endpoint();
     let base = aws_sdk_config(&endpoint).await;
-    let account = format!("{:012}", uuid::Uuid::new_v4().as_u128() % 1_000_000_000_000);
     let assumed = aws_sdk_sts::Client::new(&base)
         .assume_role()
-        .role_arn(format!("arn:aws:iam::{account}:role/test"))
+        .role_arn(format!("arn:aws:iam::{account}:role/{session}"))
         .role_session_name(session)
         .send()
         .await
         .expect("assume role");
     let credentials = assumed.credentials().expect("credentials");
     aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new(TEST_REGION))
+        .region(aws_config::Region::new(region.to_owned()))
         .endpoint_url(&endpoint)
         .credentials_provider(aws_credential_types::Credentials::new(
             credentials.access_key_id(),

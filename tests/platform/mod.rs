@@ -589,28 +589,7 @@ impl Inventory {
 /// The SDK configuration of the account `cloud` lives in, by AssumeRole with the test
 /// credentials (moto puts the role's resources in the role's account).
 pub async fn account_sdk(cloud: &CloudEnv) -> aws_config::SdkConfig {
-    let base = common::test_sdk_config().await;
-    let sts = aws_sdk_sts::Client::new(&base);
-    let assumed = sts
-        .assume_role()
-        .role_arn(format!("arn:aws:iam::{}:role/inventory", cloud.account_id))
-        .role_session_name("inventory")
-        .send()
-        .await
-        .unwrap();
-    let c = assumed.credentials().unwrap();
-    aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new(cloud.region.clone()))
-        .credentials_provider(aws_credential_types::Credentials::new(
-            c.access_key_id(),
-            c.secret_access_key(),
-            Some(c.session_token().to_owned()),
-            None,
-            "inventory",
-        ))
-        .endpoint_url(common::aws_endpoint())
-        .load()
-        .await
+    common::assumed_role(&cloud.account_id, &cloud.region, "inventory").await
 }
 
 fn carries<'a>(have: impl IntoIterator<Item = (&'a str, &'a str)>, want: &Tags) -> bool {
