@@ -414,13 +414,9 @@ struct Round {
     settled_ms: Vec<f64>,
 }
 
-/// One WatchOperation stream from the start of operation `name`: when it was opened, and
-/// when each event arrived (by sequence).
-async fn watch(
-    mut client: InstanceServiceClient<Channel>,
-    name: String,
-) -> (Instant, Vec<(u64, Instant)>) {
-    let opened = Instant::now();
+/// One WatchOperation stream from the start of operation `name`: when each event arrived
+/// (by sequence).
+async fn watch(mut client: InstanceServiceClient<Channel>, name: String) -> Vec<(u64, Instant)> {
     let mut arrivals = Vec::new();
     let mut stream = client
         .watch_operation(v1::WatchOperationRequest {
@@ -433,7 +429,7 @@ async fn watch(
     while let Ok(Some(event)) = stream.message().await {
         arrivals.push((event.sequence as u64, Instant::now()));
     }
-    (opened, arrivals)
+    arrivals
 }
 
 async fn start_server(setup: &Setup, bus: EventBus, shutdown: &CancellationToken) -> SocketAddr {
@@ -576,7 +572,7 @@ async fn round(
     let mut delivery_ms = Vec::new();
     let mut settled_ms = Vec::new();
     for (id, watcher) in accepted.keys().zip(watchers) {
-        let (_, arrivals) = watcher.await.expect("watcher");
+        let arrivals = watcher.await.expect("watcher");
         // Live events only: published once the stream was open (its first event, the
         // replay's, had arrived); those before came from the watcher's own store read.
         let Some(&(_, open)) = arrivals.first() else {

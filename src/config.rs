@@ -54,9 +54,9 @@ pub struct Config {
     pub max_request_bytes: usize,
     /// Server streams one replica keeps open at once.
     pub max_streams: usize,
-    /// How often a server stream's feed re-reads the store when nothing in this replica
-    /// woke it: the delay of events written by another replica, against one read per
-    /// watched operation per interval (whatever the number of watchers).
+    /// How often a server stream's feed re-reads the store: the delay of events written by
+    /// another replica, against one read per watched operation per interval (whatever the
+    /// number of watchers).
     pub watch_poll_ms: u64,
     /// This replica's name (lease owner); defaults to host name and process id.
     pub replica_id: String,

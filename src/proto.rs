@@ -47,7 +47,7 @@ pub mod google {
 pub struct Codec<T, U>(std::marker::PhantomData<fn() -> (T, U)>);
 
 /// [`Codec`]'s first encode buffer.
-pub const ENCODE_BUFFER_BYTES: usize = 1024;
+const ENCODE_BUFFER_BYTES: usize = 1024;
 /// tonic's default: a stream flushes what it encoded once this much is buffered.
 const YIELD_THRESHOLD_BYTES: usize = 32 * 1024;
 

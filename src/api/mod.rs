@@ -57,8 +57,8 @@ pub struct ApiSettings {
     /// Server streams (WatchOperation, WatchInstance) one replica keeps open at once; past
     /// it a new one is refused with RESOURCE_EXHAUSTED (TOO_MANY_STREAMS).
     pub max_streams: usize,
-    /// How often a stream's feed re-reads the store when no local event woke it: bounds
-    /// the delay of events written by another replica.
+    /// How often a stream's feed re-reads the store: bounds the delay of events written by
+    /// another replica (this replica's own come from its bus at once).
     pub watch_poll: std::time::Duration,
     /// CheckInstanceHealth's time limits.
     pub health: crate::health::HealthSettings,

@@ -7,10 +7,11 @@
 //!   the listener lacks room, before anything is requested); then for every domain the
 //!   instance is to have, a certificate (adopted by its owner tags, else requested with DNS
 //!   validation, an idempotency token from the instance, the domain and the operation's
-//!   attempt, and the domain as a tag). Its validation record is created (UPSERT) and waited for INSYNC when
-//!   a managed zone of the platform holds the domain; otherwise it is written on the instance
-//!   (`dns_records`, not managed) for the customer to create. The instance record is written
-//!   (a versioned `UpdateInstance` of the statuses and records only) on every pass, so
+//!   attempt, and the domain as a tag). Its validation record is created (UPSERT) and
+//!   waited for INSYNC when a managed zone of the platform holds the domain; otherwise it is
+//!   written on the instance (`dns_records`, not managed) for the customer to create. The
+//!   instance record is written (a versioned `UpdateInstance` of the statuses and records
+//!   only) on every pass, so
 //!   GetInstance shows the record and the PENDING_VALIDATION status WHILE the step waits.
 //!   The step waits (NotYet) while a certificate is PENDING_VALIDATION, for at most the
 //!   platform's `certificate_validation_timeout_secs` from the attempt's start; FAILED,
@@ -19,8 +20,8 @@
 //!   completes with those domains PENDING_VALIDATION (a customer who has not created a
 //!   record yet does not roll back a whole instance); UpdateInstance with the same
 //!   `custom_domains` later runs the step again and resumes. Then each ISSUED certificate
-//!   is added to the listener, the rules are made to route
-//!   the platform host and every domain (`sync_listener_rules`), and for a managed zone the
+//!   is added to the listener, the rules are made to route the platform host and every
+//!   domain (`sync_listener_rules`), and for a managed zone the
 //!   domain's alias record to the load balancer is created; for other zones the traffic
 //!   record is shown for the customer.
 //! - [`REMOVE_CUSTOM_DOMAINS`] (an update that removes domains; deprovisioning): for each

@@ -285,8 +285,7 @@ async fn unslotted_rules(
 pub(super) fn spread(owner: &crate::domain::InstanceName, attempt: usize) -> usize {
     use std::hash::{Hash, Hasher};
     let mut hasher = std::hash::DefaultHasher::new();
-    owner.to_string().hash(&mut hasher);
-    attempt.hash(&mut hasher);
+    (owner, attempt).hash(&mut hasher);
     usize::try_from(hasher.finish() % (1 << 31)).unwrap_or(0)
 }
 
